@@ -1,0 +1,295 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VolumeCondition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VOLUME_CONDITION_UNSPECIFIED: _ClassVar[VolumeCondition]
+    VOLUME_CONDITION_HEALTHY: _ClassVar[VolumeCondition]
+    VOLUME_CONDITION_ABNORMAL: _ClassVar[VolumeCondition]
+VOLUME_CONDITION_UNSPECIFIED: VolumeCondition
+VOLUME_CONDITION_HEALTHY: VolumeCondition
+VOLUME_CONDITION_ABNORMAL: VolumeCondition
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("node_name", "ready", "version", "pool", "parent_dataset", "nvme_transport", "nvme_address", "nvme_port", "volumes", "snapshots", "exports", "startup_seconds", "not_ready_reason")
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    PARENT_DATASET_FIELD_NUMBER: _ClassVar[int]
+    NVME_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    NVME_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NVME_PORT_FIELD_NUMBER: _ClassVar[int]
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    node_name: str
+    ready: bool
+    version: str
+    pool: str
+    parent_dataset: str
+    nvme_transport: str
+    nvme_address: str
+    nvme_port: str
+    volumes: int
+    snapshots: int
+    exports: int
+    startup_seconds: float
+    not_ready_reason: str
+    def __init__(self, node_name: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., pool: _Optional[str] = ..., parent_dataset: _Optional[str] = ..., nvme_transport: _Optional[str] = ..., nvme_address: _Optional[str] = ..., nvme_port: _Optional[str] = ..., volumes: _Optional[int] = ..., snapshots: _Optional[int] = ..., exports: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("id", "name", "size_bytes", "volblocksize", "compression", "thick", "encrypted", "source_snapshot_id", "source_volume_id", "published_hosts", "nqn", "created_unix", "used_bytes", "condition", "condition_message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VOLBLOCKSIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    THICK_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    NQN_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    size_bytes: int
+    volblocksize: int
+    compression: str
+    thick: bool
+    encrypted: bool
+    source_snapshot_id: str
+    source_volume_id: str
+    published_hosts: _containers.RepeatedScalarFieldContainer[str]
+    nqn: str
+    created_unix: int
+    used_bytes: int
+    condition: VolumeCondition
+    condition_message: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., volblocksize: _Optional[int] = ..., compression: _Optional[str] = ..., thick: _Optional[bool] = ..., encrypted: _Optional[bool] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., published_hosts: _Optional[_Iterable[str]] = ..., nqn: _Optional[str] = ..., created_unix: _Optional[int] = ..., used_bytes: _Optional[int] = ..., condition: _Optional[_Union[VolumeCondition, str]] = ..., condition_message: _Optional[str] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("id", "name", "source_volume_id", "size_bytes", "created_unix", "ready_to_use", "used_bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    READY_TO_USE_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    source_volume_id: str
+    size_bytes: int
+    created_unix: int
+    ready_to_use: bool
+    used_bytes: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready_to_use: _Optional[bool] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("name", "size_bytes", "volblocksize", "compression", "thick", "source_snapshot_id", "source_volume_id", "encryption_key", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VOLBLOCKSIZE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    THICK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size_bytes: int
+    volblocksize: int
+    compression: str
+    thick: bool
+    source_snapshot_id: str
+    source_volume_id: str
+    encryption_key: bytes
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., volblocksize: _Optional[int] = ..., compression: _Optional[str] = ..., thick: _Optional[bool] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., encryption_key: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateVolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class DeleteVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class DeleteVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpandVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "size_bytes")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    size_bytes: int
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ExpandVolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class GetVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class GetVolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class ListVolumesRequest(_message.Message):
+    __slots__ = ("max_entries", "starting_token")
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    max_entries: int
+    starting_token: str
+    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ...) -> None: ...
+
+class ListVolumesResponse(_message.Message):
+    __slots__ = ("volumes", "next_token")
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    next_token: str
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("name", "source_volume_id", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source_volume_id: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: Snapshot
+    def __init__(self, snapshot: _Optional[_Union[Snapshot, _Mapping]] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("snapshot_id",)
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    snapshot_id: str
+    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("max_entries", "starting_token", "source_volume_id", "snapshot_id")
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    max_entries: int
+    starting_token: str
+    source_volume_id: str
+    snapshot_id: str
+    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., snapshot_id: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots", "next_token")
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    next_token: str
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
+
+class GetCapacityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetCapacityResponse(_message.Message):
+    __slots__ = ("available_bytes", "total_bytes", "used_bytes", "maximum_volume_size")
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_VOLUME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    available_bytes: int
+    total_bytes: int
+    used_bytes: int
+    maximum_volume_size: int
+    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., maximum_volume_size: _Optional[int] = ...) -> None: ...
+
+class PublishVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "host_nqn")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_NQN_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    host_nqn: str
+    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ...) -> None: ...
+
+class PublishVolumeResponse(_message.Message):
+    __slots__ = ("nqn", "transport", "address", "port", "dhchap_secret", "dhchap_ctrl_secret")
+    NQN_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    DHCHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
+    DHCHAP_CTRL_SECRET_FIELD_NUMBER: _ClassVar[int]
+    nqn: str
+    transport: str
+    address: str
+    port: str
+    dhchap_secret: str
+    dhchap_ctrl_secret: str
+    def __init__(self, nqn: _Optional[str] = ..., transport: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[str] = ..., dhchap_secret: _Optional[str] = ..., dhchap_ctrl_secret: _Optional[str] = ...) -> None: ...
+
+class UnpublishVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "host_nqn")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_NQN_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    host_nqn: str
+    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ...) -> None: ...
+
+class UnpublishVolumeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

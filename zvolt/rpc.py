@@ -1,0 +1,137 @@
+"""gRPC plumbing shared by the agent and the CSI services.
+
+`RpcInterceptor` turns ZvoltError into the right status code, hides tracebacks from
+clients, and writes one log line per call (method, ids, duration, status; never secrets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from zvolt.errors import ZvoltError
+
+# Request fields worth a place in the log line. Secrets and keys are never among them.
+_ID_FIELDS = (
+    "name",
+    "volume_id",
+    "snapshot_id",
+    "source_volume_id",
+    "source_snapshot_id",
+    "node_id",
+    "host_nqn",
+    "staging_target_path",
+    "target_path",
+)
+_log = logging.getLogger("zvolt.rpc")
+
+
+def request_ids(request: Any) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for field in _ID_FIELDS:
+        try:
+            value = getattr(request, field)
+        except AttributeError:
+            continue
+        if isinstance(value, str) and value:
+            ids[field] = value[:256]
+    return ids
+
+
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, component: str, on_done: Callable[[str, str, float], None] | None = None) -> None:
+        self.component = component
+        self.on_done = on_done
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.monotonic()
+            code = grpc.StatusCode.OK
+            message = ""
+            try:
+                return inner(request, context)
+            except ZvoltError as err:
+                code, message = err.code, err.message
+                context.abort(err.code, err.message)
+            except Exception as err:
+                # grpc's own abort() raises; let it through with the code it set.
+                if type(err).__name__ == "_AbortError" or isinstance(err, grpc.RpcError):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code, message = grpc.StatusCode.INTERNAL, "internal error (see server log)"
+                _log.exception("unhandled error in %s", method, extra={"fields": {"method": method}})
+                context.abort(code, message)
+            finally:
+                duration = time.monotonic() - start
+                fields: dict[str, Any] = {
+                    "component": self.component,
+                    "method": method,
+                    "status": code.name,
+                    "duration_ms": round(duration * 1000, 2),
+                    **request_ids(request),
+                }
+                if message:
+                    fields["error"] = message
+                _log.info("rpc", extra={"fields": fields})
+                if self.on_done is not None:
+                    self.on_done(method, code.name, duration)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listen/dial address: unix:///path or tcp://host:port (host:port also accepted)."""
+
+    scheme: str
+    address: str
+
+    @property
+    def grpc_target(self) -> str:
+        return f"unix://{self.address}" if self.scheme == "unix" else self.address
+
+    @property
+    def path(self) -> str:
+        if self.scheme != "unix":
+            raise ValueError("not a unix endpoint")
+        return self.address
+
+
+def parse_endpoint(value: str) -> Endpoint:
+    if value.startswith("unix://"):
+        path = value.removeprefix("unix://")
+        if not path.startswith("/"):
+            raise ValueError(f"unix endpoint needs an absolute path: {value!r}")
+        return Endpoint("unix", path)
+    if value.startswith("tcp://"):
+        value = value.removeprefix("tcp://")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"endpoint {value!r} is not unix:///path or host:port")
+    return Endpoint("tcp", f"{host}:{port}")
+
+
+def prepare_unix_socket(endpoint: Endpoint) -> None:
+    """Remove a stale socket file and make sure its folder exists (root-only)."""
+    if endpoint.scheme != "unix":
+        return
+    folder = os.path.dirname(endpoint.path)
+    os.makedirs(folder, mode=0o750, exist_ok=True)
+    if os.path.exists(endpoint.path):
+        os.unlink(endpoint.path)
