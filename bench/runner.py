@@ -1,0 +1,102 @@
+"""Runs the chosen suites in order against one lab guest and collects one Report."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import traceback
+from collections.abc import Callable
+
+import grpc
+
+from bench.config import BenchConfig
+from bench.csiclient import Csi
+from bench.guest import Guest, LabLike
+from bench.progress import Progress
+from bench.results import Report, SuiteResult
+from bench.suites import attach, branch, datapath, scale
+from bench.suites.context import Context
+
+SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
+    "branch": branch.run,
+    "scale": scale.run,
+    "datapath": datapath.run,
+    "attach": attach.run,
+}
+
+
+def _reachable(csi: Csi, probe: Callable[[], object]) -> bool:
+    try:
+        probe()
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def connect_csi(lab: LabLike, progress: Progress) -> Csi | None:
+    """A CSI client when the lab's controller (and node plugin) answer; None when the driver is absent.
+
+    The lab starts the services when their modules exist; an unanswered Probe gets one (re)start.
+    """
+    try:
+        csi = Csi(controller=lab.grpc_target("controller"), node=lab.grpc_target("node"), timeout=600)
+    except KeyError:
+        return None
+    csi_short = Csi(controller=lab.grpc_target("controller"), timeout=15)
+    try:
+        if _reachable(csi_short, csi_short.probe):
+            return csi
+        progress.say("CSI controller not answering: (re)starting agent, controller and node plugin")
+        for start in (lab.start_agent, lab.start_controller, lab.start_node):
+            try:
+                start()
+            except Exception as e:  # the driver may not exist yet in this tree: measure what we can
+                progress.say(f"could not start a service: {e}")
+                csi.close()
+                return None
+        if _reachable(csi_short, csi_short.probe):
+            return csi
+        csi.close()
+        return None
+    finally:
+        csi_short.close()
+
+
+def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Report:
+    report = Report(quick=cfg.quick)
+    run_id = secrets.token_hex(3)
+    sim_result: SuiteResult | None = None
+    if cfg.simulate:
+        import bench.simulate as simulate
+
+        sim_result = SuiteResult("scale")
+        t0 = time.perf_counter()
+        sim_result.data["simulate"] = simulate.run(cfg.simulate, progress, cfg.quick)
+        sim_result.rows.extend(simulate.rows(sim_result.data["simulate"]))
+        sim_result.seconds = time.perf_counter() - t0
+    if cfg.simulate_only or lab is None:
+        if sim_result is not None:
+            report.suites.append(sim_result)
+        return report
+    guest = Guest(lab)
+    csi = connect_csi(lab, progress)
+    ctx = Context(cfg=cfg, guest=guest, progress=progress, run_id=run_id, csi=csi)
+    try:
+        for name in cfg.suites:
+            progress.say(f"suite {name}: start")
+            t0 = time.perf_counter()
+            try:
+                result = SUITE_RUNNERS[name](ctx)
+            except Exception as e:
+                progress.say(f"suite {name} failed:\n{traceback.format_exc()}")
+                result = SuiteResult(name, error=f"{type(e).__name__}: {e}")
+            result.seconds = time.perf_counter() - t0
+            if name == "scale" and sim_result is not None:
+                result.data["simulate"] = sim_result.data["simulate"]
+                result.rows.extend(sim_result.rows)
+            report.suites.append(result)
+            progress.say(f"suite {name}: done in {result.seconds:.0f} s")
+    finally:
+        if csi is not None:
+            csi.close()
+    return report

@@ -1,0 +1,81 @@
+"""What every suite gets: config, guest access, CSI client, progress, and the shared pool fill state."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.config import BenchConfig
+from bench.csiclient import Csi
+from bench.guest import Guest
+from bench.progress import Progress
+
+FILL_CHUNK = 250  # volumes per guest call: keeps each call well inside the guest command timeout
+
+
+@dataclass
+class FillState:
+    """How many filler volumes (each with `snaps` snapshots) the pool holds, and what filling cost."""
+
+    snaps: int = 1
+    volumes: int = 0
+    seconds: float = 0.0
+    created_volumes: int = 0
+    created_snapshots: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def objects(self) -> int:
+        return self.volumes * (1 + self.snaps)
+
+    def volumes_for(self, objects: int) -> int:
+        return math.ceil(objects / (1 + self.snaps))
+
+
+@dataclass
+class Context:
+    cfg: BenchConfig
+    guest: Guest
+    progress: Progress
+    run_id: str
+    csi: Csi | None = None
+    fill: FillState = field(default_factory=FillState)
+
+    @property
+    def pool(self) -> str:
+        return self.guest.lab.pool
+
+    @property
+    def fill_parent(self) -> str:
+        return f"{self.pool}/{self.cfg.fill_parent}"
+
+    def fill_to(self, objects: int) -> dict[str, Any]:
+        """Grow the pool's filler to `objects` volumes+snapshots (never shrinks); returns this step's cost."""
+        target = self.fill.volumes_for(objects)
+        step: dict[str, Any] = {"objects": objects, "seconds": 0.0, "created_volumes": 0, "created_snapshots": 0}
+        if target <= self.fill.volumes:
+            return step
+        self.guest.call("ensure-parent", {"dataset": self.fill_parent})
+        t0 = time.perf_counter()
+        while self.fill.volumes < target:
+            count = min(FILL_CHUNK, target - self.fill.volumes)
+            out = self.guest.call(
+                "fill",
+                {"parent": self.fill_parent, "start": self.fill.volumes, "count": count, "snaps": self.fill.snaps},
+                timeout=max(600.0, count * 5.0),
+            )
+            self.fill.volumes += count
+            step["created_volumes"] += int(out["created_volumes"])
+            step["created_snapshots"] += int(out["created_snapshots"])
+            self.progress.say(
+                f"fill: {self.fill.objects:,}/{target * (1 + self.fill.snaps):,} objects "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+        step["seconds"] = time.perf_counter() - t0
+        self.fill.seconds += step["seconds"]
+        self.fill.created_volumes += step["created_volumes"]
+        self.fill.created_snapshots += step["created_snapshots"]
+        self.fill.steps.append(step)
+        return step

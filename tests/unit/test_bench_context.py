@@ -1,0 +1,44 @@
+from typing import Any
+
+from bench.config import make_config
+from bench.guest import Guest
+from bench.progress import Progress
+from bench.suites.context import FILL_CHUNK, Context
+
+
+class RecordingGuest(Guest):
+    """Answers `fill` like bench.inguest would for an empty pool, and records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.lab = type("L", (), {"pool": "tank"})()  # type: ignore[assignment]
+
+    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600) -> Any:
+        self.calls.append((command, args))
+        if command == "fill":
+            return {"created_volumes": args["count"], "created_snapshots": args["count"] * args["snaps"]}
+        return {}
+
+
+def _ctx() -> tuple[Context, RecordingGuest]:
+    g = RecordingGuest()
+    cfg = make_config(("branch",), True, (100,))
+    return Context(cfg=cfg, guest=g, progress=Progress(enabled=False), run_id="abc"), g
+
+
+def test_fill_grows_in_chunks_and_never_shrinks() -> None:
+    ctx, g = _ctx()
+    target = 2 * (FILL_CHUNK * 2 + 10)  # objects = volumes * 2 (one snapshot each)
+    step = ctx.fill_to(target)
+    fills = [a for c, a in g.calls if c == "fill"]
+    assert [f["count"] for f in fills] == [FILL_CHUNK, FILL_CHUNK, 10]
+    assert [f["start"] for f in fills] == [0, FILL_CHUNK, 2 * FILL_CHUNK]
+    assert all(f["parent"] == "tank/benchfill" for f in fills)
+    assert ctx.fill.objects == target
+    assert step["created_volumes"] == FILL_CHUNK * 2 + 10
+    g.calls.clear()
+    assert ctx.fill_to(10)["created_volumes"] == 0
+    assert g.calls == []
+    ctx.fill_to(target + 3)  # odd object counts round up to whole volumes
+    assert [a["count"] for c, a in g.calls if c == "fill"] == [2]
+    assert ctx.fill.objects >= target + 3
