@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab-name", default=os.environ.get("ZVOLT_LAB_NAME", "bench"),
                    help="lab instance to boot or reuse (default: bench, so other engineers' guests are untouched)")
     p.add_argument("--pool-disk", type=Path, help="boot the guest with this cached pool disk image (big pools)")
+    p.add_argument("--keep-fill", action="store_true",
+                   help="keep the filler volumes/snapshots in the pool (reuse them with a cached pool disk)")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.simulate_only and not args.simulate:
         args.simulate = 100_000 if not args.quick else 10_000
     try:
-        cfg = make_config(suites, args.quick, args.sizes, args.simulate, args.simulate_only)
+        cfg = make_config(suites, args.quick, args.sizes, args.simulate, args.simulate_only, args.keep_fill)
     except ValueError as e:
         print(f"zvolt-bench: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ class BenchConfig:
     attach_samples: int
     simulate: int = 0         # >0: scale suite also runs the in-process simulation up to this many volumes
     simulate_only: bool = False
+    keep_fill: bool = False   # keep the filler objects (a cached pool disk reuses them next run)
     node: str = "storage-0"   # storage node name the lab's agent uses
     worker: str = "worker-0"  # node id of the lab's node plugin
     parent: str = "zvolt"     # agent parent dataset below the pool
@@ -48,7 +49,12 @@ def parse_sizes(text: str) -> tuple[int, ...]:
 
 
 def make_config(
-    suites: tuple[str, ...], quick: bool, sizes: tuple[int, ...] | None, simulate: int = 0, simulate_only: bool = False
+    suites: tuple[str, ...],
+    quick: bool,
+    sizes: tuple[int, ...] | None,
+    simulate: int = 0,
+    simulate_only: bool = False,
+    keep_fill: bool = False,
 ) -> BenchConfig:
     for s in suites:
         if s not in SUITES:
@@ -57,10 +63,10 @@ def make_config(
         return BenchConfig(
             suites=suites, quick=True, sizes=sizes or QUICK_SIZES, samples=5, fio_runtime_s=4,
             fio_size_bytes=64 << 20, pg_scale=1, pg_seconds=8, attach_samples=3,
-            simulate=simulate, simulate_only=simulate_only,
+            simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
         )
     return BenchConfig(
         suites=suites, quick=False, sizes=sizes or DEFAULT_SIZES, samples=20, fio_runtime_s=20,
         fio_size_bytes=256 << 20, pg_scale=5, pg_seconds=30, attach_samples=10,
-        simulate=simulate, simulate_only=simulate_only,
+        simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
     )

@@ -56,7 +56,7 @@ def _destroy(name: str, recursive: bool = False) -> None:
     check_dataset(name.split("@")[0])
     argv = ["zfs", "destroy", *(["-r"] if recursive else []), name]
     for attempt in range(10):
-        proc = _run(argv, check=False)
+        proc = _run(argv, check=False, timeout=7200 if recursive else 300)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
         if "busy" not in proc.stderr or attempt == 9:
@@ -307,6 +307,36 @@ def unexport(a: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+BENCH_NQN_PREFIX = "nqn.2026-11.io.zvolt.bench:"
+
+
+def teardown_hosts(a: dict[str, Any]) -> dict[str, Any]:
+    """Disconnect every bench controller (run in the worker namespace) after a failed run."""
+    base = Path("/sys/class/nvme-subsystem")
+    done = []
+    for subsys in base.iterdir() if base.is_dir() else []:
+        try:
+            nqn = (subsys / "subsysnqn").read_text().strip()
+        except OSError:
+            continue
+        if nqn.startswith(BENCH_NQN_PREFIX):
+            _run(["nvme", "disconnect", "-n", check_nqn(nqn)], check=False)
+            done.append(nqn)
+    return {"disconnected": done}
+
+
+def teardown_exports(a: dict[str, Any]) -> dict[str, Any]:
+    """Remove every bench subsystem and the bench port (storage namespace), in the safe order."""
+    port_id = int(a["port_id"])
+    subs = NVMET / "subsystems"
+    done = []
+    for nqn in sorted(os.listdir(subs)) if subs.is_dir() else []:
+        if nqn.startswith(BENCH_NQN_PREFIX):
+            unexport({"nqn": nqn, "port_id": port_id})
+            done.append(nqn)
+    return {"removed": done}
+
+
 def _find_nvme_device(nqn: str, base: Path = Path("/sys/class/nvme-subsystem")) -> str:
     """The block device of namespace 1 of `nqn`, found by subsystem NQN in sysfs (never guessed)."""
     for subsys in base.iterdir() if base.is_dir() else []:
@@ -465,6 +495,8 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "rss": rss,
     "export": export,
     "unexport": unexport,
+    "teardown-hosts": teardown_hosts,
+    "teardown-exports": teardown_exports,
     "connect": connect,
     "disconnect": disconnect,
     "fio": fio,

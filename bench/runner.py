@@ -99,4 +99,23 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Rep
     finally:
         if csi is not None:
             csi.close()
+        _cleanup(ctx)
     return report
+
+
+def _cleanup(ctx: Context) -> None:
+    """Destroy the bench's own datasets (filler too unless kept), so the guest is left as found."""
+    parents = ["benchbranch", "benchdp"] + ([] if ctx.cfg.keep_fill else [ctx.cfg.fill_parent])
+    # A zvol that is still an enabled nvmet namespace must never be destroyed (D-state hang, lab.md):
+    # whatever a failed suite left connected or exported goes first.
+    for command, netns in (("teardown-hosts", "worker"), ("teardown-exports", "storage")):
+        try:
+            ctx.guest.call(command, {"port_id": datapath.PORT}, netns=netns, timeout=300)
+        except Exception as e:
+            ctx.progress.say(f"cleanup {command} failed, not destroying exported datasets: {e}")
+            parents = [p for p in parents if p != "benchdp"]
+    for name in parents:
+        try:
+            ctx.guest.call("zfs-destroy", {"dataset": f"{ctx.pool}/{name}", "recursive": True}, timeout=3600)
+        except Exception as e:
+            ctx.progress.say(f"cleanup of {ctx.pool}/{name} failed: {e}")

@@ -31,12 +31,17 @@ class RawExport:
         g = self.ctx.guest
         g.call("ensure-parent", {"dataset": f"{self.ctx.pool}/benchdp"})
         self.local_dev = g.call("zvol-create", {"dataset": self.dataset, "size_bytes": self.size})["device"]
-        g.call(
-            "export",
-            {"nqn": self.nqn, "device": self.local_dev, "address": g.lab.storage_ip, "port": PORT, "port_id": PORT},
-            netns="storage",
-        )
-        self.remote_dev = g.call("connect", self.target(), netns="worker")["device"]
+        try:
+            g.call(
+                "export",
+                {"nqn": self.nqn, "device": self.local_dev, "address": g.lab.storage_ip, "port": PORT,
+                 "port_id": PORT},
+                netns="storage",
+            )
+            self.remote_dev = g.call("connect", self.target(), netns="worker")["device"]
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def target(self) -> dict[str, Any]:
