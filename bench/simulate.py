@@ -1,9 +1,12 @@
-"""scale --simulate N: the agent's index at up to 1,000,000 volumes, in-process, no guest.
+"""scale --simulate N: agent restart at up to 1,000,000 volumes on the fake backends, no guest.
 
 The index is filled in bulk (large transactions of the agent's own `Index`/`Tx` records, as if
-N CreateVolume calls had committed), then a *fresh interpreter* performs the agent's restart
-work on it and reports its wall time and RSS growth. A fresh process is what a restart is, and
-it keeps the parent's bulk-fill memory out of the RSS figure.
+N CreateVolume calls had committed). Then a *fresh interpreter* builds the agent on fakes
+(`agent.fakes.make_node`: FakeZfs, emulated configfs tree, the real Index/Volumes/Exports/
+Recovery) and runs its start-up recovery: index load, intents, export restore of the published
+volumes. FakeZfs holds only the pool's parents and the published volumes, so a recovery that
+touched any other dataset (a listing that grows with the pool) would fail, not pass silently.
+A fresh process is what a restart is, and it keeps the bulk fill's memory out of the RSS figure.
 """
 
 from __future__ import annotations
@@ -43,18 +46,28 @@ def _rss_kib() -> int:
     return 0
 
 
-def populate(state_dir: str, start: int, stop: int, parent: str = "tank/zvolt") -> float:
+POOL = "tank"
+PARENT = "tank/zvolt"
+
+
+def _vid(i: int) -> str:
+    return f"v{i:08d}"
+
+
+def populate(state_dir: str, start: int, stop: int, parent: str = PARENT) -> float:
     """Add volumes [start, stop) with one snapshot each; the first PUBLISHED are published."""
     from agent.index import Index, SnapshotRec, VolumeRec
 
     t0 = time.perf_counter()
     index = Index(state_dir)
     try:
+        # Without this the agent would take the index for a fresh one and rebuild it from ZFS.
+        index.set_meta("parent", parent)
         now = int(time.time())
         for lo in range(start, stop, TX_ROWS):
             with index.tx() as tx:
                 for i in range(lo, min(stop, lo + TX_ROWS)):
-                    vid = f"v{i:08d}"
+                    vid = _vid(i)
                     ds = f"{parent}/v/{vid}"
                     hosts = [f"nqn.2014-08.org.nvmexpress:uuid:{i:032x}"] if i < PUBLISHED else []
                     tx.put_volume(VolumeRec(id=vid, name=f"pvc-{i:08d}", dataset=ds, size=1 << 30,
@@ -69,27 +82,35 @@ def populate(state_dir: str, start: int, stop: int, parent: str = "tank/zvolt") 
 
 
 def restart_child(state_dir: str) -> dict[str, Any]:
-    """What an agent restart does with its index (run in a fresh interpreter by `measure`)."""
-    import agent.index  # imported before the baseline: code is not per-volume cost
+    """An agent restart on fakes over the filled index (run in a fresh interpreter by `measure`)."""
+    from agent.fakes import FakeZfs, make_node  # imported before the baseline: code is not per-volume cost
 
-    base = _rss_kib()
-    t0 = time.perf_counter()
-    index = agent.index.Index(state_dir)
-    intents = index.intents()
-    volumes, snapshots, published = index.counts()
-    restore = index.published()
-    seconds = time.perf_counter() - t0
-    after = _rss_kib()
-    index.close()
+    zfs = FakeZfs()
+    for ds in (POOL, PARENT, f"{PARENT}/v", f"{PARENT}/trash"):
+        zfs.create_filesystem(ds)
+    for i in range(PUBLISHED):
+        zfs.create_volume(f"{PARENT}/v/{_vid(i)}", 1 << 30, {"volmode": "dev"})
+    zfs.settle()
+    with tempfile.TemporaryDirectory(prefix="zvolt-bench-configfs-") as configfs:
+        base = _rss_kib()
+        t0 = time.perf_counter()
+        node = make_node(state_dir, configfs, zfs=zfs, recover=True)
+        seconds = time.perf_counter() - t0
+        after = _rss_kib()
+        if not node.readiness.ready:
+            raise RuntimeError(f"simulated agent not ready: {node.readiness.reason}")
+        volumes, snapshots, published = node.index.counts()
+        exported = len(node.volumes.exports.exported_ids())
+        node.index.close()
     return {
         "seconds": seconds,
+        "startup_seconds": node.readiness.startup_seconds,
         "rss_base_kib": base,
         "rss_after_kib": after,
         "volumes": volumes,
         "snapshots": snapshots,
         "published": published,
-        "restored": len(restore),
-        "intents": len(intents),
+        "restored": exported,
     }
 
 
@@ -106,8 +127,8 @@ def measure(state_dir: str) -> dict[str, Any]:
 
 def run(limit: int, progress: Progress, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"limit": limit, "published": PUBLISHED, "snapshots_per_volume": SNAPS_PER_VOLUME,
-                              "levels": [], "what": "index open + intent scan + counts + published list, "
-                              "fresh process; export restore itself is not simulated"}
+                              "levels": [], "what": "fresh process: agent.fakes.make_node + Recovery.run (index "
+                              "load, intents, export restore into an emulated configfs) over N indexed volumes"}
     with tempfile.TemporaryDirectory(prefix="zvolt-bench-sim-") as tmp:
         done = 0
         for n in levels(limit, quick):
@@ -122,6 +143,8 @@ def run(limit: int, progress: Progress, quick: bool) -> dict[str, Any]:
                 "snapshots": m["snapshots"],
                 "fill_seconds": fill_s,
                 "restart_seconds": m["seconds"],
+                "agent_startup_seconds": m["startup_seconds"],
+                "exports_restored": m["restored"],
                 "rss_kib": m["rss_after_kib"],
                 "rss_growth_bytes": grown,
                 # Whole RSS of the restarted process over its volumes: includes the interpreter, so it
