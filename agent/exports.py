@@ -1,0 +1,159 @@
+"""Activate and deactivate a volume's NVMe/TCP export, in the order lab.md found safe.
+
+Export: device node present (volmode=dev set by the caller, waited for here) -> subsystem with
+allow_any_host=0 -> namespace 1 (device, stable uuid/nguid) enabled -> allowed hosts -> port
+link. Teardown is the reverse, and the caller sets volmode=none only after it: changing volmode
+or destroying a zvol that is still an enabled namespace can hang in D state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent import nvmet
+from agent.zfs import Zfs
+from zvolt import names
+from zvolt.errors import internal
+
+_UUID_NS = uuid.UUID("6f1b7a52-3c0e-5d52-9a43-7a766f6c7431")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    node: str
+    address: str
+    port: str
+    device_timeout: float = 60.0
+
+
+def device_uuid(volume_id: str) -> str:
+    return str(uuid.uuid5(_UUID_NS, "uuid:" + volume_id))
+
+
+def device_nguid(volume_id: str) -> str:
+    return str(uuid.uuid5(_UUID_NS, "nguid:" + volume_id))
+
+
+class Exports:
+    def __init__(self, zfs: Zfs, root: nvmet.Root, cfg: ExportConfig,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.zfs = zfs
+        self.root = root
+        self.cfg = cfg
+        self._clock = clock
+        self._sleep = sleep
+        # Host groups are shared between subsystems: creating and pruning them must not interleave.
+        self._mu = threading.Lock()
+
+    def nqn(self, volume_id: str) -> str:
+        return names.subsystem_nqn(self.cfg.node, volume_id)
+
+    def _prefix(self) -> str:
+        return f"nqn.2026-11.io.zvolt:{self.cfg.node}:"
+
+    def wait_device(self, dataset: str) -> None:
+        """Poll for the zvol's device node with a deadline (udev adds /dev/zvol/... asynchronously)."""
+        deadline = self._clock() + self.cfg.device_timeout
+        delay = 0.005
+        while not self.zfs.device_ready(dataset):
+            if self._clock() > deadline:
+                raise internal(f"device {self.zfs.device_path(dataset)} did not appear within "
+                               f"{self.cfg.device_timeout:.0f}s after volmode=dev")
+            self._sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def export(self, volume_id: str, dataset: str, hosts: list[str]) -> None:
+        """Make the subsystem match `hosts` exactly (idempotent; repairs a half-built export)."""
+        self.wait_device(dataset)
+        nqn = self.nqn(volume_id)
+        device = self.zfs.device_path(dataset)
+        with self._mu:
+            sub = self.root.subsystem(nqn)
+            sub.create()
+            if sub.attr("allow_any_host") != "0":
+                sub.set_attr("allow_any_host", "0")
+            serial = hashlib.sha256(volume_id.encode()).hexdigest()[:16]
+            if sub.attr("serial") != serial and not sub.namespaces():
+                sub.set_attr("serial", serial)
+            ns = sub.namespace(1)
+            ns.create()
+            want = {"device_path": device, "device_uuid": device_uuid(volume_id),
+                    "device_nguid": device_nguid(volume_id)}
+            if not ns.enabled or any(ns.attr(k) != v for k, v in want.items()):
+                if ns.enabled:
+                    ns.set_attr("enable", "0")
+                for k, v in want.items():
+                    if ns.attr(k) != v:
+                        ns.set_attr(k, v)
+                ns.set_attr("enable", "1")
+            self._sync_hosts(sub, hosts)
+            port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
+            port.add_subsystem(sub)
+
+    def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str]) -> None:
+        have = set(sub.allowed_hosts())
+        for h in sorted(set(hosts) - have):
+            sub.allow_host(self.root.host(h))
+        for h in sorted(have - set(hosts)):
+            sub.disallow_host(h)
+        self._prune_hosts()
+
+    def set_hosts(self, volume_id: str, hosts: list[str]) -> None:
+        with self._mu:
+            sub = self.root.subsystem(self.nqn(volume_id))
+            if sub.exists():
+                self._sync_hosts(sub, hosts)
+
+    def unexport(self, volume_id: str) -> None:
+        with self._mu:
+            self.root.subsystem(self.nqn(volume_id)).delete()
+            self._prune_hosts()
+
+    def _prune_hosts(self) -> None:
+        referenced: set[str] = set()
+        for sub in self.root.subsystems():
+            referenced.update(sub.allowed_hosts())
+        for host in self.root.hosts():
+            if host.nqn not in referenced:
+                # Still referenced by another writer's subsystem: not ours to remove.
+                with contextlib.suppress(OSError):
+                    host.delete()
+
+    def revalidate(self, volume_id: str) -> None:
+        ns = self.root.subsystem(self.nqn(volume_id)).namespace(1)
+        if ns.exists() and ns.enabled:
+            ns.set_attr("revalidate_size", "1")
+
+    def exported_ids(self) -> set[str]:
+        """Volume ids of this node's subsystems present in configfs (only active volumes: small)."""
+        prefix = self._prefix()
+        return {s.nqn.removeprefix(prefix) for s in self.root.subsystems() if s.nqn.startswith(prefix)}
+
+    def condition(self, volume_id: str, dataset: str, hosts: list[str]) -> tuple[bool, str]:
+        """Does configfs + the device match the stored publish state? (healthy, why not)."""
+        sub = self.root.subsystem(self.nqn(volume_id))
+        if not hosts:
+            if sub.exists():
+                return False, "volume is not published but its NVMe subsystem still exists"
+            return True, ""
+        if not sub.exists():
+            return False, "volume is published but its NVMe subsystem is missing"
+        ns = sub.namespace(1)
+        if not ns.exists() or not ns.enabled:
+            return False, "NVMe namespace 1 is missing or disabled"
+        if ns.attr("device_path") != self.zfs.device_path(dataset):
+            return False, f"namespace device is {ns.attr('device_path')!r}, expected the volume's zvol"
+        if not self.zfs.device_ready(dataset):
+            return False, "zvol device node is missing"
+        if sorted(sub.allowed_hosts()) != sorted(hosts):
+            return False, f"allowed hosts {sub.allowed_hosts()} differ from published hosts {sorted(hosts)}"
+        port = self.root.find_port(self.cfg.address, self.cfg.port)
+        if port is None or sub.nqn not in port.subsystems():
+            return False, "subsystem is not linked to the NVMe/TCP port"
+        return True, ""

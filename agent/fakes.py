@@ -1,0 +1,308 @@
+"""In-memory ZFS with the refusal semantics measured on the real stack (lab.md).
+
+Used by unit tests, the CSI tests and the large-scale simulation, so it stays lean: one dict
+of datasets, no per-object threads. `crash_at` lets a test stop the "process" right before or
+right after a chosen mutation to check that intents + recovery converge.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent import nvmet
+from agent.exports import ExportConfig, Exports
+from agent.index import Index
+from agent.recovery import Readiness, Recovery
+from agent.volumes import AgentConfig, Volumes
+from agent.zfs import READ_PROPS, Space, ZfsError, check_full_name
+
+
+class Crash(BaseException):
+    """Raised by FakeZfs to simulate the agent dying mid-operation (not an Exception on purpose)."""
+
+
+@dataclass
+class _Ds:
+    kind: str  # "filesystem" | "volume" | "snapshot"
+    props: dict[str, str] = field(default_factory=dict)
+    origin: str = ""
+    defer: bool = False
+
+
+class FakeZfs:
+    def __init__(self, pool_size: int = 1 << 40) -> None:
+        self.ds: dict[str, _Ds] = {}
+        self.pool_size = pool_size
+        self.calls: list[str] = []
+        self.busy_once: set[str] = set()  # names whose next destroy fails with EBUSY (udev race)
+        self.crash_at: tuple[str, str] | None = None  # (op, "before" | "after")
+        self.settles = 0
+        self._lock = threading.RLock()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _hook(self, op: str, when: str) -> None:
+        if self.crash_at == (op, when):
+            self.crash_at = None
+            raise Crash(f"simulated crash {when} {op}")
+
+    def _need(self, name: str) -> _Ds:
+        d = self.ds.get(name)
+        if d is None:
+            raise ZfsError(errno.ENOENT, f"dataset {name} does not exist")
+        return d
+
+    def _parent_must_exist(self, name: str) -> None:
+        parent = name.rsplit("/", 1)[0]
+        if "/" in name and parent not in self.ds and parent != name.split("/")[0]:
+            raise ZfsError(errno.ENOENT, f"parent of {name} does not exist")
+
+    def _children(self, name: str) -> list[str]:
+        return [n for n in self.ds if n.startswith(name + "/") or n.startswith(name + "@")]
+
+    def _used(self) -> int:
+        total = 0
+        for d in self.ds.values():
+            if d.kind == "volume":
+                total += int(d.props.get("refreservation", "0") or 0) or int(d.props.get("used", "0"))
+        return total
+
+    # -- Zfs protocol ---------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return check_full_name(name) in self.ds
+
+    def create_filesystem(self, name: str) -> None:
+        with self._lock:
+            check_full_name(name)
+            if name in self.ds:
+                raise ZfsError(errno.EEXIST, f"{name} exists")
+            self._parent_must_exist(name)
+            self.ds[name] = _Ds("filesystem")
+
+    def create_volume(self, name: str, size: int, props: Mapping[str, int | str]) -> None:
+        with self._lock:
+            check_full_name(name)
+            self.calls.append(f"create {name}")
+            self._hook("create_volume", "before")
+            if name in self.ds:
+                raise ZfsError(errno.EEXIST, f"{name} exists")
+            self._parent_must_exist(name)
+            p = {k: str(v) for k, v in props.items()}
+            p.setdefault("volblocksize", "16384")
+            p.setdefault("compression", "lz4")
+            p.setdefault("volmode", "default")
+            p.setdefault("refreservation", "0")
+            p.update(volsize=str(size), used="57344")
+            self.ds[name] = _Ds("volume", p)
+            self.busy_once.add(name)
+            self._hook("create_volume", "after")
+
+    def snapshot(self, snapshots: Sequence[str], user_props: Mapping[str, str]) -> None:
+        with self._lock:
+            for s in snapshots:
+                check_full_name(s)
+                self.calls.append(f"snapshot {s}")
+            self._hook("snapshot", "before")
+            for s in snapshots:
+                if s in self.ds:
+                    raise ZfsError(errno.EEXIST, f"{s} exists")
+                src = self._need(s.split("@")[0])
+                self.ds[s] = _Ds("snapshot", {
+                    **dict(user_props), "volsize": src.props.get("volsize", "0"),
+                    "volblocksize": src.props.get("volblocksize", "16384"), "used": "0",
+                })
+            self._hook("snapshot", "after")
+
+    def clone(self, name: str, origin: str, props: Mapping[str, int | str]) -> None:
+        with self._lock:
+            check_full_name(name)
+            self.calls.append(f"clone {origin} {name}")
+            self._hook("clone", "before")
+            if name in self.ds:
+                raise ZfsError(errno.EEXIST, f"{name} exists")
+            snap = self._need(origin)
+            if snap.kind != "snapshot":
+                raise ZfsError(errno.EINVAL, f"{origin} is not a snapshot")
+            self._parent_must_exist(name)
+            # A clone inherits volblocksize/compression from its origin, volmode from its parent.
+            p = {"volsize": snap.props["volsize"], "volblocksize": snap.props["volblocksize"],
+                 "compression": "lz4", "volmode": "default", "refreservation": "0", "used": "8192"}
+            p.update({k: str(v) for k, v in props.items()})
+            self.ds[name] = _Ds("volume", p, origin=origin)
+            self.busy_once.add(name)
+            self._hook("clone", "after")
+
+    def destroy(self, name: str) -> None:
+        with self._lock:
+            self.calls.append(f"destroy {name}")
+            self._hook("destroy", "before")
+            d = self._need(check_full_name(name))
+            if d.kind == "snapshot":
+                raise ZfsError(errno.EINVAL, "lzc_destroy of a snapshot: use destroy_snapshots")
+            if self._children(name):
+                raise ZfsError(errno.EBUSY, f"{name} has children")
+            if name in self.busy_once:
+                self.busy_once.discard(name)
+                raise ZfsError(errno.EBUSY, f"dataset {name} is busy")
+            del self.ds[name]
+            if d.origin and d.origin in self.ds:
+                o = self.ds[d.origin]
+                if o.defer and not self.clones_of(d.origin):
+                    del self.ds[d.origin]
+            self._hook("destroy", "after")
+
+    def destroy_snapshots(self, snapshots: Sequence[str], defer: bool) -> None:
+        with self._lock:
+            for s in snapshots:
+                self.calls.append(f"destroy_snap {s} defer={defer}")
+            self._hook("destroy_snapshots", "before")
+            for s in snapshots:
+                check_full_name(s)
+                d = self.ds.get(s)
+                if d is None:
+                    continue  # lzc_destroy_snaps ignores snapshots that do not exist
+                if self.clones_of(s):
+                    if not defer:
+                        raise ZfsError(errno.EEXIST, f"snapshot {s} has dependent clones")
+                    d.defer = True
+                else:
+                    del self.ds[s]
+            self._hook("destroy_snapshots", "after")
+
+    def rename(self, old: str, new: str) -> None:
+        with self._lock:
+            check_full_name(old)
+            check_full_name(new)
+            self.calls.append(f"rename {old} {new}")
+            self._hook("rename", "before")
+            self._need(old)
+            if new in self.ds:
+                raise ZfsError(errno.EEXIST, f"{new} exists")
+            self._parent_must_exist(new)
+            moves = {n: new + n[len(old):] for n in [old, *self._children(old)]}
+            for src, dst in moves.items():
+                self.ds[dst] = self.ds.pop(src)
+            for d in self.ds.values():
+                if d.origin in moves:
+                    d.origin = moves[d.origin]
+            self.busy_once.discard(old)
+            self._hook("rename", "after")
+
+    def promote(self, name: str) -> None:
+        with self._lock:
+            d = self._need(check_full_name(name))
+            if not d.origin:
+                raise ZfsError(errno.EINVAL, f"{name} is not a clone")
+            origin_vol, _, snap = d.origin.partition("@")
+            if f"{name}@{snap}" in self.ds:
+                raise ZfsError(errno.EEXIST, "conflicting snapshot")
+            old_origin = self.ds[origin_vol].origin
+            moved = self.ds.pop(d.origin)
+            self.ds[f"{name}@{snap}"] = moved
+            for other in self.ds.values():
+                if other.origin == d.origin:
+                    other.origin = f"{name}@{snap}"
+            self.ds[origin_vol].origin = f"{name}@{snap}"
+            d.origin = old_origin
+
+    def set_props(self, name: str, props: Mapping[str, str]) -> None:
+        with self._lock:
+            self.calls.append(f"set {name} {','.join(sorted(props))}")
+            self._hook("set_props", "before")
+            d = self._need(check_full_name(name))
+            d.props.update(props)
+            if "volsize" in props and d.props.get("refreservation", "0") not in ("0", "none"):
+                d.props["refreservation"] = props["volsize"]
+            self._hook("set_props", "after")
+
+    def get_props(self, name: str, props: Sequence[str] = READ_PROPS) -> dict[str, str] | None:
+        with self._lock:
+            d = self.ds.get(check_full_name(name))
+            if d is None:
+                return None
+            out: dict[str, str] = {}
+            for p in props:
+                if p == "type":
+                    out[p] = d.kind
+                elif p == "origin":
+                    out[p] = d.origin or "-"
+                elif p == "defer_destroy":
+                    out[p] = "on" if d.defer else "off"
+                elif p == "clones":
+                    out[p] = ",".join(self.clones_of(name))
+                else:
+                    out[p] = d.props.get(p, "-")
+            return out
+
+    def snapshots_of(self, name: str) -> list[str]:
+        with self._lock:
+            return sorted(n for n in self.ds if n.startswith(name + "@"))
+
+    def clones_of(self, snapshot: str) -> list[str]:
+        return sorted(n for n, d in self.ds.items() if d.origin == snapshot)
+
+    def space(self, name: str) -> Space:
+        used = self._used()
+        return Space(available=max(self.pool_size - used, 0), used=used)
+
+    def walk(self, parent: str) -> Iterator[dict[str, str]]:
+        for n in sorted(self.ds):
+            if (n.startswith(parent + "/") or n.startswith(parent + "@")) and self.ds[n].kind != "filesystem":
+                props = self.get_props(n)
+                if props is not None:
+                    yield {"name": n, **props}
+
+    def device_path(self, name: str) -> str:
+        return "/dev/zvol/" + check_full_name(name)
+
+    def device_ready(self, name: str) -> bool:
+        d = self.ds.get(name)
+        return d is not None and d.kind == "volume" and d.props.get("volmode") == "dev"
+
+    def settle(self) -> None:
+        self.settles += 1
+        self.busy_once.clear()
+
+    # -- test helpers ---------------------------------------------------------------------
+
+    def volumes(self, under: str) -> list[str]:
+        return sorted(n for n, d in self.ds.items() if d.kind == "volume" and n.startswith(under + "/"))
+
+
+@dataclass
+class FakeNode:
+    """A whole agent on fakes: FakeZfs + an emulated configfs tree + an index in `state_dir`."""
+
+    zfs: FakeZfs
+    root: nvmet.Root
+    index: Index
+    volumes: Volumes
+    readiness: Readiness
+    recovery: Recovery
+
+    def restart(self, state_dir: str) -> FakeNode:
+        """A new agent process over the same ZFS and configfs (the old index handle is dropped)."""
+        self.index.close()
+        return make_node(state_dir, self.root.path, zfs=self.zfs, node=self.volumes.cfg.node, recover=True)
+
+
+def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, node: str = "storage-0",
+              pool: str = "tank", recover: bool = True, pool_size: int = 1 << 40) -> FakeNode:
+    zfs = zfs or FakeZfs(pool_size=pool_size)
+    if pool not in zfs.ds:
+        zfs.ds[pool] = _Ds("filesystem")
+    root = nvmet.Root(configfs_dir, emulate=True)
+    root.init_tree()
+    index = Index(state_dir)
+    cfg = AgentConfig(node=node, pool=pool, parent=f"{pool}/zvolt", nvme_address="10.42.0.1", nvme_port="4420")
+    exports = Exports(zfs, root, ExportConfig(node, "10.42.0.1", "4420", device_timeout=1.0))
+    volumes = Volumes(cfg, zfs, index, exports)
+    readiness = Readiness()
+    recovery = Recovery(zfs, index, exports, volumes, readiness)
+    if recover:
+        recovery.run()
+    return FakeNode(zfs, root, index, volumes, readiness, recovery)

@@ -1,0 +1,296 @@
+"""The persistent index of volumes, snapshots, trash and in-flight intents (SQLite, WAL).
+
+ZFS user properties stay the ground truth; the index exists so that start-up and lists never
+walk the pool. Every ZFS change is bracketed: `begin()` records an intent naming the datasets
+it will touch, and the transaction that updates the rows also deletes the intent. After a
+crash, only the datasets named by leftover intents are re-read from ZFS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS volumes(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, dataset TEXT NOT NULL, size INTEGER NOT NULL,
+    volblocksize INTEGER NOT NULL, compression TEXT NOT NULL, thick INTEGER NOT NULL,
+    source_snapshot TEXT NOT NULL, source_volume TEXT NOT NULL, origin TEXT NOT NULL,
+    hosts TEXT NOT NULL, created INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, volume_id TEXT NOT NULL, dataset TEXT NOT NULL,
+    size INTEGER NOT NULL, created INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS snapshots_name ON snapshots(name);
+CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots(volume_id);
+CREATE INDEX IF NOT EXISTS snapshots_dataset ON snapshots(dataset);
+CREATE TABLE IF NOT EXISTS trash(dataset TEXT PRIMARY KEY, origin TEXT NOT NULL, created INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intents(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
+    datasets TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+
+@dataclass
+class VolumeRec:
+    id: str
+    name: str
+    dataset: str
+    size: int
+    volblocksize: int
+    compression: str
+    thick: bool
+    source_snapshot: str = ""
+    source_volume: str = ""
+    origin: str = ""  # full ZFS name of the origin snapshot ("" if not a clone)
+    hosts: list[str] = field(default_factory=list)
+    created: int = 0
+
+
+@dataclass
+class SnapshotRec:
+    id: str  # "<volume id>@<snap>"
+    name: str
+    volume_id: str
+    dataset: str  # full ZFS snapshot name (moves to trash with its volume)
+    size: int
+    created: int
+
+
+@dataclass
+class TrashRec:
+    dataset: str
+    origin: str
+    created: int
+
+
+@dataclass
+class Intent:
+    seq: int
+    op: str
+    datasets: list[str]
+    created: float
+
+
+class IndexCorrupt(Exception):
+    pass
+
+
+def _vol(row: tuple[object, ...]) -> VolumeRec:
+    (id_, name, ds, size, vbs, comp, thick, ssnap, svol, origin, hosts, created) = row
+    return VolumeRec(str(id_), str(name), str(ds), int(str(size)), int(str(vbs)), str(comp), bool(thick),
+                     str(ssnap), str(svol), str(origin), [h for h in str(hosts).split(",") if h], int(str(created)))
+
+
+def _snap(row: tuple[object, ...]) -> SnapshotRec:
+    (id_, name, vol, ds, size, created) = row
+    return SnapshotRec(str(id_), str(name), str(vol), str(ds), int(str(size)), int(str(created)))
+
+
+class Tx:
+    """Row changes applied in one SQLite transaction (with the intent that covered them)."""
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self._c = cur
+
+    def put_volume(self, v: VolumeRec) -> None:
+        self._c.execute(
+            "INSERT OR REPLACE INTO volumes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            (v.id, v.name, v.dataset, v.size, v.volblocksize, v.compression, int(v.thick), v.source_snapshot,
+             v.source_volume, v.origin, ",".join(v.hosts), v.created),
+        )
+
+    def del_volume(self, vid: str) -> None:
+        self._c.execute("DELETE FROM volumes WHERE id=?", (vid,))
+
+    def del_volume_dataset(self, dataset: str) -> None:
+        self._c.execute("DELETE FROM volumes WHERE dataset=?", (dataset,))
+
+    def put_snapshot(self, s: SnapshotRec) -> None:
+        self._c.execute("INSERT OR REPLACE INTO snapshots VALUES(?,?,?,?,?,?)",
+                        (s.id, s.name, s.volume_id, s.dataset, s.size, s.created))
+
+    def del_snapshot(self, sid: str) -> None:
+        self._c.execute("DELETE FROM snapshots WHERE id=?", (sid,))
+
+    def del_snapshot_dataset(self, dataset: str) -> None:
+        self._c.execute("DELETE FROM snapshots WHERE dataset=?", (dataset,))
+
+    def move_snapshots(self, old_ds: str, new_ds: str) -> None:
+        rows = self._c.execute("SELECT id, dataset FROM snapshots WHERE dataset >= ? AND dataset < ?",
+                               (old_ds + "@", old_ds + "A")).fetchall()
+        for sid, ds in rows:
+            self._c.execute("UPDATE snapshots SET dataset=? WHERE id=?", (new_ds + str(ds)[len(old_ds):], sid))
+
+    def move_origins(self, old_ds: str, new_ds: str) -> None:
+        """Clones' origins follow a renamed volume's snapshots (ZFS updates `origin` itself)."""
+        for table, key in (("volumes", "id"), ("trash", "dataset")):
+            rows = self._c.execute(f"SELECT {key}, origin FROM {table} WHERE origin >= ? AND origin < ?",  # noqa: S608
+                                   (old_ds + "@", old_ds + "A")).fetchall()
+            for k, origin in rows:
+                self._c.execute(f"UPDATE {table} SET origin=? WHERE {key}=?",  # noqa: S608
+                                (new_ds + str(origin)[len(old_ds):], k))
+
+    def put_trash(self, t: TrashRec) -> None:
+        self._c.execute("INSERT OR REPLACE INTO trash VALUES(?,?,?)", (t.dataset, t.origin, t.created))
+
+    def del_trash(self, dataset: str) -> None:
+        self._c.execute("DELETE FROM trash WHERE dataset=?", (dataset,))
+
+    def clear(self) -> None:
+        """Drop every row (before a rebuild from ZFS)."""
+        for table in ("volumes", "snapshots", "trash", "intents"):
+            self._c.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+
+    def done(self, seq: int) -> None:
+        self._c.execute("DELETE FROM intents WHERE seq=?", (seq,))
+
+
+class Index:
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.path = os.path.join(state_dir, "index.sqlite")
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: an intent must survive power loss, or a half-made dataset could be orphaned.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA cache_size=-4096")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise IndexCorrupt(f"index schema {row[0]} is not {SCHEMA_VERSION}")
+            check = self._db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise IndexCorrupt(f"index failed its integrity check: {check}")
+        except sqlite3.DatabaseError as exc:
+            raise IndexCorrupt(f"index {self.path} is unreadable: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(cur)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    # -- meta -----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES(?,?)", (key, value))
+
+    # -- intents --------------------------------------------------------------------------
+
+    def begin(self, op: str, datasets: list[str]) -> int:
+        with self._lock:
+            cur = self._db.execute("INSERT INTO intents(op, datasets, created) VALUES(?,?,?)",
+                                   (op, json.dumps(datasets), time.time()))
+            return int(cur.lastrowid or 0)
+
+    def intents(self) -> list[Intent]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, op, datasets, created FROM intents ORDER BY seq").fetchall()
+        return [Intent(int(r[0]), str(r[1]), list(json.loads(r[2])), float(r[3])) for r in rows]
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def volume(self, vid: str) -> VolumeRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM volumes WHERE id=?", (vid,)).fetchone()
+        return None if row is None else _vol(row)
+
+    def volume_by_dataset(self, dataset: str) -> VolumeRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM volumes WHERE dataset=?", (dataset,)).fetchone()
+        return None if row is None else _vol(row)
+
+    def volumes(self, after: str = "", limit: int = 1000) -> list[VolumeRec]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM volumes WHERE id > ? ORDER BY id LIMIT ?",
+                                    (after, limit)).fetchall()
+        return [_vol(r) for r in rows]
+
+    def published(self) -> list[VolumeRec]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM volumes WHERE hosts != ''").fetchall()
+        return [_vol(r) for r in rows]
+
+    def snapshot(self, sid: str) -> SnapshotRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM snapshots WHERE id=?", (sid,)).fetchone()
+        return None if row is None else _snap(row)
+
+    def snapshot_by_name(self, name: str) -> SnapshotRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
+        return None if row is None else _snap(row)
+
+    def snapshot_by_dataset(self, dataset: str) -> SnapshotRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM snapshots WHERE dataset=?", (dataset,)).fetchone()
+        return None if row is None else _snap(row)
+
+    def snapshots(self, after: str = "", limit: int = 1000, volume_id: str = "") -> list[SnapshotRec]:
+        with self._lock:
+            if volume_id:
+                rows = self._db.execute(
+                    "SELECT * FROM snapshots WHERE volume_id=? AND id > ? ORDER BY id LIMIT ?",
+                    (volume_id, after, limit)).fetchall()
+            else:
+                rows = self._db.execute("SELECT * FROM snapshots WHERE id > ? ORDER BY id LIMIT ?",
+                                        (after, limit)).fetchall()
+        return [_snap(r) for r in rows]
+
+    def snapshots_in(self, dataset: str) -> list[SnapshotRec]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM snapshots WHERE dataset >= ? AND dataset < ?",
+                                    (dataset + "@", dataset + "A")).fetchall()
+        return [_snap(r) for r in rows]
+
+    def trash(self) -> list[TrashRec]:
+        with self._lock:
+            rows = self._db.execute("SELECT dataset, origin, created FROM trash ORDER BY dataset").fetchall()
+        return [TrashRec(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def trash_entry(self, dataset: str) -> TrashRec | None:
+        with self._lock:
+            r = self._db.execute("SELECT dataset, origin, created FROM trash WHERE dataset=?", (dataset,)).fetchone()
+        return None if r is None else TrashRec(str(r[0]), str(r[1]), int(r[2]))
+
+    def counts(self) -> tuple[int, int, int]:
+        """(volumes, snapshots, published volumes)."""
+        with self._lock:
+            v = self._db.execute("SELECT count(*) FROM volumes").fetchone()[0]
+            s = self._db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+            e = self._db.execute("SELECT count(*) FROM volumes WHERE hosts != ''").fetchone()[0]
+        return int(v), int(s), int(e)
+
+    def committed_bytes(self) -> int:
+        """Sum of thick volume sizes (what refreservations already hold)."""
+        with self._lock:
+            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM volumes WHERE thick=1").fetchone()
+        return int(row[0])

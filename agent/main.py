@@ -1,0 +1,251 @@
+"""zvolt-agent: flags / env (ZVOLT_<FLAG>) / JSON config file -> a running agent.
+
+Precedence: command line, then environment, then the --config file, then defaults. The gRPC
+server starts at once (GetInfo answers ready=false); recovery runs in the background and every
+other call gets UNAVAILABLE until it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent import nvmet
+from agent.exports import ExportConfig, Exports
+from agent.index import Index, IndexCorrupt
+from agent.locks import VolumeLocks
+from agent.metrics import Metrics
+from agent.recovery import Readiness, Recovery
+from agent.server import AgentServicer, make_server
+from agent.volumes import AgentConfig, Volumes
+from agent.zfs import LibZfs, Zfs
+from zvolt import names
+from zvolt.logs import setup_logging
+from zvolt.rpc import parse_endpoint, prepare_unix_socket
+
+_log = logging.getLogger("zvolt.agent")
+
+# flag -> (default, help)
+_OPTIONS: dict[str, tuple[str | None, str]] = {
+    "node-name": (None, "storage node name (prefix of CSI ids, part of NQNs)"),
+    "pool": (None, "ZFS pool"),
+    "parent": (None, "parent dataset owned by zvolt (default POOL/zvolt)"),
+    "listen": ("0.0.0.0:7001", "gRPC address: unix:///path or host:port"),
+    "nvme-listen": (None, "NVMe/TCP listener IP:PORT initiators connect to"),
+    "metrics-listen": ("0.0.0.0:9101", "Prometheus HOST:PORT ('' disables)"),
+    "state-dir": ("/var/lib/zvolt", "directory of the persistent index"),
+    "tls-cert": (None, "server certificate (PEM)"),
+    "tls-key": (None, "server key (PEM)"),
+    "tls-ca": (None, "CA that signs client certificates (mTLS)"),
+    "configfs-root": (nvmet.DEFAULT_ROOT, "nvmet configfs root"),
+    "device-timeout": ("60", "seconds to wait for a zvol device node"),
+    "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
+    "log-level": ("info", "log level"),
+}
+_FLAGS = ("insecure", "rebuild-index")
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: str
+    pool: str
+    parent: str
+    listen: str
+    nvme_address: str
+    nvme_port: str
+    metrics_listen: str
+    state_dir: str
+    tls: tuple[str, str, str] | None
+    configfs_root: str
+    device_timeout: float
+    gc_interval: float
+    log_level: str
+    rebuild_index: bool
+
+
+def _env_name(flag: str) -> str:
+    return "ZVOLT_" + flag.upper().replace("-", "_")
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if env is None else env)
+    ap = argparse.ArgumentParser(prog="zvolt-agent", description="zvolt storage-node agent")
+    ap.add_argument("--config", default=None, help="JSON file with any of the options below")
+    for flag, (_, help_) in _OPTIONS.items():
+        ap.add_argument("--" + flag, default=None, help=help_)
+    for flag in _FLAGS:
+        ap.add_argument("--" + flag, action="store_true", default=None)
+    args = vars(ap.parse_args(argv))
+    config: dict[str, Any] = {}
+    config_path = args.get("config") or env.get("ZVOLT_CONFIG")
+    if config_path:
+        with open(config_path) as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, dict):
+            ap.error(f"{config_path}: expected a JSON object")
+        config = {str(k).replace("_", "-"): v for k, v in loaded.items()}
+
+    def get(flag: str) -> Any:
+        value = args.get(flag.replace("-", "_"))
+        if value is None:
+            value = env.get(_env_name(flag))
+        if value is None:
+            value = config.get(flag)
+        if value is None and flag in _OPTIONS:
+            value = _OPTIONS[flag][0]
+        return value
+
+    missing = [f"--{f}" for f in ("node-name", "pool", "nvme-listen") if not get(f)]
+    if missing:
+        ap.error("missing required settings: " + ", ".join(missing))
+    try:
+        node = names.check_node(str(get("node-name")))
+        pool = names.check_pool(str(get("pool")))
+        parent = names.check_dataset(str(get("parent") or f"{pool}/zvolt"))
+    except Exception as exc:
+        ap.error(str(exc))
+    if parent.split("/")[0] != pool:
+        ap.error(f"--parent {parent} is not in pool {pool}")
+    nvme_addr, sep, nvme_port = str(get("nvme-listen")).rpartition(":")
+    if not sep or not nvme_port.isdigit():
+        ap.error("--nvme-listen must be IP:PORT")
+    tls_parts = [get("tls-cert"), get("tls-key"), get("tls-ca")]
+    insecure = _truthy(get("insecure"))
+    tls: tuple[str, str, str] | None = None
+    if all(tls_parts):
+        tls = (str(tls_parts[0]), str(tls_parts[1]), str(tls_parts[2]))
+    elif any(tls_parts):
+        ap.error("give all of --tls-cert, --tls-key and --tls-ca")
+    elif not insecure:
+        ap.error("refusing to serve without mTLS: give --tls-cert/--tls-key/--tls-ca, or --insecure")
+    listen = str(get("listen"))
+    try:
+        parse_endpoint(listen)
+    except ValueError as exc:
+        ap.error(str(exc))
+    return Settings(
+        node=node, pool=pool, parent=parent, listen=listen, nvme_address=nvme_addr.strip("[]"), nvme_port=nvme_port,
+        metrics_listen=str(get("metrics-listen") or ""), state_dir=str(get("state-dir")), tls=tls,
+        configfs_root=str(get("configfs-root")), device_timeout=float(get("device-timeout")),
+        gc_interval=float(get("gc-interval")), log_level=str(get("log-level")),
+        rebuild_index=_truthy(get("rebuild-index")),
+    )
+
+
+def open_index(state_dir: str) -> tuple[Index, bool]:
+    """Open the index; a corrupt one is moved aside (kept for inspection) and rebuilt from ZFS."""
+    try:
+        return Index(state_dir), False
+    except IndexCorrupt as exc:
+        path = os.path.join(state_dir, "index.sqlite")
+        aside = f"{path}.corrupt-{int(time.time())}"
+        _log.error("index is corrupt (%s); moving it to %s and rebuilding from ZFS", exc, aside)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.replace(path + suffix, aside + suffix)
+        return Index(state_dir), True
+
+
+@dataclass
+class Agent:
+    settings: Settings
+    volumes: Volumes
+    readiness: Readiness
+    metrics: Metrics
+    server: grpc.Server
+    recovery: Recovery
+
+
+def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
+    cfg = AgentConfig(node=settings.node, pool=settings.pool, parent=settings.parent,
+                      nvme_address=settings.nvme_address, nvme_port=settings.nvme_port)
+    exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
+                                              settings.device_timeout))
+    volumes = Volumes(cfg, zfs, index, exports, VolumeLocks())
+    readiness = Readiness()
+    metrics = Metrics()
+    servicer = AgentServicer(volumes, readiness, metrics)
+    server = make_server(servicer, metrics)
+    endpoint = parse_endpoint(settings.listen)
+    prepare_unix_socket(endpoint)
+    target = f"unix:{endpoint.path}" if endpoint.scheme == "unix" else endpoint.address
+    if settings.tls:
+        cert, key, ca = (Path(p).read_bytes() for p in settings.tls)
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        port = server.add_secure_port(target, creds)
+    else:
+        port = server.add_insecure_port(target)
+    if endpoint.scheme == "tcp" and port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    recovery = Recovery(zfs, index, exports, volumes, readiness,
+                        progress=lambda line: _log.info(line, extra={"fields": {"phase": "recovery"}}))
+    return Agent(settings, volumes, readiness, metrics, server, recovery)
+
+
+def _print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    setup_logging(settings.log_level)
+    index, corrupt = open_index(settings.state_dir)
+    zfs = LibZfs()
+    root = nvmet.Root(settings.configfs_root)
+    if settings.rebuild_index and not corrupt:
+        # Explicit slow path, run in the foreground with progress lines, then exit.
+        from agent.records import Layout
+        from agent.recovery import ensure_layout, rebuild_index
+
+        layout = Layout(settings.parent)
+        ensure_layout(zfs, layout)
+        rebuild_index(zfs, index, layout, _print_progress)
+        return 0
+    agent = build(settings, zfs, root, index)
+    if settings.metrics_listen:
+        host, _, port = settings.metrics_listen.rpartition(":")
+        agent.metrics.serve(host or "0.0.0.0", int(port))  # noqa: S104 - pod network, metrics only
+    agent.server.start()
+    _log.info("agent serving", extra={"fields": {"listen": settings.listen, "node": settings.node}})
+    stop = threading.Event()
+
+    def recover() -> None:
+        try:
+            agent.recovery.run(rebuild=corrupt)
+            agent.metrics.startup.set(agent.readiness.startup_seconds)
+            agent.metrics.ready.set(1)
+        except Exception:
+            stop.set()
+
+    threading.Thread(target=recover, name="recovery", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(settings.gc_interval):
+        if agent.readiness.ready:
+            try:
+                agent.volumes.gc.sweep()
+            except Exception:
+                _log.exception("periodic garbage collection failed")
+    agent.server.stop(grace=5).wait()
+    index.close()
+    return 0 if agent.readiness.ready else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""A small object layer over the nvmet configfs tree (the shape of nvmetcli's `nvmet` module).
+
+The only code that writes under /sys/kernel/config/nvmet. The root path is a parameter so unit
+tests run against a plain directory; `emulate=True` then stands in for what configfs does by
+itself (auto-created child groups, rmdir of a group that still holds attribute files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from zvolt import names
+
+DEFAULT_ROOT = "/sys/kernel/config/nvmet"
+
+
+class NvmetError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Root:
+    path: str = DEFAULT_ROOT
+    emulate: bool = False
+
+    def _p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def available(self) -> bool:
+        return os.path.isdir(self._p("subsystems"))
+
+    def init_tree(self) -> None:
+        """Create the top-level groups (only meaningful in emulation; configfs has them)."""
+        if self.emulate:
+            for group in ("subsystems", "hosts", "ports"):
+                os.makedirs(self._p(group), exist_ok=True)
+
+    # -- low-level helpers -----------------------------------------------------------------
+
+    def mkdir(self, path: str, children: tuple[str, ...] = ()) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        if self.emulate:
+            for child in children:
+                os.makedirs(os.path.join(path, child), exist_ok=True)
+
+    def rmdir(self, path: str) -> None:
+        if not os.path.isdir(path):
+            return
+        if self.emulate:
+            for entry in os.scandir(path):
+                if entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path):
+                    os.rmdir(entry.path)
+        os.rmdir(path)
+
+    def write(self, path: str, value: str) -> None:
+        with open(path, "w") as f:
+            f.write(value)
+
+    def read(self, path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def subsystem(self, nqn: str) -> Subsystem:
+        return Subsystem(self, names.check_nqn(nqn))
+
+    def host(self, nqn: str) -> Host:
+        return Host(self, names.check_nqn(nqn))
+
+    def port(self, portid: int) -> Port:
+        return Port(self, int(portid))
+
+    def subsystems(self) -> Iterator[Subsystem]:
+        for nqn in sorted(_listdir(self._p("subsystems"))):
+            yield Subsystem(self, nqn)
+
+    def hosts(self) -> Iterator[Host]:
+        for nqn in sorted(_listdir(self._p("hosts"))):
+            yield Host(self, nqn)
+
+    def ports(self) -> Iterator[Port]:
+        for pid in sorted(_listdir(self._p("ports")), key=lambda x: int(x) if x.isdigit() else 0):
+            if pid.isdigit():
+                yield Port(self, int(pid))
+
+    def find_port(self, address: str, port: str) -> Port | None:
+        for p in self.ports():
+            if p.trtype == "tcp" and p.traddr == address and p.trsvcid == port:
+                return p
+        return None
+
+    def find_or_create_port(self, address: str, port: str) -> Port:
+        """The port listening on address:port (tcp), created with the next free id if missing."""
+        found = self.find_port(address, port)
+        if found is not None:
+            return found
+        used = {p.portid for p in self.ports()}
+        new = Port(self, next(i for i in range(1, 65536) if i not in used))
+        new.create(address, port)
+        return new
+
+    def dump(self) -> dict[str, Any]:
+        """The whole tree as nvmetcli `saveconfig` JSON (hosts, ports, subsystems)."""
+        return {
+            "hosts": [{"nqn": h.nqn} for h in self.hosts()],
+            "ports": [p.dump() for p in self.ports()],
+            "subsystems": [s.dump() for s in self.subsystems()],
+        }
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+@dataclass(frozen=True)
+class Host:
+    root: Root
+    nqn: str
+
+    @property
+    def path(self) -> str:
+        return self.root._p("hosts", self.nqn)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def create(self) -> None:
+        self.root.mkdir(self.path)
+
+    def delete(self) -> None:
+        self.root.rmdir(self.path)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    subsystem: Subsystem
+    nsid: int
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.subsystem.path, "namespaces", str(self.nsid))
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def create(self) -> None:
+        self.subsystem.root.mkdir(self.path)
+
+    def attr(self, name: str) -> str:
+        return self.subsystem.root.read(os.path.join(self.path, name))
+
+    def set_attr(self, name: str, value: str) -> None:
+        self.subsystem.root.write(os.path.join(self.path, name), value)
+
+    @property
+    def enabled(self) -> bool:
+        return self.attr("enable") == "1"
+
+    def delete(self) -> None:
+        if not self.exists():
+            return
+        if self.enabled:
+            self.set_attr("enable", "0")
+        self.subsystem.root.rmdir(self.path)
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "nsid": self.nsid,
+            "enable": 1 if self.enabled else 0,
+            "device": {
+                "path": self.attr("device_path"),
+                "uuid": self.attr("device_uuid"),
+                "nguid": self.attr("device_nguid"),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Subsystem:
+    root: Root
+    nqn: str
+
+    @property
+    def path(self) -> str:
+        return self.root._p("subsystems", self.nqn)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def create(self) -> None:
+        self.root.mkdir(self.path, children=("namespaces", "allowed_hosts"))
+
+    def attr(self, name: str) -> str:
+        return self.root.read(os.path.join(self.path, "attr_" + name))
+
+    def set_attr(self, name: str, value: str) -> None:
+        self.root.write(os.path.join(self.path, "attr_" + name), value)
+
+    def namespace(self, nsid: int) -> Namespace:
+        return Namespace(self, nsid)
+
+    def namespaces(self) -> list[Namespace]:
+        ids = [n for n in _listdir(os.path.join(self.path, "namespaces")) if n.isdigit()]
+        return [Namespace(self, int(n)) for n in sorted(ids, key=int)]
+
+    def allowed_hosts(self) -> list[str]:
+        return sorted(_listdir(os.path.join(self.path, "allowed_hosts")))
+
+    def allow_host(self, host: Host) -> None:
+        host.create()
+        link = os.path.join(self.path, "allowed_hosts", host.nqn)
+        if not os.path.islink(link):
+            os.symlink(host.path, link)
+
+    def disallow_host(self, nqn: str) -> None:
+        link = os.path.join(self.path, "allowed_hosts", names.check_nqn(nqn))
+        if os.path.islink(link):
+            os.unlink(link)
+
+    def delete(self) -> None:
+        """Tear down in the safe order: ports, namespaces (disable first), hosts, the group."""
+        if not self.exists():
+            return
+        for port in self.root.ports():
+            port.remove_subsystem(self.nqn)
+        for ns in self.namespaces():
+            ns.delete()
+        for nqn in self.allowed_hosts():
+            self.disallow_host(nqn)
+        self.root.rmdir(self.path)
+
+    def dump(self) -> dict[str, Any]:
+        attrs: dict[str, str] = {}
+        for entry in _listdir(self.path):
+            if entry.startswith("attr_") and os.path.isfile(os.path.join(self.path, entry)):
+                attrs[entry.removeprefix("attr_")] = self.root.read(os.path.join(self.path, entry))
+        return {
+            "nqn": self.nqn,
+            "attr": dict(sorted(attrs.items())),
+            "allowed_hosts": self.allowed_hosts(),
+            "namespaces": [ns.dump() for ns in self.namespaces()],
+        }
+
+
+@dataclass(frozen=True)
+class Port:
+    root: Root
+    portid: int
+
+    @property
+    def path(self) -> str:
+        return self.root._p("ports", str(self.portid))
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def _addr(self, name: str) -> str:
+        return self.root.read(os.path.join(self.path, "addr_" + name))
+
+    @property
+    def trtype(self) -> str:
+        return self._addr("trtype")
+
+    @property
+    def traddr(self) -> str:
+        return self._addr("traddr")
+
+    @property
+    def trsvcid(self) -> str:
+        return self._addr("trsvcid")
+
+    def create(self, address: str, port: str) -> None:
+        self.root.mkdir(self.path, children=("subsystems", "referrals", "ana_groups"))
+        # Address attributes must be written before the first subsystem link enables the port.
+        self.root.write(os.path.join(self.path, "addr_trtype"), "tcp")
+        self.root.write(os.path.join(self.path, "addr_adrfam"), "ipv6" if ":" in address else "ipv4")
+        self.root.write(os.path.join(self.path, "addr_traddr"), address)
+        self.root.write(os.path.join(self.path, "addr_trsvcid"), port)
+
+    def subsystems(self) -> list[str]:
+        return sorted(_listdir(os.path.join(self.path, "subsystems")))
+
+    def add_subsystem(self, sub: Subsystem) -> None:
+        link = os.path.join(self.path, "subsystems", sub.nqn)
+        if not os.path.islink(link):
+            os.symlink(sub.path, link)
+
+    def remove_subsystem(self, nqn: str) -> None:
+        link = os.path.join(self.path, "subsystems", nqn)
+        if os.path.islink(link):
+            os.unlink(link)
+
+    def delete(self) -> None:
+        for nqn in self.subsystems():
+            self.remove_subsystem(nqn)
+        if self.root.emulate:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.root.rmdir(self.path)
+
+    def dump(self) -> dict[str, Any]:
+        addr = {k: self._addr(k) for k in ("adrfam", "traddr", "treq", "trsvcid", "trtype")}
+        return {"portid": self.portid, "addr": addr, "referrals": [], "subsystems": self.subsystems()}

@@ -1,0 +1,167 @@
+"""Start-up: make the index, ZFS and configfs agree again, then declare the agent ready.
+
+Normal path (no pool listing): load the index, re-read from ZFS only the datasets named by
+in-flight intents, rebuild the exports of published volumes (configfs is empty after a reboot)
+and tear down any export the index does not know as published. Slow path (`rebuild`): walk
+the parent dataset once and rebuild the whole index from ZFS user properties, with progress.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.exports import Exports
+from agent.index import Index, VolumeRec
+from agent.records import Layout, from_props, is_hidden_snapshot, put, refresh
+from agent.volumes import Volumes
+from agent.zfs import Zfs, ZfsError
+
+_log = logging.getLogger("zvolt.agent.recovery")
+
+
+@dataclass
+class Readiness:
+    """Shared by the server (answers UNAVAILABLE until ready) and the recovery thread."""
+
+    ready: bool = False
+    reason: str = "start-up recovery has not started"
+    started: float = field(default_factory=time.monotonic)
+    startup_seconds: float = 0.0
+    _mu: threading.Lock = field(default_factory=threading.Lock)
+
+    def set(self, ready: bool, reason: str = "") -> None:
+        with self._mu:
+            self.ready = ready
+            self.reason = reason
+            if ready:
+                self.startup_seconds = time.monotonic() - self.started
+
+
+def ensure_layout(zfs: Zfs, layout: Layout) -> bool:
+    """Create the parent datasets if missing. Returns True if the volumes root already existed."""
+    existed = zfs.exists(layout.volumes_root)
+    for ds in (layout.parent, layout.volumes_root, layout.trash_root):
+        if not zfs.exists(ds):
+            try:
+                zfs.create_filesystem(ds)
+            except ZfsError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+    return existed
+
+
+def rebuild_index(zfs: Zfs, index: Index, layout: Layout, progress: Callable[[str], None],
+                  every: int = 1000) -> int:
+    """Slow path: replace the index with what ZFS user properties say. Returns objects indexed."""
+    start = time.monotonic()
+    progress(f"rebuilding index from ZFS under {layout.parent} (this lists every dataset once)")
+    count = 0
+    seen = 0
+    with index.tx() as tx:
+        tx.clear()
+        for props in zfs.walk(layout.parent):
+            seen += 1
+            rec = from_props(layout, props["name"], props)
+            if rec is not None:
+                put(tx, rec)
+                count += 1
+            if seen % every == 0:
+                progress(f"rebuild: {seen} datasets read, {count} indexed, {time.monotonic() - start:.1f}s")
+    index.set_meta("parent", layout.parent)
+    progress(f"rebuild done: {seen} datasets read, {count} indexed in {time.monotonic() - start:.1f}s")
+    return count
+
+
+class Recovery:
+    def __init__(self, zfs: Zfs, index: Index, exports: Exports, volumes: Volumes, readiness: Readiness,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.zfs = zfs
+        self.index = index
+        self.exports = exports
+        self.volumes = volumes
+        self.layout = volumes.layout
+        self.readiness = readiness
+        self.progress = progress or (lambda line: _log.info(line))
+
+    def _finish_grow(self, rec: VolumeRec) -> None:
+        """A create/clone/expand died between the volume and its `zfs set volsize`: finish it."""
+        props = self.zfs.get_props(rec.dataset, ("zvolt:size",)) or {}
+        want = int(props.get("zvolt:size", "0") or 0) if props.get("zvolt:size", "-").isdigit() else 0
+        if want > rec.size:
+            grow = {"volsize": str(want)}
+            if rec.thick:
+                grow["refreservation"] = str(want)
+            self.zfs.set_props(rec.dataset, grow)
+            rec.size = want
+
+    def settle_intents(self) -> int:
+        intents = self.index.intents()
+        for intent in intents:
+            with self.index.tx() as tx:
+                recs = {ds: refresh(tx, self.zfs, self.layout, ds) for ds in intent.datasets}
+                for rec in recs.values():
+                    if isinstance(rec, VolumeRec):
+                        self._finish_grow(rec)
+                        tx.put_volume(rec)
+                if intent.op == "trash" and len(intent.datasets) == 2:
+                    old, new = intent.datasets
+                    if recs.get(new) is not None:
+                        tx.move_snapshots(old, new)
+                        tx.move_origins(old, new)
+                tx.done(intent.seq)
+            for ds in intent.datasets:
+                # A clone-from-volume that died after its hidden snapshot: drop the orphan.
+                if "@" in ds and is_hidden_snapshot(ds) and self.zfs.exists(ds) and not self.zfs.clones_of(ds):
+                    self.zfs.destroy_snapshots([ds], defer=True)
+            _log.info("settled intent", extra={"fields": {"op": intent.op, "datasets": intent.datasets}})
+        return len(intents)
+
+    def restore_exports(self) -> tuple[int, int]:
+        """Export every published volume; tear down exports of volumes not published. (restored, removed)"""
+        published = self.index.published()
+        want = {v.id for v in published}
+        removed = 0
+        for vid in sorted(self.exports.exported_ids() - want):
+            self.exports.unexport(vid)
+            vol = self.index.volume(vid)
+            if vol is not None:
+                self.zfs.set_props(vol.dataset, {"volmode": "none"})
+            removed += 1
+        for vol in published:
+            if not self.zfs.device_ready(vol.dataset):
+                self.zfs.set_props(vol.dataset, {"volmode": "dev"})
+            self.exports.export(vol.id, vol.dataset, vol.hosts)
+        return len(published), removed
+
+    def run(self, rebuild: bool = False) -> None:
+        try:
+            self.readiness.set(False, "checking datasets")
+            existed = ensure_layout(self.zfs, self.layout)
+            known = self.index.get_meta("parent")
+            if rebuild or (known is None and existed):
+                self.readiness.set(False, "rebuilding the index from ZFS")
+                rebuild_index(self.zfs, self.index, self.layout, self.progress)
+            elif known is None:
+                self.index.set_meta("parent", self.layout.parent)
+            elif known != self.layout.parent:
+                raise RuntimeError(f"index belongs to parent {known}, not {self.layout.parent}")
+            self.readiness.set(False, "settling in-flight operations")
+            settled = self.settle_intents()
+            self.readiness.set(False, "restoring NVMe exports")
+            restored, removed = self.restore_exports()
+            self.readiness.set(True)
+            self.progress(f"ready: settled {settled} intents, restored {restored} exports, removed {removed} stale, "
+                          f"in {self.readiness.startup_seconds:.3f}s")
+        except Exception as exc:
+            _log.exception("start-up recovery failed")
+            self.readiness.set(False, f"start-up recovery failed: {exc}")
+            raise
+        try:
+            self.volumes.gc.sweep()
+        except Exception:
+            _log.exception("garbage collection after start-up failed")

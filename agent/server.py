@@ -1,0 +1,144 @@
+"""The gRPC servicer: request -> validated call into Volumes -> response message.
+
+Every call but GetInfo answers UNAVAILABLE until start-up recovery is done, so a client never
+sees a half-restored node.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from agent.index import SnapshotRec, VolumeRec
+from agent.metrics import Metrics
+from agent.recovery import Readiness
+from agent.volumes import Volumes, VolumeSpec
+from zvolt.errors import unavailable
+from zvolt.pb import agent_pb2 as pb
+from zvolt.pb import agent_pb2_grpc as pb_grpc
+from zvolt.rpc import RpcInterceptor
+
+VERSION = "0.1.0"
+
+
+def volume_pb(vol: VolumeRec, nqn: str) -> Any:
+    return pb.Volume(
+        id=vol.id, name=vol.name, size_bytes=vol.size, volblocksize=vol.volblocksize, compression=vol.compression,
+        thick=vol.thick, encrypted=False, source_snapshot_id=vol.source_snapshot, source_volume_id=vol.source_volume,
+        published_hosts=vol.hosts, nqn=nqn, created_unix=vol.created,
+    )
+
+
+def snapshot_pb(snap: SnapshotRec, used: int = 0) -> Any:
+    return pb.Snapshot(id=snap.id, name=snap.name, source_volume_id=snap.volume_id, size_bytes=snap.size,
+                       created_unix=snap.created, ready_to_use=True, used_bytes=used)
+
+
+class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
+    def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics) -> None:
+        self.v = volumes
+        self.readiness = readiness
+        self.metrics = metrics
+
+    def _ready(self) -> None:
+        if not self.readiness.ready:
+            raise unavailable(f"agent is not ready yet: {self.readiness.reason}")
+
+    def _nqn(self, vid: str) -> str:
+        return self.v.exports.nqn(vid)
+
+    def refresh_gauges(self) -> tuple[int, int, int]:
+        volumes, snapshots, exports = self.v.index.counts()
+        self.metrics.set_counts(volumes, snapshots, exports, self.v.trash_count())
+        return volumes, snapshots, exports
+
+    def GetInfo(self, request: Any, context: Any) -> Any:
+        volumes, snapshots, exports = self.refresh_gauges() if self.readiness.ready else (0, 0, 0)
+        cfg = self.v.cfg
+        return pb.GetInfoResponse(
+            node_name=cfg.node, ready=self.readiness.ready, version=VERSION, pool=cfg.pool,
+            parent_dataset=cfg.parent, nvme_transport="tcp", nvme_address=cfg.nvme_address,
+            nvme_port=cfg.nvme_port, volumes=volumes, snapshots=snapshots, exports=exports,
+            startup_seconds=self.readiness.startup_seconds,
+            not_ready_reason="" if self.readiness.ready else self.readiness.reason,
+        )
+
+    def CreateVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        spec = VolumeSpec(
+            name=request.name, size=request.size_bytes, volblocksize=request.volblocksize,
+            compression=request.compression, thick=request.thick, source_snapshot=request.source_snapshot_id,
+            source_volume=request.source_volume_id, encryption_key=request.encryption_key,
+            labels=dict(request.labels),
+        )
+        vol = self.v.create_volume(spec)
+        return pb.CreateVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+
+    def DeleteVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        self.v.delete_volume(request.volume_id)
+        return pb.DeleteVolumeResponse()
+
+    def ExpandVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        vol = self.v.expand_volume(request.volume_id, request.size_bytes)
+        return pb.ExpandVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+
+    def GetVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        st = self.v.get_volume(request.volume_id)
+        msg = volume_pb(st.volume, self._nqn(st.volume.id))
+        msg.used_bytes = st.used_bytes
+        msg.condition = pb.VOLUME_CONDITION_HEALTHY if st.healthy else pb.VOLUME_CONDITION_ABNORMAL
+        msg.condition_message = st.message
+        return pb.GetVolumeResponse(volume=msg)
+
+    def ListVolumes(self, request: Any, context: Any) -> Any:
+        self._ready()
+        rows, token = self.v.list_volumes(request.max_entries, request.starting_token)
+        return pb.ListVolumesResponse(volumes=[volume_pb(r, self._nqn(r.id)) for r in rows], next_token=token)
+
+    def CreateSnapshot(self, request: Any, context: Any) -> Any:
+        self._ready()
+        snap = self.v.create_snapshot(request.name, request.source_volume_id)
+        return pb.CreateSnapshotResponse(snapshot=snapshot_pb(snap))
+
+    def DeleteSnapshot(self, request: Any, context: Any) -> Any:
+        self._ready()
+        self.v.delete_snapshot(request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    def ListSnapshots(self, request: Any, context: Any) -> Any:
+        self._ready()
+        rows, token = self.v.list_snapshots(request.max_entries, request.starting_token,
+                                            request.source_volume_id, request.snapshot_id)
+        return pb.ListSnapshotsResponse(snapshots=[snapshot_pb(r) for r in rows], next_token=token)
+
+    def GetCapacity(self, request: Any, context: Any) -> Any:
+        self._ready()
+        cap = self.v.capacity()
+        self.metrics.set_space(cap.available, cap.used)
+        return pb.GetCapacityResponse(available_bytes=cap.available, total_bytes=cap.total, used_bytes=cap.used,
+                                      maximum_volume_size=cap.maximum_volume_size)
+
+    def PublishVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        nqn = self.v.publish(request.volume_id, request.host_nqn)
+        cfg = self.v.cfg
+        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port)
+
+    def UnpublishVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        self.v.unpublish(request.volume_id, request.host_nqn)
+        return pb.UnpublishVolumeResponse()
+
+
+def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16) -> grpc.Server:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        interceptors=[RpcInterceptor("agent", on_done=metrics.observe)],
+    )
+    pb_grpc.add_AgentServicer_to_server(servicer, server)
+    return server

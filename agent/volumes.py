@@ -1,0 +1,556 @@
+"""The agent's operations: look up in the index, then change ZFS/configfs, then commit.
+
+Every mutation is bracketed by an intent (see index.py) and holds per-volume locks (locks.py).
+Each is idempotent: a repeat of a completed call returns the same result without touching ZFS.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.exports import Exports
+from agent.gc import Collector
+from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
+from agent.locks import VolumeLocks
+from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
+from agent.zfs import COMPRESSION_INDEX, Space, Zfs, ZfsError, retry_busy
+from zvolt import names
+from zvolt.errors import (
+    ZvoltError,
+    aborted,
+    already_exists,
+    exhausted,
+    internal,
+    invalid,
+    not_found,
+    out_of_range,
+    precondition,
+)
+
+DEFAULT_VOLBLOCKSIZE = 16384
+DEFAULT_COMPRESSION = "lz4"
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_MAX_PAGE = 5000
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    pool: str
+    parent: str
+    nvme_address: str
+    nvme_port: str
+    max_volume_size: int = 64 << 40
+    min_free_bytes: int = 64 << 20
+    min_free_fraction: float = 0.02
+    capacity_ttl: float = 2.0
+
+
+@dataclass
+class VolumeSpec:
+    name: str
+    size: int
+    volblocksize: int = 0
+    compression: str = ""
+    thick: bool = False
+    source_snapshot: str = ""
+    source_volume: str = ""
+    encryption_key: bytes = b""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class VolumeState:
+    volume: VolumeRec
+    used_bytes: int
+    healthy: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Capacity:
+    available: int
+    total: int
+    used: int
+    maximum_volume_size: int
+
+
+def _zfs_error(exc: ZfsError, what: str) -> ZvoltError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exhausted(f"{what}: not enough space in the pool ({exc})")
+    return internal(f"{what} failed: {exc}")
+
+
+_TOKEN_TAG = "zvolt-page:"  # noqa: S105 - a format tag, not a secret
+
+
+def encode_token(last: str) -> str:
+    """Opaque page token: the last id returned, tagged so that random strings are rejected."""
+    return base64.urlsafe_b64encode((_TOKEN_TAG + last).encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        raw = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise aborted(f"starting_token {token[:64]!r} is not valid") from exc
+    if not raw.startswith(_TOKEN_TAG):
+        raise aborted(f"starting_token {token[:64]!r} is not valid")
+    return raw.removeprefix(_TOKEN_TAG)
+
+
+def page_size(max_entries: int) -> int:
+    if max_entries < 0:
+        raise invalid("max_entries must not be negative")
+    return min(max_entries or 1000, _MAX_PAGE)
+
+
+class Volumes:
+    def __init__(self, cfg: AgentConfig, zfs: Zfs, index: Index, exports: Exports,
+                 locks: VolumeLocks | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.zfs = zfs
+        self.index = index
+        self.exports = exports
+        self.locks = locks or VolumeLocks()
+        self.layout = Layout(cfg.parent)
+        self.gc = Collector(zfs, index, self.layout)
+        self._clock = clock
+        self._space: tuple[float, Space] | None = None
+        self._space_mu = threading.Lock()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _settle(self, seq: int, datasets: list[str]) -> None:
+        """After a failed ZFS step: make the index match ZFS for what the intent named."""
+        with self.index.tx() as tx:
+            for ds in datasets:
+                refresh(tx, self.zfs, self.layout, ds)
+            tx.done(seq)
+
+    def space(self) -> Space:
+        with self._space_mu:
+            now = time.monotonic()
+            if self._space is None or now - self._space[0] > self.cfg.capacity_ttl:
+                self._space = (now, self.zfs.space(self.cfg.parent))
+            return self._space[1]
+
+    def _forget_space(self) -> None:
+        with self._space_mu:
+            self._space = None
+
+    def capacity(self) -> Capacity:
+        sp = self.space()
+        total = sp.available + sp.used
+        reserve = max(self.cfg.min_free_bytes, int(total * self.cfg.min_free_fraction))
+        return Capacity(available=max(sp.available - reserve, 0), total=total, used=sp.used,
+                        maximum_volume_size=self.cfg.max_volume_size)
+
+    def _check_fits(self, size: int, thick: bool) -> None:
+        cap = self.capacity()
+        # Thin volumes overcommit, but a pool with (almost) nothing left above its reserve takes no more.
+        if cap.available < self.cfg.min_free_bytes:
+            raise exhausted(f"pool is nearly full ({cap.used} of {cap.total} bytes used); no new volumes")
+        if thick and size > cap.available:
+            raise exhausted(f"a thick volume of {size} bytes does not fit: {cap.available} bytes available")
+
+    def _volume(self, vid: str) -> VolumeRec:
+        vol = self.index.volume(names.check_id(vid))
+        if vol is None:
+            raise not_found(f"volume {vid} does not exist")
+        return vol
+
+    @staticmethod
+    def parse_snapshot_id(sid: str) -> tuple[str, str]:
+        vid, sep, snap = (sid or "").partition("@")
+        if not sep:
+            raise invalid(f"snapshot id {sid!r} is not of the form <volume id>@<snapshot>")
+        return names.check_id(vid), names.check_id(snap, "snapshot id")
+
+    # -- create ---------------------------------------------------------------------------
+
+    def _validate(self, spec: VolumeSpec) -> tuple[int, int, str]:
+        names.check_csi_name(spec.name)
+        if spec.encryption_key:
+            raise invalid("encryption is not supported yet")
+        if spec.source_snapshot and spec.source_volume:
+            raise invalid("give either a source snapshot or a source volume, not both")
+        vbs = spec.volblocksize or DEFAULT_VOLBLOCKSIZE
+        if vbs < 4096 or vbs > 131072 or vbs & (vbs - 1):
+            raise invalid(f"volblocksize {vbs} must be a power of two from 4096 to 131072")
+        compression = spec.compression or DEFAULT_COMPRESSION
+        if compression not in COMPRESSION_INDEX:
+            raise invalid(f"compression {compression!r} is not one of {sorted(COMPRESSION_INDEX)}")
+        if spec.size <= 0:
+            raise invalid("size_bytes must be positive")
+        size = -(-spec.size // vbs) * vbs
+        if size > self.cfg.max_volume_size:
+            raise out_of_range(f"size {spec.size} exceeds the maximum volume size {self.cfg.max_volume_size}")
+        for key, value in spec.labels.items():
+            if not _LABEL_KEY.fullmatch(key) or len(value) > 1024 or "\n" in value or not value.isprintable():
+                raise invalid(f"label {key!r} is not valid (key [A-Za-z0-9._-]{{1,63}}, value printable <=1024)")
+        return size, vbs, compression
+
+    def _same(self, vol: VolumeRec, spec: VolumeSpec, size: int) -> VolumeRec:
+        if vol.name != spec.name:
+            raise already_exists(f"volume id {vol.id} is taken by another name")
+        if vol.size != size:
+            raise already_exists(f"volume {spec.name!r} exists with size {vol.size}, not {size}")
+        if vol.source_snapshot != spec.source_snapshot or vol.source_volume != spec.source_volume:
+            raise already_exists(f"volume {spec.name!r} exists with a different source")
+        if vol.thick != spec.thick:
+            raise already_exists(f"volume {spec.name!r} exists with thick={vol.thick}")
+        return vol
+
+    def create_volume(self, spec: VolumeSpec) -> VolumeRec:
+        size, vbs, compression = self._validate(spec)
+        vid = names.id_for_name(spec.name)
+        src_vid = ""
+        if spec.source_snapshot:
+            src_vid = self.parse_snapshot_id(spec.source_snapshot)[0]
+        elif spec.source_volume:
+            src_vid = names.check_id(spec.source_volume, "source volume id")
+        with self.locks.hold([vid], shared=[src_vid] if src_vid else []):
+            existing = self.index.volume(vid)
+            if existing is not None:
+                return self._same(existing, spec, size)
+            ds = self.layout.volume(vid)
+            user = {
+                "zvolt:id": vid, "zvolt:name": spec.name, "zvolt:created": str(self._now()),
+                "zvolt:thick": "1" if spec.thick else "0", "zvolt:hosts": "-", "zvolt:size": str(size),
+            }
+            user.update({f"zvolt:label:{k}": v for k, v in spec.labels.items()})
+            if spec.source_snapshot or spec.source_volume:
+                return self._clone(spec, vid, ds, size, user)
+            self._check_fits(size, spec.thick)
+            props: dict[str, int | str] = {"volblocksize": vbs, "compression": compression, "volmode": "none", **user}
+            if spec.thick:
+                props["refreservation"] = size
+            seq = self.index.begin("create", [ds])
+            try:
+                self.zfs.create_volume(ds, size, props)
+            except ZfsError as exc:
+                self._settle(seq, [ds])
+                adopted = self.index.volume(vid)
+                if exc.errno == errno.EEXIST and adopted is not None:
+                    return self._same(adopted, spec, size)
+                raise _zfs_error(exc, f"creating volume {spec.name!r}") from exc
+            rec = VolumeRec(id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
+                            thick=spec.thick, hosts=[], created=int(user["zvolt:created"]))
+            with self.index.tx() as tx:
+                tx.put_volume(rec)
+                tx.done(seq)
+            self._forget_space()
+            return rec
+
+    def _clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, user: dict[str, str]) -> VolumeRec:
+        hidden = ""
+        src: VolumeRec | None
+        if spec.source_snapshot:
+            snap = self.index.snapshot(spec.source_snapshot)
+            if snap is None:
+                raise not_found(f"source snapshot {spec.source_snapshot} does not exist")
+            origin, base_size = snap.dataset, snap.size
+            user["zvolt:source-snapshot"] = spec.source_snapshot
+            src = self.index.volume(snap.volume_id)
+            if src is not None and src.dataset != snap.dataset.partition("@")[0]:
+                src = None  # the snapshot's volume was deleted (trash) and its id reused
+        else:
+            src = self.index.volume(spec.source_volume)
+            if src is None:
+                raise not_found(f"source volume {spec.source_volume} does not exist")
+            hidden = f"{src.dataset}@{HIDDEN_PREFIX}{vid}"
+            origin, base_size = hidden, src.size
+            user["zvolt:source-volume"] = spec.source_volume
+        # A clone keeps its origin's volblocksize: sizes must be multiples of that one.
+        if src is not None:
+            vbs = src.volblocksize
+        else:
+            vbs = int((self.zfs.get_props(origin, ("volblocksize",)) or {}).get("volblocksize") or DEFAULT_VOLBLOCKSIZE)
+        compression = spec.compression or (src.compression if src else DEFAULT_COMPRESSION)
+        size = -(-size // vbs) * vbs
+        user["zvolt:size"] = str(size)  # lets recovery finish the grow below after a crash
+        if size < base_size:
+            raise out_of_range(f"size {size} is smaller than the source's {base_size} bytes")
+        self._check_fits(size, spec.thick)
+        props: dict[str, int | str] = {"volmode": "none", "compression": compression, **user}
+        if spec.thick:
+            props["refreservation"] = size
+        seq = self.index.begin("clone", [ds, *([hidden] if hidden else [])])
+        try:
+            if hidden and not self.zfs.exists(hidden):
+                self.zfs.snapshot([hidden], {"zvolt:hidden": "1", "zvolt:created": user["zvolt:created"]})
+            self.zfs.clone(ds, origin, props)
+            if size > base_size:
+                grow = {"volsize": str(size)}
+                if spec.thick:
+                    grow["refreservation"] = str(size)
+                self.zfs.set_props(ds, grow)
+        except ZfsError as exc:
+            self._settle(seq, [ds])
+            adopted = self.index.volume(vid)
+            if adopted is not None:
+                return self._same(adopted, spec, size)
+            if hidden:
+                self.gc.release_origin(hidden)
+            raise _zfs_error(exc, f"cloning volume {spec.name!r}") from exc
+        rec = VolumeRec(
+            id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
+            thick=spec.thick,
+            source_snapshot=spec.source_snapshot, source_volume=spec.source_volume, origin=origin, hosts=[],
+            created=int(user["zvolt:created"]),
+        )
+        with self.index.tx() as tx:
+            tx.put_volume(rec)
+            tx.done(seq)
+        self._forget_space()
+        return rec
+
+    # -- delete ---------------------------------------------------------------------------
+
+    def delete_volume(self, vid: str) -> None:
+        names.check_id(vid)
+        with self.locks.hold([vid]):
+            vol = self.index.volume(vid)
+            if vol is None:
+                return
+            if vol.hosts:
+                raise precondition(f"volume {vid} is still published to {', '.join(vol.hosts)}; unpublish it first")
+            ds = vol.dataset
+            visible = {s.dataset for s in self.index.snapshots_in(ds)}
+            snaps = self.zfs.snapshots_of(ds)
+            idle = [s for s in snaps if s not in visible and not self.zfs.clones_of(s)]
+            keep = [s for s in snaps if s not in idle]
+            if keep:
+                self._move_to_trash(vol, idle)
+                return
+            # The origin is named too: after a crash, recovery drops a hidden snapshot left without clones.
+            seq = self.index.begin("delete", [ds, *([vol.origin] if vol.origin else [])])
+            try:
+                if idle:
+                    self.zfs.destroy_snapshots(idle, defer=True)
+                retry_busy(lambda: self.zfs.destroy(ds), self.zfs)
+            except ZfsError as exc:
+                self._settle(seq, [ds])
+                raise _zfs_error(exc, f"deleting volume {vid}") from exc
+            with self.index.tx() as tx:
+                tx.del_volume(vid)
+                tx.done(seq)
+        self._forget_space()
+        if vol.origin:
+            self.gc.release_origin(vol.origin)
+
+    def _move_to_trash(self, vol: VolumeRec, idle: list[str]) -> None:
+        """Snapshots of this volume are still needed: keep its blocks, free its name."""
+        n = time.time_ns()
+        new = self.layout.trash(vol.id, n)
+        seq = self.index.begin("trash", [vol.dataset, new])
+        try:
+            if idle:
+                self.zfs.destroy_snapshots(idle, defer=True)
+            self.zfs.rename(vol.dataset, new)
+        except ZfsError as exc:
+            self._settle(seq, [vol.dataset, new])
+            raise _zfs_error(exc, f"deleting volume {vol.id}") from exc
+        with self.index.tx() as tx:
+            tx.del_volume(vol.id)
+            tx.move_snapshots(vol.dataset, new)
+            tx.move_origins(vol.dataset, new)
+            tx.put_trash(TrashRec(dataset=new, origin=vol.origin, created=self._now()))
+            tx.done(seq)
+
+    # -- expand ---------------------------------------------------------------------------
+
+    def expand_volume(self, vid: str, size: int) -> VolumeRec:
+        names.check_id(vid)
+        if size <= 0:
+            raise invalid("size_bytes must be positive")
+        with self.locks.hold([vid]):
+            vol = self._volume(vid)
+            new = -(-size // vol.volblocksize) * vol.volblocksize
+            if new <= vol.size:
+                return vol  # never shrink: ZFS would accept it even on a connected volume
+            if new > self.cfg.max_volume_size:
+                raise out_of_range(f"size {size} exceeds the maximum volume size {self.cfg.max_volume_size}")
+            if vol.thick:
+                self._check_fits(new - vol.size, True)
+            props = {"volsize": str(new), "zvolt:size": str(new)}
+            if vol.thick:
+                props["refreservation"] = str(new)
+            seq = self.index.begin("expand", [vol.dataset])
+            try:
+                self.zfs.set_props(vol.dataset, props)
+            except ZfsError as exc:
+                self._settle(seq, [vol.dataset])
+                raise _zfs_error(exc, f"expanding volume {vid}") from exc
+            if vol.hosts:
+                self.exports.revalidate(vid)
+            vol.size = new
+            with self.index.tx() as tx:
+                tx.put_volume(vol)
+                tx.done(seq)
+            self._forget_space()
+            return vol
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, source_volume: str) -> SnapshotRec:
+        names.check_csi_name(name)
+        vid = names.check_id(source_volume, "source volume id")
+        snap = names.id_for_name(name, prefix="s")
+        sid = f"{vid}@{snap}"
+        with self.locks.hold([sid], shared=[vid]):
+            existing = self.index.snapshot_by_name(name)
+            if existing is not None:
+                if existing.volume_id != vid:
+                    raise already_exists(f"snapshot {name!r} exists for another volume ({existing.volume_id})")
+                return existing
+            vol = self._volume(vid)
+            ds = f"{vol.dataset}@{snap}"
+            created = self._now()
+            seq = self.index.begin("snapshot", [ds])
+            try:
+                self.zfs.snapshot([ds], {"zvolt:name": name, "zvolt:volume": vid, "zvolt:created": str(created)})
+            except ZfsError as exc:
+                self._settle(seq, [ds])
+                adopted = self.index.snapshot(sid)
+                if adopted is not None and adopted.name == name:
+                    return adopted
+                raise _zfs_error(exc, f"creating snapshot {name!r}") from exc
+            rec = SnapshotRec(id=sid, name=name, volume_id=vid, dataset=ds, size=vol.size, created=created)
+            with self.index.tx() as tx:
+                tx.put_snapshot(rec)
+                tx.done(seq)
+            return rec
+
+    def delete_snapshot(self, sid: str) -> None:
+        vid, _ = self.parse_snapshot_id(sid)
+        with self.locks.hold([sid], shared=[vid]):
+            rec = self.index.snapshot(sid)
+            if rec is None:
+                return
+            seq = self.index.begin("delete-snapshot", [rec.dataset])
+            try:
+                # defer=True destroys at once when nothing depends on it, else when the last clone goes.
+                self.zfs.destroy_snapshots([rec.dataset], defer=True)
+            except ZfsError as exc:
+                self._settle(seq, [rec.dataset])
+                raise _zfs_error(exc, f"deleting snapshot {sid}") from exc
+            with self.index.tx() as tx:
+                tx.del_snapshot(sid)
+                tx.done(seq)
+        dataset = rec.dataset.partition("@")[0]
+        if self.layout.is_trash(dataset):
+            self.gc.release_origin(rec.dataset)
+        self._forget_space()
+
+    # -- publish --------------------------------------------------------------------------
+
+    def publish(self, vid: str, host: str) -> str:
+        names.check_id(vid)
+        names.check_nqn(host)
+        with self.locks.hold([vid]):
+            vol = self._volume(vid)
+            if host in vol.hosts and self.exports.condition(vid, vol.dataset, vol.hosts)[0]:
+                return self.exports.nqn(vid)
+            hosts = sorted({*vol.hosts, host})
+            seq = self.index.begin("publish", [vol.dataset])
+            try:
+                props = {"zvolt:hosts": hosts_value(hosts)}
+                if not self.zfs.device_ready(vol.dataset):
+                    props["volmode"] = "dev"
+                self.zfs.set_props(vol.dataset, props)
+                self.exports.export(vid, vol.dataset, hosts)
+            except (ZfsError, OSError, ZvoltError) as exc:
+                self._settle(seq, [vol.dataset])
+                if isinstance(exc, ZvoltError):
+                    raise
+                raise internal(f"publishing volume {vid} to {host} failed: {exc}") from exc
+            vol.hosts = hosts
+            with self.index.tx() as tx:
+                tx.put_volume(vol)
+                tx.done(seq)
+            return self.exports.nqn(vid)
+
+    def unpublish(self, vid: str, host: str) -> None:
+        names.check_id(vid)
+        names.check_nqn(host)
+        with self.locks.hold([vid]):
+            vol = self.index.volume(vid)
+            if vol is None:
+                return
+            if host not in vol.hosts:
+                self.exports.set_hosts(vid, vol.hosts)
+                return
+            hosts = [h for h in vol.hosts if h != host]
+            seq = self.index.begin("unpublish", [vol.dataset])
+            try:
+                if hosts:
+                    self.exports.set_hosts(vid, hosts)
+                    self.zfs.set_props(vol.dataset, {"zvolt:hosts": hosts_value(hosts)})
+                else:
+                    # Safe order: the namespace is gone before volmode changes.
+                    self.exports.unexport(vid)
+                    self.zfs.set_props(vol.dataset, {"zvolt:hosts": "-", "volmode": "none"})
+            except (ZfsError, OSError) as exc:
+                self._settle(seq, [vol.dataset])
+                raise internal(f"unpublishing volume {vid} from {host} failed: {exc}") from exc
+            vol.hosts = hosts
+            with self.index.tx() as tx:
+                tx.put_volume(vol)
+                tx.done(seq)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_volume(self, vid: str) -> VolumeState:
+        vol = self._volume(vid)
+        props = self.zfs.get_props(vol.dataset, ("used",))
+        if props is None:
+            return VolumeState(vol, 0, False, f"dataset {vol.dataset} is missing in ZFS")
+        healthy, msg = self.exports.condition(vid, vol.dataset, vol.hosts)
+        return VolumeState(vol, int(props.get("used") or 0), healthy, msg)
+
+    def list_volumes(self, max_entries: int, token: str) -> tuple[list[VolumeRec], str]:
+        limit = page_size(max_entries)
+        rows = self.index.volumes(after=decode_token(token), limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, encode_token(rows[-1].id) if more else ""
+
+    def list_snapshots(self, max_entries: int, token: str, source_volume: str = "",
+                       snapshot_id: str = "") -> tuple[list[SnapshotRec], str]:
+        limit = page_size(max_entries)
+        after = decode_token(token)
+        if snapshot_id:
+            try:
+                self.parse_snapshot_id(snapshot_id)
+            except ZvoltError:
+                return [], ""
+            rec = self.index.snapshot(snapshot_id)
+            ok = rec is not None and (not source_volume or rec.volume_id == source_volume) and rec.id > after
+            return ([rec] if ok and rec else []), ""
+        rows = self.index.snapshots(after=after, limit=limit + 1, volume_id=source_volume)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, encode_token(rows[-1].id) if more else ""
+
+    def snapshot_used(self, rec: SnapshotRec) -> int:
+        props = self.zfs.get_props(rec.dataset, ("used",))
+        return int((props or {}).get("used") or 0)
+
+    def trash_count(self) -> int:
+        return len(self.index.trash())
+
+
+__all__ = ["AgentConfig", "Capacity", "VolumeSpec", "VolumeState", "Volumes", "is_hidden_snapshot"]

@@ -1,0 +1,92 @@
+"""The configfs object layer against an emulated tree, and its nvmetcli-style JSON dump."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import nvmet
+from agent.exports import device_nguid, device_uuid
+from zvolt.errors import ZvoltError
+
+NQN = "nqn.2026-11.io.zvolt:storage-0:vabc"
+HOST = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-000000000001"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> nvmet.Root:
+    r = nvmet.Root(str(tmp_path / "nvmet"), emulate=True)
+    r.init_tree()
+    return r
+
+
+def build(root: nvmet.Root) -> nvmet.Subsystem:
+    sub = root.subsystem(NQN)
+    sub.create()
+    sub.set_attr("allow_any_host", "0")
+    ns = sub.namespace(1)
+    ns.create()
+    ns.set_attr("device_path", "/dev/zvol/tank/zvolt/v/vabc")
+    ns.set_attr("device_uuid", device_uuid("vabc"))
+    ns.set_attr("device_nguid", device_nguid("vabc"))
+    ns.set_attr("enable", "1")
+    sub.allow_host(root.host(HOST))
+    port = root.find_or_create_port("10.42.0.1", "4420")
+    port.add_subsystem(sub)
+    return sub
+
+
+def test_dump_is_nvmetcli_shaped(root: nvmet.Root) -> None:
+    build(root)
+    dump = root.dump()
+    json.dumps(dump)  # serialisable
+    assert dump["hosts"] == [{"nqn": HOST}]
+    (port,) = dump["ports"]
+    assert port["portid"] == 1 and port["subsystems"] == [NQN]
+    assert port["addr"]["trtype"] == "tcp" and port["addr"]["adrfam"] == "ipv4"
+    assert port["addr"]["traddr"] == "10.42.0.1" and port["addr"]["trsvcid"] == "4420"
+    (sub,) = dump["subsystems"]
+    assert sub["nqn"] == NQN and sub["allowed_hosts"] == [HOST]
+    assert sub["attr"]["allow_any_host"] == "0"
+    (ns,) = sub["namespaces"]
+    assert ns["nsid"] == 1 and ns["enable"] == 1
+    assert ns["device"] == {"path": "/dev/zvol/tank/zvolt/v/vabc", "uuid": device_uuid("vabc"),
+                            "nguid": device_nguid("vabc")}
+
+
+def test_allowed_host_is_a_symlink_to_the_host_group(root: nvmet.Root) -> None:
+    sub = build(root)
+    link = os.path.join(sub.path, "allowed_hosts", HOST)
+    assert os.path.islink(link) and os.readlink(link) == root.host(HOST).path
+    sub.allow_host(root.host(HOST))  # idempotent
+    sub.disallow_host(HOST)
+    sub.disallow_host(HOST)
+    assert sub.allowed_hosts() == []
+
+
+def test_teardown_order_and_idempotence(root: nvmet.Root) -> None:
+    sub = build(root)
+    port = root.find_or_create_port("10.42.0.1", "4420")
+    sub.delete()
+    assert not sub.exists() and port.subsystems() == []
+    sub.delete()
+    # The port is reused, not duplicated.
+    assert root.find_or_create_port("10.42.0.1", "4420").portid == port.portid
+    assert root.find_or_create_port("10.42.0.1", "4421").portid == 2
+
+
+def test_uuids_are_stable_and_distinct() -> None:
+    assert device_uuid("vabc") == device_uuid("vabc")
+    assert device_uuid("vabc") != device_uuid("vabd")
+    assert device_uuid("vabc") != device_nguid("vabc")
+
+
+@pytest.mark.parametrize("bad", ["../../etc", "nqn.2026-11.io.zvolt:a/b", "x"])
+def test_names_are_validated_before_paths(root: nvmet.Root, bad: str) -> None:
+    with pytest.raises(ZvoltError):
+        root.subsystem(bad)
+    with pytest.raises(ZvoltError):
+        root.host(bad)
