@@ -163,6 +163,17 @@ def zfs_create(a: dict[str, Any]) -> dict[str, Any]:
     return {"samples": out}
 
 
+def agent_volume_props(vid: str, size: int, created: str) -> dict[str, str]:
+    """The user properties the agent writes on a volume it creates (agent/volumes.py create_volume),
+    which its index rebuild (agent/records.py from_props) reads back."""
+    return {"zvolt:id": vid, "zvolt:name": f"bench-fill-{vid}", "zvolt:created": created, "zvolt:thick": "0",
+            "zvolt:hosts": "-", "zvolt:size": str(size)}
+
+
+def agent_snapshot_props(vid: str, n: int, created: str) -> dict[str, str]:
+    return {"zvolt:name": f"bench-fill-{vid}-s{n}", "zvolt:volume": vid, "zvolt:created": created}
+
+
 def fill(a: dict[str, Any]) -> dict[str, Any]:
     """Add inactive sparse zvols, each with `snaps` snapshots, numbered from `start`.
 
@@ -176,7 +187,8 @@ def fill(a: dict[str, Any]) -> dict[str, Any]:
     start, count, snaps = int(a["start"]), int(a["count"]), int(a.get("snaps", 1))
     batch = int(a.get("batch", 100))
     size = int(a.get("size_bytes", 1 << 30))
-    extra = {k.encode(): str(v).encode() for k, v in dict(a.get("props", {})).items()}
+    agent = bool(a.get("agent_props", False))
+    now = str(int(time.time()))
     t0 = time.perf_counter()
     created = snapped = 0
     pending: list[bytes] = []
@@ -189,11 +201,23 @@ def fill(a: dict[str, Any]) -> dict[str, Any]:
         return len(todo)
 
     for i in range(start, start + count):
-        name = check_dataset(f"{parent}/f{i:07d}")
+        vid = check_id(f"f{i:07d}")
+        name = check_dataset(f"{parent}/{vid}")
         if not lzc.lzc_exists(name.encode()):
-            props: dict[bytes, Any] = {b"volsize": size, b"volblocksize": 16384, b"volmode": VOLMODE["none"], **extra}
+            props: dict[bytes, Any] = {b"volsize": size, b"volblocksize": 16384, b"volmode": VOLMODE["none"]}
+            if agent:
+                props.update({k.encode(): v.encode() for k, v in agent_volume_props(vid, size, now).items()})
             lzc.lzc_create(name.encode(), ds_type="zvol", props=props)
             created += 1
+        if agent:
+            # Each snapshot names its own volume and CSI name, so one ioctl per volume (no batch).
+            for j in range(snaps):
+                snap = f"{name}@s{j}".encode()
+                if not lzc.lzc_exists(snap):
+                    sprops = {k.encode(): v.encode() for k, v in agent_snapshot_props(vid, j, now).items()}
+                    lzc.lzc_snapshot([snap], sprops)
+                    snapped += 1
+            continue
         pending.extend(f"{name}@s{j}".encode() for j in range(snaps))
         if len(pending) >= batch:
             snapped += flush()

@@ -105,6 +105,11 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Rep
 
 def _cleanup(ctx: Context) -> None:
     """Destroy the bench's own datasets (filler too unless kept), so the guest is left as found."""
+    if ctx.agent is not None:
+        try:
+            ctx.agent.restore(keep=ctx.cfg.keep_fill)
+        except Exception as e:
+            ctx.progress.say(f"putting the lab's agent back failed: {e}")
     parents = ["benchbranch", "benchdp"] + ([] if ctx.cfg.keep_fill else [ctx.cfg.fill_parent])
     # A zvol that is still an enabled nvmet namespace must never be destroyed (D-state hang, lab.md):
     # whatever a failed suite left connected or exported goes first.

@@ -1,4 +1,4 @@
-"""What every suite gets: config, guest access, CSI client, progress, and the shared pool fill state."""
+"""What every suite gets: config, guest access, CSI client, progress, the bench agent and the pool fill."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from bench.config import BenchConfig
 from bench.csiclient import Csi
 from bench.guest import Guest
 from bench.progress import Progress
+from bench.suites.agentctl import BenchAgent
 
 FILL_CHUNK = 250  # volumes per guest call: keeps each call well inside the guest command timeout
 
@@ -42,28 +43,36 @@ class Context:
     run_id: str
     csi: Csi | None = None
     fill: FillState = field(default_factory=FillState)
+    agent: BenchAgent | None = None
+
+    def __post_init__(self) -> None:
+        if self.agent is None:
+            self.agent = BenchAgent(self.guest, self.progress, f"{self.pool}/{self.cfg.fill_parent}")
 
     @property
     def pool(self) -> str:
-        return self.guest.lab.pool
+        return str(self.guest.lab.pool)
 
     @property
     def fill_parent(self) -> str:
-        return f"{self.pool}/{self.cfg.fill_parent}"
+        """Filler volumes live where the bench agent keeps its volumes, with the agent's properties."""
+        return f"{self.pool}/{self.cfg.fill_parent}/v"
 
     def fill_to(self, objects: int) -> dict[str, Any]:
-        """Grow the pool's filler to `objects` volumes+snapshots (never shrinks); returns this step's cost."""
+        """Grow the filler to `objects` volumes+snapshots (never shrinks) and let the agent index them."""
         target = self.fill.volumes_for(objects)
         step: dict[str, Any] = {"objects": objects, "seconds": 0.0, "created_volumes": 0, "created_snapshots": 0}
         if target <= self.fill.volumes:
             return step
+        agent_ok = self.agent is not None and self.agent.ensure()
         self.guest.call("ensure-parent", {"dataset": self.fill_parent})
         t0 = time.perf_counter()
         while self.fill.volumes < target:
             count = min(FILL_CHUNK, target - self.fill.volumes)
             out = self.guest.call(
                 "fill",
-                {"parent": self.fill_parent, "start": self.fill.volumes, "count": count, "snaps": self.fill.snaps},
+                {"parent": self.fill_parent, "start": self.fill.volumes, "count": count, "snaps": self.fill.snaps,
+                 "agent_props": True},
                 timeout=max(600.0, count * 5.0),
             )
             self.fill.volumes += count
@@ -77,5 +86,8 @@ class Context:
         self.fill.seconds += step["seconds"]
         self.fill.created_volumes += step["created_volumes"]
         self.fill.created_snapshots += step["created_snapshots"]
+        if agent_ok and self.agent is not None:
+            self.progress.say("fill: agent index rebuild from ZFS (the slow, explicit path) and restart")
+            step["agent"] = self.agent.reindex()
         self.fill.steps.append(step)
         return step

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any
 
@@ -12,38 +11,6 @@ from bench.csiclient import timed
 from bench.results import Row, SuiteResult
 from bench.stats import summarize
 from bench.suites.context import Context
-from zvolt.pb import agent_pb2, agent_pb2_grpc
-
-READY_TIMEOUT_S = 3600.0
-
-
-def _agent_info(target: str) -> Any:
-    with grpc.insecure_channel(target) as ch:
-        return agent_pb2_grpc.AgentStub(ch).GetInfo(agent_pb2.GetInfoRequest(), timeout=30)
-
-
-def _restart_to_ready(ctx: Context) -> dict[str, Any]:
-    """Restart the agent and time until GetInfo says ready (index loaded, exports restored)."""
-    lab = ctx.guest.lab
-    t0 = time.perf_counter()
-    lab.start_agent()
-    socket_s = time.perf_counter() - t0
-    target = lab.grpc_target("agent")
-    while True:
-        info = _agent_info(target)
-        if info.ready:
-            break
-        if time.perf_counter() - t0 > READY_TIMEOUT_S:
-            raise RuntimeError(f"agent not ready after {READY_TIMEOUT_S:.0f} s: {info.not_ready_reason}")
-        time.sleep(0.05)
-    return {
-        "seconds": time.perf_counter() - t0,
-        "socket_seconds": socket_s,
-        "agent_startup_seconds": float(info.startup_seconds),
-        "volumes": int(info.volumes),
-        "snapshots": int(info.snapshots),
-        "exports": int(info.exports),
-    }
 
 
 def run(ctx: Context) -> SuiteResult:
@@ -60,11 +27,14 @@ def run(ctx: Context) -> SuiteResult:
         data["bare_create"] = {k: summarize(v).as_dict() for k, v in bare["samples"].items()}
     idle = ctx.guest.call("idle-cost", {})
     data["idle"] = idle
-    try:
-        restart = _restart_to_ready(ctx)
-    except (grpc.RpcError, RuntimeError, AttributeError, NotImplementedError) as e:
-        res.notes.append(f"agent restart not measured: {e}")
-        restart = {}
+    restart: dict[str, Any] = {}
+    if ctx.agent is not None and ctx.agent.ensure():
+        try:
+            restart = ctx.agent.restart()
+        except (grpc.RpcError, RuntimeError) as e:
+            res.notes.append(f"agent restart not measured: {e}")
+    else:
+        res.notes.append("agent not available: restart, RSS and idle-vs-exports not measured")
     if restart:
         data["restart"] = restart
         res.rows.append(Row("agent restart to ready", restart["seconds"], "s", listing["seconds"],
@@ -97,9 +67,11 @@ def run(ctx: Context) -> SuiteResult:
                             size=size))
     else:
         res.notes.append("CSI controller not reachable: ListVolumes/CreateVolume not measured")
-    res.notes.append(
-        f"filler objects live under {ctx.fill_parent}; the agent indexes only its own parent dataset, so its "
-        "restart and RSS reflect the volumes it manages while zfs list -r covers the whole pool"
-    )
+    if ctx.fill.steps and "agent" in ctx.fill.steps[-1]:
+        data["rebuild"] = ctx.fill.steps[-1]["agent"]
+        res.rows.append(Row("agent index rebuild from ZFS (slow path)", data["rebuild"]["rebuild_seconds"], "s",
+                            listing["seconds"], "zfs list -r", size=size))
+    res.notes.append(f"filler: {ctx.fill.objects:,} volumes+snapshots with the agent's properties under "
+                     f"{ctx.fill_parent}, indexed by the bench agent (parent {ctx.pool}/{ctx.cfg.fill_parent})")
     res.data = data
     return res

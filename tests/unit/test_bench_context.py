@@ -33,7 +33,8 @@ def test_fill_grows_in_chunks_and_never_shrinks() -> None:
     fills = [a for c, a in g.calls if c == "fill"]
     assert [f["count"] for f in fills] == [FILL_CHUNK, FILL_CHUNK, 10]
     assert [f["start"] for f in fills] == [0, FILL_CHUNK, 2 * FILL_CHUNK]
-    assert all(f["parent"] == "tank/benchfill" for f in fills)
+    assert all(f["parent"] == "tank/benchfill/v" and f["agent_props"] for f in fills)
+    assert ctx.agent is not None and ctx.agent.unavailable  # the fake lab has no agent: fill still works
     assert ctx.fill.objects == target
     assert step["created_volumes"] == FILL_CHUNK * 2 + 10
     g.calls.clear()

@@ -72,3 +72,20 @@ def test_main_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_rss_finds_nothing_for_an_absent_process() -> None:
     assert inguest.rss({"match": ["--no-such-process-argument-zvolt"]}) == {"pid": 0, "rss_kib": 0}
+
+
+def test_filler_properties_are_what_the_agent_rebuild_reads() -> None:
+    """The bench fills the pool behind the agent's back; its index rebuild must see real volumes."""
+    from agent.index import SnapshotRec, VolumeRec
+    from agent.records import Layout, from_props
+
+    layout = Layout("tank/benchfill")
+    vprops = {**inguest.agent_volume_props("f0000007", 1 << 30, "1700000000"), "volsize": str(1 << 30),
+              "volblocksize": "16384", "compression": "lz4", "origin": "-"}
+    vol = from_props(layout, "tank/benchfill/v/f0000007", vprops)
+    assert isinstance(vol, VolumeRec)
+    assert (vol.id, vol.name, vol.size, vol.hosts, vol.thick) == ("f0000007", "bench-fill-f0000007", 1 << 30, [], False)
+    sprops = {**inguest.agent_snapshot_props("f0000007", 0, "1700000000"), "volsize": str(1 << 30)}
+    snap = from_props(layout, "tank/benchfill/v/f0000007@s0", sprops)
+    assert isinstance(snap, SnapshotRec)
+    assert (snap.id, snap.volume_id, snap.name) == ("f0000007@s0", "f0000007", "bench-fill-f0000007-s0")
