@@ -1,0 +1,216 @@
+"""Connections from the controller to the storage-node agents.
+
+Agents come from a static list (`--agents name=addr,...`) or from Kubernetes (the agent
+DaemonSet's pods: storage-node name = pod.spec.nodeName, address = podIP:port, zone =
+the node's topology.kubernetes.io/zone label). Channels use mTLS or, for labs, --insecure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from csi import DEFAULT_ZONE
+from zvolt.errors import ZvoltError, invalid, unavailable
+from zvolt.names import check_node
+from zvolt.pb import agent_pb2_grpc
+from zvolt.rpc import parse_endpoint
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+@dataclass(frozen=True)
+class AgentEndpoint:
+    name: str
+    target: str  # grpc target: unix:///path or host:port
+    zone: str = DEFAULT_ZONE
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str
+    key: str
+    ca: str
+    server_name: str = ""  # overrides the name checked in the agent's certificate
+
+
+def parse_static(spec: str, zone: str = DEFAULT_ZONE) -> list[AgentEndpoint]:
+    """`name=addr,name=addr` -> endpoints (names validated, addresses parsed)."""
+    endpoints: list[AgentEndpoint] = []
+    seen: set[str] = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, addr = item.partition("=")
+        if not sep:
+            raise invalid(f"agent {item!r} is not name=address")
+        check_node(name)
+        if name in seen:
+            raise invalid(f"agent {name!r} is listed twice")
+        seen.add(name)
+        try:
+            target = parse_endpoint(addr).grpc_target
+        except ValueError as err:
+            raise invalid(str(err)) from err
+        endpoints.append(AgentEndpoint(name=name, target=target, zone=zone))
+    if not endpoints:
+        raise invalid("no agents given")
+    return endpoints
+
+
+# (namespace, selector) -> [(node_name, pod_ip, node_zone)] for running, addressed pods.
+PodLister = Callable[[str, str], list[tuple[str, str, str]]]
+
+
+def kubernetes_pod_lister() -> PodLister:  # pragma: no cover - needs a cluster
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = client.CoreV1Api()
+
+    def list_pods(namespace: str, selector: str) -> list[tuple[str, str, str]]:
+        found = []
+        for pod in api.list_namespaced_pod(namespace, label_selector=selector).items:
+            if pod.status.phase != "Running" or not pod.status.pod_ip or not pod.spec.node_name:
+                continue
+            zone = DEFAULT_ZONE
+            try:
+                labels = api.read_node(pod.spec.node_name).metadata.labels or {}
+                zone = labels.get(ZONE_LABEL, DEFAULT_ZONE)
+            except Exception:  # noqa: S110 - zone is optional; a missing RBAC grant keeps the default
+                pass
+            found.append((pod.spec.node_name, pod.status.pod_ip, zone))
+        return found
+
+    return list_pods
+
+
+class KubernetesDiscovery:
+    def __init__(self, lister: PodLister, namespace: str, selector: str, port: int, ttl: float = 30.0) -> None:
+        self.lister, self.namespace, self.selector, self.port, self.ttl = lister, namespace, selector, port, ttl
+
+    def __call__(self) -> list[AgentEndpoint]:
+        endpoints = []
+        for node, ip, zone in self.lister(self.namespace, self.selector):
+            host = f"[{ip}]" if ":" in ip else ip
+            endpoints.append(
+                AgentEndpoint(name=check_node(node), target=f"{host}:{self.port}", zone=zone or DEFAULT_ZONE)
+            )
+        return endpoints
+
+
+def _translate(name: str, err: grpc.RpcError) -> ZvoltError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not details:
+        details = "unreachable"
+    return ZvoltError(code, f"storage node {name}: {details}")
+
+
+class AgentClient:
+    """One agent: its stub plus error translation (codes kept, node named in the message)."""
+
+    def __init__(self, endpoint: AgentEndpoint, channel: grpc.Channel, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.name = endpoint.name
+        self.zone = endpoint.zone
+        self.stub = agent_pb2_grpc.AgentStub(channel)
+        self.timeout = timeout
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise _translate(self.name, err) from None
+
+
+class AgentPool:
+    """All known agents. Discovery re-runs at most every `ttl` seconds (or on an unknown name)."""
+
+    def __init__(
+        self,
+        discover: Callable[[], Iterable[AgentEndpoint]],
+        tls: TlsFiles | None,
+        timeout: float = 30.0,
+        ttl: float = 30.0,
+    ) -> None:
+        self._discover = discover
+        self._tls = tls
+        self._timeout = timeout
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._clients: dict[str, AgentClient] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._refreshed = -1.0e9
+
+    def _credentials(self) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
+        assert self._tls is not None
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=Path(self._tls.ca).read_bytes(),
+            private_key=Path(self._tls.key).read_bytes(),
+            certificate_chain=Path(self._tls.cert).read_bytes(),
+        )
+        options = [("grpc.ssl_target_name_override", self._tls.server_name)] if self._tls.server_name else []
+        return creds, options
+
+    def _channel(self, target: str) -> grpc.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            if self._tls is None or target.startswith("unix:"):
+                channel = grpc.insecure_channel(target)
+            else:
+                creds, options = self._credentials()
+                channel = grpc.secure_channel(target, creds, options=options)
+            self._channels[target] = channel
+        return channel
+
+    def refresh(self, force: bool = False) -> None:
+        with self._lock:
+            if not force and time.monotonic() - self._refreshed < self._ttl:
+                return
+            endpoints = list(self._discover())
+            clients: dict[str, AgentClient] = {}
+            for ep in endpoints:
+                old = self._clients.get(ep.name)
+                clients[ep.name] = (
+                    old
+                    if old is not None and old.endpoint == ep
+                    else AgentClient(ep, self._channel(ep.target), self._timeout)
+                )
+            live_targets = {ep.target for ep in endpoints}
+            for target in [t for t in self._channels if t not in live_targets]:
+                self._channels.pop(target).close()
+            self._clients = clients
+            self._refreshed = time.monotonic()
+
+    def all(self) -> list[AgentClient]:
+        self.refresh()
+        return [self._clients[name] for name in sorted(self._clients)]
+
+    def find(self, name: str) -> AgentClient | None:
+        self.refresh()
+        client = self._clients.get(name)
+        if client is None:
+            self.refresh(force=True)
+            client = self._clients.get(name)
+        return client
+
+    def get(self, name: str) -> AgentClient:
+        client = self.find(name)
+        if client is None:
+            raise unavailable(f"storage node {name} has no known agent (not discovered yet, or removed); retry later")
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+            self._clients.clear()

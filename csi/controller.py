@@ -1,0 +1,640 @@
+"""CSI Controller service: validates per the spec, places volumes, and calls agents.
+
+The controller never touches a disk. Ids: volume_id "<storage-node>/<id>", snapshot_id
+"<storage-node>/<id>@<snap>", node_id = the node's host NQN (see csi/README.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
+from csi.agents import AgentClient, AgentPool
+from csi.locks import KeyLocks
+from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
+from zvolt.names import check_csi_name, check_nqn, id_for_name, split_snapshot_id, split_volume_id
+from zvolt.pb import agent_pb2, csi_pb2, csi_pb2_grpc
+
+_log = logging.getLogger("zvolt.csi.controller")
+
+GiB = 1024**3
+DEFAULT_SIZE = 1 * GiB
+# A clone keeps its origin's volblocksize, which we may not know (the origin can be gone);
+# 128 KiB is a multiple of every legal volblocksize.
+CLONE_ALIGN = 128 * 1024
+STORAGE_NODE_CONTEXT = "zvolt.io/storage-node"
+
+RPC = csi_pb2.ControllerServiceCapability.RPC
+CAPABILITIES = (
+    RPC.CREATE_DELETE_VOLUME,
+    RPC.PUBLISH_UNPUBLISH_VOLUME,
+    RPC.LIST_VOLUMES,
+    RPC.LIST_VOLUMES_PUBLISHED_NODES,
+    RPC.GET_CAPACITY,
+    RPC.CREATE_DELETE_SNAPSHOT,
+    RPC.LIST_SNAPSHOTS,
+    RPC.GET_SNAPSHOT,
+    RPC.CLONE_VOLUME,
+    RPC.EXPAND_VOLUME,
+    RPC.GET_VOLUME,
+    RPC.VOLUME_CONDITION,
+    RPC.SINGLE_NODE_MULTI_WRITER,
+)
+
+
+def round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def choose_size(rng: csi_pb2.CapacityRange | None, align: int, minimum: int = 0) -> int:
+    """Bytes to create for a capacity range; OUT_OF_RANGE when the range cannot be met."""
+    required = rng.required_bytes if rng is not None else 0
+    limit = rng.limit_bytes if rng is not None else 0
+    if required < 0 or limit < 0:
+        raise invalid("capacity_range values must not be negative")
+    if limit and required > limit:
+        raise out_of_range(f"required_bytes {required} is larger than limit_bytes {limit}")
+    if minimum and limit and limit < minimum:
+        raise out_of_range(f"limit_bytes {limit} is smaller than the source's size {minimum}")
+    want = max(required, minimum) or (min(DEFAULT_SIZE, limit) if limit else DEFAULT_SIZE)
+    size = round_up(want, align)
+    if limit and size > limit:
+        raise out_of_range(f"no size between {required} and {limit} bytes is a multiple of the {align}-byte block size")
+    return size
+
+
+@dataclass(frozen=True)
+class PageToken:
+    node: str
+    token: str
+
+    def encode(self) -> str:
+        raw = json.dumps({"n": self.node, "t": self.token}, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @staticmethod
+    def decode(value: str) -> PageToken:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+            if not isinstance(data, dict) or not isinstance(data.get("n"), str) or not isinstance(data.get("t"), str):
+                raise ValueError("bad token shape")
+            return PageToken(node=data["n"], token=data["t"])
+        except (ValueError, binascii.Error, UnicodeDecodeError) as err:
+            # The spec names ABORTED for an invalid starting_token: the CO restarts the listing.
+            raise aborted(f"starting_token {value[:64]!r} is not valid; restart the listing") from err
+
+
+def paginate(
+    agents: list[AgentClient],
+    max_entries: int,
+    starting_token: str,
+    fetch: Callable[[AgentClient, int, str], tuple[list[Any], str]],
+) -> tuple[list[Any], str]:
+    """Pages across agents (sorted by name): the opaque token is (agent, that agent's token)."""
+    if max_entries < 0:
+        raise invalid("max_entries must not be negative")
+    index, token = 0, ""
+    if starting_token:
+        start = PageToken.decode(starting_token)
+        index = next((i for i, a in enumerate(agents) if a.name >= start.node), len(agents))
+        if index < len(agents) and agents[index].name == start.node:
+            token = start.token
+    items: list[Any] = []
+    while index < len(agents):
+        want = max_entries - len(items) if max_entries else 0
+        page, next_token = fetch(agents[index], want, token)
+        items.extend(page)
+        if next_token:
+            if max_entries and len(items) >= max_entries:
+                return items, PageToken(agents[index].name, next_token).encode()
+            token = next_token
+            continue
+        index, token = index + 1, ""
+        if max_entries and len(items) >= max_entries:
+            return items, PageToken(agents[index].name, "").encode() if index < len(agents) else ""
+    return items, ""
+
+
+def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=unix)
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+    def __init__(self, pool: AgentPool, locks: KeyLocks | None = None) -> None:
+        self.pool = pool
+        self.locks = locks or KeyLocks()
+
+    # ------------------------------------------------------------ conversions
+
+    def _volume(self, agent: AgentClient, vol: agent_pb2.Volume) -> csi_pb2.Volume:
+        out = csi_pb2.Volume(
+            capacity_bytes=vol.size_bytes,
+            volume_id=f"{agent.name}/{vol.id}",
+            volume_context={STORAGE_NODE_CONTEXT: agent.name},
+            accessible_topology=[csi_pb2.Topology(segments={TOPOLOGY_ZONE_KEY: agent.zone})],
+        )
+        if vol.source_snapshot_id:
+            out.content_source.snapshot.snapshot_id = f"{agent.name}/{vol.source_snapshot_id}"
+        elif vol.source_volume_id:
+            out.content_source.volume.volume_id = f"{agent.name}/{vol.source_volume_id}"
+        return out
+
+    @staticmethod
+    def _snapshot(agent: AgentClient, snap: agent_pb2.Snapshot) -> csi_pb2.Snapshot:
+        return csi_pb2.Snapshot(
+            size_bytes=snap.size_bytes,
+            snapshot_id=f"{agent.name}/{snap.id}",
+            source_volume_id=f"{agent.name}/{snap.source_volume_id}",
+            creation_time=_timestamp(snap.created_unix),
+            ready_to_use=snap.ready_to_use,
+        )
+
+    # --------------------------------------------------------------- lookups
+
+    def _agent_for(self, node: str) -> AgentClient:
+        return self.pool.get(node)
+
+    def _get_volume(self, agent: AgentClient, local_id: str) -> agent_pb2.Volume:
+        vol: agent_pb2.Volume = agent.call("GetVolume", agent_pb2.GetVolumeRequest(volume_id=local_id)).volume
+        return vol
+
+    def _find_by_name(self, name: str) -> tuple[AgentClient, agent_pb2.Volume] | None:
+        """Idempotency across nodes: the id is derived from the name, so ask every agent."""
+        local_id = id_for_name(name)
+        for agent in self.pool.all():
+            try:
+                vol = self._get_volume(agent, local_id)
+            except ZvoltError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    _log.warning(
+                        "name lookup skipped a storage node",
+                        extra={"fields": {"node": agent.name, "error": err.message}},
+                    )
+                continue
+            if vol.name and vol.name != name:
+                raise already_exists(f"volume id {local_id} on {agent.name} belongs to another name {vol.name!r}")
+            return agent, vol
+        return None
+
+    def _candidates(self) -> list[placement.Candidate]:
+        found = []
+        for agent in self.pool.all():
+            try:
+                cap = agent.call("GetCapacity", agent_pb2.GetCapacityRequest(), timeout=10)
+            except ZvoltError as err:
+                _log.warning(
+                    "storage node left out of placement", extra={"fields": {"node": agent.name, "error": err.message}}
+                )
+                continue
+            found.append(placement.Candidate(agent.name, agent.zone, cap.available_bytes, cap.maximum_volume_size))
+        return found
+
+    # ------------------------------------------------------------- volumes
+
+    def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext) -> Any:
+        name = check_csi_name(request.name, "name")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities is required")
+        volcaps.require(request.volume_capabilities)
+        par = params.parse(request.parameters)
+        if request.mutable_parameters:
+            raise invalid("mutable_parameters are not supported (no MODIFY_VOLUME capability)")
+        rng = request.capacity_range if request.HasField("capacity_range") else None
+        with self.locks.hold(f"name:{name}"):
+            source_agent, minimum, source = self._resolve_source(request)
+            align = CLONE_ALIGN if source_agent is not None else par.volblocksize
+            size = choose_size(rng, align, minimum)
+            existing = self._find_by_name(name)
+            if existing is not None:
+                return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source, minimum))
+            base = agent_pb2.CreateVolumeRequest(
+                name=name,
+                size_bytes=size,
+                volblocksize=par.volblocksize,
+                compression=par.compression,
+                thick=par.thick,
+                labels=par.labels,
+                source_snapshot_id=source.get("source_snapshot_id", ""),
+                source_volume_id=source.get("source_volume_id", ""),
+            )
+            if source_agent is not None:
+                order = [source_agent.name]
+                if request.HasField("accessibility_requirements"):
+                    self._check_topology(request.accessibility_requirements, source_agent)
+            else:
+                order = placement.choose(self._candidates(), size, par.thick, self._zones(request))
+            last: ZvoltError | None = None
+            for node in order:
+                agent = self._agent_for(node)
+                try:
+                    vol = agent.call("CreateVolume", base).volume
+                except ZvoltError as err:
+                    if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and source_agent is None:
+                        last = err
+                        continue
+                    raise
+                return csi_pb2.CreateVolumeResponse(volume=self._volume(agent, vol))
+            assert last is not None
+            raise last
+
+    @staticmethod
+    def _zones(request: csi_pb2.CreateVolumeRequest) -> placement.ZoneRequirement:
+        req = request.accessibility_requirements
+        return placement.zone_requirement(
+            [dict(t.segments) for t in req.requisite], [dict(t.segments) for t in req.preferred]
+        )
+
+    def _check_topology(self, req: csi_pb2.TopologyRequirement, agent: AgentClient) -> None:
+        zones = placement.zone_requirement([dict(t.segments) for t in req.requisite], [])
+        if zones.requisite is not None and agent.zone not in zones.requisite:
+            raise ZvoltError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the source lives on {agent.name} in zone {agent.zone}, outside the requested topology",
+            )
+
+    def _resolve_source(self, request: csi_pb2.CreateVolumeRequest) -> tuple[AgentClient | None, int, dict[str, str]]:
+        if not request.HasField("volume_content_source"):
+            return None, 0, {}
+        src = request.volume_content_source
+        kind = src.WhichOneof("type")
+        if kind == "snapshot":
+            snapshot_id = src.snapshot.snapshot_id
+            if not snapshot_id:
+                raise invalid("volume_content_source.snapshot.snapshot_id is required")
+            try:
+                node, vol_id, snap = split_snapshot_id(snapshot_id)
+            except ZvoltError:
+                raise not_found(f"source snapshot {snapshot_id!r} does not exist") from None
+            agent = self.pool.find(node)
+            if agent is None:
+                raise not_found(f"source snapshot {snapshot_id!r} does not exist (unknown storage node)")
+            local = f"{vol_id}@{snap}"
+            found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=local)).snapshots
+            if not found:
+                raise not_found(f"source snapshot {snapshot_id!r} does not exist")
+            return agent, found[0].size_bytes, {"source_snapshot_id": local}
+        if kind == "volume":
+            volume_id = src.volume.volume_id
+            if not volume_id:
+                raise invalid("volume_content_source.volume.volume_id is required")
+            try:
+                node, vol_id = split_volume_id(volume_id)
+            except ZvoltError:
+                raise not_found(f"source volume {volume_id!r} does not exist") from None
+            agent = self.pool.find(node)
+            if agent is None:
+                raise not_found(f"source volume {volume_id!r} does not exist (unknown storage node)")
+            vol = self._get_volume(agent, vol_id)
+            return agent, vol.size_bytes, {"source_volume_id": vol_id}
+        raise invalid("volume_content_source needs a snapshot or a volume")
+
+    def _check_same(
+        self,
+        existing: tuple[AgentClient, agent_pb2.Volume],
+        rng: csi_pb2.CapacityRange | None,
+        par: params.VolumeParams,
+        source: dict[str, str],
+        minimum: int,
+    ) -> csi_pb2.Volume:
+        agent, vol = existing
+        required = max(rng.required_bytes if rng else 0, minimum)
+        limit = rng.limit_bytes if rng else 0
+        problems = []
+        if vol.size_bytes < required or (limit and vol.size_bytes > limit):
+            problems.append(f"size {vol.size_bytes} is outside the requested range")
+        if (vol.source_snapshot_id, vol.source_volume_id) != (
+            source.get("source_snapshot_id", ""),
+            source.get("source_volume_id", ""),
+        ):
+            problems.append("it was created from a different source")
+        if not source:
+            if vol.volblocksize and vol.volblocksize != par.volblocksize:
+                problems.append(f"volblocksize is {vol.volblocksize}")
+            if vol.compression and vol.compression != par.compression:
+                problems.append(f"compression is {vol.compression}")
+            if vol.thick != par.thick:
+                problems.append("thin/thick differs")
+        if problems:
+            raise already_exists(f"a volume named {vol.name!r} already exists but " + "; ".join(problems))
+        return self._volume(agent, vol)
+
+    def DeleteVolume(self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            return csi_pb2.DeleteVolumeResponse()  # could never have existed: already deleted
+        agent = self._agent_for(node)
+        with self.locks.hold(f"vol:{request.volume_id}"):
+            try:
+                agent.call("DeleteVolume", agent_pb2.DeleteVolumeRequest(volume_id=local))
+            except ZvoltError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return csi_pb2.DeleteVolumeResponse()
+
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        if not request.node_id:
+            raise invalid("node_id is required")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is required")
+        volcaps.require([request.volume_capability], "volume_capability")
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            raise not_found(f"volume {request.volume_id!r} does not exist") from None
+        try:
+            host = check_nqn(request.node_id)
+        except ZvoltError:
+            raise not_found(f"node {request.node_id!r} does not exist (zvolt node ids are host NQNs)") from None
+        agent = self._agent_for(node)
+        with self.locks.hold(f"vol:{request.volume_id}"):
+            vol = self._get_volume(agent, local)
+            others = [h for h in vol.published_hosts if h != host]
+            if others and request.volume_capability.access_mode.mode in volcaps.SINGLE_NODE:
+                raise ZvoltError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"volume {request.volume_id} is published to node {others[0]}; its access mode allows one node",
+                )
+            resp = agent.call("PublishVolume", agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host))
+        ctx = {"nqn": resp.nqn, "transport": resp.transport, "address": resp.address, "port": resp.port}
+        if resp.dhchap_secret:
+            ctx["dhchap_secret"] = resp.dhchap_secret
+        if resp.dhchap_ctrl_secret:
+            ctx["dhchap_ctrl_secret"] = resp.dhchap_ctrl_secret
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
+
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        done = csi_pb2.ControllerUnpublishVolumeResponse()
+        hosts: list[str] = []
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            return done  # cannot exist, so it is not published anywhere
+        if request.node_id:
+            try:
+                hosts = [check_nqn(request.node_id)]
+            except ZvoltError:
+                return done  # never a valid node: nothing was published to it
+        agent = self._agent_for(node)
+        with self.locks.hold(f"vol:{request.volume_id}"):
+            try:
+                if not request.node_id:
+                    hosts = list(self._get_volume(agent, local).published_hosts)
+                for host in hosts:
+                    agent.call("UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=host))
+            except ZvoltError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return done
+
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        if not request.volume_capabilities:
+            raise invalid("volume_capabilities is required")
+        for cap in request.volume_capabilities:
+            volcaps.check_structure(cap)
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            raise not_found(f"volume {request.volume_id!r} does not exist") from None
+        agent = self._agent_for(node)
+        self._get_volume(agent, local)
+        reasons = [r for r in (volcaps.unsupported(c) for c in request.volume_capabilities) if r]
+        try:
+            params.parse(request.parameters)
+        except ZvoltError as err:
+            reasons.append(err.message)
+        if request.mutable_parameters:
+            reasons.append("mutable_parameters are not supported")
+        if reasons:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(reasons))
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext) -> Any:
+        def fetch(agent: AgentClient, want: int, token: str) -> tuple[list[Any], str]:
+            resp = agent.call("ListVolumes", agent_pb2.ListVolumesRequest(max_entries=want, starting_token=token))
+            entries = [
+                csi_pb2.ListVolumesResponse.Entry(
+                    volume=self._volume(agent, v),
+                    status=csi_pb2.ListVolumesResponse.VolumeStatus(published_node_ids=list(v.published_hosts)),
+                )
+                for v in resp.volumes
+            ]
+            return entries, resp.next_token
+
+        entries, next_token = paginate(self.pool.all(), request.max_entries, request.starting_token, fetch)
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def ControllerGetVolume(self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            raise not_found(f"volume {request.volume_id!r} does not exist") from None
+        agent = self._agent_for(node)
+        vol = self._get_volume(agent, local)
+        abnormal = vol.condition == agent_pb2.VOLUME_CONDITION_ABNORMAL
+        condition = csi_pb2.VolumeCondition(
+            abnormal=abnormal, message=vol.condition_message or ("abnormal" if abnormal else "healthy")
+        )
+        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(
+            published_node_ids=list(vol.published_hosts), volume_condition=condition
+        )
+        return csi_pb2.ControllerGetVolumeResponse(volume=self._volume(agent, vol), status=status)
+
+    def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext) -> Any:
+        for cap in request.volume_capabilities:
+            volcaps.check_structure(cap)
+        params.parse(request.parameters)
+        if any(volcaps.unsupported(c) for c in request.volume_capabilities):
+            return csi_pb2.GetCapacityResponse(available_capacity=0)
+        zone = (
+            request.accessible_topology.segments.get(TOPOLOGY_ZONE_KEY)
+            if request.HasField("accessible_topology")
+            else None
+        )
+        total, biggest = 0, 0
+        for cand in self._candidates():
+            if zone is not None and cand.zone != zone:
+                continue
+            total += cand.available_bytes
+            fit = min(cand.available_bytes, cand.max_volume_bytes) if cand.max_volume_bytes else cand.available_bytes
+            biggest = max(biggest, fit)
+        resp = csi_pb2.GetCapacityResponse(available_capacity=total)
+        resp.maximum_volume_size.value = biggest
+        return resp
+
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> Any:
+        return csi_pb2.ControllerGetCapabilitiesResponse(
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES]
+        )
+
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        if not request.HasField("capacity_range"):
+            raise invalid("capacity_range is required")
+        if request.HasField("volume_capability"):
+            volcaps.check_structure(request.volume_capability)
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            raise not_found(f"volume {request.volume_id!r} does not exist") from None
+        agent = self._agent_for(node)
+        block = request.HasField("volume_capability") and request.volume_capability.HasField("block")
+        with self.locks.hold(f"vol:{request.volume_id}"):
+            vol = self._get_volume(agent, local)
+            rng = request.capacity_range
+            if rng.limit_bytes and vol.size_bytes > rng.limit_bytes:
+                raise out_of_range(
+                    f"volume is already {vol.size_bytes} bytes, above limit_bytes; shrinking is not supported"
+                )
+            if vol.size_bytes >= rng.required_bytes:
+                size = vol.size_bytes
+            else:
+                size = choose_size(rng, vol.volblocksize or CLONE_ALIGN)
+                size = agent.call(
+                    "ExpandVolume", agent_pb2.ExpandVolumeRequest(volume_id=local, size_bytes=size)
+                ).volume.size_bytes
+        # Raw block needs no filesystem work; the agent revalidates the namespace size on the target.
+        return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=not block)
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> Any:
+        # Explicit, so the answer is UNIMPLEMENTED (as the spec asks) and not a generic INTERNAL.
+        raise ZvoltError(grpc.StatusCode.UNIMPLEMENTED, "ControllerModifyVolume is not supported (no MODIFY_VOLUME)")
+
+    # ----------------------------------------------------------- snapshots
+
+    def CreateSnapshot(self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext) -> Any:
+        if not request.source_volume_id:
+            raise invalid("source_volume_id is required")
+        name = check_csi_name(request.name, "name")
+        try:
+            node, local = split_volume_id(request.source_volume_id)
+        except ZvoltError:
+            raise not_found(f"source volume {request.source_volume_id!r} does not exist") from None
+        agent = self.pool.find(node)
+        if agent is None:
+            raise not_found(f"source volume {request.source_volume_id!r} does not exist (unknown storage node)")
+        if request.parameters:
+            raise invalid(f"snapshot parameters are not supported: {sorted(request.parameters)}")
+        with self.locks.hold(f"snap:{name}"):
+            snap = agent.call(
+                "CreateSnapshot", agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local)
+            ).snapshot
+        return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(agent, snap))
+
+    def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext) -> Any:
+        if not request.snapshot_id:
+            raise invalid("snapshot_id is required")
+        try:
+            node, vol, snap = split_snapshot_id(request.snapshot_id)
+        except ZvoltError:
+            return csi_pb2.DeleteSnapshotResponse()
+        agent = self._agent_for(node)
+        with self.locks.hold(f"snapid:{request.snapshot_id}"):
+            try:
+                agent.call("DeleteSnapshot", agent_pb2.DeleteSnapshotRequest(snapshot_id=f"{vol}@{snap}"))
+            except ZvoltError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def _snapshot_scope(self, request: csi_pb2.ListSnapshotsRequest) -> tuple[list[AgentClient], str, str] | None:
+        """Which agents to ask and with which local filters; None when nothing can match."""
+        snap_filter, vol_filter, node = "", "", None
+        try:
+            if request.snapshot_id:
+                node, vol, snap = split_snapshot_id(request.snapshot_id)
+                snap_filter = f"{vol}@{snap}"
+            if request.source_volume_id:
+                vnode, vol_filter = split_volume_id(request.source_volume_id)
+                if node is not None and vnode != node:
+                    return None
+                node = vnode
+        except ZvoltError:
+            return None
+        if node is None:
+            return self.pool.all(), snap_filter, vol_filter
+        agent = self.pool.find(node)
+        return ([agent], snap_filter, vol_filter) if agent is not None else None
+
+    def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext) -> Any:
+        scope = self._snapshot_scope(request)
+        if scope is None:
+            if request.starting_token:
+                PageToken.decode(request.starting_token)
+            return csi_pb2.ListSnapshotsResponse()
+        agents, snap_filter, vol_filter = scope
+
+        def fetch(agent: AgentClient, want: int, token: str) -> tuple[list[Any], str]:
+            resp = agent.call(
+                "ListSnapshots",
+                agent_pb2.ListSnapshotsRequest(
+                    max_entries=want, starting_token=token, snapshot_id=snap_filter, source_volume_id=vol_filter
+                ),
+            )
+            return [
+                csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(agent, s)) for s in resp.snapshots
+            ], resp.next_token
+
+        entries, next_token = paginate(agents, request.max_entries, request.starting_token, fetch)
+        return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=next_token)
+
+    def GetSnapshot(self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext) -> Any:
+        if not request.snapshot_id:
+            raise invalid("snapshot_id is required")
+        try:
+            node, vol, snap = split_snapshot_id(request.snapshot_id)
+        except ZvoltError:
+            raise not_found(f"snapshot {request.snapshot_id!r} does not exist") from None
+        agent = self.pool.find(node)
+        if agent is None:
+            raise unavailable(f"storage node {node} has no known agent; retry later")
+        found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=f"{vol}@{snap}")).snapshots
+        if not found:
+            raise not_found(f"snapshot {request.snapshot_id!r} does not exist")
+        return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot(agent, found[0]))
+
+
+def all_ready(pool: AgentPool) -> Iterator[tuple[str, bool]]:
+    for agent in pool.all():
+        try:
+            info = agent.call("GetInfo", agent_pb2.GetInfoRequest(), timeout=5)
+            yield agent.name, bool(info.ready)
+        except ZvoltError:
+            yield agent.name, False

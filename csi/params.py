@@ -1,0 +1,79 @@
+"""StorageClass parameters of CreateVolume, validated into one record."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from csi.mounter import SUPPORTED_FS
+from zvolt.errors import invalid
+
+DEFAULT_VOLBLOCKSIZE = 16 * 1024
+_SIZE = re.compile(r"^([0-9]+)([KkMm]?)$")
+_COMPRESSION = re.compile(r"^(on|off|lz4|zle|lzjb|gzip(-[1-9])?|zstd(-([1-9]|1[0-9]))?|zstd-fast(-[0-9]{1,4})?)$")
+FSTYPE_KEY = "csi.storage.k8s.io/fstype"
+# Added by external-provisioner --extra-create-metadata: kept as labels on the zvol.
+_METADATA_KEYS = {
+    "csi.storage.k8s.io/pvc/name": "pvc-name",
+    "csi.storage.k8s.io/pvc/namespace": "pvc-namespace",
+    "csi.storage.k8s.io/pv/name": "pv-name",
+    "csi.storage.k8s.io/volumesnapshot/name": "snapshot-name",
+    "csi.storage.k8s.io/volumesnapshot/namespace": "snapshot-namespace",
+    "csi.storage.k8s.io/volumesnapshotcontent/name": "snapshotcontent-name",
+}
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,253}$")
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    volblocksize: int = DEFAULT_VOLBLOCKSIZE
+    compression: str = "lz4"
+    thick: bool = False
+    fstype: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _volblocksize(value: str) -> int:
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise invalid(f"volblocksize {value!r} is not a size like 8K or 16K")
+    number = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    if number < 512 or number > 128 * 1024 or number & (number - 1):
+        raise invalid(f"volblocksize {value!r} must be a power of two from 512 to 128K")
+    return number
+
+
+def _bool(key: str, value: str) -> bool:
+    if value.lower() in ("true", "yes", "1"):
+        return True
+    if value.lower() in ("false", "no", "0"):
+        return False
+    raise invalid(f"parameter {key}={value!r} must be true or false")
+
+
+def parse(parameters: Mapping[str, str]) -> VolumeParams:
+    """Unknown keys are refused: a typo in a StorageClass should fail loudly, not be ignored."""
+    volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, "lz4", False, ""
+    labels: dict[str, str] = {}
+    for key, value in parameters.items():
+        if key == "volblocksize":
+            volblocksize = _volblocksize(value)
+        elif key == "compression":
+            if not _COMPRESSION.fullmatch(value):
+                raise invalid(f"compression {value!r} is not a ZFS compression algorithm")
+            compression = value
+        elif key == "thin":
+            thick = not _bool(key, value)
+        elif key == FSTYPE_KEY:
+            if value not in SUPPORTED_FS:
+                raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
+            fstype = value
+        elif key in _METADATA_KEYS:
+            if _LABEL_VALUE.fullmatch(value):
+                labels[_METADATA_KEYS[key]] = value
+        else:
+            raise invalid(
+                f"unknown StorageClass parameter {key!r} (known: volblocksize, compression, thin, {FSTYPE_KEY})"
+            )
+    return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels)
