@@ -1,0 +1,1 @@
+"""`kubectl zvolt`: branch, snapshot, restore and inspect zvolt volumes through Kubernetes."""

@@ -1,0 +1,126 @@
+"""`kubectl zvolt ...` (kubectl runs the `kubectl-zvolt` executable it finds on PATH)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from kubectl_zvolt import tree
+from kubectl_zvolt.errors import PluginError
+from kubectl_zvolt.format import age, dump, table
+from kubectl_zvolt.kube import Exec, Kube, Target, stream_exec
+from kubectl_zvolt.model import DRIVER
+from kubectl_zvolt.ops import Ops, Result
+
+Connect = Callable[[Target], Kube]
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--kubeconfig", help="path to the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    common.add_argument("--context", help="kubeconfig context to use")
+    common.add_argument("-n", "--namespace", help="namespace (default: the context's, else 'default')")
+    common.add_argument("--driver", default=DRIVER, help=argparse.SUPPRESS)
+
+    waiting = argparse.ArgumentParser(add_help=False)
+    waiting.add_argument("--wait", action="store_true", help="wait until the new object is usable")
+    waiting.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+
+    p = argparse.ArgumentParser(
+        prog="kubectl zvolt",
+        description="Branch, snapshot and restore zvolt volumes (PVCs of a csi.zvolt.io StorageClass).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("branch", parents=[common, waiting],
+                       help="new PVC cloned from a PVC (now) or from one of its VolumeSnapshots")
+    b.add_argument("src", metavar="SRC", help="source PVC")
+    b.add_argument("new", metavar="NEW", help="name of the new PVC")
+    b.add_argument("--from-snapshot", metavar="SNAPSHOT", help="branch from this VolumeSnapshot of SRC")
+    b.add_argument("--checkpoint", action="store_true",
+                   help="run CHECKPOINT in the Postgres pod mounting SRC first (short crash recovery)")
+    b.add_argument("--checkpoint-user", default="postgres", help="database role for CHECKPOINT (default postgres)")
+
+    s = sub.add_parser("snapshot", parents=[common, waiting], help="VolumeSnapshot of a PVC")
+    s.add_argument("pvc", metavar="PVC")
+    s.add_argument("name", metavar="NAME")
+
+    r = sub.add_parser("restore", parents=[common, waiting], help="new PVC from a VolumeSnapshot")
+    r.add_argument("snapshot", metavar="SNAPSHOT")
+    r.add_argument("new", metavar="NEW")
+    r.add_argument("--storage-class", help="class of the new PVC (default: the source PVC's)")
+
+    d = sub.add_parser("delete", parents=[common], help="delete a zvolt PVC or VolumeSnapshot")
+    d.add_argument("ref", metavar="PVC|SNAPSHOT", help="NAME, or pvc/NAME, snapshot/NAME when ambiguous")
+
+    t = sub.add_parser("tree", parents=[common, listing], help="branch graph with sizes and ages")
+    t.add_argument("pvc", metavar="PVC", nargs="?", help="only the tree under this PVC")
+
+    sub.add_parser("ls", parents=[common, listing], help="zvolt PVCs and VolumeSnapshots")
+    return p
+
+
+def _print_result(res: Result, out: TextIO) -> None:
+    kind = "persistentvolumeclaim" if res.kind == "PersistentVolumeClaim" else "volumesnapshot"
+    extra = f" ({res.detail})" if res.detail else ""
+    out.write(f"{kind}/{res.name} {res.phase.lower()} in {res.elapsed:.2f}s{extra}\n")
+
+
+def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec | None = None,
+        out: TextIO = sys.stdout) -> int:
+    args = parser().parse_args(list(argv))
+    kube = connect(Target(args.kubeconfig, args.context, args.namespace))
+    ops = Ops(kube, driver=args.driver, execute=execute or stream_exec(kube))
+    if args.command == "branch":
+        _print_result(ops.branch(args.src, args.new, from_snapshot=args.from_snapshot, checkpoint=args.checkpoint,
+                                 checkpoint_user=args.checkpoint_user, wait=args.wait, timeout=args.timeout), out)
+    elif args.command == "snapshot":
+        _print_result(ops.snapshot(args.pvc, args.name, wait=args.wait, timeout=args.timeout), out)
+    elif args.command == "restore":
+        _print_result(ops.restore(args.snapshot, args.new, storage_class=args.storage_class,
+                                  wait=args.wait, timeout=args.timeout), out)
+    elif args.command == "delete":
+        _print_result(ops.delete(args.ref), out)
+    elif args.command == "ls":
+        vols, snaps = ops.inventory()
+        if args.output != "table":
+            out.write(dump({"namespace": kube.namespace, "volumes": [v.as_dict() for v in vols],
+                            "snapshots": [s.as_dict() for s in snaps]}, args.output) + "\n")
+        else:
+            rows = [[v.name, v.phase, v.size or "?", v.storage_class or "",
+                     f"{'pvc' if v.source.kind == 'PersistentVolumeClaim' else 'snapshot'}/{v.source.name}"
+                     if v.source else "", age(v.created)] for v in vols]
+            out.write(table(["PVC", "STATUS", "SIZE", "CLASS", "SOURCE", "AGE"], rows) + "\n")
+            if snaps:
+                srows = [[s.name, "true" if s.ready else "false", s.restore_size or "?", s.source_pvc or "",
+                          age(s.created)] for s in snaps]
+                out.write("\n" + table(["SNAPSHOT", "READY", "SIZE", "SOURCE", "AGE"], srows) + "\n")
+    elif args.command == "tree":
+        vols, snaps = ops.inventory()
+        roots = tree.build(vols, snaps, args.pvc)
+        if args.output != "table":
+            out.write(dump({"namespace": kube.namespace, "trees": [r.as_dict() for r in roots]}, args.output) + "\n")
+        elif roots:
+            out.write(tree.render(roots) + "\n")
+        else:
+            out.write(f"no zvolt volumes in namespace {kube.namespace}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except PluginError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

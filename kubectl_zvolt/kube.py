@@ -1,0 +1,263 @@
+"""The plugin's only door to the Kubernetes API (the seam tests point at a fake server).
+
+Objects travel as plain dicts (the JSON the API server speaks), so the rest of the plugin
+never depends on the generated client models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from kubectl_zvolt.errors import PluginError
+from kubectl_zvolt.model import SNAPSHOT_GROUP, SNAPSHOT_VERSION
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to talk, resolved like kubectl: --kubeconfig, --context, -n or the context's."""
+
+    kubeconfig: str | None
+    context: str | None
+    namespace: str | None
+
+
+class Exec(Protocol):
+    """Runs a command in a pod's container; returns (exit status, output)."""
+
+    def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]: ...
+
+
+class Kube:
+    """Typed calls the plugin needs, over the official Python client."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.core = client.CoreV1Api(api)
+        self.storage = client.StorageV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    @classmethod
+    def connect(cls, target: Target) -> Kube:
+        try:
+            contexts, active = config.list_kube_config_contexts(config_file=target.kubeconfig)
+        except config.ConfigException as e:
+            raise PluginError(f"cannot read kubeconfig: {e}") from e
+        chosen = active
+        if target.context:
+            matches = [c for c in contexts if c.get("name") == target.context]
+            if not matches:
+                raise PluginError(f"context {target.context!r} not found in kubeconfig")
+            chosen = matches[0]
+        namespace = target.namespace or (chosen or {}).get("context", {}).get("namespace") or "default"
+        cfg = client.Configuration()
+        try:
+            config.load_kube_config(config_file=target.kubeconfig, context=target.context,
+                                    client_configuration=cfg)
+        except config.ConfigException as e:
+            raise PluginError(f"cannot use kubeconfig: {e}") from e
+        return cls(client.ApiClient(cfg), namespace)
+
+    # --- reading -------------------------------------------------------------------
+
+    def _plain(self, obj: Any) -> Obj:
+        if isinstance(obj, dict):
+            return obj
+        result: Obj = self.api.sanitize_for_serialization(obj)
+        return result
+
+    def get_pvc(self, name: str) -> Obj | None:
+        try:
+            return self._plain(self.core.read_namespaced_persistent_volume_claim(name, self.namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(e, f"reading PVC {name}") from e
+
+    def list_pvcs(self) -> list[Obj]:
+        try:
+            res = self._plain(self.core.list_namespaced_persistent_volume_claim(self.namespace))
+        except ApiException as e:
+            raise _api_error(e, "listing PVCs") from e
+        return list(res.get("items") or [])
+
+    def list_pods(self) -> list[Obj]:
+        try:
+            res = self._plain(self.core.list_namespaced_pod(self.namespace))
+        except ApiException as e:
+            raise _api_error(e, "listing pods") from e
+        return list(res.get("items") or [])
+
+    def get_storage_class(self, name: str) -> Obj | None:
+        try:
+            return self._plain(self.storage.read_storage_class(name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(e, f"reading StorageClass {name}") from e
+
+    def list_storage_classes(self) -> list[Obj]:
+        try:
+            return list(self._plain(self.storage.list_storage_class()).get("items") or [])
+        except ApiException as e:
+            raise _api_error(e, "listing StorageClasses") from e
+
+    def snapshot_api_present(self) -> bool:
+        """Whether the VolumeSnapshot CRDs (snapshot.storage.k8s.io/v1) are installed."""
+        try:
+            groups = self._plain(client.ApisApi(self.api).get_api_versions())
+        except ApiException as e:
+            raise _api_error(e, "discovering API groups") from e
+        for group in groups.get("groups") or []:
+            if group.get("name") == SNAPSHOT_GROUP:
+                return any(v.get("version") == SNAPSHOT_VERSION for v in group.get("versions") or [])
+        return False
+
+    def get_snapshot(self, name: str) -> Obj | None:
+        try:
+            res: Obj = self.custom.get_namespaced_custom_object(
+                SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", name)
+            return res
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(e, f"reading VolumeSnapshot {name}") from e
+
+    def list_snapshots(self) -> list[Obj]:
+        try:
+            res: Obj = self.custom.list_namespaced_custom_object(
+                SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots")
+        except ApiException as e:
+            raise _api_error(e, "listing VolumeSnapshots") from e
+        return list(res.get("items") or [])
+
+    def list_snapshot_classes(self) -> list[Obj]:
+        try:
+            res: Obj = self.custom.list_cluster_custom_object(SNAPSHOT_GROUP, SNAPSHOT_VERSION, "volumesnapshotclasses")
+        except ApiException as e:
+            raise _api_error(e, "listing VolumeSnapshotClasses") from e
+        return list(res.get("items") or [])
+
+    # --- writing -------------------------------------------------------------------
+
+    def create_pvc(self, body: Obj) -> Obj:
+        try:
+            return self._plain(self.core.create_namespaced_persistent_volume_claim(self.namespace, body))
+        except ApiException as e:
+            raise _api_error(e, f"creating PVC {body['metadata']['name']}") from e
+
+    def create_snapshot(self, body: Obj) -> Obj:
+        try:
+            res: Obj = self.custom.create_namespaced_custom_object(
+                SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", body)
+            return res
+        except ApiException as e:
+            raise _api_error(e, f"creating VolumeSnapshot {body['metadata']['name']}") from e
+
+    def delete_pvc(self, name: str) -> None:
+        try:
+            self.core.delete_namespaced_persistent_volume_claim(name, self.namespace)
+        except ApiException as e:
+            raise _api_error(e, f"deleting PVC {name}") from e
+
+    def delete_snapshot(self, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                SNAPSHOT_GROUP, SNAPSHOT_VERSION, self.namespace, "volumesnapshots", name)
+        except ApiException as e:
+            raise _api_error(e, f"deleting VolumeSnapshot {name}") from e
+
+    # --- waiting -------------------------------------------------------------------
+
+    def wait_pvc(self, name: str, done: Callable[[Obj], bool], timeout: float) -> Obj:
+        """Watch one PVC from the resourceVersion we read until `done` holds (no polling)."""
+        return self._wait(
+            lambda: self.get_pvc(name),
+            self.core.list_namespaced_persistent_volume_claim,
+            {"namespace": self.namespace},
+            name, done, timeout, "PVC",
+        )
+
+    def wait_snapshot(self, name: str, done: Callable[[Obj], bool], timeout: float) -> Obj:
+        return self._wait(
+            lambda: self.get_snapshot(name),
+            self.custom.list_namespaced_custom_object,
+            {"group": SNAPSHOT_GROUP, "version": SNAPSHOT_VERSION, "namespace": self.namespace,
+             "plural": "volumesnapshots"},
+            name, done, timeout, "VolumeSnapshot",
+        )
+
+    def _wait(self, get: Callable[[], Obj | None], lister: Callable[..., Any],
+              kwargs: dict[str, Any], name: str, done: Callable[[Obj], bool], timeout: float, kind: str) -> Obj:
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = get()
+            if obj is None:
+                raise PluginError(f"{kind} {name} disappeared while waiting for it")
+            if done(obj):
+                return obj
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PluginError(f"timed out after {timeout:g}s waiting for {kind} {name}")
+            rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            w = watch.Watch()
+            try:
+                for event in w.stream(lister, **kwargs, field_selector=f"metadata.name={name}",
+                                      resource_version=rv, timeout_seconds=max(1, int(left)),
+                                      _request_timeout=left + 5):
+                    cur = self._plain(event["object"])
+                    if event["type"] == "DELETED":
+                        raise PluginError(f"{kind} {name} was deleted while waiting for it")
+                    if done(cur):
+                        return cur
+                    if time.monotonic() >= deadline:
+                        break
+            except ApiException as e:
+                if e.status != 410:  # 410 Gone: our resourceVersion is too old; re-read.
+                    raise _api_error(e, f"watching {kind} {name}") from e
+            finally:
+                w.stop()
+
+
+def _api_error(e: ApiException, doing: str) -> PluginError:
+    reason = e.reason or ""
+    if e.status == 403:
+        return PluginError(f"{doing}: forbidden by RBAC ({reason})")
+    body = str(e.body or "")
+    try:
+        detail = str(json.loads(body).get("message", ""))
+    except (ValueError, AttributeError):
+        detail = body[:200]
+    return PluginError(f"{doing}: API error {e.status} {reason}{': ' + detail if detail else ''}")
+
+
+def stream_exec(kube: Kube) -> Exec:
+    """Exec through the API server (the client's websocket stream), like `kubectl exec`."""
+    from kubernetes.stream import stream
+
+    def run(namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
+        resp = stream(kube.core.connect_get_namespaced_pod_exec, pod, namespace, container=container,
+                      command=list(argv), stderr=True, stdin=False, stdout=True, tty=False,
+                      _preload_content=False)
+        out: list[str] = []
+        deadline = time.monotonic() + 120
+        while resp.is_open() and time.monotonic() < deadline:
+            resp.update(timeout=1)
+            if resp.peek_stdout():
+                out.append(resp.read_stdout())
+            if resp.peek_stderr():
+                out.append(resp.read_stderr())
+        resp.close()
+        code = resp.returncode
+        return (code if code is not None else 1), "".join(out)
+
+    return run
