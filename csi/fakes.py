@@ -239,6 +239,10 @@ class FakeNvmeHost:
         self.disconnects: list[str] = []
         self.rescans: list[str] = []
         self._next = 0
+        self._device_names: dict[str, str] = {}
+        # Tests hold this open to keep a NodeStageVolume in flight (concurrency cases).
+        self.connect_gate: threading.Event | None = None
+        self.connect_entered = threading.Event()
 
     def add_subsystem(self, nqn: str, size: int) -> None:
         self.subsystems[nqn] = FakeSubsystem(size=size)
@@ -260,13 +264,17 @@ class FakeNvmeHost:
 
     def connect(self, spec: ConnectSpec) -> None:
         spec.validate()
+        if self.connect_gate is not None:
+            self.connect_entered.set()
+            self.connect_gate.wait(10)
         if spec.nqn not in self.subsystems:
             raise internal(f"nvme connect failed: subsystem {spec.nqn} not found at {spec.address}:{spec.port}")
         self.connects.append(spec)
         name = f"nvme{self._next}"
         self._next += 1
         self.ctrls[name] = Controller(name, spec.nqn, spec.hostnqn, "live", "tcp", f"traddr={spec.address}")
-        self.devices.setdefault(spec.nqn, f"/dev/{name}n1")
+        # Same device name on every attach, so data "written" through FakeMounter stays with the volume.
+        self.devices[spec.nqn] = self._device_names.setdefault(spec.nqn, f"/dev/nvme{len(self._device_names) + 50}n1")
 
     def disconnect(self, controller: str) -> None:
         ctrl = self.ctrls.pop(controller)
