@@ -24,6 +24,7 @@ import grpc
 
 from agent import nvmet
 from agent.exports import ExportConfig, Exports
+from agent.failpoints import FailpointZfs
 from agent.index import Index, IndexCorrupt
 from agent.locks import VolumeLocks
 from agent.metrics import Metrics
@@ -53,6 +54,7 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "device-timeout": ("60", "seconds to wait for a zvol device node"),
     "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
     "log-level": ("info", "log level"),
+    "failpoint": (None, "crash tests only: SIGKILL self at OP:before|after (see agent/failpoints.py)"),
 }
 _FLAGS = ("insecure", "rebuild-index")
 
@@ -73,6 +75,7 @@ class Settings:
     gc_interval: float
     log_level: str
     rebuild_index: bool
+    failpoint: str = ""
 
 
 def _env_name(flag: str) -> str:
@@ -144,7 +147,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         metrics_listen=str(get("metrics-listen") or ""), state_dir=str(get("state-dir")), tls=tls,
         configfs_root=str(get("configfs-root")), device_timeout=float(get("device-timeout")),
         gc_interval=float(get("gc-interval")), log_level=str(get("log-level")),
-        rebuild_index=_truthy(get("rebuild-index")),
+        rebuild_index=_truthy(get("rebuild-index")), failpoint=str(get("failpoint") or ""),
     )
 
 
@@ -206,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     setup_logging(settings.log_level)
     index, corrupt = open_index(settings.state_dir)
-    zfs = LibZfs()
+    zfs: Zfs = LibZfs()
+    if settings.failpoint:
+        zfs = FailpointZfs(zfs, settings.failpoint)  # type: ignore[assignment]
     root = nvmet.Root(settings.configfs_root)
     if settings.rebuild_index and not corrupt:
         # Explicit slow path, run in the foreground with progress lines, then exit.
