@@ -183,8 +183,34 @@ class FakeKube:
     def _react(self, resource: str, ns: str, name: str) -> None:
         if resource == "persistentvolumeclaims":
             self._maybe_bind(ns, name)
+        elif resource == "pods":
+            self._schedule(ns, name)
         elif resource == "volumesnapshots":
             self._later(self.snapshot_delay, lambda: self._ready_snapshot(ns, name))
+
+    def _schedule(self, ns: str, name: str) -> None:
+        """Scheduler + kubelet: pick the pod's node for its WaitForFirstConsumer claims
+        (the selected-node annotation the provisioner acts on) and mark the pod Running."""
+        pod = self.get("pods", ns, name)
+        if pod is None:
+            return
+        node = pod["spec"].setdefault("nodeName", "worker-1")
+        for vol in pod["spec"].get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            cur = self.get("persistentvolumeclaims", ns, claim or "")
+            if cur is None or (cur.get("status") or {}).get("phase") == "Bound":
+                continue
+            annotations = cur["metadata"].get("annotations") or {}
+            if "volume.kubernetes.io/selected-node" not in annotations:
+                self.update("persistentvolumeclaims", ns, claim or "", lambda o: o["metadata"].setdefault(
+                    "annotations", {}).update({"volume.kubernetes.io/selected-node": node}))
+                self._maybe_bind(ns, claim or "")
+
+        def run(o: Obj) -> None:
+            o["spec"]["nodeName"] = node
+            o["status"] = {"phase": "Running"}
+        if (pod.get("status") or {}).get("phase") != "Running":
+            self.update("pods", ns, name, run)
 
     def _maybe_bind(self, ns: str, name: str) -> None:
         pvc = self.get("persistentvolumeclaims", ns, name)
@@ -255,6 +281,20 @@ class FakeKube:
                            "preferredVersion": {"groupVersion": "snapshot.storage.k8s.io/v1", "version": "v1"}})
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
 
+    def resource_list(self, path: str) -> Obj | None:
+        """APIResourceList discovery (what kubectl reads to map kinds to paths)."""
+        found = [(r, ns, kind) for r, (prefix, ns, kind) in RESOURCES.items()
+                 if prefix == path and (self.snapshot_api or not r.startswith("volumesnapshot"))]
+        if not found:
+            return None
+        short = {"persistentvolumeclaims": ["pvc"], "pods": ["po"], "storageclasses": ["sc"],
+                 "volumesnapshots": ["vs"], "volumesnapshotclasses": ["vsclass"]}
+        group_version = path.removeprefix("/apis/").removeprefix("/api/")
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+                "resources": [{"name": r, "singularName": kind.lower(), "namespaced": ns, "kind": kind,
+                               "shortNames": short[r], "verbs": ["create", "delete", "get", "list", "watch"]}
+                              for r, ns, kind in found]}
+
     def watch_events(self, resource: str, ns: str | None, since: int, labels: str, fields: str,
                      timeout: float) -> Iterator[Obj]:
         deadline = time.monotonic() + timeout
@@ -310,6 +350,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, fake.api_groups())
         if method == "GET" and url.path == "/api":
             return self._send(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
+        if method == "GET" and (listing := fake.resource_list(url.path)) is not None:
+            return self._send(200, listing)
         if method == "GET" and url.path == "/version":
             return self._send(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
         r = fake.route(url.path)
