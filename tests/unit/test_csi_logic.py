@@ -1,0 +1,131 @@
+"""Pure logic of the CSI driver: placement, StorageClass parameters, sizes, page tokens, agents."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from csi import TOPOLOGY_ZONE_KEY
+from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, parse_static
+from csi.controller import GiB, PageToken, choose_size, paginate
+from csi.params import parse
+from csi.placement import Candidate, choose, zone_requirement
+from zvolt.errors import ZvoltError
+from zvolt.pb import csi_pb2
+
+K = TOPOLOGY_ZONE_KEY
+
+
+def code(fn: object) -> grpc.StatusCode:
+    with pytest.raises(ZvoltError) as err:
+        fn()  # type: ignore[operator]
+    return err.value.code
+
+
+def test_placement_orders_by_preferred_zone_then_free_space() -> None:
+    cands = [Candidate("a", "z1", 50, 0), Candidate("b", "z2", 90, 0), Candidate("c", "z1", 70, 0)]
+    anywhere = zone_requirement([], [])
+    assert choose(cands, 10, False, anywhere) == ["b", "c", "a"]
+    pref = zone_requirement([{K: "z1"}, {K: "z2"}], [{K: "z1"}])
+    assert choose(cands, 10, False, pref) == ["c", "a", "b"]
+    only_z2 = zone_requirement([{K: "z2"}], [])
+    assert choose(cands, 10, False, only_z2) == ["b"]
+    assert choose(cands, 60, True, anywhere) == ["b", "c"]  # thick needs the space now
+    assert code(lambda: choose(cands, 100, True, anywhere)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        code(lambda: choose(cands, 1, False, zone_requirement([{K: "z9"}], []))) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    capped = [Candidate("a", "z1", 100, 20)]
+    assert code(lambda: choose(capped, 30, False, anywhere)) == grpc.StatusCode.OUT_OF_RANGE
+    # A requisite segment without our key constrains nothing.
+    assert zone_requirement([{"other": "x"}], []).requisite is None
+
+
+def test_storage_class_parameters() -> None:
+    p = parse({"volblocksize": "8K", "compression": "zstd-3", "thin": "false", "csi.storage.k8s.io/fstype": "xfs",
+               "csi.storage.k8s.io/pvc/name": "db-0"})  # fmt: skip
+    assert (p.volblocksize, p.compression, p.thick, p.fstype, p.labels) == (
+        8192,
+        "zstd-3",
+        True,
+        "xfs",
+        {"pvc-name": "db-0"},
+    )
+    d = parse({})
+    assert (d.volblocksize, d.compression, d.thick) == (16384, "lz4", False)
+    assert parse({"volblocksize": "131072"}).volblocksize == 128 * 1024
+    for bad in ({"volblocksize": "1M"}, {"volblocksize": "12K"}, {"thin": "maybe"}, {"compression": "lz4;rm"},
+                {"csi.storage.k8s.io/fstype": "ntfs"}, {"volblocksize ": "8K"}):  # fmt: skip
+        assert code(lambda bad=bad: parse(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_choose_size() -> None:
+    R = csi_pb2.CapacityRange
+    assert choose_size(None, 16384) == GiB
+    assert choose_size(R(required_bytes=1), 16384) == 16384
+    assert choose_size(R(limit_bytes=100 * 16384), 16384) == 100 * 16384
+    assert choose_size(R(required_bytes=GiB), 8192, minimum=2 * GiB) == 2 * GiB
+    assert code(lambda: choose_size(R(required_bytes=5, limit_bytes=4), 1)) == grpc.StatusCode.OUT_OF_RANGE
+    assert code(lambda: choose_size(R(limit_bytes=GiB), 1, minimum=2 * GiB)) == grpc.StatusCode.OUT_OF_RANGE
+    assert code(lambda: choose_size(R(limit_bytes=-1), 1)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_page_token_roundtrip_and_garbage() -> None:
+    tok = PageToken("storage-1", "42")
+    assert PageToken.decode(tok.encode()) == tok
+    for bad in ("", "!!", "e30", "bnVsbA"):  # "", junk, "{}", "null"
+        assert code(lambda bad=bad: PageToken.decode(bad)) == grpc.StatusCode.ABORTED
+
+
+class _Agent:
+    def __init__(self, name: str, items: list[int]) -> None:
+        self.name, self.items = name, items
+
+
+def test_paginate_walks_every_agent_once() -> None:
+    agents = [_Agent("a", [1, 2, 3]), _Agent("b", []), _Agent("c", [4, 5])]
+
+    def fetch(agent: _Agent, want: int, token: str) -> tuple[list[int], str]:
+        start = int(token or 0)
+        end = len(agent.items) if not want else min(len(agent.items), start + want)
+        return agent.items[start:end], (str(end) if end < len(agent.items) else "")
+
+    for size in (1, 2, 3, 4, 10, 0):
+        got, token = [], ""
+        for _ in range(20):
+            page, token = paginate(agents, size, token, fetch)  # type: ignore[arg-type]
+            assert not size or len(page) <= size
+            got += page
+            if not token:
+                break
+        assert got == [1, 2, 3, 4, 5], size
+
+
+def test_static_agents_and_kubernetes_discovery() -> None:
+    eps = parse_static("storage-0=unix:///run/a.sock, storage-1=10.0.0.2:7001", zone="z1")
+    assert eps == [
+        AgentEndpoint("storage-0", "unix:///run/a.sock", "z1"),
+        AgentEndpoint("storage-1", "10.0.0.2:7001", "z1"),
+    ]
+    for bad in ("", "storage-0", "Bad_Name=1.2.3.4:1", "a=1.2.3.4:1,a=1.2.3.4:2", "a=nowhere"):
+        assert code(lambda bad=bad: parse_static(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    calls: list[tuple[str, str]] = []
+
+    def lister(ns: str, sel: str) -> list[tuple[str, str, str]]:
+        calls.append((ns, sel))
+        return [("node-b", "10.1.0.5", "z2"), ("node-a", "fd00::5", "")]
+
+    disc = KubernetesDiscovery(lister, "zvolt", "app.kubernetes.io/component=agent", 7001)
+    assert disc() == [
+        AgentEndpoint("node-b", "10.1.0.5:7001", "z2"),
+        AgentEndpoint("node-a", "[fd00::5]:7001", "default"),
+    ]
+    assert calls == [("zvolt", "app.kubernetes.io/component=agent")]
+    pool = AgentPool(disc, tls=None, ttl=3600)
+    try:
+        assert [a.name for a in pool.all()] == ["node-a", "node-b"]
+        assert pool.get("node-a").zone == "default"
+        assert code(lambda: pool.get("node-z")) == grpc.StatusCode.UNAVAILABLE
+        assert len(calls) == 3  # direct call, first listing, and one forced re-discovery for the unknown name
+    finally:
+        pool.close()
