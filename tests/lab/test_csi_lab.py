@@ -1,0 +1,323 @@
+"""The CSI driver on the real stack: node plugin in the worker netns, agent in the storage netns.
+
+Controller and node plugin run as the lab's standard services in the guest; the tests talk to
+them over the forwarded gRPC ports, exactly like kubelet and the sidecars would, and check the
+kernel state (mounts, NVMe controllers, nvmet subsystems) with commands in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from zvolt.names import split_volume_id, subsystem_nqn
+from zvolt.pb import csi_pb2, csi_pb2_grpc
+
+pytestmark = pytest.mark.lab
+
+MiB = 1 << 20
+T = 180  # per-RPC deadline: TCG makes everything 10-50x slower than hardware
+WORK = "/var/lib/zvolt-lab-csi"
+CONFIGFS = "/sys/kernel/config/nvmet/subsystems"
+Mode = csi_pb2.VolumeCapability.AccessMode
+
+
+def mount_cap(fs: str = "ext4") -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs, mount_flags=["noatime"]),
+        access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER),
+    )
+
+
+def block_cap() -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=Mode.SINGLE_NODE_WRITER)
+    )
+
+
+def uniq(prefix: str) -> str:
+    return f"lab-csi-{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Attached:
+    volume_id: str
+    nqn: str
+    staging: str
+    target: str
+    cap: csi_pb2.VolumeCapability
+
+
+class Csi:
+    def __init__(self, lab: Any) -> None:
+        self.lab = lab
+        self.ctl_channel = grpc.insecure_channel(lab.grpc_target("controller"))
+        self.node_channel = grpc.insecure_channel(lab.grpc_target("node"))
+        self.ctl = csi_pb2_grpc.ControllerStub(self.ctl_channel)
+        self.node = csi_pb2_grpc.NodeStub(self.node_channel)
+        self.node_id = self._wait(lambda: self.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=T).node_id)
+        self.created: list[str] = []
+        self.snapshots: list[str] = []
+        self.attached: list[Attached] = []
+
+    @staticmethod
+    def _wait(fn: Any, timeout: float = 300) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def create(
+        self, name: str, size: int = 64 * MiB, source: csi_pb2.VolumeContentSource | None = None
+    ) -> csi_pb2.Volume:
+        req = csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[mount_cap(), block_cap()],
+        )
+        if source is not None:
+            req.volume_content_source.CopyFrom(source)
+        vol: csi_pb2.Volume = self._wait(lambda: self.ctl.CreateVolume(req, timeout=T).volume)
+        self.created.append(vol.volume_id)
+        return vol
+
+    def attach(self, vol: csi_pb2.Volume, cap: csi_pb2.VolumeCapability) -> Attached:
+        pub = csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=self.node_id, volume_capability=cap
+        )
+        ctx = self.ctl.ControllerPublishVolume(pub, timeout=T).publish_context
+        base = f"{WORK}/{vol.volume_id.replace('/', '_')}"
+        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", cap)
+        self.attached.append(att)
+        stage = csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, volume_capability=cap
+        )
+        self.node.NodeStageVolume(stage, timeout=T)
+        self.node.NodeStageVolume(stage, timeout=T)  # idempotent repeat on the real stack
+        publish = csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging,
+            target_path=att.target, volume_capability=cap,
+        )  # fmt: skip
+        self.node.NodePublishVolume(publish, timeout=T)
+        self.node.NodePublishVolume(publish, timeout=T)
+        return att
+
+    def detach(self, att: Attached) -> None:
+        self.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=att.volume_id, target_path=att.target), timeout=T
+        )
+        self.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=att.volume_id, staging_target_path=att.staging), timeout=T
+        )
+        self.ctl.ControllerUnpublishVolume(
+            csi_pb2.ControllerUnpublishVolumeRequest(volume_id=att.volume_id, node_id=self.node_id), timeout=T
+        )
+        if att in self.attached:
+            self.attached.remove(att)
+
+    def cleanup(self) -> None:
+        for att in list(self.attached):
+            with contextlib.suppress(grpc.RpcError):
+                self.detach(att)
+        for snap in self.snapshots:
+            self.ctl.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap), timeout=T)
+        for vol in reversed(self.created):
+            self.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol), timeout=T)
+        self.lab.run(["rm", "-rf", "--one-file-system", WORK], check=False)
+        self.ctl_channel.close()
+        self.node_channel.close()
+
+    # -- kernel state in the guest ------------------------------------------------------------
+
+    def controllers_for(self, nqn: str) -> list[str]:
+        out = self.lab.run(["grep", "-lx", nqn, "-r", "/sys/class/nvme/", "--include=subsysnqn"], check=False)
+        return [line.split("/")[4] for line in out.stdout.split() if line]
+
+    def mounted(self, path: str) -> bool:
+        return bool(self.lab.run(["findmnt", "--mountpoint", path], check=False).returncode == 0)
+
+    def exported(self, nqn: str) -> bool:
+        return bool(self.lab.run(["test", "-d", f"{CONFIGFS}/{nqn}"], check=False).returncode == 0)
+
+    def py(self, code: str) -> str:
+        return str(self.lab.py(code, timeout=T).stdout.strip())
+
+    def assert_clean(self, att: Attached) -> None:
+        assert not self.mounted(att.target) and not self.mounted(att.staging)
+        assert self.controllers_for(att.nqn) == []
+        assert not self.exported(att.nqn)
+
+
+@pytest.fixture(scope="module")
+def services(lab: Any) -> Any:
+    if not lab.service_running("agent"):
+        lab.start_agent()
+    # Controller and node plugin are this module's code: always (re)start them from /src.
+    lab.start_controller()
+    lab.start_node()
+    return lab
+
+
+@pytest.fixture
+def csi(services: Any) -> Iterator[Csi]:
+    env = Csi(services)
+    try:
+        yield env
+    finally:
+        env.cleanup()
+
+
+WRITE = """
+import hashlib, os
+data = os.urandom(3 * 1024 * 1024 + 17)
+with open({path!r}, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+os.sync()
+print(hashlib.sha256(data).hexdigest())
+"""
+READ = """
+print(hashlib.sha256(open({path!r}, "rb").read()).hexdigest())
+"""
+
+
+def test_filesystem_snapshot_clone_same_bytes(csi: Csi) -> None:
+    vol = csi.create(uniq("src"))
+    att = csi.attach(vol, mount_cap())
+    assert csi.mounted(att.staging) and csi.mounted(att.target)
+    [ctrl] = csi.controllers_for(att.nqn)
+    hostnqn = csi.lab.run(["cat", f"/sys/class/nvme/{ctrl}/hostnqn"]).stdout.strip()
+    assert hostnqn == csi.node_id  # connected with the node's own identity
+    digest = csi.py(WRITE.format(path=f"{att.target}/data.bin"))
+    snap = csi.ctl.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name=uniq("snap"), source_volume_id=vol.volume_id), timeout=T
+    ).snapshot
+    csi.snapshots.append(snap.snapshot_id)
+    assert snap.ready_to_use and snap.size_bytes == vol.capacity_bytes
+    clone = csi.create(
+        uniq("clone"),
+        source=csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)
+        ),
+    )
+    assert split_volume_id(clone.volume_id)[0] == split_volume_id(vol.volume_id)[0]
+    catt = csi.attach(clone, mount_cap())
+    assert csi.py(READ.format(path=f"{catt.target}/data.bin")) == digest
+    stats = csi.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=clone.volume_id, volume_path=catt.target), timeout=T
+    )
+    by_unit = {u.unit: u for u in stats.usage}
+    assert by_unit[csi_pb2.VolumeUsage.BYTES].used >= 3 * MiB
+    assert by_unit[csi_pb2.VolumeUsage.INODES].total > 0
+    assert not stats.volume_condition.abnormal
+    for a in (catt, att):
+        csi.detach(a)
+        csi.assert_clean(a)
+
+
+def test_raw_block_volume(csi: Csi) -> None:
+    vol = csi.create(uniq("blk"))
+    att = csi.attach(vol, block_cap())
+    assert not csi.mounted(att.staging)
+    assert csi.lab.run(["test", "-b", att.target], check=False).returncode == 0
+    code = f"""
+import hashlib, os
+data = os.urandom(1024 * 1024)
+fd = os.open({att.target!r}, os.O_RDWR)
+os.pwrite(fd, data, 4096)
+os.fsync(fd)
+back = os.pread(fd, len(data), 4096)
+size = os.lseek(fd, 0, os.SEEK_END)
+os.close(fd)
+print(hashlib.sha256(data).hexdigest() == hashlib.sha256(back).hexdigest(), size)
+"""
+    same, size = csi.py(code).split()
+    assert same == "True" and int(size) == vol.capacity_bytes
+    blank = csi.lab.run(["blkid", "--probe", att.target], check=False)
+    assert blank.returncode == 2  # raw block: the plugin never put a filesystem on it
+    csi.detach(att)
+    csi.assert_clean(att)
+
+
+def test_online_expansion_grows_the_filesystem(csi: Csi) -> None:
+    vol = csi.create(uniq("grow"))
+    att = csi.attach(vol, mount_cap())
+    R = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=att.target)
+    before = {u.unit: u.total for u in csi.node.NodeGetVolumeStats(R, timeout=T).usage}[csi_pb2.VolumeUsage.BYTES]
+    grown = csi.ctl.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=160 * MiB),
+            volume_capability=mount_cap(),
+        ),
+        timeout=T,
+    )  # fmt: skip
+    assert grown.capacity_bytes == 160 * MiB and grown.node_expansion_required
+    resp = csi.node.NodeExpandVolume(
+        csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=att.target, staging_target_path=att.staging,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=160 * MiB), volume_capability=mount_cap(),
+        ),
+        timeout=T,
+    )  # fmt: skip
+    assert resp.capacity_bytes == 160 * MiB
+    after = {u.unit: u.total for u in csi.node.NodeGetVolumeStats(R, timeout=T).usage}[csi_pb2.VolumeUsage.BYTES]
+    assert after > before + 80 * MiB, (before, after)  # the mounted ext4 grew online
+    csi.detach(att)
+    csi.assert_clean(att)
+
+
+def test_volume_condition_follows_the_link(csi: Csi) -> None:
+    vol = csi.create(uniq("cond"))
+    att = csi.attach(vol, mount_cap())
+    R = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=att.target)
+
+    def condition() -> csi_pb2.VolumeCondition:
+        cond: csi_pb2.VolumeCondition = csi.node.NodeGetVolumeStats(R, timeout=T).volume_condition
+        return cond
+
+    def wait_for(abnormal: bool, timeout: float = 180) -> csi_pb2.VolumeCondition:
+        deadline = time.monotonic() + timeout
+        while True:
+            cond = condition()
+            if cond.abnormal == abnormal or time.monotonic() > deadline:
+                return cond
+            time.sleep(2)
+
+    assert not condition().abnormal
+    try:
+        csi.lab.link(False)
+        cond = wait_for(True)
+        assert cond.abnormal and ("connecting" in cond.message or "resetting" in cond.message), cond.message
+    finally:
+        csi.lab.link(True)
+    assert not wait_for(False).abnormal
+    csi.detach(att)
+    csi.assert_clean(att)
+
+
+def test_stage_uses_the_published_subsystem_only(csi: Csi) -> None:
+    vol = csi.create(uniq("nqn"))
+    node, local = split_volume_id(vol.volume_id)
+    pub = csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vol.volume_id, node_id=csi.node_id, volume_capability=mount_cap()
+    )
+    ctx = dict(csi.ctl.ControllerPublishVolume(pub, timeout=T).publish_context)
+    assert ctx["nqn"] == subsystem_nqn(node, local) and ctx["address"] == csi.lab.storage_ip
+    allowed = csi.lab.run(["ls", f"{CONFIGFS}/{ctx['nqn']}/allowed_hosts"]).stdout.split()
+    assert allowed == [csi.node_id]
+    csi.ctl.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id=csi.node_id), timeout=T
+    )
+    assert not csi.exported(ctx["nqn"])
