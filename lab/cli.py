@@ -1,0 +1,142 @@
+"""zvolt-lab command line: build, up, run, down, status."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from lab import control, qemu, ssh
+from lab import state as statefile
+from lab.guest import GuestCommandError
+from lab.paths import Cache, instance_from_env
+from lab.steps import StepFailed
+
+SIZE_SUFFIX = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t and t[-1] in SIZE_SUFFIX:
+        return int(float(t[:-1]) * SIZE_SUFFIX[t[-1]])
+    return int(t)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zvolt-lab",
+        description="The zvolt lab: real ZFS + nvmet + NVMe/TCP in a qemu guest. "
+        "Instance from $ZVOLT_LAB_NAME (default 'default'), cache in $ZVOLT_LAB_CACHE or ~/.cache/zvolt-lab.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or reuse) the cached guest image")
+    b.add_argument("--force", action="store_true", help="rebuild the image even if it is cached")
+    u = sub.add_parser("up", help="boot the guest (or reuse a running one), set it up, start services")
+    u.add_argument("--memory", type=int, default=4096, help="guest memory in MiB (default 4096)")
+    u.add_argument("--pool-size", type=parse_size, default=control.DEFAULT_POOL_SIZE,
+                   help="size of the fresh sparse pool disk (default 16G)")
+    u.add_argument("--pool-disk", help="reuse this pool disk image: import its pool instead of creating one")
+    u.add_argument("--no-services", action="store_true", help="do not start agent/controller/node")
+    u.add_argument("--boot-timeout", type=float, default=control.BOOT_TIMEOUT)
+    r = sub.add_parser("run", help="run a command in the guest: zvolt-lab run [--netns NS] -- CMD...")
+    r.add_argument("--netns", help="run inside this network namespace (storage, worker)")
+    r.add_argument("--timeout", type=float, default=600, help="seconds before the command is killed (default 600)")
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    d = sub.add_parser("down", help="power the guest off (hard-kill qemu if it does not stop in time)")
+    d.add_argument("--timeout", type=float, default=30, help="seconds to wait for a clean poweroff")
+    sub.add_parser("status", help="what runs where")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cache = Cache.from_env()
+    instance = instance_from_env()
+    try:
+        if args.cmd == "build":
+            from lab.image import build
+
+            t0 = time.monotonic()
+            img = build(cache, force=args.force)
+            print(f"image {img.dir} (kernel {img.versions.kernel}, zfs {img.versions.zfs}) "
+                  f"in {time.monotonic() - t0:.1f}s")
+            return 0
+        if args.cmd == "up":
+            from pathlib import Path
+
+            opts = control.UpOptions(
+                memory_mb=args.memory, pool_size=args.pool_size,
+                pool_disk=Path(args.pool_disk) if args.pool_disk else None,
+                services=not args.no_services, boot_timeout=args.boot_timeout,
+            )
+            t0 = time.monotonic()
+            lab = control.up(cache, instance, opts, sys.stdout)
+            st = control.running_state(cache, instance)
+            assert st is not None
+            print(f"ready in {time.monotonic() - t0:.1f}s")
+            print(control.describe(cache, st, lab))
+            return 0
+        if args.cmd == "run":
+            return run(cache, instance, args.command, args.netns, args.timeout)
+        if args.cmd == "down":
+            if not control.down(cache, instance, sys.stdout, timeout=args.timeout):
+                print(f"lab instance {instance!r} was not running")
+            return 0
+        if args.cmd == "status":
+            return status(cache, instance)
+    except StepFailed as exc:
+        print(f"zvolt-lab: {exc}", file=sys.stderr)
+        return 1
+    except (control.LabError, GuestCommandError, RuntimeError, ValueError) as exc:
+        print(f"zvolt-lab: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def run(cache: Cache, instance: str, command: list[str], netns: str | None, timeout: float) -> int:
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("zvolt-lab run: no command (zvolt-lab run -- CMD...)", file=sys.stderr)
+        return 2
+    lab = control.attach(cache, instance)
+    ssh.ensure_master(lab.target)
+    argv = ssh.command_argv(lab.target, command, netns=netns, timeout=timeout)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)  # output streams straight through
+    try:
+        rc = proc.wait(timeout=timeout + ssh.HOST_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        print(f"zvolt-lab run: timed out after {timeout:.0f}s", file=sys.stderr)
+        return 124
+    if rc == 124:
+        print(f"zvolt-lab run: command timed out after {timeout:.0f}s (guest-side)", file=sys.stderr)
+    return rc
+
+
+def status(cache: Cache, instance: str) -> int:
+    st = statefile.load(cache.run_dir(instance))
+    if st is None:
+        print(f"lab instance {instance!r}: not running")
+        return 3
+    if not qemu.alive(st.pid, str(st.overlay)):
+        print(f"lab instance {instance!r}: stale state (qemu pid {st.pid} gone); run zvolt-lab down to clean up")
+        return 3
+    lab = control.lab_for(cache, st)
+    print(control.describe(cache, st, lab))
+    try:
+        lab.run(["true"], timeout=15)
+        answers = "yes"
+    except GuestCommandError as exc:
+        answers = f"no ({exc})"
+    print(f"ssh        answers: {answers}; setup done: {st.guest_ready}")
+    if answers == "yes":
+        for name in ("agent", "controller", "node"):
+            print(f"service    {name}: {'running' if lab.service_running(name) else 'not running'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

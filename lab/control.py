@@ -1,0 +1,270 @@
+"""Instance lifecycle: up (boot or reuse + guest setup + services), down, status."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from lab import guest, qemu, ssh
+from lab import state as statefile
+from lab.guest import GuestCommandError, Lab
+from lab.image import Image, build, current_image
+from lab.paths import Cache, source_root
+from lab.ssh import SshTarget
+from lab.state import RunState
+
+MODULES = ("nvmet", "nvmet-tcp", "nvme-tcp", "nvme-fabrics", "zfs")
+BOOT_TIMEOUT = 420.0
+DEFAULT_POOL_SIZE = 16 * 1024**3
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    memory_mb: int = 4096
+    pool_size: int = DEFAULT_POOL_SIZE
+    pool_disk: Path | None = None  # reuse: import the pool on it instead of creating one
+    services: bool = True
+    boot_timeout: float = BOOT_TIMEOUT
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def instance_lock(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ssh_target(cache: Cache, st: RunState) -> SshTarget:
+    # Unix socket paths are short-limited (108 bytes): keep the control socket in /tmp.
+    digest = hashlib.sha256(st.run_dir.encode()).hexdigest()[:12]
+    ctl = Path("/tmp") / f"zvolt-lab-{os.getuid()}-{digest}-{st.ssh_port}.ctl"
+    return SshTarget(port=st.ssh_port, key=cache.ssh_key, control_path=ctl)
+
+
+def lab_for(cache: Cache, st: RunState) -> Lab:
+    return Lab(target=ssh_target(cache, st), forwards=dict(st.forwards), instance=st.instance)
+
+
+def running_state(cache: Cache, instance: str) -> RunState | None:
+    st = statefile.load(cache.run_dir(instance))
+    if st is None or not qemu.alive(st.pid, str(st.overlay)):
+        return None
+    return st
+
+
+def is_running(cache: Cache, instance: str) -> bool:
+    st = running_state(cache, instance)
+    return st is not None and st.guest_ready
+
+
+def attach(cache: Cache, instance: str) -> Lab:
+    st = running_state(cache, instance)
+    if st is None:
+        raise LabError(f"lab instance {instance!r} is not running (zvolt-lab up)")
+    return lab_for(cache, st)
+
+
+def _log(out: TextIO, t0: float, msg: str) -> None:
+    out.write(f"[lab {time.monotonic() - t0:7.1f}s] {msg}\n")
+    out.flush()
+
+
+def up(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> Lab:
+    t0 = time.monotonic()
+    run_dir = cache.run_dir(instance)
+    with instance_lock(run_dir):
+        st = running_state(cache, instance)
+        if st is not None:
+            _log(out, t0, f"reusing running guest (qemu pid {st.pid})")
+        else:
+            image = current_image(cache) or build(cache, out=out)
+            st = _boot(cache, instance, run_dir, image, opts, out, t0)
+        lab = lab_for(cache, st)
+        try:
+            _wait_ssh(lab, st, opts.boot_timeout, t0, out)
+            setup_guest(lab, st, out, t0)
+            st.guest_ready = True
+            statefile.save(run_dir, st)
+            if opts.services:
+                start_services(lab, out, t0)
+        except Exception:
+            out.write(f"--- last lines of {st.console_log} ---\n{_tail(st.console_log)}\n")
+            raise
+        return lab
+
+
+def _boot(
+    cache: Cache, instance: str, run_dir: Path, image: Image, opts: UpOptions, out: TextIO, t0: float
+) -> RunState:
+    old = statefile.load(run_dir)
+    if old is not None:
+        _cleanup_files(old)
+    overlay = run_dir / "overlay.qcow2"
+    overlay.unlink(missing_ok=True)
+    subprocess.run(qemu.overlay_argv(image.rootfs, overlay), check=True, timeout=60, stdin=subprocess.DEVNULL)
+    if opts.pool_disk is not None:
+        pool_disk, reused = opts.pool_disk.resolve(), True
+        if not pool_disk.exists():
+            raise LabError(f"pool disk {pool_disk} does not exist")
+    else:
+        pool_disk, reused = run_dir / "pool.img", False
+        pool_disk.unlink(missing_ok=True)
+        qemu.make_sparse(pool_disk, opts.pool_size)
+    ssh_port = qemu.free_port()
+    forwards = {name: qemu.free_port() for name in guest.GUEST_PORTS}
+    console = run_dir / "console.log"
+    console.unlink(missing_ok=True)
+    cfg = qemu.QemuConfig(
+        name=instance, kernel=image.kernel, initrd=image.initrd, overlay=overlay, pool_disk=pool_disk,
+        src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
+        forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
+    )
+    pid = qemu.start(cfg)
+    st = RunState(
+        instance=instance, pid=pid, ssh_port=ssh_port, forwards=forwards, image=str(image.dir),
+        run_dir=str(run_dir), pool_disk=str(pool_disk), pool_disk_reused=reused, memory_mb=opts.memory_mb,
+        started=time.time(),
+    )
+    statefile.save(run_dir, st)
+    _log(out, t0, f"qemu started (pid {pid}, image {image.dir.name})")
+    return st
+
+
+def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not qemu.alive(st.pid, str(st.overlay)):
+            raise LabError(f"qemu (pid {st.pid}) exited during boot")
+        try:
+            lab.run(["true"], timeout=20)
+            break
+        except GuestCommandError as exc:
+            if time.monotonic() > deadline:
+                raise LabError(f"guest did not answer ssh within {timeout:.0f}s") from exc
+            time.sleep(2)
+    _log(out, t0, f"guest answers ssh on 127.0.0.1:{st.ssh_port}")
+
+
+def setup_guest(lab: Lab, st: RunState, out: TextIO, t0: float) -> None:
+    """Idempotent: modules, configfs, /src, pool, namespaces + veth, socat forwarders."""
+    lab.run(["modprobe", "-a", *MODULES], timeout=180)
+    if lab.run(["mountpoint", "-q", "/sys/kernel/config"], check=False).returncode != 0:
+        lab.run(["mount", "-t", "configfs", "none", "/sys/kernel/config"])
+    if lab.run(["mountpoint", "-q", "/src"], check=False).returncode != 0:
+        lab.run(["mount", "/src"], timeout=60)
+    lab.run(["test", "-f", "/src/pyproject.toml"])
+    if lab.run(["zpool", "list", "-H", "-o", "name", guest.POOL], check=False).returncode != 0:
+        if st.pool_disk_reused:
+            lab.run(["zpool", "import", "-f", "-d", "/dev/vdb", guest.POOL], timeout=600)
+        else:
+            lab.run(["zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", guest.POOL, "/dev/vdb"],
+                    timeout=300)
+    _log(out, t0, f"modules loaded, configfs and /src mounted, pool {guest.POOL} online")
+    netns = set(lab.run(["ip", "netns", "list"]).stdout.split())
+    for ns in (guest.STORAGE_NS, guest.WORKER_NS):
+        if ns not in netns:
+            lab.run(["ip", "netns", "add", ns])
+    if lab.run(["ip", "-n", guest.STORAGE_NS, "link", "show", guest.VETH_STORAGE], check=False).returncode != 0:
+        lab.run(["ip", "link", "add", guest.VETH_STORAGE, "netns", guest.STORAGE_NS, "type", "veth",
+                 "peer", "name", guest.VETH_WORKER, "netns", guest.WORKER_NS])
+    for ns, dev, ip in ((guest.STORAGE_NS, guest.VETH_STORAGE, guest.STORAGE_IP),
+                        (guest.WORKER_NS, guest.VETH_WORKER, guest.WORKER_IP)):
+        lab.run(["ip", "-n", ns, "addr", "replace", f"{ip}/{guest.PREFIX_LEN}", "dev", dev])
+        lab.run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        lab.run(["ip", "-n", ns, "link", "set", dev, "up"])
+    lab.run(["mkdir", "-p", guest.RUN_DIR])
+    for name, port in guest.GUEST_PORTS.items():
+        fwd = f"fwd-{name}"
+        if not lab.service_running(fwd):
+            lab.start_service(fwd, ["socat", f"TCP-LISTEN:{port},fork,reuseaddr",
+                                    f"UNIX-CONNECT:{guest.SOCKETS[name]}"])
+    _log(out, t0, f"namespaces {guest.STORAGE_NS} ({guest.STORAGE_IP}) <-> {guest.WORKER_NS} ({guest.WORKER_IP}), "
+                  "forwarders up")
+
+
+def start_services(lab: Lab, out: TextIO, t0: float) -> None:
+    src = source_root()
+    wanted = []
+    if (src / "agent" / "main.py").exists():
+        wanted.append(("agent", lab.start_agent))
+    if (src / "csi" / "main.py").exists():
+        wanted += [("controller", lab.start_controller), ("node", lab.start_node)]
+    if not wanted:
+        _log(out, t0, "no services in the tree yet (agent/main.py, csi/main.py)")
+    for name, start in wanted:
+        if lab.service_running(name):
+            _log(out, t0, f"{name} already running")
+            continue
+        start()
+        _log(out, t0, f"{name} started")
+
+
+def describe(cache: Cache, st: RunState, lab: Lab) -> str:
+    lines = [
+        f"instance   {st.instance} (qemu pid {st.pid}, {st.memory_mb} MiB, image {Path(st.image).name})",
+        f"ssh        ssh -i {cache.ssh_key} -p {st.ssh_port} -o StrictHostKeyChecking=no "
+        "-o UserKnownHostsFile=/dev/null root@127.0.0.1",
+        f"console    {st.console_log}",
+        f"pool       {guest.POOL} on /dev/vdb = {st.pool_disk}{' (reused)' if st.pool_disk_reused else ''}",
+        f"netns      {guest.STORAGE_NS} {guest.STORAGE_IP}  <->  {guest.WORKER_NS} {guest.WORKER_IP}",
+    ]
+    for name, port in sorted(st.forwards.items()):
+        lines.append(f"{name:<10} grpc 127.0.0.1:{port} -> guest {guest.SOCKETS[name]}"
+                     f"  (log: zvolt-lab run -- journalctl -u {guest.unit_name(name)})")
+    return "\n".join(lines)
+
+
+def down(cache: Cache, instance: str, out: TextIO, timeout: float = 30.0) -> bool:
+    """Clean poweroff, then SIGTERM/SIGKILL by pid. True if a guest was running."""
+    run_dir = cache.run_dir(instance)
+    with instance_lock(run_dir):
+        st = statefile.load(run_dir)
+        if st is None:
+            return False
+        was = qemu.alive(st.pid, str(st.overlay))
+        target = ssh_target(cache, st)
+        if was:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                subprocess.run(ssh.command_argv(target, ["systemctl", "poweroff", "--no-block"], timeout=10),
+                               capture_output=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+            if qemu.wait_exit(st.pid, str(st.overlay), timeout):
+                out.write(f"guest powered off (qemu pid {st.pid})\n")
+            else:
+                out.write(f"guest did not power off in {timeout:.0f}s: killing qemu pid {st.pid}\n")
+                qemu.kill(st.pid, str(st.overlay))
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            ssh.close_master(target)
+        _cleanup_files(st)
+        statefile.clear(run_dir)
+        return was
+
+
+def _cleanup_files(st: RunState) -> None:
+    if qemu.alive(st.pid, str(st.overlay)):
+        raise LabError(f"qemu pid {st.pid} still running")
+    st.overlay.unlink(missing_ok=True)
+    if not st.pool_disk_reused:
+        Path(st.pool_disk).unlink(missing_ok=True)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console log)"

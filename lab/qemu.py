@@ -1,0 +1,132 @@
+"""The qemu process: argv, start (daemonized, pid file), liveness by pid, hard kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+GUEST_SSH_PORT = 22
+KERNEL_CMDLINE = (
+    "root=/dev/vda rw console=ttyS0 quiet loglevel=4 systemd.show_status=false "
+    "net.ifnames=0 nvme_core.multipath=N"
+)
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    name: str
+    kernel: Path
+    initrd: Path
+    overlay: Path
+    pool_disk: Path
+    src: Path
+    console_log: Path
+    pid_file: Path
+    ssh_port: int
+    forwards: Mapping[int, int]  # host port on 127.0.0.1 -> guest port
+    memory_mb: int = 4096
+    smp: int = 2
+
+
+def hostfwd(host_port: int, guest_port: int) -> str:
+    return f"hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+
+
+def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
+    nic = ",".join(
+        [
+            "user",
+            "model=virtio-net-pci",
+            "restrict=on",
+            hostfwd(cfg.ssh_port, GUEST_SSH_PORT),
+            *(hostfwd(h, g) for h, g in sorted(cfg.forwards.items())),
+        ]
+    )
+    return [
+        binary,
+        "-name", f"zvolt-lab-{cfg.name}",
+        "-nodefaults", "-no-user-config",
+        "-accel", "tcg,thread=multi",
+        "-cpu", "max",
+        "-smp", str(cfg.smp),
+        "-m", str(cfg.memory_mb),
+        "-display", "none",
+        "-monitor", "none",
+        "-serial", f"file:{cfg.console_log}",
+        "-kernel", str(cfg.kernel),
+        "-initrd", str(cfg.initrd),
+        "-append", KERNEL_CMDLINE,
+        "-drive", f"file={cfg.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
+        "-drive", f"file={cfg.pool_disk},if=virtio,format=raw,cache=writeback,discard=unmap",
+        "-nic", nic,
+        "-virtfs", f"local,path={cfg.src},mount_tag=src,security_model=none,readonly=on",
+        "-device", "virtio-rng-pci",
+        "-daemonize",
+        "-pidfile", str(cfg.pid_file),
+    ]
+
+
+def overlay_argv(base: Path, overlay: Path) -> list[str]:
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(overlay)]
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (qemu binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_sparse(path: Path, size_bytes: int) -> None:
+    with path.open("wb") as f:
+        f.truncate(size_bytes)
+
+
+def start(cfg: QemuConfig) -> int:
+    cfg.pid_file.unlink(missing_ok=True)
+    proc = subprocess.run(argv(cfg), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"qemu failed to start (exit {proc.returncode}): {proc.stderr.strip()}")
+    return int(cfg.pid_file.read_text().strip())
+
+
+def alive(pid: int, marker: str) -> bool:
+    """pid is a live qemu of ours (the marker, e.g. our overlay path, guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return marker.encode() in cmdline and b"qemu-system" in cmdline
+
+
+def wait_exit(pid: int, marker: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid, marker):
+            return True
+        time.sleep(0.2)
+    return not alive(pid, marker)
+
+
+def kill(pid: int, marker: str, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL; returns once the process is gone."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        if not alive(pid, marker):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_exit(pid, marker, wait):
+            return
+    if alive(pid, marker):
+        raise RuntimeError(f"qemu pid {pid} survived SIGKILL")

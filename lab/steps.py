@@ -1,0 +1,123 @@
+"""Build steps: one progress line per step with elapsed time; a failure names the step and shows its log tail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, log: Path, detail: str) -> None:
+        self.step = step
+        self.log = log
+        super().__init__(f"step {step!r} failed: {detail}\n--- last lines of {log} ---\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        data = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(data[-lines:])
+
+
+@dataclass
+class Steps:
+    log_dir: Path
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    t0: float = field(default_factory=time.monotonic)
+    current: str = ""
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Path]:
+        """Time a step; exceptions inside become StepFailed naming it."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path(name)
+        log.write_text("")
+        self.current = name
+        start = time.monotonic()
+        self.out.write(f"[lab {start - self.t0:7.1f}s] {name} ... ")
+        self.out.flush()
+        try:
+            yield log
+        except StepFailed:
+            self.out.write("FAILED\n")
+            raise
+        except Exception as exc:
+            self.out.write("FAILED\n")
+            with log.open("a") as f:
+                f.write(f"\nerror: {exc}\n")
+            raise StepFailed(name, log, str(exc)) from exc
+        now = time.monotonic()
+        self.out.write(f"ok ({now - start:.1f}s)\n")
+        self.out.flush()
+
+    def note(self, name: str, what: str) -> None:
+        """A step that was satisfied from the cache still gets its line."""
+        self.out.write(f"[lab {time.monotonic() - self.t0:7.1f}s] {name} ... {what}\n")
+        self.out.flush()
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 1800,
+        cwd: Path | None = None,
+    ) -> None:
+        """Run one command of the current step, appending its output to the step's log."""
+        log = self.log_path(self.current)
+        with log.open("a") as f:
+            f.write(f"$ {' '.join(argv)}\n")
+            f.flush()
+            try:
+                proc = subprocess.run(
+                    list(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env) if env is not None else None,
+                    timeout=timeout,
+                    cwd=cwd,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise StepFailed(self.current, log, f"{argv[0]} timed out after {timeout:.0f}s") from exc
+        if proc.returncode != 0:
+            raise StepFailed(self.current, log, f"{' '.join(argv[:4])} ... exited {proc.returncode}")
+
+    def capture(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 600) -> str:
+        log = self.log_path(self.current)
+        proc = subprocess.run(
+            list(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            env=dict(env) if env is not None else None, timeout=timeout, check=False,
+        )
+        with log.open("a") as f:
+            f.write(f"$ {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+        if proc.returncode != 0:
+            raise StepFailed(self.current, log, f"{' '.join(argv[:4])} ... exited {proc.returncode}")
+        return proc.stdout
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment for chroot/apt commands (the host venv must not leak in)."""
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/root",
+        "DEBIAN_FRONTEND": "noninteractive",
+        "TERM": os.environ.get("TERM", "dumb"),
+    }
+    env.update(extra or {})
+    return env

@@ -1,0 +1,34 @@
+"""Shared fixtures. `lab`: the qemu guest with the real kernel stack, booted once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from lab import control as lab_control
+from lab import hostpkgs as lab_hostpkgs
+from lab.guest import Lab
+from lab.paths import Cache, instance_from_env
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """Boots the lab guest (or reuses a running one) without starting services.
+
+    Tests start what they need (lab.start_agent() ...). A guest this fixture booted is powered
+    off at session end unless ZVOLT_LAB_KEEP=1; a guest that was already running is left up.
+    Only a machine where qemu cannot run at all skips; a failed build or boot is an error.
+    """
+    ok, why = lab_hostpkgs.qemu_available()
+    if not ok:
+        pytest.skip(f"lab tests need qemu: {why}")
+    cache = Cache.from_env()
+    instance = instance_from_env()
+    was_running = lab_control.is_running(cache, instance)
+    handle = lab_control.up(cache, instance, lab_control.UpOptions(services=False), sys.stderr)
+    yield handle
+    if not was_running and os.environ.get("ZVOLT_LAB_KEEP") != "1":
+        lab_control.down(cache, instance, sys.stderr)
