@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lab import qemu
@@ -83,10 +84,20 @@ def test_kill_stops_a_matching_process(tmp_path: Path) -> None:
     marker = str(tmp_path / "overlay.qcow2")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "qemu-system-x86_64", marker])
     try:
-        assert qemu.alive(proc.pid, marker)
+        # Right after fork the child still shows our cmdline: wait for its exec.
+        assert _exec_seen(proc.pid, marker)
         qemu.kill(proc.pid, marker, grace=2)
         proc.wait(timeout=5)
         assert not qemu.alive(proc.pid, marker)
     finally:
         proc.kill()
         proc.wait()
+
+
+def _exec_seen(pid: int, marker: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if qemu.alive(pid, marker):
+            return True
+        time.sleep(0.05)
+    return False
