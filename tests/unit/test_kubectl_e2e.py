@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_kubectl_fakeapi import FakeKube, Server, zvolt_cluster
+
+# A sibling test module (pytest puts tests/unit on sys.path; mypy's explicit package bases
+# cannot see it, so its names are untyped here).
+from test_kubectl_fakeapi import FakeKube, Server, zvolt_cluster  # type: ignore[import-not-found,unused-ignore]
 
 VENV_BIN = Path(sys.executable).parent
 

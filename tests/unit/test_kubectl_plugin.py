@@ -7,10 +7,20 @@ import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from test_kubectl_fakeapi import FakeKube, Server, postgres_pod, pvc, zvolt_cluster
+
+# A sibling test module (pytest puts tests/unit on sys.path; mypy's explicit package bases
+# cannot see it, so its names are untyped here).
+from test_kubectl_fakeapi import (  # type: ignore[import-not-found,unused-ignore]
+    FakeKube,
+    Server,
+    postgres_pod,
+    pvc,
+    zvolt_cluster,
+)
 
 from kubectl_zvolt import cli, tree
 from kubectl_zvolt.errors import PluginError
@@ -171,24 +181,27 @@ def test_wait_times_out_with_a_message(fake: FakeKube, kcfg: str) -> None:
 
 
 def test_wait_survives_a_compacted_watch(fake: FakeKube, kcfg: str) -> None:
+    """The resourceVersion the plugin read is already compacted when it starts watching:
+    the server answers 410 Gone, and the wait re-reads and carries on until Bound."""
     zvolt_cluster(fake)
     fake.add("persistentvolumeclaims", pvc("pg-main"))
     fake.bind_delay = 0.5
-    fake.compact()
-    # The first watch starts from a version read before compaction only if the fake says so:
-    # force it by compacting again right after the PVC is created.
     orig_add = fake.add
 
-    def add_then_compact(resource: str, obj: dict, *, react: bool = True) -> dict:  # type: ignore[type-arg]
+    def add_then_compact(resource: str, obj: Any, *, react: bool = True) -> Any:
         res = orig_add(resource, obj, react=react)
         if resource == "persistentvolumeclaims":
-            fake.rv += 1
-            fake.compact()
+            fake.rv += 1  # history moves on past the new object's version...
+            fake.compact()  # ...and is forgotten
         return res
 
-    fake.add = add_then_compact  # type: ignore[method-assign]
+    fake.add = add_then_compact
     code, out, err = zv(kcfg, "branch", "pg-main", "pg-dev", "--wait", "--timeout", "10")
     assert code == 0 and "bound" in out, err
+    created_rv = int(fake.get("persistentvolumeclaims", "db", "pg-dev")["metadata"]["resourceVersion"])
+    watched = [int(p.split("resourceVersion=")[1].split("&")[0]) for _, p in fake.requests
+               if "watch=true" in p.lower() and "resourceVersion=" in p]
+    assert any(rv < fake.compacted_below for rv in watched), (watched, fake.compacted_below, created_rv)
 
 
 def test_errors_for_missing_objects_and_foreign_classes(fake: FakeKube, kcfg: str) -> None:

@@ -1,0 +1,87 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "zvolt.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every object name. */}}
+{{- define "zvolt.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "zvolt.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "zvolt.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: zvolt
+{{- end -}}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "agent"). */}}
+{{- define "zvolt.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "zvolt.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Label selector string the controller uses to find this release's agent pods. */}}
+{{- define "zvolt.agentSelector" -}}
+{{- printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=agent" (include "zvolt.name" .) .Release.Name -}}
+{{- end -}}
+
+{{- define "zvolt.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* A sidecar image: call with (dict "ctx" $ "s" .Values.sidecars.provisioner). */}}
+{{- define "zvolt.sidecarImage" -}}
+{{- printf "%s:%s" .s.repository .s.tag -}}
+{{- end -}}
+
+{{- define "zvolt.parent" -}}
+{{- default (printf "%s/zvolt" .Values.agent.pool) .Values.agent.parent -}}
+{{- end -}}
+
+{{- define "zvolt.caSecret" -}}{{ include "zvolt.fullname" . }}-ca{{- end -}}
+{{- define "zvolt.agentTlsSecret" -}}{{ include "zvolt.fullname" . }}-agent-tls{{- end -}}
+{{- define "zvolt.controllerTlsSecret" -}}{{ include "zvolt.fullname" . }}-controller-tls{{- end -}}
+
+{{/* DNS name in the agent's server certificate. The controller dials agents by pod IP, so
+it verifies the certificate against this fixed name (gRPC ssl_target_name_override). */}}
+{{- define "zvolt.agentTlsName" -}}{{ include "zvolt.fullname" . }}-agent.{{ .Release.Namespace }}.svc{{- end -}}
+
+{{/* Command-line TLS flags for a gRPC peer, or --insecure when TLS is off. */}}
+{{- define "zvolt.tlsArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert=/etc/zvolt/tls/tls.crt
+- --tls-key=/etc/zvolt/tls/tls.key
+- --tls-ca=/etc/zvolt/tls/ca.crt
+{{- else }}
+- --insecure
+{{- end }}
+{{- end -}}
+
+{{- define "zvolt.sidecarResources" -}}
+{{- with .Values.sidecars.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Hardening shared by every unprivileged container. */}}
+{{- define "zvolt.restrictedContainer" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+{{- end -}}

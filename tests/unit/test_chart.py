@@ -1,0 +1,530 @@
+"""The Helm chart: lint, render with default and other values, validate every object strictly
+against the Kubernetes schemas (offline), and check the fields that make zvolt work.
+
+Helm here is the Helm v4 Go SDK through helm-python-sdk (libhelm_c); the Kubernetes schemas
+are kubernetes-validate's (strict: unknown fields fail). Both come from the dev extra.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+# A sibling test module (pytest puts tests/unit on sys.path; mypy's explicit package bases
+# cannot see it, so its names are untyped here).
+from test_chart_crds import CRD_SCHEMAS, validate_crd  # type: ignore[import-not-found,unused-ignore]
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "zvolt"
+KUBE_VERSION = "1.34.0"
+RELEASE = "zv"
+NAMESPACE = "storage"
+
+Obj = dict[str, Any]
+
+NON_DEFAULT: Obj = {
+    "fullnameOverride": "zvolt-prod",
+    "kubeletDir": "/var/snap/microk8s/common/var/lib/kubelet",
+    "image": {"repository": "registry.example/zvolt", "tag": "0.1.0-rc1"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "controller": {"replicas": 3, "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+                   "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]},
+    "agent": {"pool": "nvme", "parent": "nvme/k8s/zvolt", "nodeSelector": {"storage": "zfs"}, "port": 7443},
+    "tls": {"certManager": {"enabled": True}},
+    "storageClasses": [{"name": "fast", "isDefault": True, "volblocksize": "8K", "compression": "zstd",
+                        "thin": False, "fsType": "xfs", "reclaimPolicy": "Retain",
+                        "extraParameters": {"encryption": "on"}}],
+    "volumeSnapshotClass": {"enabled": True, "name": "fast-snap", "isDefault": False, "deletionPolicy": "Retain"},
+    "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
+}
+
+VARIANTS: dict[str, Obj] = {
+    "default": {},
+    "non-default": NON_DEFAULT,
+    "cert-manager-external-issuer": {"tls": {"certManager": {
+        "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
+    "insecure-no-agent-no-snapshots": {"tls": {"enabled": False}, "agent": {"enabled": False},
+                                       "volumeSnapshotClass": {"enabled": False}, "rbac": {"create": True}},
+}
+
+
+def render(values: Obj | None = None) -> list[Obj]:
+    chart = helm_python.Chart.load(CHART)
+    manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    docs: list[Obj] = []
+    for path, text in sorted(manifests.items()):
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[Obj], kind: str) -> dict[str, Obj]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(pod_spec: Obj, name: str) -> Obj:
+    return next(c for c in pod_spec["containers"] if c["name"] == name)
+
+
+def mounts(c: Obj) -> dict[str, Obj]:
+    return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+
+def host_paths(pod_spec: Obj) -> dict[str, str]:
+    return {v["name"]: v["hostPath"]["path"] for v in pod_spec["volumes"] if "hostPath" in v}
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[Obj]:
+    return render()
+
+
+# --- lint, schema of values, strict validation of everything rendered ---------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint_strict(variant: str) -> None:
+    report = helm_python.lint(CHART, VARIANTS[variant], strict=True, namespace=NAMESPACE,
+                              kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["total_charts_linted"] == 1
+    assert problems == [] and report["errors"] == []
+
+
+@pytest.mark.parametrize(("values", "complaint"), [
+    ({"agent": {"pol": "tank"}}, "additional properties 'pol' not allowed"),
+    ({"storageClasses": [{"name": "x", "volblocksize": "7K", "compression": "lz4", "fsType": "ext4"}]},
+     "/storageClasses/0/volblocksize"),
+    ({"storageClasses": [{"name": "x", "volblocksize": "8K", "compression": "lz4", "fsType": "btrfs"}]},
+     "/storageClasses/0/fsType"),
+    ({"sidecars": {"provisioner": {"repository": "r", "tag": "latest"}}}, "/sidecars/provisioner/tag"),
+    ({"agent": {"pool": ""}}, "/agent/pool"),
+    ({"controller": {"replicas": 0}}, "/controller/replicas"),
+    ({"node": {"stateDir": "relative/dir"}}, "/node/stateDir"),
+    ({"tls": {"certManager": {"enabled": True, "issuerRef": {"kind": "ClusterIssuer"}}}}, "/tls/certManager/issuerRef"),
+])
+def test_values_schema_rejects_bad_values(values: Obj, complaint: str) -> None:
+    report = helm_python.lint(CHART, values, strict=True)
+    errors = " ".join(m["error"] for m in report["messages"] if m["severity"] >= 3)
+    assert complaint in errors, report
+
+
+def validate_strict(doc: Obj) -> str:
+    """Validate one rendered object; returns which schema set judged it."""
+    if (doc.get("apiVersion"), doc.get("kind")) in CRD_SCHEMAS:
+        validate_crd(doc)
+        return "crd"
+    try:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise AssertionError(f"{doc['kind']} {doc['metadata']['name']}: {e.message} at {where}") from None
+    return "kubernetes"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_rendered_object_is_valid(variant: str) -> None:
+    docs = render(VARIANTS[variant])
+    judged = {(d["kind"], validate_strict(d)) for d in docs}
+    assert ("Deployment", "kubernetes") in judged and ("CSIDriver", "kubernetes") in judged
+    names = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), "duplicate objects"
+    for d in docs:
+        ns = d["metadata"].get("namespace")
+        cluster_scoped = d["kind"] in {"CSIDriver", "StorageClass", "VolumeSnapshotClass",
+                                       "ClusterRole", "ClusterRoleBinding"}
+        assert (ns is None) == cluster_scoped, f"{d['kind']} {d['metadata']['name']} namespace {ns}"
+        if not cluster_scoped:
+            assert ns == NAMESPACE
+
+
+def test_strict_validation_catches_a_misspelled_field(default_docs: list[Obj]) -> None:
+    ds = copy.deepcopy(by_kind(default_docs, "DaemonSet")[f"{RELEASE}-zvolt-node"])
+    ds["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][1]["mountPropogation"] = "Bidirectional"
+    with pytest.raises(AssertionError, match="mountPropogation"):
+        validate_strict(ds)
+
+
+def test_the_kinds_a_default_install_creates(default_docs: list[Obj]) -> None:
+    kinds: dict[str, int] = {}
+    for d in default_docs:
+        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 4,
+                     "ClusterRoleBinding": 4, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
+                     "VolumeSnapshotClass": 1, "Service": 3, "Secret": 3}
+
+
+# --- golden checks of the fields that matter ----------------------------------------------
+
+def test_csidriver(default_docs: list[Obj]) -> None:
+    drv = by_kind(default_docs, "CSIDriver")["csi.zvolt.io"]
+    assert drv["spec"] == {"attachRequired": True, "podInfoOnMount": False, "fsGroupPolicy": "File",
+                           "volumeLifecycleModes": ["Persistent"], "storageCapacity": True,
+                           "requiresRepublish": False}
+
+
+SIDECAR_TAGS = {
+    "csi-provisioner": "registry.k8s.io/sig-storage/csi-provisioner:v6.4.0",
+    "csi-attacher": "registry.k8s.io/sig-storage/csi-attacher:v4.11.0",
+    "csi-resizer": "registry.k8s.io/sig-storage/csi-resizer:v2.3.0",
+    "csi-snapshotter": "registry.k8s.io/sig-storage/csi-snapshotter:v8.7.0",
+    "liveness-probe": "registry.k8s.io/sig-storage/livenessprobe:v2.20.0",
+}
+
+
+def test_controller_deployment(default_docs: list[Obj]) -> None:
+    dep = by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]
+    spec = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 2
+    assert {c["name"]: c["image"] for c in spec["containers"] if c["name"] != "zvolt-controller"} == SIDECAR_TAGS
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 65532
+    assert not spec.get("hostNetwork")
+    for c in spec["containers"]:
+        assert mounts(c)["/csi"]["name"] == "socket-dir"
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}
+        if c["name"] in {"csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"}:
+            assert "--leader-election" in c["args"]
+            assert f"--leader-election-namespace={NAMESPACE}" in c["args"]
+            assert "--csi-address=$(ADDRESS)" in c["args"]
+            assert {"name": "ADDRESS", "value": "/csi/csi.sock"} in c["env"]
+    prov = container(spec, "csi-provisioner")
+    for flag in ("--feature-gates=Topology=true", "--enable-capacity", "--capacity-ownerref-level=2",
+                 "--extra-create-metadata"):
+        assert flag in prov["args"]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in prov["env"]}
+    assert env["NAMESPACE"] == "metadata.namespace" and env["POD_NAME"] == "metadata.name"
+    assert "--health-port=9808" in container(spec, "liveness-probe")["args"]
+
+    zc = container(spec, "zvolt-controller")
+    assert zc["command"] == ["zvolt-csi"]
+    assert zc["args"][:3] == ["--mode=controller", "--endpoint=unix:///csi/csi.sock", "--metrics-listen=0.0.0.0:9102"]
+    assert "--agents-from-kubernetes" in zc["args"] and f"--agent-namespace={NAMESPACE}" in zc["args"]
+    assert "--agent-port=7001" in zc["args"]
+    assert {"--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key",
+            "--tls-ca=/etc/zvolt/tls/ca.crt"} <= set(zc["args"])
+    assert zc["livenessProbe"]["httpGet"]["port"] == "healthz"
+    assert {p["name"]: p["containerPort"] for p in zc["ports"]} == {"metrics": 9102, "healthz": 9808}
+    tls_vol = next(v for v in spec["volumes"] if v["name"] == "tls")
+    assert tls_vol["secret"]["secretName"] == f"{RELEASE}-zvolt-controller-tls"
+
+
+def test_controller_agent_selector_finds_exactly_the_agent_pods(default_docs: list[Obj]) -> None:
+    zc = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
+                   "zvolt-controller")
+    selector = next(a.split("=", 1)[1] for a in zc["args"] if a.startswith("--agent-selector="))
+    wanted = dict(term.split("=") for term in selector.split(","))
+    pods = {name: d["spec"]["template"]["metadata"]["labels"]
+            for name, d in {**by_kind(default_docs, "DaemonSet"), **by_kind(default_docs, "Deployment")}.items()}
+    matching = [name for name, labels in pods.items() if all(labels.get(k) == v for k, v in wanted.items())]
+    assert matching == [f"{RELEASE}-zvolt-agent"]
+    assert wanted["app.kubernetes.io/component"] == "agent"  # the contract's selector key
+
+
+def test_node_daemonset(default_docs: list[Obj]) -> None:
+    ds = by_kind(default_docs, "DaemonSet")[f"{RELEASE}-zvolt-node"]
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    node = container(spec, "zvolt-node")
+    assert node["securityContext"]["privileged"] is True and node["securityContext"]["runAsUser"] == 0
+    assert node["args"] == ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
+                            "--state-dir=/var/lib/zvolt-node", "--metrics-listen=$(POD_IP):9103",
+                            "--ctrl-loss-tmo=600", "--reconnect-delay=2"]
+    m = mounts(node)
+    assert m["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
+    assert {"/csi", "/dev", "/sys", "/etc/nvme", "/var/lib/zvolt-node", "/lib/modules"} <= set(m)
+    assert [p for p, x in m.items() if x.get("mountPropagation")] == ["/var/lib/kubelet"]
+    hp = host_paths(spec)
+    assert hp == {"plugin-dir": "/var/lib/kubelet/plugins/csi.zvolt.io",
+                  "registration-dir": "/var/lib/kubelet/plugins_registry", "kubelet-dir": "/var/lib/kubelet",
+                  "dev": "/dev", "sys": "/sys", "lib-modules": "/lib/modules", "etc-nvme": "/etc/nvme",
+                  "state-dir": "/var/lib/zvolt-node"}
+    reg = container(spec, "node-driver-registrar")
+    assert reg["image"] == "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0"
+    assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.zvolt.io/csi.sock" in reg["args"]
+    assert mounts(reg)["/registration"]["name"] == "registration-dir"
+    assert "--health-port=9809" in container(spec, "liveness-probe")["args"]
+
+
+def test_kubelet_dir_moves_every_path(tmp_path: Path) -> None:
+    docs = render(NON_DEFAULT)
+    spec = by_kind(docs, "DaemonSet")["zvolt-prod-node"]["spec"]["template"]["spec"]
+    root = "/var/snap/microk8s/common/var/lib/kubelet"
+    hp = host_paths(spec)
+    assert hp["kubelet-dir"] == root and hp["plugin-dir"] == f"{root}/plugins/csi.zvolt.io"
+    assert hp["registration-dir"] == f"{root}/plugins_registry"
+    assert mounts(container(spec, "zvolt-node"))[root]["mountPropagation"] == "Bidirectional"
+    assert f"--kubelet-registration-path={root}/plugins/csi.zvolt.io/csi.sock" in \
+        container(spec, "node-driver-registrar")["args"]
+
+
+def test_agent_daemonset(default_docs: list[Obj]) -> None:
+    ds = by_kind(default_docs, "DaemonSet")[f"{RELEASE}-zvolt-agent"]
+    spec = ds["spec"]["template"]["spec"]
+    assert spec["nodeSelector"] == {"zvolt.io/storage-node": "true"}
+    assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is False
+    agent = container(spec, "zvolt-agent")
+    assert agent["command"] == ["zvolt-agent"]
+    assert agent["securityContext"]["privileged"] is True
+    assert agent["args"] == [
+        "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
+        "--nvme-listen=$(POD_IP):4420", "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
+        "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
+    assert set(mounts(agent)) == {"/dev", "/sys/kernel/config", "/lib/modules", "/var/lib/zvolt", "/etc/zvolt/tls"}
+    assert host_paths(spec) == {"dev": "/dev", "configfs": "/sys/kernel/config", "lib-modules": "/lib/modules",
+                                "state-dir": "/var/lib/zvolt"}
+    assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {"grpc": 7001, "nvme-tcp": 4420,
+                                                                        "metrics": 9101}
+
+
+def test_agent_values_reach_the_command_line() -> None:
+    docs = render(NON_DEFAULT)
+    agent = container(by_kind(docs, "DaemonSet")["zvolt-prod-agent"]["spec"]["template"]["spec"], "zvolt-agent")
+    assert "--pool=nvme" in agent["args"] and "--parent=nvme/k8s/zvolt" in agent["args"]
+    assert "--listen=$(POD_IP):7443" in agent["args"]
+    ctrl = container(by_kind(docs, "Deployment")["zvolt-prod-controller"]["spec"]["template"]["spec"],
+                     "zvolt-controller")
+    assert "--agent-port=7443" in ctrl["args"]
+    assert ctrl["image"] == "registry.example/zvolt:0.1.0-rc1"
+
+
+def test_insecure_mode_has_no_tls_anywhere() -> None:
+    docs = render(VARIANTS["insecure-no-agent-no-snapshots"])
+    assert by_kind(docs, "Secret") == {} and "DaemonSet" not in {d["kind"] for d in docs if "agent" in
+                                                                 d["metadata"]["name"]}
+    ctrl = container(by_kind(docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
+                     "zvolt-controller")
+    assert "--insecure" in ctrl["args"] and not any(a.startswith("--tls-") for a in ctrl["args"])
+    assert by_kind(docs, "VolumeSnapshotClass") == {}
+
+
+# --- RBAC ---------------------------------------------------------------------------------
+
+def rules_of(role: Obj) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in role["rules"]:
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                out.setdefault(f"{g or 'core'}/{res}", set()).update(r["verbs"])
+    return out
+
+
+EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
+    "ClusterRole/provisioner": {
+        "core/persistentvolumes": {"get", "list", "watch", "create", "delete"},
+        "core/persistentvolumeclaims": {"get", "list", "watch", "update"},
+        "storage.k8s.io/storageclasses": {"get", "list", "watch"},
+        "core/events": {"list", "watch", "create", "update", "patch"},
+        "snapshot.storage.k8s.io/volumesnapshots": {"get", "list"},
+        "snapshot.storage.k8s.io/volumesnapshotcontents": {"get", "list"},
+        "storage.k8s.io/csinodes": {"get", "list", "watch"},
+        "core/nodes": {"get", "list", "watch"},
+        "storage.k8s.io/volumeattachments": {"get", "list", "watch"},
+        "storage.k8s.io/volumeattributesclasses": {"get", "list", "watch"},
+    },
+    "Role/provisioner-capacity": {
+        "storage.k8s.io/csistoragecapacities": {"get", "list", "watch", "create", "update", "patch", "delete"},
+        "core/pods": {"get"},
+        "apps/replicasets": {"get"},
+    },
+    "ClusterRole/attacher": {
+        "core/persistentvolumes": {"get", "list", "watch", "patch"},
+        "storage.k8s.io/csinodes": {"get", "list", "watch"},
+        "storage.k8s.io/volumeattachments": {"get", "list", "watch", "patch"},
+        "storage.k8s.io/volumeattachments/status": {"patch"},
+    },
+    "ClusterRole/resizer": {
+        "core/persistentvolumes": {"get", "list", "watch", "patch"},
+        "core/persistentvolumeclaims": {"get", "list", "watch"},
+        "core/pods": {"get", "list", "watch"},
+        "core/persistentvolumeclaims/status": {"patch"},
+        "core/events": {"list", "watch", "create", "update", "patch"},
+        "storage.k8s.io/volumeattributesclasses": {"get", "list", "watch"},
+    },
+    "ClusterRole/snapshotter": {
+        "core/events": {"list", "watch", "create", "update", "patch"},
+        "snapshot.storage.k8s.io/volumesnapshotclasses": {"get", "list", "watch"},
+        "snapshot.storage.k8s.io/volumesnapshotcontents": {"get", "list", "watch", "update", "patch"},
+        "snapshot.storage.k8s.io/volumesnapshotcontents/status": {"update", "patch"},
+        "groupsnapshot.storage.k8s.io/volumegroupsnapshotclasses": {"get", "list", "watch"},
+        "groupsnapshot.storage.k8s.io/volumegroupsnapshotcontents": {"get", "list", "watch", "update", "patch"},
+        "groupsnapshot.storage.k8s.io/volumegroupsnapshotcontents/status": {"update", "patch"},
+    },
+    "Role/leader-election": {"coordination.k8s.io/leases": {"get", "watch", "list", "delete", "update", "create"}},
+    "Role/agent-discovery": {"core/pods": {"get", "list", "watch"}},
+}
+
+
+def test_rbac_is_exactly_what_each_sidecar_needs(default_docs: list[Obj]) -> None:
+    prefix = f"{RELEASE}-zvolt-"
+    roles = {f"{d['kind']}/{d['metadata']['name'].removeprefix(prefix)}": rules_of(d)
+             for d in default_docs if d["kind"] in {"ClusterRole", "Role"}}
+    assert roles == EXPECTED_RBAC
+    for rules in roles.values():
+        for res, verbs in rules.items():
+            assert "*" not in verbs and not res.endswith("/*") and "secrets" not in res
+
+
+def test_only_the_controller_is_bound(default_docs: list[Obj]) -> None:
+    bindings = [d for d in default_docs if d["kind"] in {"ClusterRoleBinding", "RoleBinding"}]
+    subjects = {(s["kind"], s["name"], s["namespace"]) for b in bindings for s in b["subjects"]}
+    assert subjects == {("ServiceAccount", f"{RELEASE}-zvolt-controller", NAMESPACE)}
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings}
+    defined = {(d["kind"], d["metadata"]["name"]) for d in default_docs if d["kind"] in {"ClusterRole", "Role"}}
+    assert bound == defined
+    sas = by_kind(default_docs, "ServiceAccount")
+    assert sas[f"{RELEASE}-zvolt-node"]["automountServiceAccountToken"] is False
+    assert sas[f"{RELEASE}-zvolt-agent"]["automountServiceAccountToken"] is False
+
+
+# --- classes, metrics, certificates ---------------------------------------------------------
+
+def test_storage_classes_and_snapshot_class(default_docs: list[Obj]) -> None:
+    scs = by_kind(default_docs, "StorageClass")
+    assert set(scs) == {"zvolt", "zvolt-postgres"}
+    for name, bs in (("zvolt", "16K"), ("zvolt-postgres", "8K")):
+        sc = scs[name]
+        assert sc["provisioner"] == "csi.zvolt.io"
+        assert sc["parameters"] == {"volblocksize": bs, "compression": "lz4", "thin": "true",
+                                    "csi.storage.k8s.io/fstype": "ext4"}
+        assert sc["allowVolumeExpansion"] is True and sc["volumeBindingMode"] == "WaitForFirstConsumer"
+        assert sc["reclaimPolicy"] == "Delete" and "annotations" not in sc["metadata"]
+    vsc = by_kind(default_docs, "VolumeSnapshotClass")["zvolt"]
+    assert vsc["driver"] == "csi.zvolt.io" and vsc["deletionPolicy"] == "Delete"
+    assert vsc["metadata"]["annotations"] == {"snapshot.storage.kubernetes.io/is-default-class": "true"}
+
+
+def test_custom_storage_class() -> None:
+    sc = by_kind(render(NON_DEFAULT), "StorageClass")["fast"]
+    assert sc["parameters"] == {"volblocksize": "8K", "compression": "zstd", "thin": "false",
+                                "csi.storage.k8s.io/fstype": "xfs", "encryption": "on"}
+    assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+    assert sc["reclaimPolicy"] == "Retain"
+
+
+def test_metrics_services_select_their_pods(default_docs: list[Obj]) -> None:
+    workloads = {**by_kind(default_docs, "DaemonSet"), **by_kind(default_docs, "Deployment")}
+    for name, svc in by_kind(default_docs, "Service").items():
+        assert svc["spec"]["clusterIP"] == "None"
+        sel = svc["spec"]["selector"]
+        targets = [w for w in workloads.values()
+                   if all(w["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+        assert len(targets) == 1, name
+        ports = {p["name"]: p["containerPort"] for c in targets[0]["spec"]["template"]["spec"]["containers"]
+                 for p in c.get("ports", [])}
+        assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+        assert ports["metrics"] == svc["spec"]["ports"][0]["port"]
+    assert {s["spec"]["ports"][0]["port"] for s in by_kind(default_docs, "Service").values()} == {9101, 9102, 9103}
+
+
+def test_service_monitor() -> None:
+    docs = render(NON_DEFAULT)
+    sm = by_kind(docs, "ServiceMonitor")["zvolt-prod"]
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["interval"] == "15s" and sm["spec"]["endpoints"][0]["port"] == "metrics"
+    services = by_kind(docs, "Service")
+    selected = [n for n, s in services.items()
+                if all(s["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())]
+    assert sorted(selected) == ["zvolt-prod-agent-metrics", "zvolt-prod-controller-metrics", "zvolt-prod-node-metrics"]
+
+
+def test_cert_manager_mode() -> None:
+    docs = render(NON_DEFAULT)
+    assert by_kind(docs, "Secret") == {}
+    issuers = by_kind(docs, "Issuer")
+    assert issuers["zvolt-prod-selfsigned"]["spec"] == {"selfSigned": {}}
+    assert issuers["zvolt-prod-ca"]["spec"] == {"ca": {"secretName": "zvolt-prod-ca"}}
+    certs = by_kind(docs, "Certificate")
+    assert certs["zvolt-prod-ca"]["spec"]["isCA"] is True
+    agent = certs["zvolt-prod-agent"]["spec"]
+    assert agent["secretName"] == "zvolt-prod-agent-tls" and agent["issuerRef"]["name"] == "zvolt-prod-ca"
+    assert "zvolt-prod-agent.storage.svc" in agent["dnsNames"] and "server auth" in agent["usages"]
+    assert certs["zvolt-prod-controller"]["spec"]["secretName"] == "zvolt-prod-controller-tls"
+    assert "client auth" in certs["zvolt-prod-controller"]["spec"]["usages"]
+    # The pods mount the Secrets cert-manager fills.
+    agent_spec = by_kind(docs, "DaemonSet")["zvolt-prod-agent"]["spec"]["template"]["spec"]
+    assert next(v for v in agent_spec["volumes"] if v["name"] == "tls")["secret"]["secretName"] == \
+        "zvolt-prod-agent-tls"
+
+
+def test_cert_manager_with_an_external_issuer() -> None:
+    docs = render(VARIANTS["cert-manager-external-issuer"])
+    assert by_kind(docs, "Issuer") == {}
+    certs = by_kind(docs, "Certificate")
+    assert set(certs) == {f"{RELEASE}-zvolt-agent", f"{RELEASE}-zvolt-controller"}
+    for c in certs.values():
+        assert c["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+
+
+def _openssl(args: list[str], data: bytes | None = None, cwd: Path | None = None) -> str:
+    proc = subprocess.run(["openssl", *args], input=data, capture_output=True, cwd=cwd, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def test_generated_certificates_form_a_working_mtls_pair(default_docs: list[Obj], tmp_path: Path) -> None:
+    secrets = by_kind(default_docs, "Secret")
+    files: dict[str, Path] = {}
+    for role in ("ca", "agent-tls", "controller-tls"):
+        s = secrets[f"{RELEASE}-zvolt-{role}"]
+        assert s["type"] == "kubernetes.io/tls"
+        for key, val in s["data"].items():
+            path = tmp_path / f"{role}-{key}"
+            path.write_bytes(base64.b64decode(val))
+            files[f"{role}/{key}"] = path
+    assert secrets[f"{RELEASE}-zvolt-ca"]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ca = str(files["ca/tls.crt"])
+    for role, purpose in (("agent-tls", "sslserver"), ("controller-tls", "sslclient")):
+        out = _openssl(["verify", "-CAfile", ca, "-purpose", purpose, str(files[f"{role}/tls.crt"])])
+        assert out.strip().endswith(": OK")
+        assert files[f"{role}/ca.crt"].read_bytes() == files["ca/tls.crt"].read_bytes()
+        # The key belongs to the certificate.
+        cert_pub = _openssl(["x509", "-noout", "-pubkey", "-in", str(files[f"{role}/tls.crt"])])
+        key_pub = _openssl(["pkey", "-pubout", "-in", str(files[f"{role}/tls.key"])])
+        assert cert_pub == key_pub
+    text = _openssl(["x509", "-noout", "-text", "-in", str(files["agent-tls/tls.crt"])])
+    assert f"DNS:{RELEASE}-zvolt-agent.{NAMESPACE}.svc" in text
+    # The name the controller is told to expect is in the agent's certificate.
+    ctrl = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
+                     "zvolt-controller")
+    expected = next(e["value"] for e in ctrl["env"] if e["name"] == "ZVOLT_AGENT_TLS_NAME")
+    assert f"DNS:{expected}" in text
+
+
+def test_pods_roll_when_certificates_change(default_docs: list[Obj]) -> None:
+    """Each offline render makes new certificates; the pod templates carry their checksum."""
+    again = render()
+    for kind, name in (("Deployment", f"{RELEASE}-zvolt-controller"), ("DaemonSet", f"{RELEASE}-zvolt-agent")):
+        a = by_kind(default_docs, kind)[name]["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
+        b = by_kind(again, kind)[name]["spec"]["template"]["metadata"]["annotations"]["checksum/tls"]
+        assert len(a) == 64 and a != b
+
+
+def test_values_yaml_documents_every_key() -> None:
+    """Every key in values.yaml is declared in values.schema.json (and so validated)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(v: Any, s: Obj, path: str) -> None:
+        if isinstance(v, dict) and s.get("additionalProperties") is False:
+            for k, sub in v.items():
+                assert k in s["properties"], f"{path}.{k} is not in values.schema.json"
+                walk(sub, s["properties"][k], f"{path}.{k}")
+
+    walk(values, schema, "")
+    text = (CHART / "values.yaml").read_text()
+    for top in values:
+        idx = text.index(f"\n{top}:")
+        assert "#" in text[max(0, idx - 300):idx], f"{top} has no comment in values.yaml"
