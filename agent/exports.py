@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import nvmet
+from agent.dhchap import HostKeys
 from agent.zfs import Zfs
 from zvolt import names
 from zvolt.errors import internal
@@ -42,8 +43,10 @@ def device_nguid(volume_id: str) -> str:
 
 class Exports:
     def __init__(self, zfs: Zfs, root: nvmet.Root, cfg: ExportConfig,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 auth: HostKeys | None = None) -> None:
         self.zfs = zfs
+        self.auth = auth  # DH-HMAC-CHAP on: every allowed host gets its key first
         self.root = root
         self.cfg = cfg
         self._clock = clock
@@ -98,6 +101,12 @@ class Exports:
 
     def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str]) -> None:
         have = set(sub.allowed_hosts())
+        if self.auth is not None:
+            # Key before link: an allowed host must never be able to connect unauthenticated.
+            for h in sorted(set(hosts)):
+                host = self.root.host(h)
+                host.create()
+                self.auth.apply(host)
         for h in sorted(set(hosts) - have):
             sub.allow_host(self.root.host(h))
         for h in sorted(have - set(hosts)):

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from agent import nvmet
+from agent.dhchap import AuthConfig, HostKeys
 from agent.exports import ExportConfig, Exports
 from agent.failpoints import FailpointZfs
 from agent.index import Index, IndexCorrupt
@@ -56,7 +57,7 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "log-level": ("info", "log level"),
     "failpoint": (None, "crash tests only: SIGKILL self at OP:before|after (see agent/failpoints.py)"),
 }
-_FLAGS = ("insecure", "rebuild-index")
+_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Settings:
     log_level: str
     rebuild_index: bool
     failpoint: str = ""
+    dhchap: bool = False  # per-host DH-HMAC-CHAP secrets on every allowed host (agent/dhchap.py)
+    dhchap_bidirectional: bool = False  # + a controller secret: the host authenticates the target too
 
 
 def _env_name(flag: str) -> str:
@@ -148,6 +151,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         configfs_root=str(get("configfs-root")), device_timeout=float(get("device-timeout")),
         gc_interval=float(get("gc-interval")), log_level=str(get("log-level")),
         rebuild_index=_truthy(get("rebuild-index")), failpoint=str(get("failpoint") or ""),
+        dhchap=_truthy(get("dhchap")) or _truthy(get("dhchap-bidirectional")),
+        dhchap_bidirectional=_truthy(get("dhchap-bidirectional")),
     )
 
 
@@ -178,8 +183,10 @@ class Agent:
 def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
     cfg = AgentConfig(node=settings.node, pool=settings.pool, parent=settings.parent,
                       nvme_address=settings.nvme_address, nvme_port=settings.nvme_port)
+    auth = HostKeys(settings.state_dir, AuthConfig(bidirectional=settings.dhchap_bidirectional)) \
+        if settings.dhchap else None
     exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
-                                              settings.device_timeout))
+                                              settings.device_timeout), auth=auth)
     volumes = Volumes(cfg, zfs, index, exports, VolumeLocks())
     readiness = Readiness()
     metrics = Metrics()

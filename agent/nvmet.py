@@ -142,8 +142,23 @@ class Host:
     def create(self) -> None:
         self.root.mkdir(self.path)
 
+    def attr(self, name: str) -> str:
+        return self.root.read(os.path.join(self.path, _host_attr(name)))
+
+    def set_attr(self, name: str, value: str) -> None:
+        self.root.write(os.path.join(self.path, _host_attr(name)), value)
+
     def delete(self) -> None:
         self.root.rmdir(self.path)
+
+
+_HOST_ATTRS = ("dhchap_key", "dhchap_ctrl_key", "dhchap_hash", "dhchap_dhgroup")
+
+
+def _host_attr(name: str) -> str:
+    if name not in _HOST_ATTRS:
+        raise NvmetError(f"{name!r} is not an nvmet host attribute")
+    return name
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,14 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self._ready()
         nqn = self.v.publish(request.volume_id, request.host_nqn)
         cfg = self.v.cfg
-        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port)
+        resp = pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port)
+        auth = self.v.exports.auth
+        if auth is not None:
+            # The same secrets publish() just wrote into the host entry (persisted per host).
+            found = auth.secrets_for(request.host_nqn)
+            resp.dhchap_secret = found.secret
+            resp.dhchap_ctrl_secret = found.ctrl_secret
+        return resp
 
     def UnpublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()

@@ -1,0 +1,187 @@
+"""Per-host DH-HMAC-CHAP secrets (NVMe in-band authentication) for the nvmet host entries.
+
+One secret per host NQN per storage node (not per volume): nvmet keeps the key on the
+`hosts/<hostnqn>/` group, which every subsystem that allows that host links to. Secrets are
+generated here, persisted under `<state-dir>/dhchap/` (0700 folder, 0600 files, written
+atomically) so that a restart or reboot restores the same keys with the exports, and written
+into configfs through the nvmet adapter before the host is linked into `allowed_hosts`.
+
+Secret format (NVMe base spec, "DH-HMAC-CHAP secret representation"; what `nvme
+gen-dhchap-key` prints and what the kernel parses): ``DHHC-1:<hh>:<base64(key || crc32(key)
+little-endian)>:`` where hh names the hash used to transform the key (01 = SHA-256 with a
+32-byte key, 02 = SHA-384 / 48, 03 = SHA-512 / 64).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import re
+import secrets
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Protocol
+
+from zvolt import names
+from zvolt.errors import invalid
+
+# hh -> key length in bytes (00 = untransformed key, any of the lengths; we never generate it).
+KEY_LENGTHS = {1: 32, 2: 48, 3: 64}
+# nvmet's dhchap_hash takes the HMAC name, not the transform id.
+HASHES = {1: "hmac(sha256)", 2: "hmac(sha384)", 3: "hmac(sha512)"}
+DHGROUPS = ("null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192")
+_SECRET = re.compile(r"^DHHC-1:(0[0-3]):([A-Za-z0-9+/]+={0,2}):$")
+
+
+class SecretError(ValueError):
+    pass
+
+
+def encode_secret(key: bytes, transform: int = 1) -> str:
+    if transform not in KEY_LENGTHS and transform != 0:
+        raise SecretError(f"unknown key transform {transform}")
+    if len(key) not in KEY_LENGTHS.values():
+        raise SecretError(f"a DH-HMAC-CHAP key is 32, 48 or 64 bytes, not {len(key)}")
+    if transform and len(key) != KEY_LENGTHS[transform]:
+        raise SecretError(f"transform {transform:02d} needs a {KEY_LENGTHS[transform]}-byte key")
+    crc = zlib.crc32(key).to_bytes(4, "little")
+    return f"DHHC-1:{transform:02d}:{base64.b64encode(key + crc).decode()}:"
+
+
+def decode_secret(secret: str) -> tuple[int, bytes]:
+    """(transform, key) of a DHHC-1 secret; SecretError if it is malformed or its CRC is wrong."""
+    m = _SECRET.fullmatch(secret or "")
+    if not m:
+        raise SecretError("not a DHHC-1 secret")
+    try:
+        raw = base64.b64decode(m.group(2), validate=True)
+    except binascii.Error as exc:
+        raise SecretError("DHHC-1 secret is not valid base64") from exc
+    key, crc = raw[:-4], raw[-4:]
+    if len(key) not in KEY_LENGTHS.values():
+        raise SecretError(f"DHHC-1 key is {len(key)} bytes; expected 32, 48 or 64")
+    if zlib.crc32(key).to_bytes(4, "little") != crc:
+        raise SecretError("DHHC-1 secret CRC does not match its key")
+    transform = int(m.group(1))
+    if transform and len(key) != KEY_LENGTHS[transform]:
+        raise SecretError(f"DHHC-1 transform {transform:02d} needs a {KEY_LENGTHS[transform]}-byte key")
+    return transform, key
+
+
+def generate_secret(transform: int = 1) -> str:
+    return encode_secret(secrets.token_bytes(KEY_LENGTHS[transform]), transform)
+
+
+@dataclass(frozen=True)
+class HostSecrets:
+    host: str
+    secret: str           # the host proves itself with this one
+    ctrl_secret: str = ""  # bidirectional: the controller proves itself with this one
+
+    def __repr__(self) -> str:  # never print keys by accident (logs, assertion messages)
+        return f"HostSecrets(host={self.host!r}, secret=<redacted>, ctrl_secret=<{'set' if self.ctrl_secret else ''}>)"
+
+
+class HostAttrs(Protocol):
+    """What the nvmet adapter's Host offers (agent.nvmet.Host)."""
+
+    @property
+    def nqn(self) -> str: ...
+
+    def attr(self, name: str) -> str: ...
+    def set_attr(self, name: str, value: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    bidirectional: bool = False
+    transform: int = 1
+    dhgroup: str = "null"
+
+    def __post_init__(self) -> None:
+        if self.transform not in KEY_LENGTHS:
+            raise SecretError(f"hash transform must be one of {sorted(KEY_LENGTHS)}")
+        if self.dhgroup not in DHGROUPS:
+            raise SecretError(f"dhgroup must be one of {DHGROUPS}")
+
+
+class HostKeys:
+    """The persistent per-host secrets of one agent, and their application to configfs."""
+
+    def __init__(self, state_dir: str, cfg: AuthConfig | None = None) -> None:
+        self.cfg = cfg or AuthConfig()
+        self.dir = os.path.join(state_dir, "dhchap")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self._mu = threading.Lock()
+
+    def _file(self, host: str) -> str:
+        # NQNs may hold ':' and '.', never '/': safe as a file name once validated.
+        return os.path.join(self.dir, names.check_nqn(host) + ".json")
+
+    def _load(self, host: str) -> HostSecrets | None:
+        try:
+            with open(self._file(host)) as f:
+                data = json.load(f)
+            found = HostSecrets(host, str(data["secret"]), str(data.get("ctrl_secret", "")))
+            decode_secret(found.secret)
+            if found.ctrl_secret:
+                decode_secret(found.ctrl_secret)
+            return found
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, SecretError) as exc:
+            # A damaged file must not silently lock the host out with an unknown key: say so.
+            raise invalid(f"DH-HMAC-CHAP secret file for {host} is damaged; remove it to rotate: {exc}") from exc
+
+    def _store(self, found: HostSecrets) -> None:
+        path = self._file(found.host)
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"secret": found.secret, "ctrl_secret": found.ctrl_secret}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def secrets_for(self, host: str) -> HostSecrets:
+        """The host's secrets, generated and persisted on first use (idempotent)."""
+        with self._mu:
+            found = self._load(host)
+            want_ctrl = self.cfg.bidirectional
+            if found is not None and bool(found.ctrl_secret) == want_ctrl:
+                return found
+            secret = found.secret if found is not None else generate_secret(self.cfg.transform)
+            ctrl = generate_secret(self.cfg.transform) if want_ctrl else ""
+            fresh = HostSecrets(host, secret, ctrl)
+            self._store(fresh)
+            return fresh
+
+    def rotate(self, host: str) -> HostSecrets:
+        """New secrets for the host (the old ones stop working at the next connect)."""
+        with self._mu, contextlib.suppress(FileNotFoundError):
+            os.unlink(self._file(host))
+        return self.secrets_for(host)
+
+    def apply(self, host: HostAttrs) -> None:
+        """Write the host's key (+ controller key, hash, group) into its nvmet host entry.
+
+        Called before the host is linked into a subsystem's allowed_hosts, so there is no
+        window in which the host may connect without authenticating.
+        """
+        found = self.secrets_for(host.nqn)
+        want = {
+            "dhchap_hash": HASHES[self.cfg.transform],
+            "dhchap_dhgroup": self.cfg.dhgroup,
+            "dhchap_key": found.secret,
+            "dhchap_ctrl_key": found.ctrl_secret,
+        }
+        for attr, value in want.items():
+            if attr == "dhchap_ctrl_key" and not value and not host.attr(attr):
+                continue
+            if host.attr(attr) != value:
+                host.set_attr(attr, value)
