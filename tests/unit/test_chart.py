@@ -157,8 +157,8 @@ def test_the_kinds_a_default_install_creates(default_docs: list[Obj]) -> None:
     kinds: dict[str, int] = {}
     for d in default_docs:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
-    assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 4,
-                     "ClusterRoleBinding": 4, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
+    assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 5,
+                     "ClusterRoleBinding": 5, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
                      "VolumeSnapshotClass": 1, "Service": 3, "Secret": 3}
 
 
@@ -306,7 +306,7 @@ def test_insecure_mode_has_no_tls_anywhere() -> None:
                                                                  d["metadata"]["name"]}
     ctrl = container(by_kind(docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
                      "zvolt-controller")
-    assert "--insecure" in ctrl["args"] and not any(a.startswith("--tls-") for a in ctrl["args"])
+    assert "--insecure" in ctrl["args"] and not any(a.startswith("--tls") for a in ctrl["args"])
     assert by_kind(docs, "VolumeSnapshotClass") == {}
 
 
@@ -364,6 +364,7 @@ EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
     },
     "Role/leader-election": {"coordination.k8s.io/leases": {"get", "watch", "list", "delete", "update", "create"}},
     "Role/agent-discovery": {"core/pods": {"get", "list", "watch"}},
+    "ClusterRole/agent-zones": {"core/nodes": {"get"}},
 }
 
 
@@ -499,7 +500,7 @@ def test_generated_certificates_form_a_working_mtls_pair(default_docs: list[Obj]
     # The name the controller is told to expect is in the agent's certificate.
     ctrl = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
                      "zvolt-controller")
-    expected = next(e["value"] for e in ctrl["env"] if e["name"] == "ZVOLT_AGENT_TLS_NAME")
+    expected = next(a.split("=", 1)[1] for a in ctrl["args"] if a.startswith("--tls-server-name="))
     assert f"DNS:{expected}" in text
 
 
@@ -528,3 +529,41 @@ def test_values_yaml_documents_every_key() -> None:
     for top in values:
         idx = text.index(f"\n{top}:")
         assert "#" in text[max(0, idx - 300):idx], f"{top} has no comment in values.yaml"
+
+
+# --- the command lines the chart writes are the ones the programs accept --------------------
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) substitution from the container's env."""
+    out = []
+    for arg in args:
+        for key, value in env.items():
+            arg = arg.replace(f"$({key})", value)
+        assert "$(" not in arg, f"unresolved variable in {arg}"
+        out.append(arg)
+    return out
+
+
+def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -> None:
+    from agent.main import parse_settings
+    from csi.main import parser as csi_parser
+
+    pod_env = {"NODE_NAME": "storage-0", "POD_IP": "10.1.2.3", "ADDRESS": "/csi/csi.sock"}
+    ds = by_kind(default_docs, "DaemonSet")
+    agent = container(ds[f"{RELEASE}-zvolt-agent"]["spec"]["template"]["spec"], "zvolt-agent")
+    settings = parse_settings(_expand(agent["args"], pod_env), env={})
+    assert (settings.node, settings.pool, settings.parent) == ("storage-0", "tank", "tank/zvolt")
+    assert settings.listen == "10.1.2.3:7001" and settings.metrics_listen == "10.1.2.3:9101"
+    assert (settings.nvme_address, settings.nvme_port) == ("10.1.2.3", "4420")
+    assert settings.tls == ("/etc/zvolt/tls/tls.crt", "/etc/zvolt/tls/tls.key", "/etc/zvolt/tls/ca.crt")
+
+    node = container(ds[f"{RELEASE}-zvolt-node"]["spec"]["template"]["spec"], "zvolt-node")
+    nargs = csi_parser().parse_args(_expand(node["args"], pod_env))
+    assert (nargs.mode, nargs.node_id, nargs.state_dir) == ("node", "storage-0", "/var/lib/zvolt-node")
+
+    ctrl = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
+                     "zvolt-controller")
+    cargs = csi_parser().parse_args(_expand(ctrl["args"], pod_env))
+    assert cargs.mode == "controller" and cargs.agents_from_kubernetes and not cargs.insecure
+    assert cargs.agent_namespace == NAMESPACE and cargs.agent_port == 7001
+    assert cargs.tls_server_name == f"{RELEASE}-zvolt-agent.{NAMESPACE}.svc"
