@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -127,7 +128,7 @@ def pki(tmp_path: Path) -> Iterator[Pki]:
     index.close()
 
 
-def get_info(target: str, creds: grpc.ChannelCredentials | None) -> pb.GetInfoResponse:
+def get_info(target: str, creds: grpc.ChannelCredentials | None) -> Any:
     channel = grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)
     with channel:
         return pb_grpc.AgentStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
