@@ -85,11 +85,23 @@ def _log(out: TextIO, t0: float, msg: str) -> None:
     out.flush()
 
 
+@dataclass(frozen=True)
+class UpResult:
+    lab: Lab
+    booted: bool  # False: an already running guest was reused (whoever booted it owns it)
+
+
 def up(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> Lab:
+    """Boot or reuse the instance's guest and set it up; see up_result for who booted it."""
+    return up_result(cache, instance, opts, out).lab
+
+
+def up_result(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> UpResult:
     t0 = time.monotonic()
     run_dir = cache.run_dir(instance)
     with instance_lock(run_dir):
         st = running_state(cache, instance)
+        booted = st is None
         if st is not None:
             _log(out, t0, f"reusing running guest (qemu pid {st.pid})")
         else:
@@ -106,7 +118,7 @@ def up(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> Lab:
         except Exception:
             out.write(f"--- last lines of {st.console_log} ---\n{_tail(st.console_log)}\n")
             raise
-        return lab
+        return UpResult(lab=lab, booted=booted)
 
 
 def _boot(

@@ -42,6 +42,8 @@ MASKED_UNITS = (
     "fstrim.timer",
     "man-db.timer",
     "getty@tty1.service",
+    "nvmf-autoconnect.service",
+    "nvmefc-boot-connections.service",
 )
 DISABLED_UNITS = ("postgresql.service",)
 ENABLED_UNITS = ("systemd-networkd.service", "ssh.service")
@@ -57,6 +59,8 @@ FILES: dict[str, str] = {
     "/etc/ssh/sshd_config.d/zvolt-lab.conf": (
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
         "ClientAliveInterval 15\n"
+        # Tests multiplex many commands over one connection.
+        "MaxSessions 64\nMaxStartups 64:30:128\n"
     ),
     "/etc/modules-load.d/zvolt-lab.conf": "9pnet_virtio\n9p\n",
     "/etc/systemd/journald.conf.d/zvolt-lab.conf": "[Journal]\nStorage=volatile\nRuntimeMaxUse=64M\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,10 @@ class StepFailed(RuntimeError):
         self.step = step
         self.log = log
         super().__init__(f"step {step!r} failed: {detail}\n--- last lines of {log} ---\n{tail(log)}")
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "step"
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -36,7 +41,7 @@ class Steps:
     current: str = ""
 
     def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
+        return self.log_dir / f"{slug(name)}.log"
 
     @contextmanager
     def step(self, name: str) -> Iterator[Path]:

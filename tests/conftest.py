@@ -27,8 +27,8 @@ def lab() -> Iterator[Lab]:
         pytest.skip(f"lab tests need qemu: {why}")
     cache = Cache.from_env()
     instance = instance_from_env()
-    was_running = lab_control.is_running(cache, instance)
-    handle = lab_control.up(cache, instance, lab_control.UpOptions(services=False), sys.stderr)
-    yield handle
-    if not was_running and os.environ.get("ZVOLT_LAB_KEEP") != "1":
+    result = lab_control.up_result(cache, instance, lab_control.UpOptions(services=False), sys.stderr)
+    yield result.lab
+    # Decided under the instance lock: a guest someone else booted meanwhile is not ours to stop.
+    if result.booted and os.environ.get("ZVOLT_LAB_KEEP") != "1":
         lab_control.down(cache, instance, sys.stderr)
