@@ -13,6 +13,7 @@ from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, 
 from csi.controller import ControllerService, all_ready
 from csi.host_identity import load_or_create
 from csi.identity import IdentityService
+from csi.metrics import Metrics
 from csi.mounter import SystemMounter
 from csi.node import NodeService
 from csi.nvme_host import SysfsNvmeHost
@@ -33,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
     p.add_argument("--mode", choices=["controller", "node"], default=_env("mode"), required=_env("mode") is None)
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
-    p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT (not served yet)")
+    p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
     p.add_argument("--zone", default=_env("zone", DEFAULT_ZONE), help="topology zone of this node / of static agents")
     # controller
@@ -103,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         endpoint = parse_endpoint(args.endpoint)
         services = _controller(args) if args.mode == "controller" else _node(args)
-        server, _ = build_server(services, endpoint)
-    except (ZvoltError, ValueError) as err:
+        metrics = Metrics(args.mode)
+        if args.metrics_listen:
+            metrics.serve(args.metrics_listen)
+        server, _ = build_server(services, endpoint, on_done=metrics.observe)
+    except (ZvoltError, ValueError, OSError) as err:
         _log.error("cannot start", extra={"fields": {"error": str(err)}})
         return 2
     serve(server, endpoint)

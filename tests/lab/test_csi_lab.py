@@ -141,8 +141,13 @@ class Csi:
     # -- kernel state in the guest ------------------------------------------------------------
 
     def controllers_for(self, nqn: str) -> list[str]:
-        out = self.lab.run(["grep", "-lx", nqn, "-r", "/sys/class/nvme/", "--include=subsysnqn"], check=False)
-        return [line.split("/")[4] for line in out.stdout.split() if line]
+        code = f"""
+import glob, os
+for path in sorted(glob.glob("/sys/class/nvme/nvme*/subsysnqn")):
+    if open(path).read().strip() == {nqn!r}:
+        print(os.path.basename(os.path.dirname(path)))
+"""
+        return self.py(code).split()
 
     def mounted(self, path: str) -> bool:
         return bool(self.lab.run(["findmnt", "--mountpoint", path], check=False).returncode == 0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,9 +28,13 @@ def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 20) 
 
 def test_node_mode_process_lifecycle() -> None:
     tmp = tempfile.mkdtemp(prefix="zvmain", dir="/tmp")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     sock = f"{tmp}/csi/node.sock"
     argv = [sys.executable, "-m", "csi.main", "--mode", "node", "--endpoint", f"unix://{sock}",
-            "--node-id", "worker-0", "--state-dir", f"{tmp}/state"]  # fmt: skip
+            "--node-id", "worker-0", "--state-dir", f"{tmp}/state",
+            "--metrics-listen", f"127.0.0.1:{port}"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
     try:
         _wait_socket(sock, proc)
@@ -46,6 +52,8 @@ def test_node_mode_process_lifecycle() -> None:
                 raise AssertionError("node mode must not serve the Controller service")
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'zvolt_csi_operations_total{method="NodeGetInfo",mode="node",status="OK"} 1.0' in scraped
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         assert not os.path.exists(sock)
