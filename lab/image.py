@@ -90,6 +90,16 @@ def pip_download_argv(python: str, dest: Path, deps: Sequence[str]) -> list[str]
     return [*argv, "--python-version", GUEST_PYTHON, "--implementation", "cp", *deps]
 
 
+def pinned(packages: Sequence[str], versions: Versions) -> list[str]:
+    """The exact versions the cache key names, so the key cannot lie if backports moves on."""
+    pins = {
+        "linux-image-amd64": versions.kernel_pkg,
+        "zfsutils-linux": versions.zfs,
+        "python3-pyzfs": versions.zfs,
+    }
+    return [f"{p}={pins[p]}" if p in pins else p for p in packages]
+
+
 def debootstrap_argv(root: Path) -> list[str]:
     return [
         "debootstrap", "--variant=minbase", f"--include={','.join(recipe.BOOTSTRAP_INCLUDE)}",
@@ -195,7 +205,8 @@ def zfs_module(ch: Chroot, cache: Cache, versions: Versions, steps: Steps) -> No
     moddir = f"lib/modules/{kver}"
     if not tarball.exists():
         with steps.step("zfs module (DKMS, slow)"):
-            ch.apt_install([f"linux-headers-{kver}", "zfs-dkms"], target=aptversions.BACKPORTS, timeout=3600)
+            ch.apt_install([f"linux-headers-{kver}", f"zfs-dkms={versions.zfs}"], target=aptversions.BACKPORTS,
+                           timeout=3600)
             built = list((ch.root / moddir).rglob("zfs.ko*"))
             if not built:
                 ch.run("dkms", "autoinstall", "-k", kver, timeout=3600)
@@ -281,7 +292,7 @@ def build(cache: Cache | None = None, *, out: object = None, force: bool = False
                     ch.run("apt-get", "update", "-q", timeout=600)
                     ch.apt_install(recipe.BASE_PACKAGES)
                 with steps.step("kernel + zfs + nvme (backports)"):
-                    ch.apt_install(recipe.BACKPORTS_PACKAGES, target=aptversions.BACKPORTS)
+                    ch.apt_install(pinned(recipe.BACKPORTS_PACKAGES, versions), target=aptversions.BACKPORTS)
                     if not (root / f"boot/vmlinuz-{versions.kernel}").exists():
                         raise RuntimeError(f"kernel {versions.kernel} was not installed (versions moved? rebuild)")
                 zfs_module(ch, cache, versions, steps)

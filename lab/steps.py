@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,21 +87,22 @@ class Steps:
         with log.open("a") as f:
             f.write(f"$ {' '.join(argv)}\n")
             f.flush()
+            # Own process group: a timeout or interrupt ends the whole tree (debootstrap, dpkg, make).
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+            )
             try:
-                proc = subprocess.run(
-                    list(argv),
-                    stdin=subprocess.DEVNULL,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    env=dict(env) if env is not None else None,
-                    timeout=timeout,
-                    cwd=cwd,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise StepFailed(self.current, log, f"{argv[0]} timed out after {timeout:.0f}s") from exc
-        if proc.returncode != 0:
-            raise StepFailed(self.current, log, f"{' '.join(argv[:4])} ... exited {proc.returncode}")
+                rc = proc.wait(timeout=timeout)
+            except BaseException as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(exc, subprocess.TimeoutExpired):
+                    raise StepFailed(self.current, log, f"{argv[0]} timed out after {timeout:.0f}s") from exc
+                raise
+        if rc != 0:
+            raise StepFailed(self.current, log, f"{' '.join(argv[:4])} ... exited {rc}")
 
     def capture(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 600) -> str:
         log = self.log_path(self.current)

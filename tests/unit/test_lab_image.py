@@ -89,3 +89,10 @@ def test_build_lock_is_exclusive(tmp_path: Path) -> None:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with lock.open("a") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_backports_packages_are_pinned_to_the_keyed_versions() -> None:
+    got = image.pinned(["linux-image-amd64", "zfsutils-linux", "python3-pyzfs", "fio"], V)
+    assert got == [
+        "linux-image-amd64=6.12.95-1~bpo12+1", "zfsutils-linux=2.3.2-2~bpo12+2", "python3-pyzfs=2.3.2-2~bpo12+2", "fio",
+    ]
