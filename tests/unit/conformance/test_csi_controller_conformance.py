@@ -7,12 +7,13 @@ from concurrent import futures
 
 import grpc
 import pytest
-from conftest import NODE_A, NODE_B, ControllerEnv, block_cap, code_of, mount_cap, start_controller
 
 from csi import TOPOLOGY_ZONE_KEY
 from csi.controller import PageToken
 from csi.fakes import FakeAgent, GiB
 from zvolt.pb import csi_pb2, csi_pb2_grpc
+
+from .support import NODE_A, NODE_B, ControllerEnv, block_cap, code_of, mount_cap, start_controller
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 RPC = csi_pb2.ControllerServiceCapability.RPC

@@ -8,12 +8,13 @@ from concurrent import futures
 
 import grpc
 import pytest
-from conftest import NodeEnv, block_cap, code_of, mount_cap
 
 from csi import TOPOLOGY_ZONE_KEY
 from csi.fakes import GiB
 from zvolt.names import subsystem_nqn
 from zvolt.pb import csi_pb2
+
+from .support import NodeEnv, block_cap, code_of, mount_cap
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 NodeRPC = csi_pb2.NodeServiceCapability.RPC

@@ -1,0 +1,1 @@
+"""CSI spec conformance suite (unit run: real gRPC servers, fakes behind the seams)."""
