@@ -11,7 +11,9 @@ snapshot-controller marks a VolumeSnapshot ready, each after a configurable dela
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import re
 import threading
@@ -110,6 +112,9 @@ class FakeKube:
     requests: list[tuple[str, str]] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
     timers: list[threading.Timer] = field(default_factory=list)
+    # kubelet's exec: (namespace, pod, container, argv) -> (exit status, output)
+    exec_handler: Callable[[str, str, str, list[str]], tuple[int, str]] = lambda ns, pod, c, argv: (0, "")
+    execs: list[tuple[str, str, str, list[str]]] = field(default_factory=list)
 
     # --- store -----------------------------------------------------------------------
 
@@ -354,6 +359,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, listing)
         if method == "GET" and url.path == "/version":
             return self._send(200, {"major": "1", "minor": "34", "gitVersion": "v1.34.0-fake"})
+        if method == "GET" and (m := re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/exec", url.path)):
+            return self._exec(m.group(1), m.group(2), parse_qs(url.query))
         r = fake.route(url.path)
         if r is None:
             return self._send(404, fake.status(404, "NotFound", "the server could not find the requested resource"))
@@ -391,6 +398,53 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(404, fake.status(404, "NotFound", f'{resource} "{name}" not found'))
             return self._send(200, obj)
         return self._send(405, fake.status(405, "MethodNotAllowed", f"{method} not supported here"))
+
+    def _frame(self, opcode: int, payload: bytes) -> bytes:
+        head = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            head += bytes([n])
+        elif n < 1 << 16:
+            head += bytes([126]) + n.to_bytes(2, "big")
+        else:
+            head += bytes([127]) + n.to_bytes(8, "big")
+        return head + payload
+
+    def _exec(self, ns: str, pod_name: str, q: dict[str, list[str]]) -> None:
+        """Pod exec over a websocket (channel protocol v4, as the API server relays kubelet):
+        stdout on channel 1, the exit status as a Status on channel 3, then close."""
+        fake = self.fake
+        pod = fake.get("pods", ns, pod_name)
+        if pod is None:
+            return self._send(404, fake.status(404, "NotFound", f'pods "{pod_name}" not found'))
+        if (self.headers.get("Upgrade") or "").lower() != "websocket":
+            return self._send(400, fake.status(400, "BadRequest", "exec needs a websocket upgrade"))
+        container = (q.get("container") or [pod["spec"]["containers"][0]["name"]])[0]
+        argv = q.get("command") or []
+        fake.execs.append((ns, pod_name, container, argv))
+        code, output = fake.exec_handler(ns, pod_name, container, argv)
+        key = self.headers["Sec-WebSocket-Key"]
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept.decode())
+        self.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
+        self.end_headers()
+        if code == 0:
+            status: Obj = {"metadata": {}, "status": "Success"}
+        else:
+            status = {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+                      "message": f"command terminated with non-zero exit code: exit status {code}",
+                      "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
+        frames = b""
+        if output:
+            frames += self._frame(0x2, b"\x01" + output.encode())
+        frames += self._frame(0x2, b"\x03" + json.dumps(status).encode())
+        frames += self._frame(0x8, (1000).to_bytes(2, "big"))
+        self.wfile.write(frames)
+        self.wfile.flush()
+        self.close_connection = True
 
     def _watch(self, resource: str, ns: str | None, q: dict[str, str]) -> None:
         fake = self.fake

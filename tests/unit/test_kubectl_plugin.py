@@ -386,3 +386,20 @@ def test_main_prints_errors_and_exits_1(fake: FakeKube, kcfg: str, capsys: pytes
     zvolt_cluster(fake)
     assert cli.main(["branch", "--kubeconfig", kcfg, "nope", "x"]) == 1
     assert capsys.readouterr().err == "error: PersistentVolumeClaim 'nope' not found in namespace 'db'\n"
+
+
+def test_checkpoint_through_the_api_servers_exec_websocket(fake: FakeKube, kcfg: str) -> None:
+    """The real exec path: the client's websocket stream to the (fake) API server."""
+    zvolt_cluster(fake)
+    fake.add("persistentvolumeclaims", pvc("pg-main"))
+    fake.add("pods", postgres_pod("pg-0", "pg-main"))
+    out = io.StringIO()
+    assert cli.run(["branch", "--kubeconfig", kcfg, "pg-main", "pg-dev", "--checkpoint", "--wait"], out=out) == 0
+    assert fake.execs == [("db", "pg-0", "postgres",
+                           ["psql", "-X", "-q", "-U", "postgres", "-d", "postgres", "-c", "CHECKPOINT"])]
+    assert "checkpointed pg-0/postgres" in out.getvalue()
+
+    fake.exec_handler = lambda ns, pod, c, argv: (2, 'psql: error: FATAL:  role "postgres" does not exist\n')
+    with pytest.raises(PluginError, match=r"failed with status 2: psql: error: FATAL:  role \"postgres\""):
+        cli.run(["branch", "--kubeconfig", kcfg, "pg-main", "pg-dev2", "--checkpoint"], out=io.StringIO())
+    assert fake.get("persistentvolumeclaims", "db", "pg-dev2") is None
