@@ -567,3 +567,54 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     assert cargs.mode == "controller" and cargs.agents_from_kubernetes and not cargs.insecure
     assert cargs.agent_namespace == NAMESPACE and cargs.agent_port == 7001
     assert cargs.tls_server_name == f"{RELEASE}-zvolt-agent.{NAMESPACE}.svc"
+
+
+def _chart_with_lookup_seam(tmp_path: Path) -> Path:
+    """A copy of the chart whose `lookup` of the three TLS Secrets reads .Values.seam instead
+    of a cluster (offline, lookup always returns nothing). Only those three calls change."""
+    import shutil
+
+    copy_dir = tmp_path / "zvolt"
+    shutil.copytree(CHART, copy_dir)
+    (copy_dir / "values.schema.json").unlink()  # the seam key is not a real value
+    tpl = copy_dir / "templates" / "certificates.yaml"
+    text = tpl.read_text()
+    for helper, key in (("zvolt.caSecret", "ca"), ("zvolt.agentTlsSecret", "agent"),
+                        ("zvolt.controllerTlsSecret", "controller")):
+        call = f'lookup "v1" "Secret" $ns (include "{helper}" .)'
+        assert text.count(call) == 1
+        text = text.replace(call, f'(index (.Values.seam | default dict) "{key}" | default dict)')
+    tpl.write_text(text)
+    return copy_dir
+
+
+def _render_at(chart_dir: Path, values: Obj) -> list[Obj]:
+    manifests = helm_python.Chart.load(chart_dir).render(values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+    return [d for p, t in sorted(manifests.items()) if p.endswith(".yaml") for d in yaml.safe_load_all(t) if d]
+
+
+def test_certificates_are_stable_across_upgrades_and_reinstalls(tmp_path: Path) -> None:
+    chart_dir = _chart_with_lookup_seam(tmp_path)
+    first = by_kind(_render_at(chart_dir, {}), "Secret")
+    existing = {"ca": first[f"{RELEASE}-zvolt-ca"], "agent": first[f"{RELEASE}-zvolt-agent-tls"],
+                "controller": first[f"{RELEASE}-zvolt-controller-tls"]}
+
+    # Upgrade: every Secret exists, nothing changes (and so the pods do not roll).
+    upgraded = _render_at(chart_dir, {"seam": existing})
+    assert {n: s["data"] for n, s in by_kind(upgraded, "Secret").items()} == \
+        {n: s["data"] for n, s in first.items()}
+    again = _render_at(chart_dir, {"seam": existing})
+    ann = [by_kind(d, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["metadata"]["annotations"]
+           for d in (upgraded, again)]
+    assert ann[0]["checksum/tls"] == ann[1]["checksum/tls"]
+
+    # Reinstall after uninstall: only the kept CA survives; new leaves are signed by it.
+    reinstalled = by_kind(_render_at(chart_dir, {"seam": {"ca": existing["ca"]}}), "Secret")
+    assert reinstalled[f"{RELEASE}-zvolt-ca"]["data"] == existing["ca"]["data"]
+    agent = reinstalled[f"{RELEASE}-zvolt-agent-tls"]["data"]
+    assert agent["tls.crt"] != existing["agent"]["data"]["tls.crt"]
+    ca_file, crt_file = tmp_path / "ca.crt", tmp_path / "agent.crt"
+    ca_file.write_bytes(base64.b64decode(existing["ca"]["data"]["tls.crt"]))
+    crt_file.write_bytes(base64.b64decode(agent["tls.crt"]))
+    assert _openssl(["verify", "-CAfile", str(ca_file), str(crt_file)]).strip().endswith(": OK")
+    assert agent["ca.crt"] == existing["ca"]["data"]["tls.crt"]
