@@ -153,6 +153,12 @@ class Exports:
             return True, ""
         if not sub.exists():
             return False, "volume is published but its NVMe subsystem is missing"
+        if sub.attr("allow_any_host") != "0":
+            return False, "NVMe subsystem allows any host (allow_any_host is not 0): access control is off"
+        if self.auth is not None:
+            keyless = [h for h in hosts if not self.root.host(h).attr("dhchap_key")]
+            if keyless:
+                return False, f"allowed host {keyless[0]} has no DH-HMAC-CHAP key on the target"
         ns = sub.namespace(1)
         if not ns.exists() or not ns.enabled:
             return False, "NVMe namespace 1 is missing or disabled"
