@@ -69,6 +69,13 @@ class Ops:
             )
         return pvc
 
+    def require_bound(self, pvc: Obj) -> None:
+        phase = (pvc.get("status") or {}).get("phase") or "Pending"
+        if phase != "Bound":
+            name = pvc["metadata"]["name"]
+            raise PluginError(f"PersistentVolumeClaim {name!r} is {phase}, not Bound: it has no volume to "
+                              "branch or snapshot yet")
+
     def require_snapshot_api(self) -> None:
         if not self.kube.snapshot_api_present():
             raise PluginError(SNAPSHOT_CRDS_MISSING)
@@ -135,6 +142,7 @@ class Ops:
                checkpoint_user: str, wait: bool, timeout: float) -> Result:
         start = self.clock()
         source = self.require_pvc(src)
+        self.require_bound(source)
         self.require_absent(new)
         annotations = {ANN_BRANCH_OF: src}
         checkpointed = ""
@@ -186,7 +194,7 @@ class Ops:
 
     def snapshot(self, pvc: str, name: str, *, wait: bool, timeout: float) -> Result:
         start = self.clock()
-        self.require_pvc(pvc)
+        self.require_bound(self.require_pvc(pvc))
         self.require_snapshot_api()
         if self.kube.get_snapshot(name) is not None:
             raise PluginError(f"VolumeSnapshot {name!r} already exists in namespace {self.kube.namespace!r}")

@@ -223,6 +223,15 @@ def test_errors_for_missing_objects_and_foreign_classes(fake: FakeKube, kcfg: st
     assert fake.get("persistentvolumeclaims", "db", "local") is not None
 
 
+def test_an_unbound_source_is_refused(fake: FakeKube, kcfg: str) -> None:
+    zvolt_cluster(fake, wffc=True)
+    fake.add("persistentvolumeclaims", pvc("fresh", bound=False))  # no pod yet: stays Pending
+    for args in (("branch", "fresh", "x"), ("snapshot", "fresh", "s")):
+        code, _, err = zv(kcfg, *args)
+        assert code == 1 and "'fresh' is Pending, not Bound" in err
+    assert fake.get("persistentvolumeclaims", "db", "x") is None and fake.get("volumesnapshots", "db", "s") is None
+
+
 def test_missing_snapshot_crds_are_reported(fake: FakeKube, kcfg: str) -> None:
     fake.snapshot_api = False
     zvolt_cluster(fake)
