@@ -83,7 +83,9 @@ class Exports:
                 sub.set_attr("allow_any_host", "0")
             serial = hashlib.sha256(volume_id.encode()).hexdigest()[:16]
             if sub.attr("serial") != serial and not sub.namespaces():
-                sub.set_attr("serial", serial)
+                # Cosmetic (stable serial per volume); some kernels refuse late changes.
+                with contextlib.suppress(OSError):
+                    sub.set_attr("serial", serial)
             ns = sub.namespace(1)
             ns.create()
             want = {"device_path": device, "device_uuid": device_uuid(volume_id),

@@ -232,7 +232,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     agent = build(settings, zfs, root, index)
     if settings.metrics_listen:
         host, _, port = settings.metrics_listen.rpartition(":")
-        agent.metrics.serve(host or "0.0.0.0", int(port))  # noqa: S104 - pod network, metrics only
+        try:
+            agent.metrics.serve(host or "0.0.0.0", int(port))  # noqa: S104 - pod network, metrics only
+        except OSError as exc:
+            # Metrics are not worth refusing service for; say so loudly instead.
+            _log.error("cannot serve metrics on %s: %s", settings.metrics_listen, exc)
     agent.server.start()
     _log.info("agent serving", extra={"fields": {"listen": settings.listen, "node": settings.node}})
     stop = threading.Event()
