@@ -252,6 +252,11 @@ def down(cache: Cache, instance: str, out: TextIO, timeout: float = 30.0) -> boo
         was = qemu.alive(st.pid, str(st.overlay))
         target = ssh_target(cache, st)
         if was:
+            if st.pool_disk_reused:
+                # The pool disk outlives this guest: leave the pool exported and consistent.
+                with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                    subprocess.run(ssh.command_argv(target, ["zpool", "export", guest.POOL], timeout=120),
+                                   capture_output=True, timeout=140, stdin=subprocess.DEVNULL, check=False)
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
                 subprocess.run(ssh.command_argv(target, ["systemctl", "poweroff", "--no-block"], timeout=10),
                                capture_output=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
