@@ -90,6 +90,10 @@ class Csi:
         req = csi_pb2.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node_id)
         self.controller.ControllerUnpublishVolume(req, timeout=self.timeout)
 
+    def node_id(self) -> str:
+        """The node plugin's own id (zvolt uses the node's host NQN), what ControllerPublish needs."""
+        return str(self.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=self.timeout).node_id)
+
     def stage(self, volume_id: str, context: dict[str, str], path: str) -> None:
         req = csi_pb2.NodeStageVolumeRequest(
             volume_id=volume_id, publish_context=context, staging_target_path=path, volume_capability=mount_capability()

@@ -28,8 +28,10 @@ _DEV = re.compile(r"^/dev/(zd[0-9]+|nvme[0-9]+n[0-9]+|zvol/[A-Za-z0-9_./:-]+)$")
 _IP = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 
 
-def _run(argv: Sequence[str], timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+def _run(
+    argv: Sequence[str], timeout: float = 300, check: bool = True, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed (rc {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc
@@ -275,6 +277,60 @@ def rss(a: dict[str, Any]) -> dict[str, Any]:
     return {"pid": 0, "rss_kib": 0}
 
 
+def agent_restart(a: dict[str, Any]) -> dict[str, Any]:
+    """Restart the agent unit and time, from here in the guest, until GetInfo says ready.
+
+    Measured next to the kernel (no ssh or harness polling in the figure): from launching the new
+    process (interpreter start, imports, index load, intents, export restore) to the first ready
+    answer on its unix socket, polled every 10 ms.
+    """
+    import grpc
+
+    from zvolt.pb import agent_pb2, agent_pb2_grpc
+
+    stop, start = [str(x) for x in a["stop_argv"]], [str(x) for x in a["start_argv"]]
+    if stop[:1] != ["systemctl"] or start[:1] != ["systemd-run"]:
+        raise ValueError("agent-restart takes a systemctl stop and a systemd-run command line")
+    sock = a["socket"]
+    if not re.fullmatch(r"/run/zvolt/[a-z-]+\.sock", sock):
+        raise ValueError(f"socket {sock!r}")
+    _run(stop, check=False, timeout=120)
+    unit = stop[-1]
+    deadline = time.monotonic() + 60
+    while _run(["systemctl", "is-active", unit], check=False).stdout.strip() in ("active", "deactivating"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{unit} did not stop")
+        time.sleep(0.1)
+    _run(["systemctl", "reset-failed", unit], check=False)
+    t0 = time.monotonic()
+    _run(start, timeout=120)
+    limit = t0 + float(a.get("timeout", 3600))
+    ch = grpc.insecure_channel(f"unix://{sock}")
+    try:
+        while True:
+            try:
+                info = agent_pb2_grpc.AgentStub(ch).GetInfo(agent_pb2.GetInfoRequest(), timeout=5)
+                if info.ready:
+                    break
+            except grpc.RpcError:
+                # Not listening yet: a fresh channel, or gRPC's reconnect backoff (up to seconds)
+                # would be counted as start-up time.
+                ch.close()
+                ch = grpc.insecure_channel(f"unix://{sock}")
+            if time.monotonic() > limit:
+                raise RuntimeError("agent did not become ready")
+            time.sleep(0.01)
+    finally:
+        ch.close()
+    return {
+        "seconds": time.monotonic() - t0,
+        "agent_startup_seconds": float(info.startup_seconds),
+        "volumes": int(info.volumes),
+        "snapshots": int(info.snapshots),
+        "exports": int(info.exports),
+    }
+
+
 # --- raw nvmet export (the bench's own subsystem and port, never the agent's) -------------------
 
 
@@ -490,20 +546,23 @@ def pgbench(a: dict[str, Any]) -> dict[str, Any]:
         for d in (data, sock):
             d.mkdir()
             shutil.chown(d, "postgres", "postgres")
-        _run([*runas, str(bindir / "initdb"), "-D", str(data), "--no-sync", "-A", "trust", "-U", "postgres"])
-        _run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(mnt / "pg.log"), "-o",
-              f"-k {sock} -p {port} -c listen_addresses='' -c shared_buffers=32MB", "start"], timeout=120)
+        # cwd: runuser keeps root's cwd, which postgres may not enter.
+        _run([*runas, str(bindir / "initdb"), "-D", str(data), "--no-sync", "-A", "trust", "-U", "postgres"],
+             cwd="/tmp")
+        _run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(sock / "pg.log"), "-o",
+              f"-k {sock} -p {port} -c listen_addresses='' -c shared_buffers=32MB", "start"], timeout=300, cwd="/tmp")
         started = True
         conn = ["-h", str(sock), "-p", port, "-U", "postgres"]
         t0 = time.perf_counter()
-        _run([*runas, str(bindir / "pgbench"), *conn, "-i", "-q", "-s", str(int(a["scale"])), "postgres"], timeout=1800)
+        _run([*runas, str(bindir / "pgbench"), *conn, "-i", "-q", "-s", str(int(a["scale"])), "postgres"],
+             timeout=1800, cwd="/tmp")
         init_s = time.perf_counter() - t0
         proc = _run([*runas, str(bindir / "pgbench"), *conn, "-c", str(int(a["clients"])), "-j", "2",
-                     "-T", str(int(a["seconds"])), "-n", "postgres"], timeout=int(a["seconds"]) * 3 + 120)
+                     "-T", str(int(a["seconds"])), "-n", "postgres"], timeout=int(a["seconds"]) * 3 + 120, cwd="/tmp")
         return {**parse_pgbench(proc.stdout), "init_seconds": init_s}
     finally:
         if started:
-            _run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False)
+            _run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False, cwd="/tmp")
         _run(["umount", str(mnt)], check=False)
 
 
@@ -517,6 +576,7 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "zfs-list": zfs_list,
     "idle-cost": idle_cost,
     "rss": rss,
+    "agent-restart": agent_restart,
     "export": export,
     "unexport": unexport,
     "teardown-hosts": teardown_hosts,

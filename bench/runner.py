@@ -82,6 +82,10 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Rep
     csi = connect_csi(lab, progress)
     ctx = Context(cfg=cfg, guest=guest, progress=progress, run_id=run_id, csi=csi)
     try:
+        if ctx.agent is not None and csi is not None:
+            # Switch to the bench agent before any CSI volume exists, so every volume the suites
+            # create lives in the bench parent the agent serves for the whole run.
+            ctx.agent.ensure()
         for name in cfg.suites:
             progress.say(f"suite {name}: start")
             t0 = time.perf_counter()
@@ -89,7 +93,8 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Rep
                 result = SUITE_RUNNERS[name](ctx)
             except Exception as e:
                 progress.say(f"suite {name} failed:\n{traceback.format_exc()}")
-                result = SuiteResult(name, error=f"{type(e).__name__}: {e}")
+                detail = e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
+                result = SuiteResult(name, error=f"{type(e).__name__}: {' '.join(str(detail).split())[:400]}")
             result.seconds = time.perf_counter() - t0
             if name == "scale" and sim_result is not None:
                 result.data["simulate"] = sim_result.data["simulate"]

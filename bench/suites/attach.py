@@ -17,6 +17,7 @@ def _csi_samples(ctx: Context) -> dict[str, list[float]]:
     assert ctx.csi is not None
     csi = ctx.csi
     out: dict[str, list[float]] = {"node_stage": [], "node_unstage": [], "publish": [], "unpublish": []}
+    node_id = csi.node_id()
     for i in range(ctx.cfg.attach_samples):
         vol = csi.create_volume(f"bench-{ctx.run_id}-attach-{i}")
         vid = vol.volume_id
@@ -24,7 +25,7 @@ def _csi_samples(ctx: Context) -> dict[str, list[float]]:
         published = staged = False
         try:
             ctx.guest.lab.run(["mkdir", "-p", path], netns="worker")
-            pctx, dt = timed(partial(csi.publish, vid, ctx.cfg.worker))
+            pctx, dt = timed(partial(csi.publish, vid, node_id))
             published = True
             out["publish"].append(dt)
             _, dt = timed(partial(csi.stage, vid, pctx, path))
@@ -33,14 +34,14 @@ def _csi_samples(ctx: Context) -> dict[str, list[float]]:
             _, dt = timed(partial(csi.unstage, vid, path))
             staged = False
             out["node_unstage"].append(dt)
-            _, dt = timed(partial(csi.unpublish, vid, ctx.cfg.worker))
+            _, dt = timed(partial(csi.unpublish, vid, node_id))
             published = False
             out["unpublish"].append(dt)
         finally:
             if staged:
                 csi.unstage(vid, path)
             if published:
-                csi.unpublish(vid, ctx.cfg.worker)
+                csi.unpublish(vid, node_id)
             csi.delete_volume(vid)
             ctx.guest.lab.run(["rmdir", path], netns="worker", check=False)
         ctx.progress.say(f"attach: CSI sample {i + 1}/{ctx.cfg.attach_samples}")

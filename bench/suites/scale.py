@@ -44,8 +44,10 @@ def run(ctx: Context) -> SuiteResult:
         objects = max(1, restart["volumes"] + restart["snapshots"])
         data["agent_rss_bytes_per_object"] = rss["rss_kib"] * 1024 / objects
         res.rows.append(Row("agent RSS", rss["rss_kib"] / 1024, "MiB", size=size))
-        res.rows.append(Row("agent RSS per indexed object", rss["rss_kib"] * 1024 / objects, "B",
-                            target="<= 1024 B", size=size))
+        # Whole-process RSS over objects: meaningful only at large N (the interpreter alone is ~40 MiB);
+        # the per-volume target is checked on the marginal figure of --simulate.
+        res.rows.append(Row("agent RSS / indexed objects (whole process)", rss["rss_kib"] * 1024 / objects, "B",
+                            size=size))
         exports = restart["exports"]
         data["idle_devices"] = idle["zd_devices"] - exports
         data["idle_subsystems"] = idle["zvolt_subsystems"] - exports
