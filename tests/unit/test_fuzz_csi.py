@@ -65,7 +65,7 @@ def ctl() -> Iterator[Ctl]:
     agent_server = make_server(AgentServicer(node.volumes, node.readiness, metrics), metrics, workers=4)
     agent_server.add_insecure_port(f"unix://{tmp}/agent.sock")
     agent_server.start()
-    pool = AgentPool(lambda: parse_static(f"storage-0=unix://{tmp}/agent.sock"), tls=None, timeout=10)
+    pool = AgentPool(lambda: parse_static(f"storage-0=unix://{tmp}/agent.sock"), tls=None, timeout=60)
     server, target = build_server(
         Services(identity=IdentityService(True, lambda: True), controller=ControllerService(pool)),
         parse_endpoint(f"unix://{tmp}/controller.sock"),
