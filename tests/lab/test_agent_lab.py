@@ -450,3 +450,34 @@ TEARDOWN = """
 from agent import nvmet
 nvmet.Root().subsystem({nqn!r}).delete()
 """
+
+
+def test_rebuild_index_from_zfs(env: Env) -> None:
+    host = host_nqn()
+    base = env.create(uniq("rb"))
+    snap = env.snapshot(uniq("rb-s"), base.id)
+    clone = env.create(uniq("rb-c"), source_snapshot_id=snap.id)
+    env.publish(clone.id, host)
+    env.delete(base.id)  # -> trash: its snapshot still serves the clone
+
+    def state() -> tuple[object, ...]:
+        vols = sorted((v.id, v.name, v.size_bytes, v.source_snapshot_id, tuple(v.published_hosts))
+                      for v in env.stub.ListVolumes(pb.ListVolumesRequest(), timeout=T).volumes)
+        snaps = sorted((s.id, s.name, s.size_bytes)
+                       for s in env.stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=T).snapshots)
+        return vols, snaps
+
+    want = state()
+    env.lab.stop_service("agent")  # type: ignore[attr-defined]
+    argv = [env.lab.python, "-m", "agent.main", "--node-name", NODE, "--pool", "tank",  # type: ignore[attr-defined]
+            "--nvme-listen", "10.42.0.1:4420", "--state-dir", "/var/lib/zvolt", "--insecure", "--rebuild-index"]
+    out = env.lab.run(argv, netns="storage", timeout=600).stdout  # type: ignore[attr-defined]
+    assert "rebuilding index from ZFS" in out and "rebuild done" in out
+    env.restart()
+    wait_ready(env.stub)
+    assert state() == want
+    env.unpublish(clone.id, host)
+    env.delete_snap(snap.id)
+    env.delete(clone.id)
+    _no_leak(env, clone.id)
+    _no_leak(env, base.id)
