@@ -178,6 +178,7 @@ class Agent:
     metrics: Metrics
     server: grpc.Server
     recovery: Recovery
+    servicer: AgentServicer
 
 
 def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
@@ -205,7 +206,7 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
         raise SystemExit(f"cannot listen on {settings.listen}")
     recovery = Recovery(zfs, index, exports, volumes, readiness,
                         progress=lambda line: _log.info(line, extra={"fields": {"phase": "recovery"}}))
-    return Agent(settings, volumes, readiness, metrics, server, recovery)
+    return Agent(settings, volumes, readiness, metrics, server, recovery, servicer)
 
 
 def _print_progress(line: str) -> None:
@@ -246,14 +247,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             agent.recovery.run(rebuild=corrupt)
             agent.metrics.startup.set(agent.readiness.startup_seconds)
             agent.metrics.ready.set(1)
+            agent.servicer.refresh_metrics()
         except Exception:
             stop.set()
 
     threading.Thread(target=recover, name="recovery", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(settings.gc_interval):
-        if agent.readiness.ready:
+    tick = min(settings.gc_interval, 15.0)
+    last_gc = time.monotonic()
+    while not stop.wait(tick):
+        if not agent.readiness.ready:
+            continue
+        try:
+            agent.servicer.refresh_metrics()
+        except Exception:
+            _log.exception("metrics refresh failed")
+        if time.monotonic() - last_gc >= settings.gc_interval:
+            last_gc = time.monotonic()
             try:
                 agent.volumes.gc.sweep()
             except Exception:

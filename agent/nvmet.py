@@ -331,3 +331,18 @@ class Port:
     def dump(self) -> dict[str, Any]:
         addr = {k: self._addr(k) for k in ("adrfam", "traddr", "treq", "trsvcid", "trtype")}
         return {"portid": self.portid, "addr": addr, "referrals": [], "subsystems": self.subsystems()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.nvmet [ROOT]`: print the target configuration as nvmetcli JSON (read-only)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    root = Root(args[0] if args else DEFAULT_ROOT)
+    print(json.dumps(root.dump(), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -54,6 +54,12 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.metrics.set_counts(volumes, snapshots, exports, self.v.trash_count())
         return volumes, snapshots, exports
 
+    def refresh_metrics(self) -> None:
+        """Gauges that nothing else updates (counts, pool space): called periodically."""
+        self.refresh_gauges()
+        cap = self.v.capacity()
+        self.metrics.set_space(cap.available, cap.used)
+
     def GetInfo(self, request: Any, context: Any) -> Any:
         volumes, snapshots, exports = self.refresh_gauges() if self.readiness.ready else (0, 0, 0)
         cfg = self.v.cfg

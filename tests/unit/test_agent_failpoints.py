@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -12,7 +13,7 @@ from agent.fakes import FakeZfs
 
 def test_failpoint_kills_at_the_named_point(monkeypatch: pytest.MonkeyPatch) -> None:
     kills: list[int] = []
-    monkeypatch.setattr(failpoints.os, "kill", lambda pid, sig: kills.append(sig))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append(sig))
     zfs = FakeZfs()
     zfs.create_filesystem("tank")
     after = failpoints.FailpointZfs(zfs, "create_volume:after")

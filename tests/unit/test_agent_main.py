@@ -50,3 +50,34 @@ def test_bad_settings_refuse_to_start(argv: list[str]) -> None:
 def test_tls_settings() -> None:
     s = parse_settings([*BASE, "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "ca"], env={})
     assert s.tls == ("c", "k", "ca")
+
+
+def test_build_serves_on_a_unix_socket_and_becomes_ready(tmp_path: Path) -> None:
+    import grpc
+
+    from agent import nvmet
+    from agent.fakes import FakeZfs
+    from agent.index import Index
+    from agent.main import build
+    from zvolt.pb import agent_pb2 as pb
+    from zvolt.pb import agent_pb2_grpc as pb_grpc
+
+    sock = tmp_path / "run" / "agent.sock"
+    s = parse_settings([*BASE, "--insecure", "--listen", f"unix://{sock}", "--state-dir", str(tmp_path / "st")],
+                       env={})
+    zfs = FakeZfs()
+    zfs.create_filesystem("tank")
+    root = nvmet.Root(str(tmp_path / "cfs"), emulate=True)
+    root.init_tree()
+    agent = build(s, zfs, root, Index(s.state_dir))
+    agent.server.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            stub = pb_grpc.AgentStub(ch)
+            assert not stub.GetInfo(pb.GetInfoRequest(), timeout=10).ready
+            agent.recovery.run()
+            agent.servicer.refresh_metrics()
+            assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).ready
+            assert agent.metrics.registry.get_sample_value("zvolt_agent_pool_free_bytes") is not None
+    finally:
+        agent.server.stop(None)

@@ -90,3 +90,9 @@ def test_names_are_validated_before_paths(root: nvmet.Root, bad: str) -> None:
         root.subsystem(bad)
     with pytest.raises(ZvoltError):
         root.host(bad)
+
+
+def test_cli_dump_prints_the_same_json(root: nvmet.Root, capsys: pytest.CaptureFixture[str]) -> None:
+    build(root)
+    assert nvmet.main([root.path]) == 0
+    assert json.loads(capsys.readouterr().out) == root.dump()
