@@ -183,7 +183,13 @@ def setup_guest(lab: Lab, st: RunState, out: TextIO, t0: float) -> None:
     lab.run(["test", "-f", "/src/pyproject.toml"])
     if lab.run(["zpool", "list", "-H", "-o", "name", guest.POOL], check=False).returncode != 0:
         if st.pool_disk_reused:
-            lab.run(["zpool", "import", "-f", "-d", "/dev/vdb", guest.POOL], timeout=600)
+            found = lab.run(["zpool", "import", "-d", "/dev"], check=False, timeout=300)
+            if f"pool: {guest.POOL}" in found.stdout:
+                lab.run(["zpool", "import", "-f", "-d", "/dev", guest.POOL], timeout=1200)
+            else:
+                # A blank disk kept for reuse: make the pool once (no -f: never over another pool's labels).
+                lab.run(["zpool", "create", "-o", "ashift=12", "-O", "compression=lz4", guest.POOL, "/dev/vdb"],
+                        timeout=300)
         else:
             lab.run(["zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", guest.POOL, "/dev/vdb"],
                     timeout=300)
