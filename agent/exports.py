@@ -71,8 +71,11 @@ class Exports:
             self._sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def export(self, volume_id: str, dataset: str, hosts: list[str]) -> None:
-        """Make the subsystem match `hosts` exactly (idempotent; repairs a half-built export)."""
+    def export(self, volume_id: str, dataset: str, hosts: list[str], link: bool = True) -> None:
+        """Make the subsystem match `hosts` exactly (idempotent; repairs a half-built export).
+
+        link=False leaves the port link to a later `link_all` (start-up restores every
+        subsystem first: see there)."""
         self.wait_device(dataset)
         nqn = self.nqn(volume_id)
         device = self.zfs.device_path(dataset)
@@ -98,8 +101,24 @@ class Exports:
                         ns.set_attr(k, v)
                 ns.set_attr("enable", "1")
             self._sync_hosts(sub, hosts)
+            if link:
+                port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
+                port.add_subsystem(sub)
+
+    def link_all(self, volume_ids: list[str]) -> None:
+        """Link already built subsystems to the port in one tight loop.
+
+        The first link enables a (re)created port. A host that reconnects to a port whose
+        subsystem is not linked yet gets "invalid subsystem" with DNR set, and the Linux host
+        then deletes its controller instead of retrying (nvmf_should_reconnect). So after a
+        reboot nothing is linked until every subsystem is complete.
+        """
+        with self._mu:
             port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
-            port.add_subsystem(sub)
+            for vid in volume_ids:
+                sub = self.root.subsystem(self.nqn(vid))
+                if sub.exists():
+                    port.add_subsystem(sub)
 
     def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str]) -> None:
         have = set(sub.allowed_hosts())

@@ -135,7 +135,8 @@ class Recovery:
         for vol in published:
             if not self.zfs.device_ready(vol.dataset):
                 self.zfs.set_props(vol.dataset, {"volmode": "dev"})
-            self.exports.export(vol.id, vol.dataset, vol.hosts)
+            self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
+        self.exports.link_all([vol.id for vol in published])
         return len(published), removed
 
     def run(self, rebuild: bool = False) -> None:
