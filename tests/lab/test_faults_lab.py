@@ -358,10 +358,16 @@ def test_nearly_full_pool_refuses_creates_and_keeps_existing_volumes_working(env
         reserve = avail - 48 * MiB
         env.lab.run(["zfs", "create", "-s", "-V", str(avail * 2 // MiB * MiB), "-o", f"refreservation={reserve}",
                      filler])
-        time.sleep(3)  # the agent caches pool space for 2 s
-        with pytest.raises(grpc.RpcError) as err:
-            env.create(uniq("full-new"), 64 * MiB)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        # The agent caches pool space (refreshed in the background, and after each create):
+        # a create may still pass on a stale value; the next ones must be refused.
+        refused: grpc.RpcError | None = None
+        deadline = time.monotonic() + 120
+        while refused is None and time.monotonic() < deadline:
+            try:
+                env.delete(env.create(uniq("full-new"), 64 * MiB).id)
+            except grpc.RpcError as exc:
+                refused = exc
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
         with pytest.raises(grpc.RpcError) as err2:
             env.create(uniq("full-thick"), 32 * MiB, thick=True)
         assert err2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -371,8 +377,15 @@ def test_nearly_full_pool_refuses_creates_and_keeps_existing_volumes_working(env
         assert env.read_hash(dev, mib=4) == written
         assert env.get(vol.id).condition == pb.VOLUME_CONDITION_HEALTHY
         env.lab.run(["zfs", "destroy", filler])
-        time.sleep(3)
-        back = env.create(uniq("full-after"), 64 * MiB)
+        back = None
+        deadline = time.monotonic() + 120
+        while back is None and time.monotonic() < deadline:
+            try:
+                back = env.create(uniq("full-after"), 64 * MiB)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                time.sleep(5)
+        assert back is not None, "creates work again once space is back"
         env.delete(back.id)
     finally:
         env.lab.run(["zfs", "destroy", filler], check=False)
