@@ -271,6 +271,16 @@ class Index:
                                     (dataset + "@", dataset + "A")).fetchall()
         return [_snap(r) for r in rows]
 
+    def has_clones_of(self, dataset: str) -> bool:
+        """Does any indexed volume or trash entry have an origin snapshot of `dataset`?"""
+        with self._lock:
+            for table in ("volumes", "trash"):
+                row = self._db.execute(f"SELECT 1 FROM {table} WHERE origin >= ? AND origin < ? LIMIT 1",  # noqa: S608
+                                       (dataset + "@", dataset + "A")).fetchone()
+                if row is not None:
+                    return True
+        return False
+
     def trash(self) -> list[TrashRec]:
         with self._lock:
             rows = self._db.execute("SELECT dataset, origin, created FROM trash ORDER BY dataset").fetchall()

@@ -57,6 +57,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def refresh_metrics(self) -> None:
         """Gauges that nothing else updates (counts, pool space): called periodically."""
         self.refresh_gauges()
+        self.v.refresh_space()
         cap = self.v.capacity()
         self.metrics.set_space(cap.available, cap.used)
 

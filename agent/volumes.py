@@ -49,7 +49,9 @@ class AgentConfig:
     max_volume_size: int = 64 << 40
     min_free_bytes: int = 64 << 20
     min_free_fraction: float = 0.02
-    capacity_ttl: float = 2.0
+    # Pool space is refreshed in the background (main loop); a request only reads ZFS itself when
+    # the cached value is older than this, so creates do not pay a `zfs get` each.
+    capacity_ttl: float = 30.0
 
 
 @dataclass
@@ -145,6 +147,20 @@ class Volumes:
             if self._space is None or now - self._space[0] > self.cfg.capacity_ttl:
                 self._space = (now, self.zfs.space(self.cfg.parent))
             return self._space[1]
+
+    def refresh_space(self) -> Space:
+        """One scoped `zfs get` of the parent dataset (called periodically, off the request path)."""
+        fresh = self.zfs.space(self.cfg.parent)
+        with self._space_mu:
+            self._space = (time.monotonic(), fresh)
+        return fresh
+
+    def _reserve_space(self, size: int) -> None:
+        """Account a new refreservation in the cached value until the next refresh."""
+        with self._space_mu:
+            if self._space is not None:
+                at, sp = self._space
+                self._space = (at, Space(available=max(sp.available - size, 0), used=sp.used + size))
 
     def _forget_space(self) -> None:
         with self._space_mu:
@@ -251,7 +267,8 @@ class Volumes:
             with self.index.tx() as tx:
                 tx.put_volume(rec)
                 tx.done(seq)
-            self._forget_space()
+            if spec.thick:
+                self._reserve_space(size)
             return rec
 
     def _clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, user: dict[str, str]) -> VolumeRec:
@@ -314,7 +331,8 @@ class Volumes:
         with self.index.tx() as tx:
             tx.put_volume(rec)
             tx.done(seq)
-        self._forget_space()
+        if spec.thick:
+            self._reserve_space(size)
         return rec
 
     # -- delete ---------------------------------------------------------------------------
@@ -329,6 +347,8 @@ class Volumes:
                 raise precondition(f"volume {vid} is still published to {', '.join(vol.hosts)}; unpublish it first")
             ds = vol.dataset
             visible = {s.dataset for s in self.index.snapshots_in(ds)}
+            if not visible and not self.index.has_clones_of(ds) and self._destroy_leaf(vol):
+                return
             snaps = self.zfs.snapshots_of(ds)
             idle = [s for s in snaps if s not in visible and not self.zfs.clones_of(s)]
             keep = [s for s in snaps if s not in idle]
@@ -347,9 +367,30 @@ class Volumes:
             with self.index.tx() as tx:
                 tx.del_volume(vid)
                 tx.done(seq)
-        self._forget_space()
         if vol.origin:
             self.gc.release_origin(vol.origin)
+
+    def _destroy_leaf(self, vol: VolumeRec) -> bool:
+        """Common case: the index knows of no snapshot or clone, so try one destroy with no listing.
+
+        Returns False (nothing changed) if ZFS says it is busy: children the index does not know
+        (e.g. a leftover hidden snapshot) or udev; the caller then takes the scoped, careful path.
+        """
+        ds = vol.dataset
+        seq = self.index.begin("delete", [ds, *([vol.origin] if vol.origin else [])])
+        try:
+            self.zfs.destroy(ds)
+        except ZfsError as exc:
+            self._settle(seq, [ds])
+            if exc.errno == errno.EBUSY:
+                return False
+            raise _zfs_error(exc, f"deleting volume {vol.id}") from exc
+        with self.index.tx() as tx:
+            tx.del_volume(vol.id)
+            tx.done(seq)
+        if vol.origin:
+            self.gc.release_origin(vol.origin)
+        return True
 
     def _move_to_trash(self, vol: VolumeRec, idle: list[str]) -> None:
         """Snapshots of this volume are still needed: keep its blocks, free its name."""
@@ -396,11 +437,12 @@ class Volumes:
                 raise _zfs_error(exc, f"expanding volume {vid}") from exc
             if vol.hosts:
                 self.exports.revalidate(vid)
+            if vol.thick:
+                self._reserve_space(new - vol.size)
             vol.size = new
             with self.index.tx() as tx:
                 tx.put_volume(vol)
                 tx.done(seq)
-            self._forget_space()
             return vol
 
     # -- snapshots ------------------------------------------------------------------------
@@ -453,7 +495,6 @@ class Volumes:
         dataset = rec.dataset.partition("@")[0]
         if self.layout.is_trash(dataset):
             self.gc.release_origin(rec.dataset)
-        self._forget_space()
 
     # -- publish --------------------------------------------------------------------------
 
