@@ -207,9 +207,14 @@ print(hashlib.sha256(open({path!r}, "rb").read()).hexdigest())
 """
 
 
-def test_filesystem_snapshot_clone_same_bytes(csi: Csi) -> None:
-    vol = csi.create(uniq("src"))
-    att = csi.attach(vol, mount_cap())
+# mkfs.xfs refuses devices under 300 MiB.
+FS_SIZES = [("ext4", 64 * MiB), ("xfs", 320 * MiB)]
+
+
+@pytest.mark.parametrize(("fs", "size"), FS_SIZES)
+def test_filesystem_snapshot_clone_same_bytes(csi: Csi, fs: str, size: int) -> None:
+    vol = csi.create(uniq("src"), size=size)
+    att = csi.attach(vol, mount_cap(fs))
     assert csi.mounted(att.staging) and csi.mounted(att.target)
     [ctrl] = csi.controllers_for(att.nqn)
     hostnqn = csi.lab.run(["cat", f"/sys/class/nvme/{ctrl}/hostnqn"]).stdout.strip()
@@ -222,12 +227,16 @@ def test_filesystem_snapshot_clone_same_bytes(csi: Csi) -> None:
     assert snap.ready_to_use and snap.size_bytes == vol.capacity_bytes
     clone = csi.create(
         uniq("clone"),
+        size=size,
         source=csi_pb2.VolumeContentSource(
             snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)
         ),
     )
     assert split_volume_id(clone.volume_id)[0] == split_volume_id(vol.volume_id)[0]
-    catt = csi.attach(clone, mount_cap())
+    # Same node, origin still mounted: XFS needs nouuid for the clone, which the plugin adds.
+    catt = csi.attach(clone, mount_cap(fs))
+    fstype = csi.lab.run(["findmnt", "-n", "-o", "FSTYPE", "--mountpoint", catt.staging]).stdout.strip()
+    assert fstype == fs
     assert csi.py(READ.format(path=f"{catt.target}/data.bin")) == digest
     stats = csi.node.NodeGetVolumeStats(
         csi_pb2.NodeGetVolumeStatsRequest(volume_id=clone.volume_id, volume_path=catt.target), timeout=T
@@ -265,29 +274,31 @@ print(hashlib.sha256(data).hexdigest() == hashlib.sha256(back).hexdigest(), size
     csi.assert_clean(att)
 
 
-def test_online_expansion_grows_the_filesystem(csi: Csi) -> None:
-    vol = csi.create(uniq("grow"))
-    att = csi.attach(vol, mount_cap())
+@pytest.mark.parametrize(("fs", "size"), FS_SIZES)
+def test_online_expansion_grows_the_filesystem(csi: Csi, fs: str, size: int) -> None:
+    vol = csi.create(uniq("grow"), size=size)
+    att = csi.attach(vol, mount_cap(fs))
+    new_size = size + 96 * MiB
     R = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=att.target)
     before = {u.unit: u.total for u in csi.node.NodeGetVolumeStats(R, timeout=T).usage}[csi_pb2.VolumeUsage.BYTES]
     grown = csi.ctl.ControllerExpandVolume(
         csi_pb2.ControllerExpandVolumeRequest(
-            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=160 * MiB),
-            volume_capability=mount_cap(),
+            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=new_size),
+            volume_capability=mount_cap(fs),
         ),
         timeout=T,
     )  # fmt: skip
-    assert grown.capacity_bytes == 160 * MiB and grown.node_expansion_required
+    assert grown.capacity_bytes == new_size and grown.node_expansion_required
     resp = csi.node.NodeExpandVolume(
         csi_pb2.NodeExpandVolumeRequest(
             volume_id=vol.volume_id, volume_path=att.target, staging_target_path=att.staging,
-            capacity_range=csi_pb2.CapacityRange(required_bytes=160 * MiB), volume_capability=mount_cap(),
+            capacity_range=csi_pb2.CapacityRange(required_bytes=new_size), volume_capability=mount_cap(fs),
         ),
         timeout=T,
     )  # fmt: skip
-    assert resp.capacity_bytes == 160 * MiB
+    assert resp.capacity_bytes == new_size
     after = {u.unit: u.total for u in csi.node.NodeGetVolumeStats(R, timeout=T).usage}[csi_pb2.VolumeUsage.BYTES]
-    assert after > before + 80 * MiB, (before, after)  # the mounted ext4 grew online
+    assert after > before + 64 * MiB, (before, after)  # the mounted filesystem grew online
     csi.detach(att)
     csi.assert_clean(att)
 
