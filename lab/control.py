@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from lab import guest, qemu, ssh
+from lab import guest, guestsetup, qemu, ssh
 from lab import state as statefile
 from lab.guest import GuestCommandError, Lab
 from lab.image import Image, build, current_image
@@ -173,47 +174,30 @@ def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) ->
     _log(out, t0, f"guest answers ssh on 127.0.0.1:{st.ssh_port}")
 
 
+def setup_config(st: RunState) -> dict[str, Any]:
+    return {
+        "modules": list(MODULES),
+        "pool": guest.POOL,
+        "pool_device": "/dev/vdb",
+        "pool_reused": st.pool_disk_reused,
+        "storage_ns": guest.STORAGE_NS, "worker_ns": guest.WORKER_NS,
+        "storage_dev": guest.VETH_STORAGE, "worker_dev": guest.VETH_WORKER,
+        "storage_ip": guest.STORAGE_IP, "worker_ip": guest.WORKER_IP, "prefix_len": guest.PREFIX_LEN,
+        "run_dir": guest.RUN_DIR,
+        "forwarders": [
+            [guest.unit_name(f"fwd-{name}"), guest.systemd_run_argv(
+                f"fwd-{name}", ["socat", f"TCP-LISTEN:{port},fork,reuseaddr", f"UNIX-CONNECT:{guest.SOCKETS[name]}"])]
+            for name, port in guest.GUEST_PORTS.items()
+        ],
+    }
+
+
 def setup_guest(lab: Lab, st: RunState, out: TextIO, t0: float) -> None:
-    """Idempotent: modules, configfs, /src, pool, namespaces + veth, socat forwarders."""
-    lab.run(["modprobe", "-a", *MODULES], timeout=180)
-    if lab.run(["mountpoint", "-q", "/sys/kernel/config"], check=False).returncode != 0:
-        lab.run(["mount", "-t", "configfs", "none", "/sys/kernel/config"])
-    if lab.run(["mountpoint", "-q", "/src"], check=False).returncode != 0:
-        lab.run(["mount", "/src"], timeout=60)
-    lab.run(["test", "-f", "/src/pyproject.toml"])
-    if lab.run(["zpool", "list", "-H", "-o", "name", guest.POOL], check=False).returncode != 0:
-        if st.pool_disk_reused:
-            found = lab.run(["zpool", "import", "-d", "/dev"], check=False, timeout=300)
-            if f"pool: {guest.POOL}" in found.stdout:
-                lab.run(["zpool", "import", "-f", "-d", "/dev", guest.POOL], timeout=1200)
-            else:
-                # A blank disk kept for reuse: make the pool once (no -f: never over another pool's labels).
-                lab.run(["zpool", "create", "-o", "ashift=12", "-O", "compression=lz4", guest.POOL, "/dev/vdb"],
-                        timeout=300)
-        else:
-            lab.run(["zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", guest.POOL, "/dev/vdb"],
-                    timeout=300)
-    _log(out, t0, f"modules loaded, configfs and /src mounted, pool {guest.POOL} online")
-    netns = set(lab.run(["ip", "netns", "list"]).stdout.split())
-    for ns in (guest.STORAGE_NS, guest.WORKER_NS):
-        if ns not in netns:
-            lab.run(["ip", "netns", "add", ns])
-    if lab.run(["ip", "-n", guest.STORAGE_NS, "link", "show", guest.VETH_STORAGE], check=False).returncode != 0:
-        lab.run(["ip", "link", "add", guest.VETH_STORAGE, "netns", guest.STORAGE_NS, "type", "veth",
-                 "peer", "name", guest.VETH_WORKER, "netns", guest.WORKER_NS])
-    for ns, dev, ip in ((guest.STORAGE_NS, guest.VETH_STORAGE, guest.STORAGE_IP),
-                        (guest.WORKER_NS, guest.VETH_WORKER, guest.WORKER_IP)):
-        lab.run(["ip", "-n", ns, "addr", "replace", f"{ip}/{guest.PREFIX_LEN}", "dev", dev])
-        lab.run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        lab.run(["ip", "-n", ns, "link", "set", dev, "up"])
-    lab.run(["mkdir", "-p", guest.RUN_DIR])
-    for name, port in guest.GUEST_PORTS.items():
-        fwd = f"fwd-{name}"
-        if not lab.service_running(fwd):
-            lab.start_service(fwd, ["socat", f"TCP-LISTEN:{port},fork,reuseaddr",
-                                    f"UNIX-CONNECT:{guest.SOCKETS[name]}"])
-    _log(out, t0, f"namespaces {guest.STORAGE_NS} ({guest.STORAGE_IP}) <-> {guest.WORKER_NS} ({guest.WORKER_IP}), "
-                  "forwarders up")
+    """Idempotent: modules, configfs, /src, pool, namespaces + veth, socat forwarders (one ssh call)."""
+    script = Path(guestsetup.__file__).read_text()
+    res = lab.run(["python3", "-", json.dumps(setup_config(st))], input=script, timeout=3600)
+    for line in res.stdout.splitlines():
+        _log(out, t0, line)
 
 
 def start_services(lab: Lab, out: TextIO, t0: float) -> None:

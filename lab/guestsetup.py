@@ -1,0 +1,104 @@
+"""Guest-side setup, sent to the guest's python3 in one ssh call (one round trip, not ~40).
+
+Runs inside the guest with the standard library only: its source is read on the host and fed
+to `python3 - <config-json>`. Every command is an argv list (no shell); every step is
+idempotent, so a second `up` on a running guest changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+def sh(argv: list[str], *, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise SetupError(f"{argv} exited {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+def ok(argv: list[str]) -> bool:
+    return sh(argv, check=False).returncode == 0
+
+
+def report(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def kernel(cfg: dict[str, Any]) -> None:
+    sh(["modprobe", "-a", *cfg["modules"]], timeout=300)
+    if not ok(["mountpoint", "-q", "/sys/kernel/config"]):
+        sh(["mount", "-t", "configfs", "none", "/sys/kernel/config"])
+    if not ok(["mountpoint", "-q", "/src"]):
+        sh(["mount", "/src"], timeout=60)
+    if not ok(["test", "-f", "/src/pyproject.toml"]):
+        raise SetupError("/src does not hold the project tree (9p share missing?)")
+
+
+def pool(cfg: dict[str, Any]) -> None:
+    name, disk = cfg["pool"], cfg["pool_device"]
+    if ok(["zpool", "list", "-H", "-o", "name", name]):
+        return
+    create = ["zpool", "create", "-o", "ashift=12", "-O", "compression=lz4", name, disk]
+    if not cfg["pool_reused"]:
+        sh([*create[:2], "-f", *create[2:]])
+        report(f"pool {name} created on {disk}")
+        return
+    found = sh(["zpool", "import", "-d", "/dev"], check=False)
+    if f"pool: {name}" in found.stdout:
+        sh(["zpool", "import", "-f", "-d", "/dev", name], timeout=3600)
+        report(f"pool {name} imported from the kept disk")
+    else:
+        # A blank disk kept for reuse: make the pool once (no -f: never over another pool's labels).
+        sh(create)
+        report(f"pool {name} created on the kept disk")
+
+
+def network(cfg: dict[str, Any]) -> None:
+    have = set(sh(["ip", "netns", "list"]).stdout.split())
+    for ns in (cfg["storage_ns"], cfg["worker_ns"]):
+        if ns not in have:
+            sh(["ip", "netns", "add", ns])
+    if not ok(["ip", "-n", cfg["storage_ns"], "link", "show", cfg["storage_dev"]]):
+        sh(["ip", "link", "add", cfg["storage_dev"], "netns", cfg["storage_ns"], "type", "veth",
+            "peer", "name", cfg["worker_dev"], "netns", cfg["worker_ns"]])
+    for ns, dev, ip in ((cfg["storage_ns"], cfg["storage_dev"], cfg["storage_ip"]),
+                        (cfg["worker_ns"], cfg["worker_dev"], cfg["worker_ip"])):
+        sh(["ip", "-n", ns, "addr", "replace", f"{ip}/{cfg['prefix_len']}", "dev", dev])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        sh(["ip", "-n", ns, "link", "set", dev, "up"])
+
+
+def forwarders(cfg: dict[str, Any]) -> None:
+    sh(["mkdir", "-p", cfg["run_dir"]])
+    for unit, argv in cfg["forwarders"]:
+        if ok(["systemctl", "is-active", "--quiet", unit]):
+            continue
+        sh(["systemctl", "reset-failed", unit], check=False)
+        sh(argv)
+
+
+def main(cfg: dict[str, Any]) -> None:
+    kernel(cfg)
+    pool(cfg)
+    report(f"modules loaded, configfs and /src mounted, pool {cfg['pool']} online")
+    network(cfg)
+    forwarders(cfg)
+    report(f"namespaces {cfg['storage_ns']} ({cfg['storage_ip']}) <-> {cfg['worker_ns']} ({cfg['worker_ip']}), "
+           "forwarders up")
+
+
+if __name__ == "__main__":
+    try:
+        main(json.loads(sys.argv[1]))
+    except (SetupError, subprocess.TimeoutExpired) as exc:
+        print(f"guest setup failed: {exc}", file=sys.stderr)
+        sys.exit(1)
