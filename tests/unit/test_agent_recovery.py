@@ -271,3 +271,22 @@ def test_corrupt_index_is_moved_aside_and_rebuilt(paths: tuple[str, str]) -> Non
     node.recovery.run(rebuild=True)
     assert _snapshot_of_state(node) == want
     assert any(line.startswith("rebuild done") for line in lines)
+
+
+def test_gc_sweep_collects_trash_whose_last_clone_vanished(paths: tuple[str, str]) -> None:
+    state, cfs = paths
+    node = make_node(state, cfs)
+    v = node.volumes
+    base = v.create_volume(VolumeSpec(name="gc-base", size=GiB))
+    snap = v.create_snapshot("gc-s", base.id)
+    clone = v.create_volume(VolumeSpec(name="gc-c", size=GiB, source_snapshot=snap.id))
+    v.delete_volume(base.id)
+    v.delete_snapshot(snap.id)  # deferred: the clone still needs it
+    (trash,) = node.index.trash()
+    assert node.zfs.exists(trash.dataset)
+    assert v.gc.sweep() == 0  # still needed
+    # The clone goes without the agent's normal path (e.g. it crashed right after the destroy).
+    node.zfs.settle()
+    node.zfs.destroy(f"tank/zvolt/v/{clone.id}")
+    assert v.gc.sweep() == 1
+    assert node.index.trash() == [] and not node.zfs.exists(trash.dataset)
