@@ -116,8 +116,11 @@ def up_result(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> UpRe
             statefile.save(run_dir, st)
             if opts.services:
                 start_services(lab, out, t0)
-        except Exception:
+        except BaseException:
             out.write(f"--- last lines of {st.console_log} ---\n{_tail(st.console_log)}\n")
+            if booted and os.environ.get("ZVOLT_LAB_KEEP") != "1":
+                # A guest that failed to come up is not left burning a core (ZVOLT_LAB_KEEP=1 to debug it).
+                _stop(cache, run_dir, st, out, timeout=10)
             raise
         return UpResult(lab=lab, booted=booted)
 
@@ -239,27 +242,32 @@ def down(cache: Cache, instance: str, out: TextIO, timeout: float = 30.0) -> boo
         st = statefile.load(run_dir)
         if st is None:
             return False
-        was = qemu.alive(st.pid, str(st.overlay))
-        target = ssh_target(cache, st)
-        if was:
-            if st.pool_disk_reused:
-                # The pool disk outlives this guest: leave the pool exported and consistent.
-                with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                    subprocess.run(ssh.command_argv(target, ["zpool", "export", guest.POOL], timeout=120),
-                                   capture_output=True, timeout=140, stdin=subprocess.DEVNULL, check=False)
+        return _stop(cache, run_dir, st, out, timeout)
+
+
+def _stop(cache: Cache, run_dir: Path, st: RunState, out: TextIO, timeout: float) -> bool:
+    """The instance lock is held by the caller."""
+    was = qemu.alive(st.pid, str(st.overlay))
+    target = ssh_target(cache, st)
+    if was:
+        if st.pool_disk_reused:
+            # The pool disk outlives this guest: leave the pool exported and consistent.
             with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-                subprocess.run(ssh.command_argv(target, ["systemctl", "poweroff", "--no-block"], timeout=10),
-                               capture_output=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
-            if qemu.wait_exit(st.pid, str(st.overlay), timeout):
-                out.write(f"guest powered off (qemu pid {st.pid})\n")
-            else:
-                out.write(f"guest did not power off in {timeout:.0f}s: killing qemu pid {st.pid}\n")
-                qemu.kill(st.pid, str(st.overlay))
+                subprocess.run(ssh.command_argv(target, ["zpool", "export", guest.POOL], timeout=120),
+                               capture_output=True, timeout=140, stdin=subprocess.DEVNULL, check=False)
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            ssh.close_master(target)
-        _cleanup_files(st)
-        statefile.clear(run_dir)
-        return was
+            subprocess.run(ssh.command_argv(target, ["systemctl", "poweroff", "--no-block"], timeout=10),
+                           capture_output=True, timeout=20, stdin=subprocess.DEVNULL, check=False)
+        if qemu.wait_exit(st.pid, str(st.overlay), timeout):
+            out.write(f"guest powered off (qemu pid {st.pid})\n")
+        else:
+            out.write(f"guest did not power off in {timeout:.0f}s: killing qemu pid {st.pid}\n")
+            qemu.kill(st.pid, str(st.overlay))
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        ssh.close_master(target)
+    _cleanup_files(st)
+    statefile.clear(run_dir)
+    return was
 
 
 def _cleanup_files(st: RunState) -> None:
