@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lab-name", default=os.environ.get("ZVOLT_LAB_NAME", "bench"),
                    help="lab instance to boot or reuse (default: bench, so other engineers' guests are untouched)")
     p.add_argument("--pool-disk", type=Path, help="boot the guest with this cached pool disk image (big pools)")
+    p.add_argument("--samples", type=int, help="latency samples per operation (default 5 quick, 20 full)")
     p.add_argument("--keep-fill", action="store_true",
                    help="keep the filler volumes/snapshots in the pool (reuse them with a cached pool disk)")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
@@ -46,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.simulate = 100_000 if not args.quick else 10_000
     try:
         cfg = make_config(suites, args.quick, args.sizes, args.simulate, args.simulate_only, args.keep_fill)
+        if args.samples:
+            if args.samples < 2:
+                raise ValueError("--samples must be at least 2")
+            cfg = dataclasses.replace(cfg, samples=args.samples, attach_samples=args.samples)
     except ValueError as e:
         print(f"zvolt-bench: {e}", file=sys.stderr)
         return 2
@@ -56,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         progress.say(f"lab: booting or reusing instance {args.lab_name!r}")
         lab = open_lab(args.lab_name, args.pool_disk)
-    report = run_suites(cfg, lab, progress)
+    report = run_suites(cfg, lab, progress, json_path=args.json)
     print(render(report), end="")
     doc = report.as_dict()
     if args.json:

@@ -6,6 +6,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -62,7 +63,8 @@ def connect_csi(lab: LabLike, progress: Progress) -> Csi | None:
         csi_short.close()
 
 
-def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Report:
+def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_path: Path | None = None) -> Report:
+    """Run the suites; with `json_path`, the JSON is rewritten after each suite (long runs keep partial results)."""
     report = Report(quick=cfg.quick)
     run_id = secrets.token_hex(3)
     sim_result: SuiteResult | None = None
@@ -101,6 +103,8 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress) -> Rep
                 result.rows.extend(sim_result.rows)
             report.suites.append(result)
             progress.say(f"suite {name}: done in {result.seconds:.0f} s")
+            if json_path is not None:
+                report.write_json(json_path)
     finally:
         if csi is not None:
             csi.close()

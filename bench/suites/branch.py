@@ -72,9 +72,11 @@ def run(ctx: Context) -> SuiteResult:
                 )["samples"]
                 for k, v in bare.items():
                     samples.setdefault(k, []).extend(v)
-            if csi_src:
+            if csi_src and ctx.csi is not None:
                 for k, v in _csi_samples(ctx, size, csi_src).items():
                     samples[k] = v
+                # The floor of the CSI path: a Probe over the same host -> guest gRPC hop (no agent, no ZFS).
+                samples["csi_probe"] = [timed(ctx.csi.probe)[1] for _ in range(ctx.cfg.samples)]
             stats = {k: summarize(v).as_dict() for k, v in samples.items()}
             entry: dict[str, Any] = {"size": size, "pool_objects": ctx.fill.objects, "fill": fill, "stats": stats}
             per_size.append(entry)
@@ -83,6 +85,7 @@ def run(ctx: Context) -> SuiteResult:
             res.rows.append(Row("zfs snapshot p50", zs, "ms", lzs, "lzc_snapshot", size=size))
             res.rows.append(Row("zfs clone p50", zc, "ms", stats["lzc_clone"]["p50_ms"], "lzc_clone", size=size))
             if csi_src:
+                res.rows.append(Row("CSI Probe p50 (transport floor)", stats["csi_probe"]["p50_ms"], "ms", size=size))
                 for key, label, bkeys, blabel in (
                     ("csi_snapshot", "CreateSnapshot", ("zfs_snapshot",), "zfs snapshot"),
                     ("csi_clone_snapshot", "clone from snapshot", ("zfs_clone",), "zfs clone"),
