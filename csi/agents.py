@@ -66,7 +66,12 @@ def parse_static(spec: str, zone: str = DEFAULT_ZONE) -> list[AgentEndpoint]:
 PodLister = Callable[[str, str], list[tuple[str, str, str]]]
 
 
-def kubernetes_pod_lister() -> PodLister:  # pragma: no cover - needs a cluster
+def kubernetes_pod_lister(  # pragma: no cover - needs a cluster
+    zone: str = DEFAULT_ZONE, zone_from_node_label: bool = False
+) -> PodLister:
+    """Agent pods as (node, ip, zone). Zones come from the node label only when asked: node
+    plugins report the zone they were given (--zone), and a storage node in a zone no worker
+    reports would match no topology requirement."""
     from kubernetes import client, config
 
     try:
@@ -80,13 +85,14 @@ def kubernetes_pod_lister() -> PodLister:  # pragma: no cover - needs a cluster
         for pod in api.list_namespaced_pod(namespace, label_selector=selector).items:
             if pod.status.phase != "Running" or not pod.status.pod_ip or not pod.spec.node_name:
                 continue
-            zone = DEFAULT_ZONE
-            try:
-                labels = api.read_node(pod.spec.node_name).metadata.labels or {}
-                zone = labels.get(ZONE_LABEL, DEFAULT_ZONE)
-            except Exception:  # noqa: S110 - zone is optional; a missing RBAC grant keeps the default
-                pass
-            found.append((pod.spec.node_name, pod.status.pod_ip, zone))
+            node_zone = zone
+            if zone_from_node_label:
+                try:
+                    labels = api.read_node(pod.spec.node_name).metadata.labels or {}
+                    node_zone = labels.get(ZONE_LABEL, zone)
+                except Exception:  # noqa: S110 - zone is optional; a missing RBAC grant keeps the default
+                    pass
+            found.append((pod.spec.node_name, pod.status.pod_ip, node_zone))
         return found
 
     return list_pods

@@ -43,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-namespace", default=_env("agent-namespace", "zvolt"))
     p.add_argument("--agent-selector", default=_env("agent-selector", "app.kubernetes.io/component=agent"))
     p.add_argument("--agent-port", type=int, default=int(_env("agent-port", "7001") or 7001))
+    p.add_argument(
+        "--agent-zone-from-node-label", action="store_true",
+        help="zone of a discovered agent = its node's topology.kubernetes.io/zone (node plugins must then "
+        "be given the same zones with --zone); default: every agent is in --zone",
+    )
     p.add_argument("--tls-cert", default=_env("tls-cert"))
     p.add_argument("--tls-key", default=_env("tls-key"))
     p.add_argument("--tls-ca", default=_env("tls-ca"))
@@ -67,7 +72,8 @@ def _controller(args: argparse.Namespace) -> Services:
     discover: Callable[[], Iterable[AgentEndpoint]]
     if args.agents_from_kubernetes:
         discover = KubernetesDiscovery(
-            kubernetes_pod_lister(), args.agent_namespace, args.agent_selector, args.agent_port
+            kubernetes_pod_lister(args.zone, args.agent_zone_from_node_label),
+            args.agent_namespace, args.agent_selector, args.agent_port,
         )
     elif args.agents:
         static = parse_static(args.agents, args.zone)
