@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS volumes(
 CREATE TABLE IF NOT EXISTS snapshots(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, volume_id TEXT NOT NULL, dataset TEXT NOT NULL,
     size INTEGER NOT NULL, created INTEGER NOT NULL) WITHOUT ROWID;
+-- Partial indexes: start-up (published volumes) and capacity (thick volumes) read only the
+-- few rows they need, never the whole table, at any pool size.
+CREATE INDEX IF NOT EXISTS volumes_published ON volumes(id) WHERE hosts != '';
+CREATE INDEX IF NOT EXISTS volumes_thick ON volumes(size) WHERE thick = 1;
 CREATE INDEX IF NOT EXISTS snapshots_name ON snapshots(name);
 CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots(volume_id);
 CREATE INDEX IF NOT EXISTS snapshots_dataset ON snapshots(dataset);

@@ -41,6 +41,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.v = volumes
         self.readiness = readiness
         self.metrics = metrics
+        self._counts: tuple[int, int, int] | None = None
 
     def _ready(self) -> None:
         if not self.readiness.ready:
@@ -52,7 +53,13 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def refresh_gauges(self) -> tuple[int, int, int]:
         volumes, snapshots, exports = self.v.index.counts()
         self.metrics.set_counts(volumes, snapshots, exports, self.v.trash_count())
+        self._counts = (volumes, snapshots, exports)
         return volumes, snapshots, exports
+
+    def cached_counts(self) -> tuple[int, int, int]:
+        """Counts as of the last periodic refresh: counting is O(pool), and every controller
+        Probe calls GetInfo on every agent, so GetInfo must not count."""
+        return self._counts if self._counts is not None else self.refresh_gauges()
 
     def refresh_metrics(self) -> None:
         """Gauges that nothing else updates (counts, pool space): called periodically."""
@@ -62,7 +69,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.metrics.set_space(cap.available, cap.used)
 
     def GetInfo(self, request: Any, context: Any) -> Any:
-        volumes, snapshots, exports = self.refresh_gauges() if self.readiness.ready else (0, 0, 0)
+        volumes, snapshots, exports = self.cached_counts() if self.readiness.ready else (0, 0, 0)
         cfg = self.v.cfg
         return pb.GetInfoResponse(
             node_name=cfg.node, ready=self.readiness.ready, version=VERSION, pool=cfg.pool,

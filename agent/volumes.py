@@ -162,10 +162,6 @@ class Volumes:
                 at, sp = self._space
                 self._space = (at, Space(available=max(sp.available - size, 0), used=sp.used + size))
 
-    def _forget_space(self) -> None:
-        with self._space_mu:
-            self._space = None
-
     def capacity(self) -> Capacity:
         sp = self.space()
         total = sp.available + sp.used

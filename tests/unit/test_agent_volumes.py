@@ -115,11 +115,11 @@ def test_capacity_and_resource_exhausted(tmp_path: Path) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     small.volumes.create_volume(VolumeSpec(name="thick-ok", size=8 * GiB, thick=True))
     # The pool is now nearly full: even thin creates are refused.
-    small.volumes._forget_space()
+    small.volumes.refresh_space()  # what the periodic refresher does
     assert small.volumes.capacity().available < 2 * GiB
     rest = small.volumes.capacity().available // 16384 * 16384
     small.volumes.create_volume(VolumeSpec(name="thick-2", size=rest, thick=True))
-    small.volumes._forget_space()
+    small.volumes.refresh_space()  # what the periodic refresher does
     assert code_of(small.volumes.create_volume, VolumeSpec(name="thin-2", size=GiB)) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
 
