@@ -28,6 +28,7 @@ from typing import Protocol
 
 from zvolt import names
 from zvolt.errors import invalid
+from zvolt.files import write_private_json
 
 # hh -> key length in bytes (00 = untransformed key, any of the lengths; we never generate it).
 KEY_LENGTHS = {1: 32, 2: 48, 3: 64}
@@ -139,14 +140,7 @@ class HostKeys:
             raise invalid(f"DH-HMAC-CHAP secret file for {host} is damaged; remove it to rotate: {exc}") from exc
 
     def _store(self, found: HostSecrets) -> None:
-        path = self._file(found.host)
-        tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"secret": found.secret, "ctrl_secret": found.ctrl_secret}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_private_json(self._file(found.host), {"secret": found.secret, "ctrl_secret": found.ctrl_secret})
 
     def secrets_for(self, host: str) -> HostSecrets:
         """The host's secrets, generated and persisted on first use (idempotent)."""

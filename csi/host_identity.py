@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zvolt.errors import internal
+from zvolt.files import write_private_json
 from zvolt.names import check_nqn
 
 _FILE = "host-identity.json"
@@ -67,11 +68,5 @@ def load_or_create(state_dir: str | os.PathLike[str], node_name: str) -> HostIde
         # still use the previous one: keep it for inspection and fail loudly.
         raise internal(f"{path} is unreadable or invalid; inspect it, then remove it to generate a new identity")
     identity = _generate(node_name)
-    tmp = folder / f".{_FILE}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"hostnqn": identity.hostnqn, "hostid": identity.hostid}, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    write_private_json(path, {"hostnqn": identity.hostnqn, "hostid": identity.hostid})
     return identity
