@@ -31,6 +31,8 @@ DEFAULT_SIZE = 1 * GiB
 # A clone keeps its origin's volblocksize, which we may not know (the origin can be gone);
 # 128 KiB is a multiple of every legal volblocksize.
 CLONE_ALIGN = 128 * 1024
+# Sizes travel as int64 to the agent; a range near that limit rounds up past it.
+INT64_MAX = 2**63 - 1
 STORAGE_NODE_CONTEXT = "zvolt.io/storage-node"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -67,6 +69,8 @@ def choose_size(rng: csi_pb2.CapacityRange | None, align: int, minimum: int = 0)
         raise out_of_range(f"limit_bytes {limit} is smaller than the source's size {minimum}")
     want = max(required, minimum) or (min(DEFAULT_SIZE, limit) if limit else DEFAULT_SIZE)
     size = round_up(want, align)
+    if size > INT64_MAX:
+        raise out_of_range(f"required_bytes {required} rounded up to the {align}-byte block size exceeds int64")
     if limit and size > limit:
         raise out_of_range(f"no size between {required} and {limit} bytes is a multiple of the {align}-byte block size")
     return size

@@ -68,6 +68,8 @@ def test_choose_size() -> None:
     assert code(lambda: choose_size(R(required_bytes=5, limit_bytes=4), 1)) == grpc.StatusCode.OUT_OF_RANGE
     assert code(lambda: choose_size(R(limit_bytes=GiB), 1, minimum=2 * GiB)) == grpc.StatusCode.OUT_OF_RANGE
     assert code(lambda: choose_size(R(limit_bytes=-1), 1)) == grpc.StatusCode.INVALID_ARGUMENT
+    # int64 max rounded up to a block would not fit the agent's int64 field
+    assert code(lambda: choose_size(R(required_bytes=2**63 - 1), 16384)) == grpc.StatusCode.OUT_OF_RANGE
 
 
 def test_page_token_roundtrip_and_garbage() -> None:
