@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="latency samples per operation (default 5 quick, 20 full)")
     p.add_argument("--keep-fill", action="store_true",
                    help="keep the filler volumes/snapshots in the pool (reuse them with a cached pool disk)")
+    p.add_argument("--snaps-per-volume", type=int, default=1, metavar="N",
+                   help="pool mix: each filler volume gets N snapshots (default 1; more fills big pools faster)")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -52,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.samples < 2:
                 raise ValueError("--samples must be at least 2")
             cfg = dataclasses.replace(cfg, samples=args.samples, attach_samples=args.samples)
+        if args.snaps_per_volume < 0:
+            raise ValueError("--snaps-per-volume must not be negative")
+        cfg = dataclasses.replace(cfg, snaps_per_volume=args.snaps_per_volume)
     except ValueError as e:
         print(f"zvolt-bench: {e}", file=sys.stderr)
         return 2

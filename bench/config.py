@@ -27,6 +27,8 @@ class BenchConfig:
     worker: str = "worker-0"  # node id of the lab's node plugin
     parent: str = "zvolt"     # agent parent dataset below the pool
     fill_parent: str = "benchfill"
+    snaps_per_volume: int = 1  # filler mix: each filler volume gets this many snapshots
+    published: int = 0         # scale: filler volumes exported (ControllerPublish) during the restart
 
     @property
     def max_size(self) -> int:
@@ -62,11 +64,11 @@ def make_config(
     if quick:
         return BenchConfig(
             suites=suites, quick=True, sizes=sizes or QUICK_SIZES, samples=5, fio_runtime_s=4,
-            fio_size_bytes=64 << 20, pg_scale=1, pg_seconds=8, attach_samples=3,
+            fio_size_bytes=64 << 20, pg_scale=1, pg_seconds=8, attach_samples=3, published=3,
             simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
         )
     return BenchConfig(
         suites=suites, quick=False, sizes=sizes or DEFAULT_SIZES, samples=20, fio_runtime_s=20,
-        fio_size_bytes=256 << 20, pg_scale=5, pg_seconds=30, attach_samples=10,
+        fio_size_bytes=256 << 20, pg_scale=5, pg_seconds=30, attach_samples=10, published=200,
         simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
     )

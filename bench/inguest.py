@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -179,51 +180,54 @@ def agent_snapshot_props(vid: str, n: int, created: str) -> dict[str, str]:
 def fill(a: dict[str, Any]) -> dict[str, Any]:
     """Add inactive sparse zvols, each with `snaps` snapshots, numbered from `start`.
 
-    Volumes go one lzc_create each (there is no batch create); the snapshots of a batch of
-    volumes are taken in one lzc_snapshot call (one txg), which lab.md measured ~20x cheaper per
-    snapshot. `props` are extra user properties (e.g. the ones the agent reads).
+    There is no batch create, and with the agent's properties every snapshot carries its own
+    names, so each object is one ioctl. Each ioctl waits for its txg to sync, and concurrent
+    sync tasks share a txg: `workers` threads (pyzfs's cffi calls drop the GIL) fill several
+    times faster than one. Without agent properties, a batch of snapshots is one lzc_snapshot
+    call (one txg, lab.md: ~20x cheaper per snapshot). `props` are extra user properties.
     """
     import libzfs_core as lzc
 
     parent = check_dataset(a["parent"])
     start, count, snaps = int(a["start"]), int(a["count"]), int(a.get("snaps", 1))
     batch = int(a.get("batch", 100))
+    workers = max(1, int(a.get("workers", 32)))
     size = int(a.get("size_bytes", 1 << 30))
     agent = bool(a.get("agent_props", False))
     now = str(int(time.time()))
     t0 = time.perf_counter()
-    created = snapped = 0
-    pending: list[bytes] = []
 
-    def flush() -> int:
-        todo = [s for s in pending if not lzc.lzc_exists(s)]
-        if todo:
-            lzc.lzc_snapshot(todo)
-        pending.clear()
-        return len(todo)
-
-    for i in range(start, start + count):
+    def one_volume(i: int) -> tuple[int, int]:
+        """Create volume i (and, with agent properties, its snapshots): (volumes, snapshots) made."""
         vid = check_id(f"f{i:07d}")
         name = check_dataset(f"{parent}/{vid}")
+        made = snapped = 0
         if not lzc.lzc_exists(name.encode()):
             props: dict[bytes, Any] = {b"volsize": size, b"volblocksize": 16384, b"volmode": VOLMODE["none"]}
             if agent:
                 props.update({k.encode(): v.encode() for k, v in agent_volume_props(vid, size, now).items()})
             lzc.lzc_create(name.encode(), ds_type="zvol", props=props)
-            created += 1
+            made = 1
         if agent:
-            # Each snapshot names its own volume and CSI name, so one ioctl per volume (no batch).
             for j in range(snaps):
                 snap = f"{name}@s{j}".encode()
                 if not lzc.lzc_exists(snap):
                     sprops = {k.encode(): v.encode() for k, v in agent_snapshot_props(vid, j, now).items()}
                     lzc.lzc_snapshot([snap], sprops)
                     snapped += 1
-            continue
-        pending.extend(f"{name}@s{j}".encode() for j in range(snaps))
-        if len(pending) >= batch:
-            snapped += flush()
-    snapped += flush()
+        return made, snapped
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(one_volume, range(start, start + count)))
+    created = sum(v for v, _ in done)
+    snapped = sum(s for _, s in done)
+    if not agent:
+        names = [f"{parent}/f{i:07d}@s{j}".encode() for i in range(start, start + count) for j in range(snaps)]
+        for k in range(0, len(names), batch):
+            todo = [s for s in names[k:k + batch] if not lzc.lzc_exists(s)]
+            if todo:
+                lzc.lzc_snapshot(todo)
+                snapped += len(todo)
     # Objects already present (a reused pool disk) count as filled; `created_*` says what this call made.
     return {
         "volumes": count,

@@ -85,6 +85,8 @@ def validate(doc: dict[str, Any], suites: Iterable[str]) -> list[str]:
                 c.positive(f"{d}.zfs_list.lines")
                 for k in ("zd_devices", "zvolt_subsystems", "enabled_namespaces"):
                     c.number(f"{d}.idle.{k}")
+            if "published" in s.get("data", {}):
+                c.latency(f"{d}.publish_at_size")
             if "restart" in s.get("data", {}):
                 c.positive(f"{d}.restart.seconds")
                 c.positive(f"{d}.agent_rss.rss_kib")

@@ -46,6 +46,7 @@ class Context:
     agent: BenchAgent | None = None
 
     def __post_init__(self) -> None:
+        self.fill.snaps = self.cfg.snaps_per_volume
         if self.agent is None:
             self.agent = BenchAgent(self.guest, self.progress, f"{self.pool}/{self.cfg.fill_parent}")
 

@@ -27,6 +27,7 @@ def _kernel_objects(lab: Any) -> tuple[int, set[str]]:
 @pytest.mark.lab
 def test_bench_quick_runs_every_suite(lab: Any, tmp_path: Path) -> None:
     zd_before, _ = _kernel_objects(lab)
+    zvolt_subs_before = len(lab.run(["ls", "/sys/kernel/config/nvmet/subsystems"], check=False).stdout.split())
     cfg = make_config(SUITES, quick=True, sizes=None)
     report = run_suites(cfg, lab, Progress())
     out = tmp_path / "bench.json"
@@ -44,6 +45,9 @@ def test_bench_quick_runs_every_suite(lab: Any, tmp_path: Path) -> None:
     assert scale["zfs_list"]["lines"] >= cfg.max_size  # the listing really saw the filled pool
     # Filler volumes are inactive (volmode=none): they must not have produced device nodes.
     assert scale["idle"]["zd_devices"] <= zd_before + scale.get("restart", {}).get("exports", 0)
+    # A few fillers were published over CSI: the restart restored exactly those, and nothing idle got a device.
+    assert scale["published"] == cfg.published and scale["restart"]["exports"] >= cfg.published
+    assert scale["idle_devices"] <= zd_before and scale["idle_subsystems"] <= zvolt_subs_before
     fio = doc["suites"]["datapath"]["data"]["fio"]
     assert fio["randread_qd32"]["local"]["iops"] > fio["randread_qd1"]["local"]["iops"] * 0.5
 

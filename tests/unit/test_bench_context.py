@@ -43,3 +43,15 @@ def test_fill_grows_in_chunks_and_never_shrinks() -> None:
     ctx.fill_to(target + 3)  # odd object counts round up to whole volumes
     assert [a["count"] for c, a in g.calls if c == "fill"] == [2]
     assert ctx.fill.objects >= target + 3
+
+
+def test_snaps_per_volume_sets_the_fill_mix() -> None:
+    import dataclasses
+
+    g = RecordingGuest()
+    cfg = dataclasses.replace(make_config(("scale",), False, (10_000,)), snaps_per_volume=4)
+    ctx = Context(cfg=cfg, guest=g, progress=Progress(enabled=False), run_id="abc")
+    ctx.fill_to(10_000)  # 2,000 volumes x (1 + 4 snapshots)
+    fills = [a for c, a in g.calls if c == "fill"]
+    assert {f["snaps"] for f in fills} == {4} and sum(f["count"] for f in fills) == 2_000
+    assert ctx.fill.objects == 10_000

@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,52 @@ def test_filler_properties_are_what_the_agent_rebuild_reads() -> None:
     snap = from_props(layout, "tank/benchfill/v/f0000007@s0", sprops)
     assert isinstance(snap, SnapshotRec)
     assert (snap.id, snap.volume_id, snap.name) == ("f0000007@s0", "f0000007", "bench-fill-f0000007-s0")
+
+
+class _FakeLzc:
+    """libzfs_core as fill() uses it: exists/create/snapshot, with a lock like the kernel's."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.objects: dict[bytes, dict[bytes, object]] = {}
+        self.calls = 0
+        self._mu = threading.Lock()
+
+    def lzc_exists(self, name: bytes) -> bool:
+        with self._mu:
+            return name in self.objects
+
+    def lzc_create(self, name: bytes, ds_type: str, props: dict[bytes, object]) -> None:
+        assert ds_type == "zvol"
+        with self._mu:
+            assert name not in self.objects, f"{name!r} created twice"
+            self.objects[name] = dict(props)
+            self.calls += 1
+
+    def lzc_snapshot(self, snaps: list[bytes], props: dict[bytes, object] | None = None) -> None:
+        with self._mu:
+            for s in snaps:
+                assert s.split(b"@")[0] in self.objects and s not in self.objects, s
+                self.objects[s] = dict(props or {})
+            self.calls += 1
+
+
+@pytest.mark.parametrize("agent_props", [True, False])
+def test_fill_in_parallel_makes_each_object_once(monkeypatch: pytest.MonkeyPatch, agent_props: bool) -> None:
+    fake = _FakeLzc()
+    monkeypatch.setitem(sys.modules, "libzfs_core", fake)
+    args = {"parent": "tank/benchfill/v", "start": 0, "count": 40, "snaps": 3, "agent_props": agent_props,
+            "workers": 8, "batch": 25}
+    out = inguest.fill(args)
+    assert (out["created_volumes"], out["created_snapshots"]) == (40, 120)
+    assert len(fake.objects) == 160
+    snap = fake.objects[b"tank/benchfill/v/f0000039@s2"]
+    if agent_props:
+        assert snap[b"zvolt:name"] == b"bench-fill-f0000039-s2" and snap[b"zvolt:volume"] == b"f0000039"
+    else:
+        assert snap == {} and fake.calls == 40 + 5  # 120 snapshots in batches of 25
+    # A repeat over a pool that already holds them (a reused disk) makes nothing, and extends cleanly.
+    assert inguest.fill(args)["created_volumes"] == 0
+    more = inguest.fill({**args, "start": 40, "count": 10})
+    assert (more["created_volumes"], more["created_snapshots"]) == (10, 30) and len(fake.objects) == 200
