@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="power the guest off (hard-kill qemu if it does not stop in time)")
     d.add_argument("--timeout", type=float, default=30, help="seconds to wait for a clean poweroff")
     sub.add_parser("status", help="what runs where")
+    rb = sub.add_parser("reboot", help="hard-reset the guest (sysrq b, no sync), set it up again, start services")
+    rb.add_argument("--no-services", action="store_true", help="do not start agent/controller/node afterwards")
     return p
 
 
@@ -92,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "status":
             return status(cache, instance)
+        if args.cmd == "reboot":
+            t0 = time.monotonic()
+            res = control.reboot(cache, instance, sys.stdout)
+            if not args.no_services:
+                control.start_services(res.lab, sys.stdout, t0)
+            print(f"rebooted: back on ssh after {res.down_seconds:.1f}s, set up in {res.setup_seconds:.1f}s")
+            return 0
     except StepFailed as exc:
         print(f"zvolt-lab: {exc}", file=sys.stderr)
         return 1

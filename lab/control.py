@@ -34,6 +34,7 @@ class UpOptions:
     pool_disk: Path | None = None  # reuse: import the pool on it instead of creating one
     services: bool = True
     boot_timeout: float = BOOT_TIMEOUT
+    peer: qemu.PeerLink | None = None  # a link to another lab guest (storage side boots first)
 
 
 class LabError(RuntimeError):
@@ -150,12 +151,14 @@ def _boot(
         name=instance, kernel=image.kernel, initrd=image.initrd, overlay=overlay, pool_disk=pool_disk,
         src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
         forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
+        peer=opts.peer,
     )
     pid = qemu.start(cfg)
     st = RunState(
         instance=instance, pid=pid, ssh_port=ssh_port, forwards=forwards, image=str(image.dir),
         run_dir=str(run_dir), pool_disk=str(pool_disk), pool_disk_reused=reused, memory_mb=opts.memory_mb,
-        started=time.time(),
+        started=time.time(), peer_role=opts.peer.role if opts.peer else "",
+        peer_port=opts.peer.port if opts.peer else 0,
     )
     statefile.save(run_dir, st)
     _log(out, t0, f"qemu started (pid {pid}, image {image.dir.name})")
@@ -177,12 +180,28 @@ def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) ->
     _log(out, t0, f"guest answers ssh on 127.0.0.1:{st.ssh_port}")
 
 
+def peer_config(role: str) -> dict[str, Any] | None:
+    """How guest setup wires the peer NIC: storage side into the storage netns, worker side in the
+    root netns with a route to the storage address across the link."""
+    if not role:
+        return None
+    cfg: dict[str, Any] = {"mac": qemu.PEER_MAC[role], "dev": guest.PEER_DEV,
+                           "address": f"{guest.PEER_IP[role]}/{guest.PREFIX_LEN}", "netns": "", "route": []}
+    if role == "storage":
+        cfg["netns"] = guest.STORAGE_NS
+    else:
+        cfg["route"] = [f"{guest.STORAGE_IP}/32", guest.PEER_IP["storage"]]
+    return cfg
+
+
 def setup_config(st: RunState) -> dict[str, Any]:
     return {
         "modules": list(MODULES),
         "pool": guest.POOL,
         "pool_device": "/dev/vdb",
-        "pool_reused": st.pool_disk_reused,
+        # Once set up, the disk holds our pool: after a guest reboot it is imported, never re-created.
+        "pool_reused": st.pool_disk_reused or st.guest_ready,
+        "peer": peer_config(st.peer_role),
         "storage_ns": guest.STORAGE_NS, "worker_ns": guest.WORKER_NS,
         "storage_dev": guest.VETH_STORAGE, "worker_dev": guest.VETH_WORKER,
         "storage_ip": guest.STORAGE_IP, "worker_ip": guest.WORKER_IP, "prefix_len": guest.PREFIX_LEN,
@@ -218,6 +237,45 @@ def start_services(lab: Lab, out: TextIO, t0: float) -> None:
             continue
         start()
         _log(out, t0, f"{name} started")
+
+
+def boot_id(lab: Lab) -> str:
+    return lab.run(["cat", "/proc/sys/kernel/random/boot_id"], timeout=30).stdout.strip()
+
+
+@dataclass(frozen=True)
+class RebootResult:
+    lab: Lab
+    down_seconds: float   # reset -> guest answers ssh again
+    setup_seconds: float  # guest setup after the boot (modules, pool import, netns, peer link)
+
+
+def reboot(cache: Cache, instance: str, out: TextIO, timeout: float = BOOT_TIMEOUT) -> RebootResult:
+    """Hard reset of a running guest: sysrq 'b' reboots at once, with no sync and no clean
+    shutdown, as a power cut or a kernel panic would. qemu keeps running (same overlay, same pool
+    disk), the guest boots again and gets the same setup as `up` (its pool is imported, never
+    re-created). Services are not started: after a reboot, starting them is the caller's test."""
+    t0 = time.monotonic()
+    run_dir = cache.run_dir(instance)
+    with instance_lock(run_dir):
+        st = running_state(cache, instance)
+        if st is None or not st.guest_ready:
+            raise LabError(f"lab instance {instance!r} is not running (zvolt-lab up)")
+        lab = lab_for(cache, st)
+        before = boot_id(lab)
+        reset = time.monotonic()
+        # The write never returns: the guest is gone mid-call, and ssh reports that as an error.
+        with contextlib.suppress(GuestCommandError):
+            lab.run(["tee", "/proc/sysrq-trigger"], input="b", timeout=10, check=False)
+        _log(out, t0, "guest reset (sysrq b)")
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            ssh.close_master(lab.target)
+        _wait_ssh(lab, st, timeout, t0, out)
+        if boot_id(lab) == before:
+            raise LabError("the guest answered ssh but did not reboot (same boot id)")
+        up_at = time.monotonic()
+        setup_guest(lab, st, out, t0)
+        return RebootResult(lab=lab, down_seconds=up_at - reset, setup_seconds=time.monotonic() - up_at)
 
 
 def describe(cache: Cache, st: RunState, lab: Lab) -> str:

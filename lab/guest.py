@@ -19,6 +19,11 @@ WORKER_IP = "10.42.0.2"
 PREFIX_LEN = 24
 VETH_STORAGE = "veth-s"
 VETH_WORKER = "veth-w"
+# The optional peer link to a second guest (lab.qemu.PeerLink): its NIC is renamed PEER_DEV; on
+# the storage guest it sits in the storage netns, on the worker guest in the root netns (where
+# nvme-tcp reconnects from), with a route to STORAGE_IP across it.
+PEER_DEV = "zvpeer"
+PEER_IP = {"storage": "10.44.0.1", "worker": "10.44.0.2"}
 PYTHON = "/opt/zvolt/venv/bin/python"
 RUN_DIR = "/run/zvolt"
 # Guest root-namespace TCP ports of the socat forwarders (qemu forwards host ports to these).

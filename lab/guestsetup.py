@@ -8,6 +8,7 @@ idempotent, so a second `up` on a running guest changes nothing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -77,6 +78,41 @@ def network(cfg: dict[str, Any]) -> None:
         sh(["ip", "-n", ns, "link", "set", dev, "up"])
 
 
+def _by_mac(mac: str) -> str:
+    """The root-netns interface with this MAC address, or ''."""
+    for dev in sorted(os.listdir("/sys/class/net")):
+        try:
+            with open(f"/sys/class/net/{dev}/address") as f:
+                if f.read().strip().lower() == mac:
+                    return dev
+        except OSError:
+            continue
+    return ""
+
+
+def peer(cfg: dict[str, Any]) -> None:
+    """The NIC linking this guest to another lab guest: named, placed, addressed, routed."""
+    p = cfg.get("peer")
+    if not p:
+        return
+    dev, ns = p["dev"], p["netns"]
+    ip = ["ip", "-n", ns] if ns else ["ip"]
+    if not ok([*ip, "link", "show", dev]):
+        found = dev if ok(["ip", "link", "show", dev]) else _by_mac(p["mac"])
+        if not found:
+            raise SetupError(f"no network interface with MAC {p['mac']} (peer link missing?)")
+        if found != dev:
+            sh(["ip", "link", "set", found, "down"])
+            sh(["ip", "link", "set", found, "name", dev])
+        if ns:
+            sh(["ip", "link", "set", dev, "netns", ns])
+    sh([*ip, "addr", "replace", p["address"], "dev", dev])
+    sh([*ip, "link", "set", dev, "up"])
+    if p["route"]:
+        sh([*ip, "route", "replace", p["route"][0], "via", p["route"][1]])
+    report(f"peer link {dev} {p['address']} ({'netns ' + ns if ns else 'root netns'})")
+
+
 def forwarders(cfg: dict[str, Any]) -> None:
     sh(["mkdir", "-p", cfg["run_dir"]])
     for unit, argv in cfg["forwarders"]:
@@ -91,6 +127,7 @@ def main(cfg: dict[str, Any]) -> None:
     pool(cfg)
     report(f"modules loaded, configfs and /src mounted, pool {cfg['pool']} online")
     network(cfg)
+    peer(cfg)
     forwarders(cfg)
     report(f"namespaces {cfg['storage_ns']} ({cfg['storage_ip']}) <-> {cfg['worker_ns']} ({cfg['worker_ip']}), "
            "forwarders up")

@@ -18,6 +18,31 @@ KERNEL_CMDLINE = (
 )
 
 
+# MACs of the peer link's NIC: guest setup finds the interface by them.
+PEER_MAC = {"storage": "52:54:00:7a:10:01", "worker": "52:54:00:7a:10:02"}
+
+
+@dataclass(frozen=True)
+class PeerLink:
+    """A second NIC joining two lab guests: an Ethernet link carried over a TCP socket on
+    127.0.0.1 (qemu's socket netdev). The storage side listens, the worker side connects, so a
+    storage guest can be rebooted under an initiator that lives in another guest."""
+
+    role: str  # "storage" (listens) or "worker" (connects)
+    port: int
+
+    def __post_init__(self) -> None:
+        if self.role not in PEER_MAC:
+            raise ValueError(f"peer role {self.role!r} is not one of {sorted(PEER_MAC)}")
+        if not 1024 <= self.port <= 65535:
+            raise ValueError(f"peer port {self.port} is out of range")
+
+    def argv(self) -> list[str]:
+        side = "listen" if self.role == "storage" else "connect"
+        return ["-netdev", f"socket,id=peer,{side}=127.0.0.1:{self.port}",
+                "-device", f"virtio-net-pci,netdev=peer,mac={PEER_MAC[self.role]}"]
+
+
 @dataclass(frozen=True)
 class QemuConfig:
     name: str
@@ -32,6 +57,7 @@ class QemuConfig:
     forwards: Mapping[int, int]  # host port on 127.0.0.1 -> guest port
     memory_mb: int = 4096
     smp: int = 2
+    peer: PeerLink | None = None
 
 
 def hostfwd(host_port: int, guest_port: int) -> str:
@@ -65,6 +91,7 @@ def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-drive", f"file={cfg.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         "-drive", f"file={cfg.pool_disk},if=virtio,format=raw,cache=writeback,discard=unmap",
         "-nic", nic,
+        *(cfg.peer.argv() if cfg.peer is not None else []),
         "-virtfs", f"local,path={cfg.src},mount_tag=src,security_model=none,readonly=on",
         "-device", "virtio-rng-pci",
         "-daemonize",

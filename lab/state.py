@@ -23,6 +23,8 @@ class RunState:
     memory_mb: int
     started: float
     guest_ready: bool = False
+    peer_role: str = ""  # "storage"/"worker" when booted with a peer link to another guest
+    peer_port: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -48,8 +48,10 @@ def wait_ready(stub: pb_grpc.AgentStub, timeout: float = 300) -> Any:
 
 
 class Env:
-    def __init__(self, lab: object) -> None:
+    def __init__(self, lab: object, initiator_netns: str | None = "worker") -> None:
         self.lab = lab
+        # Where the initiator side runs: the worker netns, or (a second guest) its root netns.
+        self.initiator_netns = initiator_netns
         self.channel = grpc.insecure_channel(lab.grpc_target("agent"))  # type: ignore[attr-defined]
         self.stub = pb_grpc.AgentStub(self.channel)
 
@@ -82,7 +84,7 @@ class Env:
         proc = self.lab.run(  # type: ignore[attr-defined]
             ["nvme", "connect", "-t", "tcp", "-a", "10.42.0.1", "-s", "4420", "-n", nqn, "--hostnqn", host,
              "--reconnect-delay", "1", "--ctrl-loss-tmo", "120"],
-            netns="worker", check=False, timeout=120)
+            netns=self.initiator_netns, check=False, timeout=120)
         if proc.returncode != 0:
             if check:
                 raise AssertionError(f"nvme connect failed: {proc.stderr}")
@@ -108,10 +110,10 @@ while True:
         raise SystemExit('no block device for the subsystem')
     time.sleep(0.1)
 """
-        return str(json.loads(self.lab.py(code, netns="worker").stdout))  # type: ignore[attr-defined]
+        return str(json.loads(self.lab.py(code, netns=self.initiator_netns).stdout))  # type: ignore[attr-defined]
 
     def disconnect(self, nqn: str) -> None:
-        self.lab.run(["nvme", "disconnect", "-n", nqn], netns="worker", check=False, timeout=60)  # type: ignore
+        self.lab.run(["nvme", "disconnect", "-n", nqn], netns=self.initiator_netns, check=False, timeout=60)  # type: ignore
 
     def write(self, dev: str, seed: int, mib: int = 4) -> str:
         return self._io(dev, seed, mib, write=True)
@@ -140,10 +142,10 @@ if write:
 os.close(fd)
 print(h.hexdigest())
 """
-        return str(self.lab.py(code, netns="worker", timeout=300).stdout.strip())  # type: ignore[attr-defined]
+        return str(self.lab.py(code, netns=self.initiator_netns, timeout=300).stdout.strip())  # type: ignore[attr-defined]
 
     def size_of(self, dev: str) -> int:
-        out = self.lab.run(["blockdev", "--getsize64", dev], netns="worker")  # type: ignore[attr-defined]
+        out = self.lab.run(["blockdev", "--getsize64", dev], netns=self.initiator_netns)  # type: ignore[attr-defined]
         return int(out.stdout.strip())
 
     # -- agent calls ----------------------------------------------------------------------

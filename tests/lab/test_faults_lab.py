@@ -1,7 +1,8 @@
 """Fault scenarios on the real stack (long; run with: pytest tests/lab -m faults).
 
 kill -9 of the agent inside snapshot/clone/expand/snapshot-delete (create/publish/delete are in
-test_agent_lab.py, reused here through its Env), a storage-node "reboot", link cuts shorter and
+test_agent_lab.py, reused here through its Env), a storage-node reboot (simulated in one guest,
+and a real hard reset of a storage guest under an initiator in a second guest), link cuts shorter and
 longer than ctrl_loss_tmo, a nearly full pool, and concurrent calls on one volume. Each test
 prints one "FAULT <scenario>: <outcome>" line (run with -s to collect them).
 """
@@ -9,10 +10,13 @@ prints one "FAULT <scenario>: <outcome>" line (run with -s to collect them).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -75,7 +79,7 @@ for p in sorted(glob.glob('/sys/class/nvme/nvme*/subsysnqn')):
     if open(p).read().strip() == {nqn!r}:
         print(open(os.path.join(os.path.dirname(p), 'state')).read().strip())
 """
-    return env.lab.py(code, netns="worker").stdout.split()  # type: ignore[no-any-return]
+    return env.lab.py(code, netns=env.initiator_netns).stdout.split()  # type: ignore[no-any-return]
 
 
 # -- kill -9 at the remaining mutation points -------------------------------------------------
@@ -260,6 +264,109 @@ def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: Non
     report("storage node reboot (agent SIGKILL + all nvmet configfs wiped; initiator in the root netns)",
            f"initiator {lost} while down; ready after {ready_s:.1f}s with all 3 exports restored; live again after "
            f"{reconnect_s:.1f}s; data intact")
+
+
+# -- a real storage-node reboot, the initiator in another guest ---------------------------------
+
+REBOOT_LOSS_TMO = 600  # the node plugin's default ctrl_loss_tmo: the outage must fit inside it
+
+
+@dataclass
+class Pair:
+    storage: Any  # lab.guest.Lab: agent, ZFS, nvmet
+    worker: Any   # lab.guest.Lab: the initiator, in its root netns
+    storage_instance: str
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    """Two guests joined by a peer link (qemu socket NIC on 127.0.0.1): rebooting the storage
+    guest leaves the initiator's kernel running, as with two machines."""
+    from lab import control, qemu
+    from lab.paths import Cache, instance_from_env
+
+    cache, base = Cache.from_env(), instance_from_env()[:24]
+    names_ = (f"{base}-rs", f"{base}-rw")
+    link = qemu.free_port()
+    booted: list[str] = []
+    try:
+        s = control.up_result(cache, names_[0], control.UpOptions(
+            services=False, peer=qemu.PeerLink("storage", link)), sys.stderr)
+        if s.booted:
+            booted.append(names_[0])
+        w = control.up_result(cache, names_[1], control.UpOptions(
+            services=False, memory_mb=2048, peer=qemu.PeerLink("worker", link)), sys.stderr)
+        if w.booted:
+            booted.append(names_[1])
+        yield Pair(storage=s.lab, worker=w.lab, storage_instance=names_[0])
+    finally:
+        if os.environ.get("ZVOLT_LAB_KEEP") != "1":
+            for name in reversed(booted):
+                control.down(cache, name, sys.stderr)
+
+
+def test_storage_guest_hard_reboot_under_an_initiator_in_another_guest(pair: Pair) -> None:
+    """sysrq 'b' on the storage guest (no sync, no clean shutdown): configfs, the agent and every
+    kernel object are gone; ZFS and the agent's state dir come back from disk. The agent must
+    rebuild every export before it says ready, and the initiator in the other guest, retrying all
+    along, must reconnect within ctrl_loss_tmo and read what it wrote before the crash."""
+    from lab import control
+    from lab.paths import Cache
+
+    senv = Env(pair.storage)
+    wenv = Env(pair.worker, initiator_netns=None)
+    senv.restart()
+    wait_ready(senv.stub)
+    host = host_nqn()
+    vols = [senv.create(uniq(f"hr{i}"), 64 * MiB) for i in range(3)]
+    pubs = [senv.publish(v.id, host) for v in vols]
+    dev = connect(wenv, pubs[0].nqn, host, loss_tmo=REBOOT_LOSS_TMO, netns=None)
+    try:
+        written = wenv.write(dev, seed=47, mib=4)
+        rb = control.reboot(Cache.from_env(), pair.storage_instance, sys.stderr)
+        lost = ctrl_state(wenv, pubs[0].nqn)
+        assert lost != ["live"], "the initiator did not notice the storage node going away"
+        assert senv.subsystems() == [], "configfs survived a reboot?"
+        start = time.monotonic()
+        senv.restart()
+        while True:
+            try:
+                info = senv.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+            except grpc.RpcError:
+                time.sleep(0.3)  # the socket forwarder may not answer yet
+                continue
+            if info.ready:
+                # Ready implies restored: every export and its allow-list at the first ready answer.
+                assert {p.nqn for p in pubs} <= set(senv.subsystems())
+                for p in pubs:
+                    assert senv.allowed(p.nqn) == [host]
+                break
+            with contextlib.suppress(grpc.RpcError):
+                senv.stub.ListVolumes(pb.ListVolumesRequest(), timeout=30)
+                raise AssertionError("a call before ready must be UNAVAILABLE")
+            time.sleep(0.3)
+        ready_s = time.monotonic() - start
+        deadline = time.monotonic() + REBOOT_LOSS_TMO
+        while ctrl_state(wenv, pubs[0].nqn) != ["live"] and time.monotonic() < deadline:
+            time.sleep(1)
+        outage_s = rb.down_seconds + rb.setup_seconds + time.monotonic() - start
+        assert ctrl_state(wenv, pubs[0].nqn) == ["live"], "the initiator reconnects within ctrl_loss_tmo"
+        assert wenv.read_hash(dev, mib=4) == written, "data written before the crash is gone"
+        again = wenv.write(dev, seed=48, mib=2)  # and the volume takes new writes
+        assert wenv.read_hash(dev, mib=2) == again
+        for v in vols:
+            assert senv.get(v.id).condition == pb.VOLUME_CONDITION_HEALTHY
+    finally:
+        wenv.disconnect(pubs[0].nqn)
+    for v in vols:
+        senv.unpublish(v.id, host)
+        senv.delete(v.id)
+    assert leaked(senv, *(v.id for v in vols)) == []
+    senv.channel.close()
+    report("storage guest hard reboot (sysrq b; initiator in a second guest over a peer link)",
+           f"initiator {lost} while down; guest back on ssh after {rb.down_seconds:.0f}s, set up in "
+           f"{rb.setup_seconds:.0f}s; agent ready {ready_s:.1f}s after start with all 3 exports restored; "
+           f"controller live again {outage_s:.0f}s after the crash (ctrl_loss_tmo {REBOOT_LOSS_TMO}s); data intact")
 
 
 # -- link cuts --------------------------------------------------------------------------------

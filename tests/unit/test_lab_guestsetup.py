@@ -100,4 +100,54 @@ def test_script_runs_on_a_bare_python() -> None:
     # The guest gets the source on stdin: it may use the standard library only.
     src = Path(guestsetup.__file__).read_text()
     imports = {line.split()[1].split(".")[0] for line in src.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"__future__", "json", "subprocess", "sys", "typing"}
+    assert imports <= {"__future__", "json", "os", "subprocess", "sys", "typing"}
+
+
+def test_a_guest_set_up_once_imports_its_pool_after_a_reboot(monkeypatch: pytest.MonkeyPatch) -> None:
+    st = RunState(instance="t", pid=1, ssh_port=1, forwards={}, image="/i", run_dir="/r", pool_disk="/p",
+                  pool_disk_reused=False, memory_mb=1, started=0, guest_ready=True)
+    calls = fake(monkeypatch, lambda argv: (1, "") if argv[1] == "list" else (0, "   pool: tank\n"))
+    guestsetup.pool(json.loads(json.dumps(control.setup_config(st))))
+    assert calls[-1] == ["zpool", "import", "-f", "-d", "/dev", "tank"]
+    assert not any(c[1] == "create" for c in calls)
+
+
+def peer_cfg(role: str) -> dict[str, Any]:
+    st = RunState(instance="t", pid=1, ssh_port=1, forwards={}, image="/i", run_dir="/r", pool_disk="/p",
+                  pool_disk_reused=False, memory_mb=1, started=0, peer_role=role, peer_port=40100)
+    crossed: dict[str, Any] = json.loads(json.dumps(control.setup_config(st)))
+    return crossed
+
+
+def test_no_peer_link_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake(monkeypatch, lambda argv: (0, ""))
+    guestsetup.peer(cfg(reused=False))
+    assert calls == []
+
+
+def test_storage_peer_nic_is_found_by_mac_renamed_and_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guestsetup, "_by_mac", lambda mac: "eth1" if mac == "52:54:00:7a:10:01" else "")
+    calls = fake(monkeypatch, lambda argv: (1, "") if argv[-2:] == ["show", "zvpeer"] else (0, ""))
+    guestsetup.peer(peer_cfg("storage"))
+    assert ["ip", "link", "set", "eth1", "name", "zvpeer"] in calls
+    assert ["ip", "link", "set", "zvpeer", "netns", "storage"] in calls
+    assert ["ip", "-n", "storage", "addr", "replace", "10.44.0.1/24", "dev", "zvpeer"] in calls
+    assert not any("route" in c for c in calls)
+
+
+def test_worker_peer_nic_stays_in_the_root_netns_with_a_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake(monkeypatch, lambda argv: (0, ""))  # already named and placed: only address/up/route
+    guestsetup.peer(peer_cfg("worker"))
+    assert calls == [
+        ["ip", "link", "show", "zvpeer"],
+        ["ip", "addr", "replace", "10.44.0.2/24", "dev", "zvpeer"],
+        ["ip", "link", "set", "zvpeer", "up"],
+        ["ip", "route", "replace", "10.42.0.1/32", "via", "10.44.0.1"],
+    ]
+
+
+def test_missing_peer_nic_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guestsetup, "_by_mac", lambda mac: "")
+    fake(monkeypatch, lambda argv: (1, "") if "show" in argv else (0, ""))
+    with pytest.raises(guestsetup.SetupError, match="MAC 52:54:00:7a:10:02"):
+        guestsetup.peer(peer_cfg("worker"))

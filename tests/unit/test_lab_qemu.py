@@ -101,3 +101,22 @@ def _exec_seen(pid: int, marker: str) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_peer_link_is_a_loopback_socket_nic(tmp_path: Path) -> None:
+    import dataclasses
+
+    import pytest
+
+    base = config(tmp_path)
+    assert "-netdev" not in qemu.argv(base)
+    storage = qemu.argv(dataclasses.replace(base, peer=qemu.PeerLink("storage", 40100)))
+    worker = qemu.argv(dataclasses.replace(base, peer=qemu.PeerLink("worker", 40100)))
+    assert opt(storage, "-netdev") == ["socket,id=peer,listen=127.0.0.1:40100"]
+    assert opt(worker, "-netdev") == ["socket,id=peer,connect=127.0.0.1:40100"]
+    assert opt(storage, "-device")[0] == f"virtio-net-pci,netdev=peer,mac={qemu.PEER_MAC['storage']}"
+    assert len(opt(storage, "-nic")) == 1  # the user-mode NIC stays the only way out, restricted
+    with pytest.raises(ValueError):
+        qemu.PeerLink("router", 40100)
+    with pytest.raises(ValueError):
+        qemu.PeerLink("worker", 80)

@@ -59,3 +59,14 @@ def test_sizes_parse() -> None:
     assert parse_size("512M") == 512 * 1024**2
     assert parse_size("1GiB") == 1024**3
     assert parse_size("4096") == 4096
+
+
+def test_reboot_of_an_instance_that_is_not_running_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lab import cli
+
+    monkeypatch.setenv("ZVOLT_LAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("ZVOLT_LAB_NAME", "nothere")
+    assert cli.main(["reboot"]) == 1
+    assert "lab instance 'nothere' is not running" in capsys.readouterr().err
