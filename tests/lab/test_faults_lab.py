@@ -214,6 +214,32 @@ print(len(list(root.subsystems())), len(list(root.ports())), len(list(root.hosts
 """
 
 
+def restart_until_restored(env: Env, pubs: list[Any], host: str) -> float:
+    """Start the agent and poll until ready: every call before that must be UNAVAILABLE, and at
+    the first ready answer every export and its allow-list must already be back. Seconds taken."""
+    start = time.monotonic()
+    env.restart()
+    while True:
+        try:
+            info = env.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+        except grpc.RpcError:
+            time.sleep(0.3)  # the socket forwarder of a freshly booted guest may not answer yet
+            continue
+        if info.ready:
+            assert {p.nqn for p in pubs} <= set(env.subsystems())
+            for p in pubs:
+                assert env.allowed(p.nqn) == [host]
+            return time.monotonic() - start
+        try:
+            env.stub.ListVolumes(pb.ListVolumesRequest(), timeout=30)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, f"before ready: {err.code()} {err.details()}"
+        else:
+            # Served: legal only if the agent turned ready between the two calls (ready never reverts).
+            assert env.stub.GetInfo(pb.GetInfoRequest(), timeout=30).ready, "a call before ready must be UNAVAILABLE"
+        time.sleep(0.3)
+
+
 def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: None) -> None:
     """Simulated reboot: SIGKILL the agent and wipe ALL nvmet configfs state (subsystems, namespaces,
     allowed hosts, host entries and the TCP port), as a reboot leaves it; ZFS and the agent's
@@ -230,23 +256,7 @@ def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: Non
         time.sleep(2)
         lost = ctrl_state(env, pubs[0].nqn)  # what the initiator sees with the target gone
         start = time.monotonic()
-        env.restart()
-        seen_ready = False
-        while not seen_ready:
-            info = env.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
-            if info.ready:
-                seen_ready = True
-                # Ready implies restored: checked at the first ready answer.
-                subs = set(env.subsystems())
-                assert {p.nqn for p in pubs} <= subs
-                for p in pubs:
-                    assert env.allowed(p.nqn) == [host]
-            else:
-                with contextlib.suppress(grpc.RpcError):
-                    env.stub.ListVolumes(pb.ListVolumesRequest(), timeout=30)
-                    raise AssertionError("a call before ready must be UNAVAILABLE")
-                time.sleep(0.3)
-        ready_s = time.monotonic() - start
+        ready_s = restart_until_restored(env, pubs, host)
         deadline = time.monotonic() + 120
         while ctrl_state(env, pubs[0].nqn) != ["live"] and time.monotonic() < deadline:
             time.sleep(1)
@@ -328,24 +338,7 @@ def test_storage_guest_hard_reboot_under_an_initiator_in_another_guest(pair: Pai
         assert lost != ["live"], "the initiator did not notice the storage node going away"
         assert senv.subsystems() == [], "configfs survived a reboot?"
         start = time.monotonic()
-        senv.restart()
-        while True:
-            try:
-                info = senv.stub.GetInfo(pb.GetInfoRequest(), timeout=30)
-            except grpc.RpcError:
-                time.sleep(0.3)  # the socket forwarder may not answer yet
-                continue
-            if info.ready:
-                # Ready implies restored: every export and its allow-list at the first ready answer.
-                assert {p.nqn for p in pubs} <= set(senv.subsystems())
-                for p in pubs:
-                    assert senv.allowed(p.nqn) == [host]
-                break
-            with contextlib.suppress(grpc.RpcError):
-                senv.stub.ListVolumes(pb.ListVolumesRequest(), timeout=30)
-                raise AssertionError("a call before ready must be UNAVAILABLE")
-            time.sleep(0.3)
-        ready_s = time.monotonic() - start
+        ready_s = restart_until_restored(senv, pubs, host)
         deadline = time.monotonic() + REBOOT_LOSS_TMO
         while ctrl_state(wenv, pubs[0].nqn) != ["live"] and time.monotonic() < deadline:
             time.sleep(1)
