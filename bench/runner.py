@@ -17,6 +17,10 @@ from bench.progress import Progress
 from bench.results import Report, SuiteResult
 from bench.suites import attach, branch, datapath, scale
 from bench.suites.context import Context
+from zvolt.pb import csi_pb2, csi_pb2_grpc
+
+PROBE_TIMEOUT_S = 15.0
+RESTART_PROBE_TIMEOUT_S = 120.0
 
 SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
     "branch": branch.run,
@@ -26,11 +30,17 @@ SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
 }
 
 
-def _reachable(csi: Csi, probe: Callable[[], object]) -> bool:
-    try:
-        probe()
-    except grpc.RpcError:
-        return False
+def _reachable(target: str, timeout: float) -> bool:
+    """Probe on a fresh channel that waits for the server up to `timeout`.
+
+    A channel that was refused once sits in reconnect backoff and fails the next call at once,
+    even when the server has come up meanwhile, so every probe gets its own channel.
+    """
+    with grpc.insecure_channel(target) as ch:
+        try:
+            csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError:
+            return False
     return True
 
 
@@ -40,27 +50,22 @@ def connect_csi(lab: LabLike, progress: Progress) -> Csi | None:
     The lab starts the services when their modules exist; an unanswered Probe gets one (re)start.
     """
     try:
-        csi = Csi(controller=lab.grpc_target("controller"), node=lab.grpc_target("node"), timeout=600)
+        controller, node = lab.grpc_target("controller"), lab.grpc_target("node")
     except KeyError:
         return None
-    csi_short = Csi(controller=lab.grpc_target("controller"), timeout=15)
-    try:
-        if _reachable(csi_short, csi_short.probe):
-            return csi
+    if not _reachable(controller, PROBE_TIMEOUT_S):
         progress.say("CSI controller not answering: (re)starting agent, controller and node plugin")
         for start in (lab.start_agent, lab.start_controller, lab.start_node):
             try:
                 start()
             except Exception as e:  # the driver may not exist yet in this tree: measure what we can
-                progress.say(f"could not start a service: {e}")
-                csi.close()
+                progress.say(f"could not start a service: {e}; CSI-side figures will be missing")
                 return None
-        if _reachable(csi_short, csi_short.probe):
-            return csi
-        csi.close()
-        return None
-    finally:
-        csi_short.close()
+        if not _reachable(controller, RESTART_PROBE_TIMEOUT_S):
+            progress.say(f"CSI controller still not answering {RESTART_PROBE_TIMEOUT_S:.0f} s after its restart; "
+                         "CSI-side figures will be missing")
+            return None
+    return Csi(controller=controller, node=node, timeout=600)
 
 
 def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_path: Path | None = None) -> Report:
