@@ -385,6 +385,16 @@ def test_kill9_mid_delete_then_retry_converges(env: Env, point: str) -> None:
     _no_leak(env, vol.id)
 
 
+def ctrl_state(env: Env, nqn: str) -> list[str]:
+    code = f"""
+import glob, os
+for p in sorted(glob.glob('/sys/class/nvme/nvme*/subsysnqn')):
+    if open(p).read().strip() == {nqn!r}:
+        print(open(os.path.join(os.path.dirname(p), 'state')).read().strip())
+"""
+    return env.lab.py(code, netns=env.initiator_netns).stdout.split()  # type: ignore[attr-defined,no-any-return]
+
+
 def test_agent_restart_keeps_connected_initiator_working(env: Env) -> None:
     host = host_nqn()
     vol = env.create(uniq("rk"))
@@ -397,8 +407,7 @@ def test_agent_restart_keeps_connected_initiator_working(env: Env) -> None:
         wait_ready(env.stub)
         # The target was never disturbed: the same controller and device keep serving the data.
         assert env.read_hash(dev) == written
-        state = env.lab.run(["sh", "-c", "cat /sys/class/nvme/nvme*/state"], netns="worker").stdout  # type: ignore
-        assert "live" in state.split()
+        assert ctrl_state(env, pub.nqn) == ["live"]
     finally:
         env.disconnect(pub.nqn)
     env.unpublish(vol.id, host)

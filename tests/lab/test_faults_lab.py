@@ -27,6 +27,7 @@ from test_agent_lab import (  # type: ignore[import-not-found]
     PARENT,
     Env,
     MiB,
+    ctrl_state,
     host_nqn,
     uniq,
     vds,
@@ -70,16 +71,6 @@ def connect(env: Env, nqn: str, host: str, loss_tmo: int = 60, netns: str | None
                        netns=netns, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return str(env.device_for(nqn))
-
-
-def ctrl_state(env: Env, nqn: str) -> list[str]:
-    code = f"""
-import glob, os
-for p in sorted(glob.glob('/sys/class/nvme/nvme*/subsysnqn')):
-    if open(p).read().strip() == {nqn!r}:
-        print(open(os.path.join(os.path.dirname(p), 'state')).read().strip())
-"""
-    return env.lab.py(code, netns=env.initiator_netns).stdout.split()  # type: ignore[no-any-return]
 
 
 # -- kill -9 at the remaining mutation points -------------------------------------------------
@@ -240,6 +231,14 @@ def restart_until_restored(env: Env, pubs: list[Any], host: str) -> float:
         time.sleep(0.3)
 
 
+def wait_live(env: Env, nqn: str, timeout: float) -> None:
+    """The initiator retries every reconnect_delay: poll until its controller for `nqn` is live again."""
+    deadline = time.monotonic() + timeout
+    while ctrl_state(env, nqn) != ["live"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ctrl_state(env, nqn) == ["live"], "the initiator reconnects within ctrl_loss_tmo"
+
+
 def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: None) -> None:
     """Simulated reboot: SIGKILL the agent and wipe ALL nvmet configfs state (subsystems, namespaces,
     allowed hosts, host entries and the TCP port), as a reboot leaves it; ZFS and the agent's
@@ -257,11 +256,8 @@ def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: Non
         lost = ctrl_state(env, pubs[0].nqn)  # what the initiator sees with the target gone
         start = time.monotonic()
         ready_s = restart_until_restored(env, pubs, host)
-        deadline = time.monotonic() + 120
-        while ctrl_state(env, pubs[0].nqn) != ["live"] and time.monotonic() < deadline:
-            time.sleep(1)
+        wait_live(env, pubs[0].nqn, 120)
         reconnect_s = time.monotonic() - start
-        assert ctrl_state(env, pubs[0].nqn) == ["live"], "the initiator reconnects within ctrl_loss_tmo"
         assert env.read_hash(dev, mib=2) == written
         for v in vols:
             assert env.get(v.id).condition == pb.VOLUME_CONDITION_HEALTHY
@@ -339,11 +335,8 @@ def test_storage_guest_hard_reboot_under_an_initiator_in_another_guest(pair: Pai
         assert senv.subsystems() == [], "configfs survived a reboot?"
         start = time.monotonic()
         ready_s = restart_until_restored(senv, pubs, host)
-        deadline = time.monotonic() + REBOOT_LOSS_TMO
-        while ctrl_state(wenv, pubs[0].nqn) != ["live"] and time.monotonic() < deadline:
-            time.sleep(1)
+        wait_live(wenv, pubs[0].nqn, REBOOT_LOSS_TMO)
         outage_s = rb.down_seconds + rb.setup_seconds + time.monotonic() - start
-        assert ctrl_state(wenv, pubs[0].nqn) == ["live"], "the initiator reconnects within ctrl_loss_tmo"
         assert wenv.read_hash(dev, mib=4) == written, "data written before the crash is gone"
         again = wenv.write(dev, seed=48, mib=2)  # and the volume takes new writes
         assert wenv.read_hash(dev, mib=2) == again

@@ -263,7 +263,7 @@ def test_dockerfile_install_steps_build_a_working_image(bookworm_root: Path) -> 
             ["mkfs.xfs", "-V"],
             ["blkid", "--version"],
             ["modprobe", "--version"],
-            ["sh", "-c", "command -v zfs zpool"],
+            ["which", "zfs", "zpool"],
             ["python", "-c", "import libzfs_core, grpc, google.protobuf, prometheus_client, kubernetes, zvolt; "
              "print(libzfs_core.__file__)"],
         ]

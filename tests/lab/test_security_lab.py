@@ -73,7 +73,8 @@ def test_allow_list_is_enforced_and_repaired_on_restart(env: Env) -> None:
         # Someone tampers with the target behind the agent's back (the kernel only takes
         # allow_any_host=1 once the allow-list is empty): now anyone may connect...
         env.lab.run(["rm", f"{CONFIGFS}/subsystems/{nqn}/allowed_hosts/{b}"])
-        env.lab.run(["sh", "-c", f"echo 1 > {CONFIGFS}/subsystems/{nqn}/attr_allow_any_host"])
+        any_host = f"{CONFIGFS}/subsystems/{nqn}/attr_allow_any_host"
+        env.lab.py(f"open({any_host!r}, 'w').write('1')")
         assert connect(env, nqn, stranger).returncode == 0 and connected(env, nqn)
         env.disconnect(nqn)
         # ...until the agent restarts (as after any crash or reboot): policy is put back.
