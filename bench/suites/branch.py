@@ -43,6 +43,19 @@ def _csi_samples(ctx: Context, size: int, source_id: str) -> dict[str, list[floa
     return out
 
 
+def size_summary(objects: int, stats: dict[str, dict[str, float]]) -> str:
+    """One progress line per pool size: each CSI figure's p50 next to its bare-ZFS baseline."""
+    parts = [f"zfs snapshot {stats['zfs_snapshot']['p50_ms']:.0f} ms, zfs clone {stats['zfs_clone']['p50_ms']:.0f} ms"]
+    for key, label, bkeys in (("csi_snapshot", "CreateSnapshot", ("zfs_snapshot",)),
+                              ("csi_clone_snapshot", "clone from snapshot", ("zfs_clone",)),
+                              ("csi_clone_volume", "clone from volume", ("zfs_snapshot", "zfs_clone"))):
+        if key in stats:
+            p50 = stats[key]["p50_ms"]
+            base = sum(stats[b]["p50_ms"] for b in bkeys)
+            parts.append(f"{label} {p50:.0f} ms ({p50 / base:.2f}x)" if base else f"{label} {p50:.0f} ms")
+    return f"branch at {objects:,} objects, p50: " + "; ".join(parts)
+
+
 def run(ctx: Context) -> SuiteResult:
     res = SuiteResult("branch")
     pool = ctx.pool
@@ -80,6 +93,8 @@ def run(ctx: Context) -> SuiteResult:
             stats = {k: summarize(v).as_dict() for k, v in samples.items()}
             entry: dict[str, Any] = {"size": size, "pool_objects": ctx.fill.objects, "fill": fill, "stats": stats}
             per_size.append(entry)
+            # Said at once: a run that dies later (hours at 100,000 objects) still leaves these in its log.
+            ctx.progress.say(size_summary(ctx.fill.objects, stats))
             zs, zc = stats["zfs_snapshot"]["p50_ms"], stats["zfs_clone"]["p50_ms"]
             lzs = stats["lzc_snapshot"]["p50_ms"]
             res.rows.append(Row("zfs snapshot p50", zs, "ms", lzs, "lzc_snapshot", size=size))

@@ -63,3 +63,18 @@ def test_failed_suite_is_a_problem() -> None:
     report = Report(quick=True, suites=[SuiteResult("attach", error="RuntimeError: boom")])
     assert validate(report.as_dict(), ["attach"]) == ["suites.attach: failed: RuntimeError: boom"]
     assert "FAILED: RuntimeError: boom" in render(report)
+
+
+def test_branch_size_summary_gives_each_csi_p50_with_its_bare_ratio() -> None:
+    from bench.suites.branch import size_summary
+
+    stats = {"zfs_snapshot": {"p50_ms": 200.0}, "zfs_clone": {"p50_ms": 300.0},
+             "csi_snapshot": {"p50_ms": 220.0}, "csi_clone_snapshot": {"p50_ms": 600.0},
+             "csi_clone_volume": {"p50_ms": 250.0}}
+    line = size_summary(10000, stats)
+    assert line.startswith("branch at 10,000 objects, p50: zfs snapshot 200 ms, zfs clone 300 ms")
+    assert "CreateSnapshot 220 ms (1.10x)" in line
+    assert "clone from snapshot 600 ms (2.00x)" in line
+    assert "clone from volume 250 ms (0.50x)" in line  # against snapshot + clone
+    bare_only = size_summary(100, {"zfs_snapshot": {"p50_ms": 1.0}, "zfs_clone": {"p50_ms": 2.0}})
+    assert "CreateSnapshot" not in bare_only
