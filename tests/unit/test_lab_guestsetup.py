@@ -35,6 +35,17 @@ def fake(monkeypatch: pytest.MonkeyPatch, answer: Callable[[list[str]], tuple[in
     return calls
 
 
+def fake_params(monkeypatch: pytest.MonkeyPatch, calls: list[list[str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+
+    def zfs_param(path: str, value: str) -> None:
+        calls.append(["param", path, value])
+        params[path] = value
+
+    monkeypatch.setattr(guestsetup, "zfs_param", zfs_param)
+    return params
+
+
 def test_existing_pool_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = fake(monkeypatch, lambda argv: (0, "tank\n"))
     guestsetup.pool(cfg(reused=False))
@@ -54,9 +65,27 @@ def test_kept_disk_with_a_pool_is_imported(monkeypatch: pytest.MonkeyPatch) -> N
         return 0, "   pool: tank\n     id: 123\n  state: ONLINE\n"
 
     calls = fake(monkeypatch, answer)
+    params = fake_params(monkeypatch, calls)
     guestsetup.pool(cfg(reused=True))
-    assert calls[-1] == ["zpool", "import", "-f", "-d", "/dev", "tank"]
+    assert calls[-2:] == [["zpool", "import", "-f", "-d", "/dev", "tank"], ["param", guestsetup.ZVOL_INHIBIT_DEV, "0"]]
+    assert calls[-3] == ["param", guestsetup.ZVOL_INHIBIT_DEV, "1"]  # no zvol device nodes during the import
+    assert params == {guestsetup.ZVOL_INHIBIT_DEV: "0"}
     assert not any(c[1] == "create" for c in calls)
+
+
+def test_a_failed_import_still_turns_zvol_device_nodes_back_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def answer(argv: list[str]) -> tuple[int, str]:
+        if argv[1] == "list":
+            return 1, ""
+        if argv[1] == "import" and "-f" in argv:
+            return 1, ""
+        return 0, "   pool: tank\n"
+
+    calls = fake(monkeypatch, answer)
+    params = fake_params(monkeypatch, calls)
+    with pytest.raises(guestsetup.SetupError):
+        guestsetup.pool(cfg(reused=True))
+    assert params == {guestsetup.ZVOL_INHIBIT_DEV: "0"}
 
 
 def test_blank_kept_disk_is_created_without_force(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,8 +136,9 @@ def test_a_guest_set_up_once_imports_its_pool_after_a_reboot(monkeypatch: pytest
     st = RunState(instance="t", pid=1, ssh_port=1, forwards={}, image="/i", run_dir="/r", pool_disk="/p",
                   pool_disk_reused=False, memory_mb=1, started=0, guest_ready=True)
     calls = fake(monkeypatch, lambda argv: (1, "") if argv[1] == "list" else (0, "   pool: tank\n"))
+    fake_params(monkeypatch, calls)
     guestsetup.pool(json.loads(json.dumps(control.setup_config(st))))
-    assert calls[-1] == ["zpool", "import", "-f", "-d", "/dev", "tank"]
+    assert calls[-2] == ["zpool", "import", "-f", "-d", "/dev", "tank"]
     assert not any(c[1] == "create" for c in calls)
 
 
