@@ -66,10 +66,11 @@ def pool(cfg: dict[str, Any]) -> None:
         # An import owns every zvol to make its device node, even volmode=none ones that get none
         # (zvol_create_minors_recursive): over an hour for 20,000 zvols under TCG. Nothing needs
         # them at this point: the agent sets volmode=dev again on each published volume when it
-        # starts, and that makes exactly those nodes.
+        # starts, and that makes exactly those nodes. -N: mounting walks every dataset as well,
+        # zvols included, and zvolt mounts nothing from the pool.
         zfs_param(ZVOL_INHIBIT_DEV, "1")
         try:
-            sh(["zpool", "import", "-f", "-d", "/dev", name], timeout=IMPORT_TIMEOUT_S)
+            sh(["zpool", "import", "-N", "-f", "-d", "/dev", name], timeout=IMPORT_TIMEOUT_S)
         finally:
             zfs_param(ZVOL_INHIBIT_DEV, "0")
         report(f"pool {name} imported from the kept disk (zvol device nodes left to the agent)")

@@ -67,7 +67,8 @@ def test_kept_disk_with_a_pool_is_imported(monkeypatch: pytest.MonkeyPatch) -> N
     calls = fake(monkeypatch, answer)
     params = fake_params(monkeypatch, calls)
     guestsetup.pool(cfg(reused=True))
-    assert calls[-2:] == [["zpool", "import", "-f", "-d", "/dev", "tank"], ["param", guestsetup.ZVOL_INHIBIT_DEV, "0"]]
+    imp = ["zpool", "import", "-N", "-f", "-d", "/dev", "tank"]  # -N: mounting would walk every zvol too
+    assert calls[-2:] == [imp, ["param", guestsetup.ZVOL_INHIBIT_DEV, "0"]]
     assert calls[-3] == ["param", guestsetup.ZVOL_INHIBIT_DEV, "1"]  # no zvol device nodes during the import
     assert params == {guestsetup.ZVOL_INHIBIT_DEV: "0"}
     assert not any(c[1] == "create" for c in calls)
@@ -138,7 +139,7 @@ def test_a_guest_set_up_once_imports_its_pool_after_a_reboot(monkeypatch: pytest
     calls = fake(monkeypatch, lambda argv: (1, "") if argv[1] == "list" else (0, "   pool: tank\n"))
     fake_params(monkeypatch, calls)
     guestsetup.pool(json.loads(json.dumps(control.setup_config(st))))
-    assert calls[-2] == ["zpool", "import", "-f", "-d", "/dev", "tank"]
+    assert calls[-2] == ["zpool", "import", "-N", "-f", "-d", "/dev", "tank"]
     assert not any(c[1] == "create" for c in calls)
 
 
