@@ -231,6 +231,16 @@ def restart_until_restored(env: Env, pubs: list[Any], host: str) -> float:
         time.sleep(0.3)
 
 
+def healthy_then_released(env: Env, vols: list[Any], host: str) -> None:
+    """After a reboot: every volume reports healthy, then unpublish + delete leave nothing behind."""
+    for v in vols:
+        assert env.get(v.id).condition == pb.VOLUME_CONDITION_HEALTHY
+    for v in vols:
+        env.unpublish(v.id, host)
+        env.delete(v.id)
+    assert leaked(env, *(v.id for v in vols)) == []
+
+
 def wait_live(env: Env, nqn: str, timeout: float) -> None:
     """The initiator retries every reconnect_delay: poll until its controller for `nqn` is live again."""
     deadline = time.monotonic() + timeout
@@ -259,14 +269,9 @@ def test_storage_node_reboot_with_a_connected_initiator(env: Env, root_path: Non
         wait_live(env, pubs[0].nqn, 120)
         reconnect_s = time.monotonic() - start
         assert env.read_hash(dev, mib=2) == written
-        for v in vols:
-            assert env.get(v.id).condition == pb.VOLUME_CONDITION_HEALTHY
     finally:
         env.disconnect(pubs[0].nqn)
-    for v in vols:
-        env.unpublish(v.id, host)
-        env.delete(v.id)
-    assert leaked(env, *(v.id for v in vols)) == []
+    healthy_then_released(env, vols, host)
     report("storage node reboot (agent SIGKILL + all nvmet configfs wiped; initiator in the root netns)",
            f"initiator {lost} while down; ready after {ready_s:.1f}s with all 3 exports restored; live again after "
            f"{reconnect_s:.1f}s; data intact")
@@ -340,14 +345,9 @@ def test_storage_guest_hard_reboot_under_an_initiator_in_another_guest(pair: Pai
         assert wenv.read_hash(dev, mib=4) == written, "data written before the crash is gone"
         again = wenv.write(dev, seed=48, mib=2)  # and the volume takes new writes
         assert wenv.read_hash(dev, mib=2) == again
-        for v in vols:
-            assert senv.get(v.id).condition == pb.VOLUME_CONDITION_HEALTHY
     finally:
         wenv.disconnect(pubs[0].nqn)
-    for v in vols:
-        senv.unpublish(v.id, host)
-        senv.delete(v.id)
-    assert leaked(senv, *(v.id for v in vols)) == []
+    healthy_then_released(senv, vols, host)
     senv.channel.close()
     report("storage guest hard reboot (sysrq b; initiator in a second guest over a peer link)",
            f"initiator {lost} while down; guest back on ssh after {rb.down_seconds:.0f}s, set up in "
