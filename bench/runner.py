@@ -30,15 +30,16 @@ SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
 }
 
 
-def _reachable(target: str, timeout: float) -> bool:
-    """Probe on a fresh channel that waits for the server up to `timeout`.
+def _reachable(target: str, timeout: float, wait_for_ready: bool) -> bool:
+    """Probe on a fresh channel; with `wait_for_ready`, wait for the server up to `timeout`.
 
     A channel that was refused once sits in reconnect backoff and fails the next call at once,
     even when the server has come up meanwhile, so every probe gets its own channel.
     """
     with grpc.insecure_channel(target) as ch:
         try:
-            csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=timeout, wait_for_ready=True)
+            csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=timeout,
+                                                wait_for_ready=wait_for_ready)
         except grpc.RpcError:
             return False
     return True
@@ -53,7 +54,7 @@ def connect_csi(lab: LabLike, progress: Progress) -> Csi | None:
         controller, node = lab.grpc_target("controller"), lab.grpc_target("node")
     except KeyError:
         return None
-    if not _reachable(controller, PROBE_TIMEOUT_S):
+    if not _reachable(controller, PROBE_TIMEOUT_S, wait_for_ready=False):
         progress.say("CSI controller not answering: (re)starting agent, controller and node plugin")
         for start in (lab.start_agent, lab.start_controller, lab.start_node):
             try:
@@ -61,7 +62,7 @@ def connect_csi(lab: LabLike, progress: Progress) -> Csi | None:
             except Exception as e:  # the driver may not exist yet in this tree: measure what we can
                 progress.say(f"could not start a service: {e}; CSI-side figures will be missing")
                 return None
-        if not _reachable(controller, RESTART_PROBE_TIMEOUT_S):
+        if not _reachable(controller, RESTART_PROBE_TIMEOUT_S, wait_for_ready=True):
             progress.say(f"CSI controller still not answering {RESTART_PROBE_TIMEOUT_S:.0f} s after its restart; "
                          "CSI-side figures will be missing")
             return None

@@ -43,12 +43,18 @@ def _csi_samples(ctx: Context, size: int, source_id: str) -> dict[str, list[floa
     return out
 
 
+# (sample key, label, bare-ZFS sample keys its baseline sums, baseline label)
+CSI_FIGURES = (
+    ("csi_snapshot", "CreateSnapshot", ("zfs_snapshot",), "zfs snapshot"),
+    ("csi_clone_snapshot", "clone from snapshot", ("zfs_clone",), "zfs clone"),
+    ("csi_clone_volume", "clone from volume", ("zfs_snapshot", "zfs_clone"), "zfs snapshot+clone"),
+)
+
+
 def size_summary(objects: int, stats: dict[str, dict[str, float]]) -> str:
     """One progress line per pool size: each CSI figure's p50 next to its bare-ZFS baseline."""
     parts = [f"zfs snapshot {stats['zfs_snapshot']['p50_ms']:.0f} ms, zfs clone {stats['zfs_clone']['p50_ms']:.0f} ms"]
-    for key, label, bkeys in (("csi_snapshot", "CreateSnapshot", ("zfs_snapshot",)),
-                              ("csi_clone_snapshot", "clone from snapshot", ("zfs_clone",)),
-                              ("csi_clone_volume", "clone from volume", ("zfs_snapshot", "zfs_clone"))):
+    for key, label, bkeys, _ in CSI_FIGURES:
         if key in stats:
             p50 = stats[key]["p50_ms"]
             base = sum(stats[b]["p50_ms"] for b in bkeys)
@@ -101,11 +107,7 @@ def run(ctx: Context) -> SuiteResult:
             res.rows.append(Row("zfs clone p50", zc, "ms", stats["lzc_clone"]["p50_ms"], "lzc_clone", size=size))
             if csi_src:
                 res.rows.append(Row("CSI Probe p50 (transport floor)", stats["csi_probe"]["p50_ms"], "ms", size=size))
-                for key, label, bkeys, blabel in (
-                    ("csi_snapshot", "CreateSnapshot", ("zfs_snapshot",), "zfs snapshot"),
-                    ("csi_clone_snapshot", "clone from snapshot", ("zfs_clone",), "zfs clone"),
-                    ("csi_clone_volume", "clone from volume", ("zfs_snapshot", "zfs_clone"), "zfs snapshot+clone"),
-                ):
+                for key, label, bkeys, blabel in CSI_FIGURES:
                     for q in ("p50", "p95"):
                         base = sum(stats[b][f"{q}_ms"] for b in bkeys)
                         target = TARGET if q == "p50" else ""

@@ -1,6 +1,5 @@
 """connect_csi against a real gRPC server on 127.0.0.1 that comes up only when the bench restarts it."""
 
-import socket
 from concurrent import futures
 from typing import Any
 
@@ -8,18 +7,13 @@ import grpc
 
 from bench.progress import Progress
 from bench.runner import connect_csi
+from lab.qemu import free_port
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
 
 class _Identity(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     def Probe(self, request: Any, context: Any) -> Any:
         return csi_pb2.ProbeResponse()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Lab:
@@ -52,7 +46,7 @@ class _Lab:
 def test_a_controller_that_comes_up_on_restart_is_used(monkeypatch: Any) -> None:
     # The first probe is refused; the reconnect backoff of that channel must not fail the probe after the restart.
     monkeypatch.setattr("bench.runner.PROBE_TIMEOUT_S", 1.0)
-    lab = _Lab(_free_port())
+    lab = _Lab(free_port())
     try:
         csi = connect_csi(lab, Progress(enabled=False))  # type: ignore[arg-type]
         assert csi is not None
@@ -67,7 +61,7 @@ def test_a_controller_that_comes_up_on_restart_is_used(monkeypatch: Any) -> None
 def test_a_controller_that_never_answers_gives_no_client_and_says_so(monkeypatch: Any, capsys: Any) -> None:
     monkeypatch.setattr("bench.runner.PROBE_TIMEOUT_S", 0.5)
     monkeypatch.setattr("bench.runner.RESTART_PROBE_TIMEOUT_S", 0.5)
-    lab = _Lab(_free_port(), serve_on_start=False)
+    lab = _Lab(free_port(), serve_on_start=False)
     assert connect_csi(lab, Progress()) is None  # type: ignore[arg-type]
     assert lab.started == ["agent", "controller", "node"]
     assert "CSI-side figures will be missing" in capsys.readouterr().err
