@@ -217,10 +217,10 @@ def setup_config(st: RunState) -> dict[str, Any]:
 def setup_guest(lab: Lab, st: RunState, out: TextIO, t0: float) -> None:
     """Idempotent: modules, configfs, /src, pool, namespaces + veth, socat forwarders (one ssh call)."""
     script = Path(guestsetup.__file__).read_text()
-    if st.pool_disk_reused or st.guest_ready:
+    cfg = setup_config(st)
+    if cfg["pool_reused"]:
         _log(out, t0, "guest setup: importing the kept pool disk first (slow for big pools under TCG)")
-    res = lab.run(["python3", "-", json.dumps(setup_config(st))], input=script,
-                  timeout=guestsetup.IMPORT_TIMEOUT_S + 600)
+    res = lab.run(["python3", "-", json.dumps(cfg)], input=script, timeout=guestsetup.IMPORT_TIMEOUT_S + 600)
     for line in res.stdout.splitlines():
         _log(out, t0, line)
 
