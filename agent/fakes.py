@@ -234,6 +234,8 @@ class FakeZfs:
                     out[p] = "on" if d.defer else "off"
                 elif p == "clones":
                     out[p] = ",".join(self.clones_of(name))
+                elif p == "volblocksize" and d.kind == "snapshot":
+                    out[p] = "-"  # as real ZFS reports it (the clone below still inherits it)
                 else:
                     out[p] = d.props.get(p, "-")
             return out

@@ -116,7 +116,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def CreateSnapshot(self, request: Any, context: Any) -> Any:
         self._ready()
-        snap = self.v.create_snapshot(request.name, request.source_volume_id)
+        snap = self.v.create_snapshot(request.name, request.source_volume_id, dict(request.labels))
         return pb.CreateSnapshotResponse(snapshot=snapshot_pb(snap))
 
     def DeleteSnapshot(self, request: Any, context: Any) -> Any:

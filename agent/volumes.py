@@ -11,7 +11,7 @@ import errno
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.exports import Exports
@@ -83,9 +83,20 @@ class Capacity:
     maximum_volume_size: int
 
 
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels become ZFS user properties `zvolt:label:<key>`."""
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key) or len(value) > 1024 or "\n" in value or not value.isprintable():
+            raise invalid(f"label {key!r} is not valid (key [A-Za-z0-9._-]{{1,63}}, value printable <=1024)")
+    return {f"zvolt:label:{k}": v for k, v in labels.items()}
+
+
 def _zfs_error(exc: ZfsError, what: str) -> ZvoltError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return exhausted(f"{what}: not enough space in the pool ({exc})")
+    if exc.errno == errno.ENOENT:
+        # A source deleted meanwhile (delete in any order): final for the caller, not a fault.
+        return not_found(f"{what}: {exc}")
     return internal(f"{what} failed: {exc}")
 
 
@@ -209,9 +220,7 @@ class Volumes:
         size = -(-spec.size // vbs) * vbs
         if size > self.cfg.max_volume_size:
             raise out_of_range(f"size {spec.size} exceeds the maximum volume size {self.cfg.max_volume_size}")
-        for key, value in spec.labels.items():
-            if not _LABEL_KEY.fullmatch(key) or len(value) > 1024 or "\n" in value or not value.isprintable():
-                raise invalid(f"label {key!r} is not valid (key [A-Za-z0-9._-]{{1,63}}, value printable <=1024)")
+        _check_labels(spec.labels)
         return size, vbs, compression
 
     def _same(self, vol: VolumeRec, spec: VolumeSpec, size: int) -> VolumeRec:
@@ -242,7 +251,7 @@ class Volumes:
                 "zvolt:id": vid, "zvolt:name": spec.name, "zvolt:created": str(self._now()),
                 "zvolt:thick": "1" if spec.thick else "0", "zvolt:hosts": "-", "zvolt:size": str(size),
             }
-            user.update({f"zvolt:label:{k}": v for k, v in spec.labels.items()})
+            user.update(_check_labels(spec.labels))
             if spec.source_snapshot or spec.source_volume:
                 return self._clone(spec, vid, ds, size, user)
             self._check_fits(size, spec.thick)
@@ -287,10 +296,7 @@ class Volumes:
             origin, base_size = hidden, src.size
             user["zvolt:source-volume"] = spec.source_volume
         # A clone keeps its origin's volblocksize: sizes must be multiples of that one.
-        if src is not None:
-            vbs = src.volblocksize
-        else:
-            vbs = int((self.zfs.get_props(origin, ("volblocksize",)) or {}).get("volblocksize") or DEFAULT_VOLBLOCKSIZE)
+        vbs = src.volblocksize if src is not None else self._volblocksize_of(origin)
         compression = spec.compression or (src.compression if src else DEFAULT_COMPRESSION)
         size = -(-size // vbs) * vbs
         user["zvolt:size"] = str(size)  # lets recovery finish the grow below after a crash
@@ -330,6 +336,16 @@ class Volumes:
         if spec.thick:
             self._reserve_space(size)
         return rec
+
+    def _volblocksize_of(self, snapshot: str) -> int:
+        """ZFS reports "-" for a snapshot's volblocksize: ask the volume that holds it (which may
+        be a deleted volume kept in the trash for this very snapshot)."""
+        holder = snapshot.partition("@")[0]
+        props = self.zfs.get_props(holder, ("volblocksize",))
+        if props is None:
+            raise not_found(f"the source of {snapshot.rpartition('/')[2]} no longer exists")
+        value = props.get("volblocksize", "")
+        return int(value) if value.isdigit() else DEFAULT_VOLBLOCKSIZE
 
     # -- delete ---------------------------------------------------------------------------
 
@@ -443,8 +459,9 @@ class Volumes:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def create_snapshot(self, name: str, source_volume: str) -> SnapshotRec:
+    def create_snapshot(self, name: str, source_volume: str, labels: Mapping[str, str] | None = None) -> SnapshotRec:
         names.check_csi_name(name)
+        user_labels = _check_labels(labels or {})
         vid = names.check_id(source_volume, "source volume id")
         snap = names.id_for_name(name, prefix="s")
         sid = f"{vid}@{snap}"
@@ -459,7 +476,9 @@ class Volumes:
             created = self._now()
             seq = self.index.begin("snapshot", [ds])
             try:
-                self.zfs.snapshot([ds], {"zvolt:name": name, "zvolt:volume": vid, "zvolt:created": str(created)})
+                self.zfs.snapshot(
+                    [ds], {"zvolt:name": name, "zvolt:volume": vid, "zvolt:created": str(created), **user_labels}
+                )
             except ZfsError as exc:
                 self._settle(seq, [ds])
                 adopted = self.index.snapshot(sid)

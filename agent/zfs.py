@@ -118,6 +118,17 @@ def _errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _describe(exc: BaseException) -> str:
+    """pyzfs errors carry dataset names as bytes; users must read names, never b'...' reprs."""
+    message = getattr(exc, "message", None) or getattr(exc, "strerror", None) or type(exc).__name__
+    name = getattr(exc, "name", None)
+    return f"{_text(message)}: {_text(name)}" if name else _text(message)
+
+
 class LibZfs:
     """Real ZFS: libzfs_core for mutations, the `zfs` CLI for property changes and scoped reads."""
 
@@ -137,7 +148,7 @@ class LibZfs:
         except Exception as exc:
             if isinstance(exc, NotImplementedError):
                 raise
-            raise ZfsError(_errno_of(exc), f"{fn}: {type(exc).__name__}: {exc}") from exc
+            raise ZfsError(_errno_of(exc), f"{fn}: {_describe(exc)}") from exc
 
     def exists(self, name: str) -> bool:
         return bool(self._call("lzc_exists", check_full_name(name).encode()))

@@ -360,3 +360,28 @@ def test_list_snapshots_filters_and_pages(node: FakeNode) -> None:
     assert v.list_snapshots(0, "", snapshot_id="garbage")[0] == []
     assert v.list_snapshots(0, "", snapshot_id=f"{a.id}@snope")[0] == []
     assert len(v.list_snapshots(0, "")[0]) == 8
+
+
+def test_restore_after_source_volume_was_deleted(node: FakeNode) -> None:
+    """Delete in any order: a snapshot outlives its volume (kept in the trash) and still restores,
+    with the volume's own volblocksize (ZFS reports "-" for a snapshot's)."""
+    v = node.volumes
+    src = v.create_volume(VolumeSpec(name="pvc-src", size=GiB, volblocksize=8192))
+    snap = v.create_snapshot("snap-1", src.id)
+    v.delete_volume(src.id)
+    assert v.layout.is_trash(v.index.snapshot(snap.id).dataset.partition("@")[0])  # type: ignore[union-attr]
+    restored = v.create_volume(VolumeSpec(name="pvc-restore", size=GiB, source_snapshot=snap.id))
+    assert restored.volblocksize == 8192
+    assert node.zfs.ds[restored.dataset].origin.endswith("@" + snap.id.partition("@")[2])
+
+
+def test_restore_from_a_vanished_snapshot_is_not_found_without_bytes_repr(node: FakeNode) -> None:
+    v = node.volumes
+    src = v.create_volume(VolumeSpec(name="pvc-src", size=GiB))
+    snap = v.create_snapshot("snap-1", src.id)
+    # The snapshot disappears behind the index's back (as when its trash entry was collected).
+    del node.zfs.ds[snap.dataset]
+    with pytest.raises(ZvoltError) as err:
+        v.create_volume(VolumeSpec(name="pvc-restore", size=GiB, source_snapshot=snap.id))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value.message
+    assert "b'" not in err.value.message
