@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ INT64_MAX = 2**63 - 1
 STORAGE_NODE_CONTEXT = "zvolt.io/storage-node"
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
-CAPABILITIES = (
+STABLE_CAPABILITIES = (
     RPC.CREATE_DELETE_VOLUME,
     RPC.PUBLISH_UNPUBLISH_VOLUME,
     RPC.LIST_VOLUMES,
@@ -44,13 +44,26 @@ CAPABILITIES = (
     RPC.GET_CAPACITY,
     RPC.CREATE_DELETE_SNAPSHOT,
     RPC.LIST_SNAPSHOTS,
-    RPC.GET_SNAPSHOT,
     RPC.CLONE_VOLUME,
     RPC.EXPAND_VOLUME,
     RPC.GET_VOLUME,
     RPC.VOLUME_CONDITION,
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
+# Alpha in CSI 1.12: advertised only when asked for (--alpha-capabilities). Sidecars built
+# for an older spec may not know them: external-provisioner v5.2.0 crashes at start in its
+# log sanitizer on GET_SNAPSHOT.
+ALPHA_CAPABILITIES = {"GET_SNAPSHOT": RPC.GET_SNAPSHOT}
+
+
+def alpha_capabilities(spec: str) -> tuple[RPC.Type, ...]:
+    """`GET_SNAPSHOT,...` -> capability numbers; unknown names are refused."""
+    chosen = []
+    for name in filter(None, (part.strip() for part in spec.split(","))):
+        if name not in ALPHA_CAPABILITIES:
+            raise invalid(f"unknown alpha capability {name!r} (known: {', '.join(sorted(ALPHA_CAPABILITIES))})")
+        chosen.append(ALPHA_CAPABILITIES[name])
+    return tuple(chosen)
 
 
 def round_up(value: int, align: int) -> int:
@@ -133,9 +146,10 @@ def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, pool: AgentPool, locks: KeyLocks | None = None) -> None:
+    def __init__(self, pool: AgentPool, locks: KeyLocks | None = None, alpha: tuple[RPC.Type, ...] = ()) -> None:
         self.pool = pool
         self.locks = locks or KeyLocks()
+        self.capabilities = (*STABLE_CAPABILITIES, *alpha)
 
     # ------------------------------------------------------------ conversions
 
@@ -477,7 +491,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext) -> Any:
         for cap in request.volume_capabilities:
             volcaps.check_structure(cap)
-        params.parse(request.parameters)
+        try:
+            params.parse(request.parameters)
+        except ZvoltError as err:
+            # Capacity does not depend on the class's parameters. Failing here would publish no
+            # CSIStorageCapacity and the user would only read the scheduler's "not enough free
+            # storage"; answering lets CreateVolume refuse with the real reason on the PVC.
+            _log.warning("GetCapacity for an unusable StorageClass", extra={"fields": {"error": err.message}})
         if any(volcaps.unsupported(c) for c in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
         zone = (
@@ -500,7 +520,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> Any:
         return csi_pb2.ControllerGetCapabilitiesResponse(
-            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in CAPABILITIES]
+            capabilities=[csi_pb2.ControllerServiceCapability(rpc=RPC(type=t)) for t in self.capabilities]
         )
 
     def ControllerExpandVolume(
@@ -554,11 +574,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         agent = self.pool.find(node)
         if agent is None:
             raise not_found(f"source volume {request.source_volume_id!r} does not exist (unknown storage node)")
-        if request.parameters:
-            raise invalid(f"snapshot parameters are not supported: {sorted(request.parameters)}")
+        labels = params.parse_snapshot(request.parameters)
         with self.locks.hold(f"snap:{name}"):
             snap = agent.call(
-                "CreateSnapshot", agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local)
+                "CreateSnapshot", agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local, labels=labels)
             ).snapshot
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(agent, snap))
 
@@ -633,12 +652,3 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if not found:
             raise not_found(f"snapshot {request.snapshot_id!r} does not exist")
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot(agent, found[0]))
-
-
-def all_ready(pool: AgentPool) -> Iterator[tuple[str, bool]]:
-    for agent in pool.all():
-        try:
-            info = agent.call("GetInfo", agent_pb2.GetInfoRequest(), timeout=5)
-            yield agent.name, bool(info.ready)
-        except ZvoltError:
-            yield agent.name, False

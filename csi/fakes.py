@@ -44,6 +44,7 @@ class FakeAgentState:
     volumes: dict[str, agent_pb2.Volume] = field(default_factory=dict)
     snapshots: dict[str, agent_pb2.Snapshot] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    snapshot_labels: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
@@ -162,6 +163,7 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
                 ready_to_use=True,
             )
             self.state.snapshots[sid] = snap
+            self.state.snapshot_labels[sid] = dict(request.labels)
             return agent_pb2.CreateSnapshotResponse(snapshot=snap)
 
     def DeleteSnapshot(self, request: agent_pb2.DeleteSnapshotRequest, context: Any) -> Any:

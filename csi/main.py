@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from csi import DEFAULT_ZONE
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
-from csi.controller import ControllerService, all_ready
+from csi.controller import RPC, ControllerService, alpha_capabilities
+from csi.health import StorageHealth
 from csi.host_identity import load_or_create
 from csi.identity import IdentityService
 from csi.metrics import Metrics
@@ -53,6 +54,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", default=_env("tls-ca"))
     p.add_argument("--tls-server-name", default=_env("tls-server-name", ""))
     p.add_argument("--insecure", action="store_true")
+    p.add_argument(
+        "--alpha-capabilities", default=_env("alpha-capabilities", ""),
+        help="comma list of alpha CSI capabilities to advertise (GET_SNAPSHOT); off by default since "
+        "sidecars built for an older CSI spec may not know them",
+    )
     # node
     p.add_argument("--node-id", default=_env("node-id"))
     p.add_argument("--state-dir", default=_env("state-dir", "/var/lib/zvolt-node"))
@@ -80,10 +86,16 @@ def _controller(args: argparse.Namespace) -> Services:
         discover = lambda: static  # noqa: E731
     else:
         raise SystemExit("controller needs --agents name=addr,... or --agents-from-kubernetes")
-    pool = AgentPool(discover, tls)
+    return controller_services(AgentPool(discover, tls), alpha_capabilities(args.alpha_capabilities))
+
+
+def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = ()) -> Services:
+    """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
+    livenessprobe never restarts the controller for a storage outage."""
     return Services(
-        identity=IdentityService(controller=True, ready=lambda: any(ok for _, ok in all_ready(pool))),
-        controller=ControllerService(pool),
+        identity=IdentityService(controller=True, ready=lambda: True),
+        controller=ControllerService(pool, alpha=alpha),
+        health=StorageHealth(pool),
     )
 
 
@@ -111,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint = parse_endpoint(args.endpoint)
         services = _controller(args) if args.mode == "controller" else _node(args)
         metrics = Metrics(args.mode)
+        if services.health is not None:
+            metrics.registry.register(services.health)
+            services.health.start()
         if args.metrics_listen:
             metrics.serve(args.metrics_listen)
         server, _ = build_server(services, endpoint, on_done=metrics.observe)

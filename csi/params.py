@@ -22,7 +22,16 @@ _METADATA_KEYS = {
     "csi.storage.k8s.io/volumesnapshot/namespace": "snapshot-namespace",
     "csi.storage.k8s.io/volumesnapshotcontent/name": "snapshotcontent-name",
 }
+_SNAPSHOT_METADATA = ("csi.storage.k8s.io/volumesnapshot/name", "csi.storage.k8s.io/volumesnapshot/namespace",
+                      "csi.storage.k8s.io/volumesnapshotcontent/name")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,253}$")
+# StorageClass keys the sidecars consume and never pass on (secret references). The chart's
+# values.schema.json allows exactly these in extraParameters, besides the driver's own keys.
+SIDECAR_KEY = re.compile(
+    r"^csi\.storage\.k8s\.io/(provisioner|controller-publish|node-stage|node-publish|controller-expand"
+    r"|node-expand)-secret-(name|namespace)$"
+)
+DRIVER_KEYS = ("volblocksize", "compression", "thin", FSTYPE_KEY)
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,25 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
             fstype = value
         elif key in _METADATA_KEYS:
-            if _LABEL_VALUE.fullmatch(value):
-                labels[_METADATA_KEYS[key]] = value
+            _label(labels, key, value)
         else:
-            raise invalid(
-                f"unknown StorageClass parameter {key!r} (known: volblocksize, compression, thin, {FSTYPE_KEY})"
-            )
+            raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels)
+
+
+def _label(labels: dict[str, str], key: str, value: str) -> None:
+    # Kubernetes names fit the label charset; anything else is dropped rather than refused,
+    # since the sidecar adds these keys on its own and a user cannot change them.
+    if _LABEL_VALUE.fullmatch(value):
+        labels[_METADATA_KEYS[key]] = value
+
+
+def parse_snapshot(parameters: Mapping[str, str]) -> dict[str, str]:
+    """VolumeSnapshotClass parameters: zvolt takes none of its own. external-snapshotter
+    --extra-create-metadata adds the snapshot's names, which are kept as labels."""
+    labels: dict[str, str] = {}
+    for key, value in parameters.items():
+        if key not in _SNAPSHOT_METADATA:
+            raise invalid(f"unknown VolumeSnapshotClass parameter {key!r}: zvolt snapshots take no parameters")
+        _label(labels, key, value)
+    return labels

@@ -24,16 +24,22 @@ class Services:
     identity: Any
     controller: Any = None
     node: Any = None
+    health: Any = None  # csi.health.StorageHealth in controller mode
+
+    @property
+    def workers(self) -> int:
+        # Controller calls mostly wait on agents; a small pool let 20 concurrent CreateVolume
+        # calls starve livenessprobe's 1 s Probe. Threads that wait cost little.
+        return 64 if self.controller is not None else 16
 
 
 def build_server(
     services: Services,
     endpoint: Endpoint,
     on_done: Callable[[str, str, float], None] | None = None,
-    workers: int = 16,
 ) -> tuple[grpc.Server, str]:
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="csi"),
+        futures.ThreadPoolExecutor(max_workers=services.workers, thread_name_prefix="csi"),
         interceptors=[RpcInterceptor("csi", on_done)],
     )
     csi_pb2_grpc.add_IdentityServicer_to_server(services.identity, server)

@@ -13,10 +13,9 @@ import grpc
 import pytest
 
 from csi.agents import AgentPool, parse_static
-from csi.controller import ControllerService, all_ready
 from csi.fakes import FakeAgent, FakeMounter, FakeNvmeHost, serve_fake_agent
-from csi.identity import IdentityService
-from csi.server import Services, build_server
+from csi.main import controller_services
+from csi.server import build_server
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 from zvolt.rpc import parse_endpoint
 
@@ -69,10 +68,7 @@ def start_controller(
         endpoints = [replace(ep, zone=zones.get(ep.name, ep.zone)) for ep in endpoints]
     pool = AgentPool(lambda: endpoints, tls=None, timeout=5)
     endpoint = parse_endpoint(f"unix://{sockdir}/controller.sock")
-    services = Services(
-        identity=IdentityService(controller=True, ready=lambda: any(ok for _, ok in all_ready(pool))),
-        controller=ControllerService(pool),
-    )
+    services = controller_services(pool)
     server, target = build_server(services, endpoint)
     server.start()
     channel = grpc.insecure_channel(target)

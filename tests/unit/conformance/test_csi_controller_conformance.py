@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 
 import grpc
 import pytest
 
 from csi import TOPOLOGY_ZONE_KEY
-from csi.controller import PageToken
+from csi.controller import PageToken, alpha_capabilities
 from csi.fakes import FakeAgent, GiB
+from zvolt.errors import ZvoltError
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
 from .support import NODE_A, NODE_B, ControllerEnv, block_cap, code_of, mount_cap, start_controller
@@ -39,14 +41,23 @@ def test_controller_capabilities_are_exactly_the_implemented_ones(ctl: Controlle
         c.rpc.type
         for c in ctl.controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest()).capabilities
     }
+    # GET_SNAPSHOT is alpha in CSI 1.12: off unless --alpha-capabilities asks for it.
     assert caps == {
         RPC.CREATE_DELETE_VOLUME, RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.LIST_VOLUMES, RPC.LIST_VOLUMES_PUBLISHED_NODES,
-        RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.GET_SNAPSHOT, RPC.CLONE_VOLUME,
+        RPC.GET_CAPACITY, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS, RPC.CLONE_VOLUME,
         RPC.EXPAND_VOLUME, RPC.GET_VOLUME, RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER,
     }  # fmt: skip
     # Not reported, so not served: ModifyVolume answers UNIMPLEMENTED.
     req = csi_pb2.ControllerModifyVolumeRequest(volume_id="storage-0/vx", mutable_parameters={"a": "b"})
     assert code_of(ctl.controller.ControllerModifyVolume, req) == C.UNIMPLEMENTED
+
+
+def test_alpha_capabilities_are_opt_in() -> None:
+    assert alpha_capabilities("") == ()
+    assert alpha_capabilities("GET_SNAPSHOT") == (RPC.GET_SNAPSHOT,)
+    with pytest.raises(ZvoltError) as err:
+        alpha_capabilities("GET_SNAPSHOT,MODIFY_EVERYTHING")
+    assert err.value.code == C.INVALID_ARGUMENT and "MODIFY_EVERYTHING" in err.value.message
 
 
 def test_identity_in_controller_mode(ctl: ControllerEnv) -> None:
@@ -59,10 +70,11 @@ def test_identity_in_controller_mode(ctl: ControllerEnv) -> None:
     assert [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")] == [
         csi_pb2.PluginCapability.VolumeExpansion.ONLINE
     ]
+    # Liveness is the process: a storage outage must not make livenessprobe restart the controller.
     assert ctl.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
     for agent in ctl.agents.values():
         agent.ready = False
-    assert ctl.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
+    assert ctl.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True
 
 
 # ------------------------------------------------------------------ CreateVolume
@@ -309,6 +321,51 @@ def test_create_snapshot_errors(ctl: ControllerEnv) -> None:
     assert code_of(ctl.controller.GetSnapshot, csi_pb2.GetSnapshotRequest()) == C.INVALID_ARGUMENT
 
 
+def test_create_snapshot_takes_the_snapshotters_extra_metadata(ctl: ControllerEnv) -> None:
+    """csi-snapshotter --extra-create-metadata (the chart sets it) adds these to every call."""
+    src = create(ctl, "pvc-snapmeta")
+    meta = {
+        "csi.storage.k8s.io/volumesnapshot/name": "nightly",
+        "csi.storage.k8s.io/volumesnapshot/namespace": "team-a",
+        "csi.storage.k8s.io/volumesnapshotcontent/name": "snapcontent-1234",
+    }
+    req = csi_pb2.CreateSnapshotRequest(name="snapshot-1234", source_volume_id=src.volume_id, parameters=meta)
+    snap = ctl.controller.CreateSnapshot(req).snapshot
+    node, _, local = snap.snapshot_id.partition("/")
+    assert ctl.agents[node].state.snapshot_labels[local] == {
+        "snapshot-name": "nightly", "snapshot-namespace": "team-a", "snapshotcontent-name": "snapcontent-1234"
+    }
+    bad = csi_pb2.CreateSnapshotRequest(name="snapshot-2", source_volume_id=src.volume_id, parameters={"x": "1"})
+    with pytest.raises(grpc.RpcError) as err:
+        ctl.controller.CreateSnapshot(bad)
+    assert err.value.code() == C.INVALID_ARGUMENT and "'x'" in (err.value.details() or "")
+
+
+def test_probe_answers_while_every_worker_waits_on_agents(ctl: ControllerEnv) -> None:
+    """livenessprobe gives Probe 1 s: 20 CreateVolume calls stuck on a slow agent must not starve it."""
+    gate = threading.Event()
+    for agent in ctl.agents.values():
+        agent.create_gate = gate
+    with futures.ThreadPoolExecutor(max_workers=20) as pool:
+        pending = [
+            pool.submit(ctl.controller.CreateVolume, csi_pb2.CreateVolumeRequest(
+                name=f"pvc-load-{i}", volume_capabilities=[mount_cap()]), timeout=60)
+            for i in range(20)
+        ]
+        try:
+            deadline = time.monotonic() + 10
+            while not any(a.create_entered.is_set() for a in ctl.agents.values()):
+                assert time.monotonic() < deadline, "no CreateVolume reached an agent"
+                time.sleep(0.05)
+            time.sleep(0.5)  # let the rest reach the agents
+            for _ in range(5):
+                assert ctl.identity.Probe(csi_pb2.ProbeRequest(), timeout=1).ready.value is True
+        finally:
+            gate.set()
+        for call in pending:
+            call.result()
+
+
 def test_list_snapshots_filters_and_pagination(ctl: ControllerEnv) -> None:
     ids = set()
     vols = [create(ctl, f"pvc-ls-{i}") for i in range(3)]
@@ -482,8 +539,14 @@ def test_get_capacity(ctl: ControllerEnv) -> None:
     assert cap.available_capacity == 40 * GiB and cap.maximum_volume_size.value == 30 * GiB
     rwx = csi_pb2.GetCapacityRequest(volume_capabilities=[mount_cap(Mode.MULTI_NODE_MULTI_WRITER)])
     assert ctl.controller.GetCapacity(rwx).available_capacity == 0
+    # An unusable class still gets its capacity, so that CSIStorageCapacity exists and the pod
+    # schedules; CreateVolume then names the bad parameter (an event on the PVC).
     bad = csi_pb2.GetCapacityRequest(parameters={"nope": "1"})
-    assert code_of(ctl.controller.GetCapacity, bad) == C.INVALID_ARGUMENT
+    assert ctl.controller.GetCapacity(bad).available_capacity == 40 * GiB
+    req = csi_pb2.CreateVolumeRequest(name="pvc-bad-class", volume_capabilities=[mount_cap()], parameters={"nope": "1"})
+    with pytest.raises(grpc.RpcError) as err:
+        ctl.controller.CreateVolume(req)
+    assert err.value.code() == C.INVALID_ARGUMENT and "'nope'" in (err.value.details() or "")
 
 
 # ------------------------------------------------------------------ expansion
@@ -522,3 +585,18 @@ def test_controller_get_volume_errors(ctl: ControllerEnv) -> None:
     assert code_of(call, csi_pb2.ControllerGetVolumeRequest()) == C.INVALID_ARGUMENT
     assert code_of(call, csi_pb2.ControllerGetVolumeRequest(volume_id="storage-0/vnone")) == C.NOT_FOUND
     assert code_of(call, csi_pb2.ControllerGetVolumeRequest(volume_id="junk")) == C.NOT_FOUND
+
+
+def test_storage_readiness_is_a_metric_not_liveness(ctl: ControllerEnv) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from csi.health import StorageHealth
+
+    health = StorageHealth(ctl.pool, timeout=2)
+    registry = CollectorRegistry()
+    registry.register(health)
+    ctl.agents["storage-1"].ready = False
+    assert health.refresh() == {"storage-0": True, "storage-1": False}
+    text = generate_latest(registry).decode()
+    assert 'zvolt_csi_storage_node_ready{node="storage-0"} 1.0' in text
+    assert 'zvolt_csi_storage_node_ready{node="storage-1"} 0.0' in text
