@@ -17,12 +17,22 @@ from kubectl_zvolt.ops import Ops, Result
 Connect = Callable[[Target], Kube]
 
 
+def _add_globals(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """kubectl's global flags go before or after the subcommand. The subcommand's copies default
+    to SUPPRESS, so they only override the top level's when given."""
+    def d(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--kubeconfig", default=d(None),
+                   help="path to the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    p.add_argument("--context", default=d(None), help="kubeconfig context to use")
+    p.add_argument("-n", "--namespace", default=d(None), help="namespace (default: the context's, else 'default')")
+    p.add_argument("--driver", default=d(DRIVER), help=argparse.SUPPRESS)
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--kubeconfig", help="path to the kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    common.add_argument("--context", help="kubeconfig context to use")
-    common.add_argument("-n", "--namespace", help="namespace (default: the context's, else 'default')")
-    common.add_argument("--driver", default=DRIVER, help=argparse.SUPPRESS)
+    _add_globals(common, defaults=False)
 
     waiting = argparse.ArgumentParser(add_help=False)
     waiting.add_argument("--wait", action="store_true", help="wait until the new object is usable")
@@ -35,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
         prog="kubectl zvolt",
         description="Branch, snapshot and restore zvolt volumes (PVCs of a csi.zvolt.io StorageClass).",
     )
+    _add_globals(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("branch", parents=[common, waiting],

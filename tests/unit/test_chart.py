@@ -23,6 +23,8 @@ import yaml
 # cannot see it, so its names are untyped here).
 from test_chart_crds import CRD_SCHEMAS, validate_crd  # type: ignore[import-not-found,unused-ignore]
 
+from csi import params
+
 CHART = Path(__file__).resolve().parents[2] / "charts" / "zvolt"
 KUBE_VERSION = "1.34.0"
 RELEASE = "zv"
@@ -41,7 +43,8 @@ NON_DEFAULT: Obj = {
     "tls": {"certManager": {"enabled": True}},
     "storageClasses": [{"name": "fast", "isDefault": True, "volblocksize": "8K", "compression": "zstd",
                         "thin": False, "fsType": "xfs", "reclaimPolicy": "Retain",
-                        "extraParameters": {"encryption": "on"}}],
+                        "extraParameters": {"csi.storage.k8s.io/node-stage-secret-name": "zvolt-chap",
+                                            "csi.storage.k8s.io/node-stage-secret-namespace": "storage"}}],
     "volumeSnapshotClass": {"enabled": True, "name": "fast-snap", "isDefault": False, "deletionPolicy": "Retain"},
     "metrics": {"serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}}},
 }
@@ -110,6 +113,10 @@ def test_helm_lint_strict(variant: str) -> None:
     ({"controller": {"replicas": 0}}, "/controller/replicas"),
     ({"node": {"stateDir": "relative/dir"}}, "/node/stateDir"),
     ({"tls": {"certManager": {"enabled": True, "issuerRef": {"kind": "ClusterIssuer"}}}}, "/tls/certManager/issuerRef"),
+    # The driver would refuse this class on every CreateVolume: refuse it at install instead.
+    ({"storageClasses": [{"name": "x", "volblocksize": "8K", "compression": "lz4", "fsType": "ext4",
+                          "extraParameters": {"encryption": "on"}}]}, "invalid propertyName 'encryption'"),
+    ({"controller": {"alphaCapabilities": ["MODIFY_VOLUME"]}}, "/controller/alphaCapabilities/0"),
 ])
 def test_values_schema_rejects_bad_values(values: Obj, complaint: str) -> None:
     report = helm_python.lint(CHART, values, strict=True)
@@ -323,11 +330,11 @@ def rules_of(role: Obj) -> dict[str, set[str]]:
 
 EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
     "ClusterRole/provisioner": {
-        "core/persistentvolumes": {"get", "list", "watch", "create", "delete"},
+        "core/persistentvolumes": {"get", "list", "watch", "create", "patch", "delete"},
         "core/persistentvolumeclaims": {"get", "list", "watch", "update"},
         "storage.k8s.io/storageclasses": {"get", "list", "watch"},
         "core/events": {"list", "watch", "create", "update", "patch"},
-        "snapshot.storage.k8s.io/volumesnapshots": {"get", "list"},
+        "snapshot.storage.k8s.io/volumesnapshots": {"get", "list", "watch", "update"},
         "snapshot.storage.k8s.io/volumesnapshotcontents": {"get", "list"},
         "storage.k8s.io/csinodes": {"get", "list", "watch"},
         "core/nodes": {"get", "list", "watch"},
@@ -407,10 +414,49 @@ def test_storage_classes_and_snapshot_class(default_docs: list[Obj]) -> None:
     assert vsc["metadata"]["annotations"] == {"snapshot.storage.kubernetes.io/is-default-class": "true"}
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_driver_accepts_every_storage_class_the_chart_makes(variant: str) -> None:
+    """The chart and the driver agree on parameters: each rendered class parses in the driver
+    (less the secret references the sidecars take out before calling it)."""
+    for sc in by_kind(render(VARIANTS[variant]), "StorageClass").values():
+        driver_part = {k: v for k, v in sc["parameters"].items() if not params.SIDECAR_KEY.fullmatch(k)}
+        assert set(driver_part) <= set(params.DRIVER_KEYS)
+        params.parse(driver_part)
+
+
+def test_schema_allows_exactly_the_sidecar_keys_as_extra_parameters() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    extra = schema["properties"]["storageClasses"]["items"]["properties"]["extraParameters"]
+    assert extra["propertyNames"]["pattern"] == params.SIDECAR_KEY.pattern
+
+
+def test_agent_certificate_names_are_unique() -> None:
+    for values in ({}, {"fullnameOverride": "zvolt"}, {"tls": {"certManager": {"enabled": True}}}):
+        for cert in by_kind(render(values), "Certificate").values():
+            names = cert["spec"].get("dnsNames", [])
+            assert len(names) == len(set(names)), names
+    docs = render({"fullnameOverride": "zvolt"})
+    crt = base64.b64decode(by_kind(docs, "Secret")["zvolt-agent-tls"]["data"]["tls.crt"])
+    text = _openssl(["x509", "-noout", "-ext", "subjectAltName"], data=crt)
+    sans = [part.strip() for part in text.splitlines()[-1].split(",")]
+    assert len(sans) == len(set(sans)), sans
+
+
+def test_alpha_capabilities_and_probe_timeout_reach_the_controller() -> None:
+    spec = by_kind(render({"controller": {"alphaCapabilities": ["GET_SNAPSHOT"]}}), "Deployment")
+    pod = spec[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"]
+    assert "--alpha-capabilities=GET_SNAPSHOT" in container(pod, "zvolt-controller")["args"]
+    assert "--probe-timeout=5s" in container(pod, "liveness-probe")["args"]
+    default = by_kind(render(), "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"]
+    assert not any(a.startswith("--alpha") for a in container(default, "zvolt-controller")["args"])
+
+
 def test_custom_storage_class() -> None:
     sc = by_kind(render(NON_DEFAULT), "StorageClass")["fast"]
     assert sc["parameters"] == {"volblocksize": "8K", "compression": "zstd", "thin": "false",
-                                "csi.storage.k8s.io/fstype": "xfs", "encryption": "on"}
+                                "csi.storage.k8s.io/fstype": "xfs",
+                                "csi.storage.k8s.io/node-stage-secret-name": "zvolt-chap",
+                                "csi.storage.k8s.io/node-stage-secret-namespace": "storage"}
     assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
     assert sc["reclaimPolicy"] == "Retain"
 

@@ -310,6 +310,19 @@ def test_namespace_and_context_flags(fake: FakeKube, kcfg: str) -> None:
     assert code == 1 and "context 'nope' not found" in err
 
 
+def test_global_flags_go_before_the_subcommand_too(fake: FakeKube, kcfg: str) -> None:
+    """As with kubectl itself: `kubectl zvolt --kubeconfig F -n prod ls`."""
+    zvolt_cluster(fake)
+    fake.add("persistentvolumeclaims", pvc("in-db"))
+    fake.add("persistentvolumeclaims", pvc("in-prod", ns="prod"))
+    for argv in (["--kubeconfig", kcfg, "-n", "prod", "ls", "-o", "json"],
+                 [f"--kubeconfig={kcfg}", "ls", "-o", "json", "--namespace", "prod"],
+                 ["--kubeconfig", kcfg, "--namespace", "default", "ls", "-o", "json", "-n", "prod"]):
+        out = io.StringIO()
+        assert cli.run(argv, execute=Recorder(), out=out) == 0
+        assert [v["name"] for v in json.loads(out.getvalue())["volumes"]] == ["in-prod"], argv
+
+
 def test_ls_table_json_yaml(fake: FakeKube, kcfg: str) -> None:
     zvolt_cluster(fake)
     fake.add("persistentvolumeclaims", pvc("pg-main", size="10Gi"))
