@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,17 @@ from lab import control as lab_control
 from lab import hostpkgs as lab_hostpkgs
 from lab.guest import Lab
 from lab.paths import Cache, instance_from_env
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short folder in /tmp for unix sockets (108-byte path limit; pytest's tmp_path can be
+    deeper), removed afterwards."""
+    path = tempfile.mkdtemp(prefix="zvsock", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

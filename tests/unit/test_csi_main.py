@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +25,8 @@ def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 20) 
         time.sleep(0.05)
 
 
-def test_node_mode_process_lifecycle() -> None:
-    tmp = tempfile.mkdtemp(prefix="zvmain", dir="/tmp")
+def test_node_mode_process_lifecycle(sockdir: str) -> None:
+    tmp = sockdir
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

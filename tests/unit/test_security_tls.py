@@ -11,7 +11,6 @@ import ipaddress
 import os
 import socket
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +201,8 @@ def test_controller_refuses_to_start_without_tls_unless_insecure(tmp_path: Path)
     assert "--insecure" in str(exc.value.code)
 
 
-def test_csi_socket_is_root_only() -> None:
-    folder = tempfile.mkdtemp(prefix="zvsock", dir="/tmp")
+def test_csi_socket_is_root_only(sockdir: str) -> None:
+    folder = sockdir
     sub = os.path.join(folder, "csi")
     endpoint = parse_endpoint(f"unix://{sub}/csi.sock")
     server, _ = build_server(Services(identity=IdentityService(False, lambda: True)), endpoint)

@@ -6,8 +6,6 @@ served over gRPC. Node side: the real NodeService with fake NVMe host and mounte
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import grpc
@@ -22,14 +20,6 @@ from zvolt.pb import csi_pb2_grpc
 from zvolt.rpc import parse_endpoint
 
 from .support import NODE_A, ControllerEnv, NodeEnv, start_controller
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    # Unix socket paths must stay short (108 bytes): pytest's tmp_path can be too deep.
-    path = tempfile.mkdtemp(prefix="zvcsi", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
