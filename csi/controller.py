@@ -491,12 +491,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext) -> Any:
         for cap in request.volume_capabilities:
             volcaps.check_structure(cap)
+        thick = False
         try:
-            params.parse(request.parameters)
+            thick = params.parse(request.parameters).thick
         except ZvoltError as err:
-            # Capacity does not depend on the class's parameters. Failing here would publish no
-            # CSIStorageCapacity and the user would only read the scheduler's "not enough free
-            # storage"; answering lets CreateVolume refuse with the real reason on the PVC.
+            # Failing here would publish no CSIStorageCapacity and the user would only read the
+            # scheduler's "not enough free storage"; answering (as for a thin class) lets
+            # CreateVolume refuse with the real reason, which lands on the PVC as an event.
             _log.warning("GetCapacity for an unusable StorageClass", extra={"fields": {"error": err.message}})
         if any(volcaps.unsupported(c) for c in request.volume_capabilities):
             return csi_pb2.GetCapacityResponse(available_capacity=0)
@@ -510,8 +511,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if zone is not None and cand.zone != zone:
                 continue
             total += cand.available_bytes
-            fit = min(cand.available_bytes, cand.max_volume_bytes) if cand.max_volume_bytes else cand.available_bytes
-            biggest = max(biggest, fit)
+            biggest = max(biggest, placement.largest_volume(cand, thick))
         resp = csi_pb2.GetCapacityResponse(available_capacity=total)
         resp.maximum_volume_size.value = biggest
         return resp

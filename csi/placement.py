@@ -66,3 +66,15 @@ def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneReq
     rank = {zone: i for i, zone in enumerate(req.preferred)}
     fits.sort(key=lambda c: (rank.get(c.zone, len(rank)), -c.available_bytes, c.name))
     return [c.name for c in fits]
+
+
+def largest_volume(c: Candidate, thick: bool) -> int:
+    """The biggest volume this node would create now (GetCapacity's maximum_volume_size, which
+    kube-scheduler prefers over the capacity). Thick needs the space; thin only needs the node
+    to take volumes at all, so a thin branch of a volume bigger than the free space schedules."""
+    if thick:
+        return min(c.available_bytes, c.max_volume_bytes) if c.max_volume_bytes else c.available_bytes
+    if c.available_bytes <= 0:
+        return 0
+    return c.max_volume_bytes or c.available_bytes
+

@@ -9,7 +9,7 @@ from csi import TOPOLOGY_ZONE_KEY
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, parse_static
 from csi.controller import GiB, PageToken, choose_size, paginate
 from csi.params import parse
-from csi.placement import Candidate, choose, zone_requirement
+from csi.placement import Candidate, choose, largest_volume, zone_requirement
 from zvolt.errors import ZvoltError
 from zvolt.pb import csi_pb2
 
@@ -131,3 +131,14 @@ def test_static_agents_and_kubernetes_discovery() -> None:
         assert len(calls) == 3  # direct call, first listing, and one forced re-discovery for the unknown name
     finally:
         pool.close()
+
+
+def test_largest_volume_thin_is_the_node_limit_thick_the_free_space() -> None:
+    c = Candidate("s0", "default", available_bytes=10 * 2**30, max_volume_bytes=64 * 2**40)
+    assert largest_volume(c, thick=True) == 10 * 2**30
+    assert largest_volume(c, thick=False) == 64 * 2**40
+    full = Candidate("s1", "default", available_bytes=0, max_volume_bytes=64 * 2**40)
+    assert largest_volume(full, thick=False) == 0
+    unlimited = Candidate("s2", "default", available_bytes=5, max_volume_bytes=0)
+    assert largest_volume(unlimited, thick=False) == 5
+

@@ -537,6 +537,13 @@ def test_get_capacity(ctl: ControllerEnv) -> None:
     ctl.agents["storage-1"].total = 30 * GiB
     cap = ctl.controller.GetCapacity(csi_pb2.GetCapacityRequest(volume_capabilities=[mount_cap()]))
     assert cap.available_capacity == 40 * GiB and cap.maximum_volume_size.value == 30 * GiB
+    # Thin volumes need no space up front: the largest thin volume is the agent's limit, so the
+    # scheduler places a thin branch of a volume bigger than the free space.
+    ctl.agents["storage-1"].max_volume = 64 * GiB
+    thin = ctl.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"thin": "true"}))
+    assert thin.available_capacity == 40 * GiB and thin.maximum_volume_size.value == 64 * GiB
+    thick = ctl.controller.GetCapacity(csi_pb2.GetCapacityRequest(parameters={"thin": "false"}))
+    assert thick.maximum_volume_size.value == 30 * GiB
     rwx = csi_pb2.GetCapacityRequest(volume_capabilities=[mount_cap(Mode.MULTI_NODE_MULTI_WRITER)])
     assert ctl.controller.GetCapacity(rwx).available_capacity == 0
     # An unusable class still gets its capacity, so that CSIStorageCapacity exists and the pod
