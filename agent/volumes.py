@@ -19,8 +19,8 @@ from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
 from agent.locks import VolumeLocks
 from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
-from agent.zfs import COMPRESSION_INDEX, Space, Zfs, ZfsError, retry_busy
-from zvolt import names
+from agent.zfs import Space, Zfs, ZfsError, retry_busy
+from zvolt import names, volprops
 from zvolt.errors import (
     ZvoltError,
     aborted,
@@ -33,8 +33,8 @@ from zvolt.errors import (
     precondition,
 )
 
-DEFAULT_VOLBLOCKSIZE = 16384
-DEFAULT_COMPRESSION = "lz4"
+DEFAULT_VOLBLOCKSIZE = volprops.DEFAULT_VOLBLOCKSIZE
+DEFAULT_COMPRESSION = volprops.DEFAULT_COMPRESSION
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _MAX_PAGE = 5000
 
@@ -209,12 +209,8 @@ class Volumes:
             raise invalid("encryption is not supported yet")
         if spec.source_snapshot and spec.source_volume:
             raise invalid("give either a source snapshot or a source volume, not both")
-        vbs = spec.volblocksize or DEFAULT_VOLBLOCKSIZE
-        if vbs < 4096 or vbs > 131072 or vbs & (vbs - 1):
-            raise invalid(f"volblocksize {vbs} must be a power of two from 4096 to 131072")
-        compression = spec.compression or DEFAULT_COMPRESSION
-        if compression not in COMPRESSION_INDEX:
-            raise invalid(f"compression {compression!r} is not one of {sorted(COMPRESSION_INDEX)}")
+        vbs = volprops.check_volblocksize(spec.volblocksize or DEFAULT_VOLBLOCKSIZE)
+        compression = volprops.check_compression(spec.compression or DEFAULT_COMPRESSION)
         if spec.size <= 0:
             raise invalid("size_bytes must be positive")
         size = -(-spec.size // vbs) * vbs

@@ -20,6 +20,7 @@ from zvolt import names
 
 # Index (enum) properties must be given to lzc_create/lzc_clone as numbers (lab.md).
 VOLMODE_INDEX = {"default": 0, "geom": 1, "dev": 2, "none": 3}
+# libzfs_core takes index properties as numbers (zio_compress enum); keys = volprops.COMPRESSION.
 COMPRESSION_INDEX = {"on": 1, "off": 2, "lzjb": 3, "gzip": 10, "zle": 14, "lz4": 15, "zstd": 16}
 USER_PREFIX = "zvolt:"
 # Properties read for one dataset when the index is refreshed from ZFS.

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from csi.mounter import SUPPORTED_FS
+from zvolt import volprops
 from zvolt.errors import invalid
 
-DEFAULT_VOLBLOCKSIZE = 16 * 1024
+DEFAULT_VOLBLOCKSIZE = volprops.DEFAULT_VOLBLOCKSIZE
 _SIZE = re.compile(r"^([0-9]+)([KkMm]?)$")
-_COMPRESSION = re.compile(r"^(on|off|lz4|zle|lzjb|gzip(-[1-9])?|zstd(-([1-9]|1[0-9]))?|zstd-fast(-[0-9]{1,4})?)$")
 FSTYPE_KEY = "csi.storage.k8s.io/fstype"
 # Added by external-provisioner --extra-create-metadata: kept as labels on the zvol.
 _METADATA_KEYS = {
@@ -47,10 +47,8 @@ def _volblocksize(value: str) -> int:
     match = _SIZE.fullmatch(value.strip())
     if not match:
         raise invalid(f"volblocksize {value!r} is not a size like 8K or 16K")
-    number = int(match.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
-    if number < 512 or number > 128 * 1024 or number & (number - 1):
-        raise invalid(f"volblocksize {value!r} must be a power of two from 512 to 128K")
-    return number
+    unit = {"": 1, "k": 1024, "m": 1024 * 1024}[match.group(2).lower()]
+    return volprops.check_volblocksize(int(match.group(1)) * unit)
 
 
 def _bool(key: str, value: str) -> bool:
@@ -63,15 +61,13 @@ def _bool(key: str, value: str) -> bool:
 
 def parse(parameters: Mapping[str, str]) -> VolumeParams:
     """Unknown keys are refused: a typo in a StorageClass should fail loudly, not be ignored."""
-    volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, "lz4", False, ""
+    volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, volprops.DEFAULT_COMPRESSION, False, ""
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
             volblocksize = _volblocksize(value)
         elif key == "compression":
-            if not _COMPRESSION.fullmatch(value):
-                raise invalid(f"compression {value!r} is not a ZFS compression algorithm")
-            compression = value
+            compression = volprops.check_compression(value)
         elif key == "thin":
             thick = not _bool(key, value)
         elif key == FSTYPE_KEY:

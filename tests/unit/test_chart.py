@@ -24,6 +24,7 @@ import yaml
 from test_chart_crds import CRD_SCHEMAS, validate_crd  # type: ignore[import-not-found,unused-ignore]
 
 from csi import params
+from zvolt import volprops
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "zvolt"
 KUBE_VERSION = "1.34.0"
@@ -422,6 +423,15 @@ def test_driver_accepts_every_storage_class_the_chart_makes(variant: str) -> Non
         driver_part = {k: v for k, v in sc["parameters"].items() if not params.SIDECAR_KEY.fullmatch(k)}
         assert set(driver_part) <= set(params.DRIVER_KEYS)
         params.parse(driver_part)
+
+
+def test_schema_allows_exactly_the_volume_properties_the_driver_takes() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    props = schema["properties"]["storageClasses"]["items"]["properties"]
+    assert sorted(props["compression"]["enum"]) == sorted(volprops.COMPRESSION)
+    sizes = [int(v[:-1]) * 1024 for v in props["volblocksize"]["enum"]]
+    powers = [1 << n for n in range(12, 18)]
+    assert sizes == powers and (sizes[0], sizes[-1]) == (volprops.VOLBLOCKSIZE_MIN, volprops.VOLBLOCKSIZE_MAX)
 
 
 def test_schema_allows_exactly_the_sidecar_keys_as_extra_parameters() -> None:

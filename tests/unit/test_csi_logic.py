@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
@@ -42,11 +44,11 @@ def test_placement_orders_by_preferred_zone_then_free_space() -> None:
 
 
 def test_storage_class_parameters() -> None:
-    p = parse({"volblocksize": "8K", "compression": "zstd-3", "thin": "false", "csi.storage.k8s.io/fstype": "xfs",
+    p = parse({"volblocksize": "8K", "compression": "zstd", "thin": "false", "csi.storage.k8s.io/fstype": "xfs",
                "csi.storage.k8s.io/pvc/name": "db-0"})  # fmt: skip
     assert (p.volblocksize, p.compression, p.thick, p.fstype, p.labels) == (
         8192,
-        "zstd-3",
+        "zstd",
         True,
         "xfs",
         {"pvc-name": "db-0"},
@@ -141,4 +143,36 @@ def test_largest_volume_thin_is_the_node_limit_thick_the_free_space() -> None:
     assert largest_volume(full, thick=False) == 0
     unlimited = Candidate("s2", "default", available_bytes=5, max_volume_bytes=0)
     assert largest_volume(unlimited, thick=False) == 5
+
+
+@pytest.mark.parametrize("parameters", [
+    {"volblocksize": "512"}, {"volblocksize": "2K"}, {"volblocksize": "4K"}, {"volblocksize": "128K"},
+    {"volblocksize": "256K"}, {"compression": "zstd-3"}, {"compression": "gzip-9"}, {"compression": "zstd-fast-1"},
+    {"compression": "zstd"}, {"compression": "gzip"}, {"compression": "off"},
+])
+def test_controller_and_agent_accept_the_same_volume_properties(parameters: dict[str, str], tmp_path: Path) -> None:
+    """A class the controller accepts must not fail later in the agent (it did for zstd-3)."""
+    from agent.fakes import make_node
+    from agent.volumes import VolumeSpec
+
+    try:
+        p = parse(parameters)
+        controller_ok = True
+    except ZvoltError:
+        controller_ok = False
+    node = make_node(str(tmp_path / "state"), str(tmp_path / "configfs"))
+    size = 1 << 30
+    try:
+        if controller_ok:
+            node.volumes.create_volume(VolumeSpec(name="pvc-x", size=size, volblocksize=p.volblocksize,
+                                                  compression=p.compression))
+        else:
+            vbs = parameters.get("volblocksize", "16K")
+            raw = int(vbs[:-1]) * 1024 if vbs.endswith("K") else int(vbs)
+            node.volumes.create_volume(VolumeSpec(name="pvc-x", size=size, volblocksize=raw,
+                                                  compression=parameters.get("compression", "lz4")))
+        agent_ok = True
+    except ZvoltError:
+        agent_ok = False
+    assert controller_ok == agent_ok, parameters
 
