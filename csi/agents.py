@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,6 +24,7 @@ from zvolt.pb import agent_pb2_grpc
 from zvolt.rpc import parse_endpoint
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,21 @@ class AgentClient:
             return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise _translate(self.name, err) from None
+
+
+def fan_out(agents: Sequence[AgentClient], call: Callable[[AgentClient], T]) -> list[T | ZvoltError]:
+    """Call every agent at once, so a slow or dead storage node costs one deadline, not one per
+    node in turn; an agent's ZvoltError takes the place of its result."""
+    def one(agent: AgentClient) -> T | ZvoltError:
+        try:
+            return call(agent)
+        except ZvoltError as err:
+            return err
+
+    if len(agents) <= 1:
+        return [one(a) for a in agents]
+    with ThreadPoolExecutor(max_workers=min(32, len(agents)), thread_name_prefix="fan-out") as pool:
+        return list(pool.map(one, agents))
 
 
 class AgentPool:

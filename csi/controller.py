@@ -18,7 +18,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
-from csi.agents import AgentClient, AgentPool
+from csi.agents import AgentClient, AgentPool, fan_out
 from csi.locks import KeyLocks
 from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
 from zvolt.names import check_csi_name, check_nqn, id_for_name, split_snapshot_id, split_volume_id
@@ -34,6 +34,10 @@ CLONE_ALIGN = 128 * 1024
 # Sizes travel as int64 to the agent; a range near that limit rounds up past it.
 INT64_MAX = 2**63 - 1
 STORAGE_NODE_CONTEXT = "zvolt.io/storage-node"
+# Entries per list page when the CO sets no max_entries (~200 bytes each: far below 4 MiB).
+DEFAULT_PAGE = 1000
+# Per-agent deadline of the lookups every CreateVolume makes on all agents (done in parallel).
+LOOKUP_TIMEOUT = 10.0
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
 STABLE_CAPABILITIES = (
@@ -116,9 +120,13 @@ def paginate(
     starting_token: str,
     fetch: Callable[[AgentClient, int, str], tuple[list[Any], str]],
 ) -> tuple[list[Any], str]:
-    """Pages across agents (sorted by name): the opaque token is (agent, that agent's token)."""
+    """Pages across agents (sorted by name): the opaque token is (agent, that agent's token).
+
+    max_entries=0 (external-attacher's default) still pages: a whole cluster in one message
+    would pass gRPC's 4 MiB limit at tens of thousands of volumes."""
     if max_entries < 0:
         raise invalid("max_entries must not be negative")
+    max_entries = max_entries or DEFAULT_PAGE
     index, token = 0, ""
     if starting_token:
         start = PageToken.decode(starting_token)
@@ -127,16 +135,16 @@ def paginate(
             token = start.token
     items: list[Any] = []
     while index < len(agents):
-        want = max_entries - len(items) if max_entries else 0
+        want = max_entries - len(items)
         page, next_token = fetch(agents[index], want, token)
         items.extend(page)
         if next_token:
-            if max_entries and len(items) >= max_entries:
+            if len(items) >= max_entries:
                 return items, PageToken(agents[index].name, next_token).encode()
             token = next_token
             continue
         index, token = index + 1, ""
-        if max_entries and len(items) >= max_entries:
+        if len(items) >= max_entries:
             return items, PageToken(agents[index].name, "").encode() if index < len(agents) else ""
     return items, ""
 
@@ -181,36 +189,40 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def _agent_for(self, node: str) -> AgentClient:
         return self.pool.get(node)
 
-    def _get_volume(self, agent: AgentClient, local_id: str) -> agent_pb2.Volume:
-        vol: agent_pb2.Volume = agent.call("GetVolume", agent_pb2.GetVolumeRequest(volume_id=local_id)).volume
+    def _get_volume(self, agent: AgentClient, local_id: str, timeout: float | None = None) -> agent_pb2.Volume:
+        req = agent_pb2.GetVolumeRequest(volume_id=local_id)
+        vol: agent_pb2.Volume = agent.call("GetVolume", req, timeout=timeout).volume
         return vol
 
     def _find_by_name(self, name: str) -> tuple[AgentClient, agent_pb2.Volume] | None:
-        """Idempotency across nodes: the id is derived from the name, so ask every agent."""
+        """Idempotency across nodes: the id is derived from the name, so ask every agent. If one
+        that might hold it cannot answer, creating now could make a second copy elsewhere:
+        answer UNAVAILABLE (the CO retries) instead."""
         local_id = id_for_name(name)
-        for agent in self.pool.all():
-            try:
-                vol = self._get_volume(agent, local_id)
-            except ZvoltError as err:
-                if err.code != grpc.StatusCode.NOT_FOUND:
-                    _log.warning(
-                        "name lookup skipped a storage node",
-                        extra={"fields": {"node": agent.name, "error": err.message}},
-                    )
+        agents = self.pool.all()
+        silent = []
+        for agent, found in zip(agents, fan_out(agents, lambda a: self._get_volume(a, local_id, LOOKUP_TIMEOUT)),
+                                strict=True):
+            if isinstance(found, ZvoltError):
+                if found.code != grpc.StatusCode.NOT_FOUND:
+                    silent.append(found.message)
                 continue
-            if vol.name and vol.name != name:
-                raise already_exists(f"volume id {local_id} on {agent.name} belongs to another name {vol.name!r}")
-            return agent, vol
+            if found.name and found.name != name:
+                raise already_exists(f"volume id {local_id} on {agent.name} belongs to another name {found.name!r}")
+            return agent, found
+        if silent:
+            raise unavailable(f"cannot tell whether volume {name!r} exists yet: {'; '.join(silent)}; retry later")
         return None
 
     def _candidates(self) -> list[placement.Candidate]:
         found = []
-        for agent in self.pool.all():
-            try:
-                cap = agent.call("GetCapacity", agent_pb2.GetCapacityRequest(), timeout=10)
-            except ZvoltError as err:
+        agents = self.pool.all()
+        request = agent_pb2.GetCapacityRequest()
+        answers = fan_out(agents, lambda a: a.call("GetCapacity", request, timeout=LOOKUP_TIMEOUT))
+        for agent, cap in zip(agents, answers, strict=True):
+            if isinstance(cap, ZvoltError):
                 _log.warning(
-                    "storage node left out of placement", extra={"fields": {"node": agent.name, "error": err.message}}
+                    "storage node left out of placement", extra={"fields": {"node": agent.name, "error": cap.message}}
                 )
                 continue
             found.append(placement.Candidate(agent.name, agent.zone, cap.available_bytes, cap.maximum_volume_size))
@@ -227,13 +239,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if request.mutable_parameters:
             raise invalid("mutable_parameters are not supported (no MODIFY_VOLUME capability)")
         rng = request.capacity_range if request.HasField("capacity_range") else None
+        source_node, source = self._source_ids(request)
         with self.locks.hold(f"name:{name}"):
-            source_agent, minimum, source = self._resolve_source(request)
-            align = CLONE_ALIGN if source_agent is not None else par.volblocksize
-            size = choose_size(rng, align, minimum)
+            # By name first: a retry must find the volume it made even if its source is gone since.
             existing = self._find_by_name(name)
             if existing is not None:
-                return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source, minimum))
+                return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source))
+            source_agent, minimum = self._resolve_source(source_node, source)
+            align = CLONE_ALIGN if source_agent is not None else par.volblocksize
+            size = choose_size(rng, align, minimum)
             base = agent_pb2.CreateVolumeRequest(
                 name=name,
                 size_bytes=size,
@@ -279,9 +293,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 f"the source lives on {agent.name} in zone {agent.zone}, outside the requested topology",
             )
 
-    def _resolve_source(self, request: csi_pb2.CreateVolumeRequest) -> tuple[AgentClient | None, int, dict[str, str]]:
+    @staticmethod
+    def _source_ids(request: csi_pb2.CreateVolumeRequest) -> tuple[str, dict[str, str]]:
+        """The content source as (storage node, agent-local ids); a malformed id cannot exist."""
         if not request.HasField("volume_content_source"):
-            return None, 0, {}
+            return "", {}
         src = request.volume_content_source
         kind = src.WhichOneof("type")
         if kind == "snapshot":
@@ -292,14 +308,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 node, vol_id, snap = split_snapshot_id(snapshot_id)
             except ZvoltError:
                 raise not_found(f"source snapshot {snapshot_id!r} does not exist") from None
-            agent = self.pool.find(node)
-            if agent is None:
-                raise not_found(f"source snapshot {snapshot_id!r} does not exist (unknown storage node)")
-            local = f"{vol_id}@{snap}"
-            found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=local)).snapshots
-            if not found:
-                raise not_found(f"source snapshot {snapshot_id!r} does not exist")
-            return agent, found[0].size_bytes, {"source_snapshot_id": local}
+            return node, {"source_snapshot_id": f"{vol_id}@{snap}"}
         if kind == "volume":
             volume_id = src.volume.volume_id
             if not volume_id:
@@ -308,12 +317,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 node, vol_id = split_volume_id(volume_id)
             except ZvoltError:
                 raise not_found(f"source volume {volume_id!r} does not exist") from None
-            agent = self.pool.find(node)
-            if agent is None:
-                raise not_found(f"source volume {volume_id!r} does not exist (unknown storage node)")
-            vol = self._get_volume(agent, vol_id)
-            return agent, vol.size_bytes, {"source_volume_id": vol_id}
+            return node, {"source_volume_id": vol_id}
         raise invalid("volume_content_source needs a snapshot or a volume")
+
+    def _resolve_source(self, node: str, source: dict[str, str]) -> tuple[AgentClient | None, int]:
+        """The agent holding the source and the source's size (the clone's minimum)."""
+        if not source:
+            return None, 0
+        agent = self._agent_for(node)  # UNAVAILABLE, not NOT_FOUND, for a node not discovered yet
+        if "source_snapshot_id" in source:
+            local = source["source_snapshot_id"]
+            found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=local)).snapshots
+            if not found:
+                raise not_found(f"source snapshot {node}/{local} does not exist")
+            return agent, found[0].size_bytes
+        return agent, self._get_volume(agent, source["source_volume_id"]).size_bytes
 
     def _check_same(
         self,
@@ -321,10 +339,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         rng: csi_pb2.CapacityRange | None,
         par: params.VolumeParams,
         source: dict[str, str],
-        minimum: int,
     ) -> csi_pb2.Volume:
         agent, vol = existing
-        required = max(rng.required_bytes if rng else 0, minimum)
+        required = rng.required_bytes if rng else 0
         limit = rng.limit_bytes if rng else 0
         problems = []
         if vol.size_bytes < required or (limit and vol.size_bytes > limit):

@@ -176,3 +176,30 @@ def test_controller_and_agent_accept_the_same_volume_properties(parameters: dict
         agent_ok = False
     assert controller_ok == agent_ok, parameters
 
+
+def test_paginate_pages_even_without_max_entries() -> None:
+    """external-attacher lists with max_entries=0: that must not mean the whole cluster at once."""
+    from csi import controller
+
+    class Agent:
+        def __init__(self, name: str, n: int) -> None:
+            self.name, self.items = name, [f"{name}-{i:05d}" for i in range(n)]
+
+    def fetch(agent: Agent, want: int, token: str) -> tuple[list[str], str]:
+        start = int(token or 0)
+        page = agent.items[start:start + (want or 10**9)]
+        end = start + len(page)
+        return page, str(end) if end < len(agent.items) else ""
+
+    agents = [Agent("s0", 1500), Agent("s1", 700)]
+    seen: list[str] = []
+    token, pages = "", 0
+    while True:
+        items, token = controller.paginate(agents, 0, token, fetch)  # type: ignore[arg-type]
+        assert len(items) <= controller.DEFAULT_PAGE
+        seen += items
+        pages += 1
+        if not token:
+            break
+    assert seen == agents[0].items + agents[1].items and pages == 3
+

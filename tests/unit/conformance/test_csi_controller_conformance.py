@@ -287,15 +287,56 @@ def test_snapshot_lifecycle_restore_and_clone_on_source_node(ctl: ControllerEnv)
     assert code_of(ctl.controller.GetSnapshot, gone) == C.NOT_FOUND
 
 
-@pytest.mark.parametrize("source", ["storage-0/vnope@snope", "garbage", "nowhere-9/vx@sy"])
-def test_restore_from_unknown_snapshot_is_not_found(ctl: ControllerEnv, source: str) -> None:
-    req = csi_pb2.CreateVolumeRequest(
-        name="pvc-nosnap", volume_capabilities=[mount_cap()],
+def restore_request(name: str, snapshot_id: str) -> csi_pb2.CreateVolumeRequest:
+    return csi_pb2.CreateVolumeRequest(
+        name=name, volume_capabilities=[mount_cap()],
         volume_content_source=csi_pb2.VolumeContentSource(
-            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=source)
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
         ),
     )  # fmt: skip
-    assert code_of(ctl.controller.CreateVolume, req) == C.NOT_FOUND
+
+
+@pytest.mark.parametrize("source", ["storage-0/vnope@snope", "garbage"])
+def test_restore_from_unknown_snapshot_is_not_found(ctl: ControllerEnv, source: str) -> None:
+    assert code_of(ctl.controller.CreateVolume, restore_request("pvc-nosnap", source)) == C.NOT_FOUND
+
+
+def test_restore_from_a_storage_node_not_discovered_yet_is_retried(ctl: ControllerEnv) -> None:
+    """NOT_FOUND is final for external-provisioner: a node that may just not be discovered yet
+    is UNAVAILABLE, so the PVC is retried instead of failing for good."""
+    assert code_of(ctl.controller.CreateVolume, restore_request("pvc-later", "nowhere-9/vx@sy")) == C.UNAVAILABLE
+
+
+def test_create_retry_after_its_source_snapshot_was_deleted_returns_the_volume(ctl: ControllerEnv) -> None:
+    src = create(ctl, "pvc-src-gone")
+    snap = ctl.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="snap-gone", source_volume_id=src.volume_id))
+    req = restore_request("pvc-from-gone", snap.snapshot.snapshot_id)
+    first = ctl.controller.CreateVolume(req).volume
+    ctl.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot.snapshot_id))
+    again = ctl.controller.CreateVolume(req).volume  # the provisioner retried (e.g. its first answer was lost)
+    assert again.volume_id == first.volume_id
+
+
+def test_create_volume_waits_while_a_storage_node_cannot_answer(sockdir: str) -> None:
+    """A name lookup that skipped an unreachable agent could create a second copy of a volume
+    that lives there: UNAVAILABLE until every agent can answer."""
+    agents = {"storage-0": FakeAgent("storage-0"), "storage-1": FakeAgent("storage-1", address="10.0.0.2")}
+    server, agent_servers, channel, pool, _ = start_controller(sockdir, agents)
+    stub = csi_pb2_grpc.ControllerStub(channel)
+    try:
+        req = csi_pb2.CreateVolumeRequest(name="pvc-twice", volume_capabilities=[mount_cap()])
+        agent_servers[1].stop(None)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateVolume(req, timeout=30)
+        assert err.value.code() == C.UNAVAILABLE and "storage-1" in (err.value.details() or "")
+        assert not agents["storage-0"].state.volumes
+    finally:
+        channel.close()
+        server.stop(None)
+        pool.close()
+        for s in agent_servers:
+            s.stop(None)
 
 
 def test_clone_from_unknown_volume_is_not_found(ctl: ControllerEnv) -> None:
