@@ -53,6 +53,11 @@ class Exports:
         self._sleep = sleep
         # Host groups are shared between subsystems: creating and pruning them must not interleave.
         self._mu = threading.Lock()
+        # host NQN -> subsystems allowing it, so that dropping a host from one subsystem costs O(1)
+        # in the number of exports (a scan of every subsystem per call made restore quadratic).
+        # Loaded from configfs once; other writers' later links are not tracked, which is safe:
+        # configfs refuses to remove a host group that a subsystem still links to.
+        self._refs: dict[str, set[str]] | None = None
 
     def nqn(self, volume_id: str) -> str:
         return names.subsystem_nqn(self.cfg.node, volume_id)
@@ -120,6 +125,25 @@ class Exports:
                 if sub.exists():
                     port.add_subsystem(sub)
 
+    def _host_refs(self) -> dict[str, set[str]]:
+        if self._refs is None:
+            refs: dict[str, set[str]] = {}
+            for sub in self.root.subsystems():
+                for h in sub.allowed_hosts():
+                    refs.setdefault(h, set()).add(sub.nqn)
+            self._refs = refs
+        return self._refs
+
+    def _release_host(self, host: str, nqn: str) -> None:
+        refs = self._host_refs()
+        users = refs.get(host, set())
+        users.discard(nqn)
+        if not users:
+            refs.pop(host, None)
+            # Still linked by another writer's subsystem: configfs refuses, and it is not ours.
+            with contextlib.suppress(OSError):
+                self.root.host(host).delete()
+
     def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str]) -> None:
         have = set(sub.allowed_hosts())
         if self.auth is not None:
@@ -128,11 +152,13 @@ class Exports:
                 host = self.root.host(h)
                 host.create()
                 self.auth.apply(host)
+        refs = self._host_refs()
         for h in sorted(set(hosts) - have):
             sub.allow_host(self.root.host(h))
+            refs.setdefault(h, set()).add(sub.nqn)
         for h in sorted(have - set(hosts)):
             sub.disallow_host(h)
-        self._prune_hosts()
+            self._release_host(h, sub.nqn)
 
     def set_hosts(self, volume_id: str, hosts: list[str]) -> None:
         with self._mu:
@@ -142,18 +168,24 @@ class Exports:
 
     def unexport(self, volume_id: str) -> None:
         with self._mu:
-            self.root.subsystem(self.nqn(volume_id)).delete()
-            self._prune_hosts()
+            sub = self.root.subsystem(self.nqn(volume_id))
+            hosts = sub.allowed_hosts() if sub.exists() else []
+            sub.delete()
+            for h in hosts:
+                self._release_host(h, sub.nqn)
 
-    def _prune_hosts(self) -> None:
-        referenced: set[str] = set()
-        for sub in self.root.subsystems():
-            referenced.update(sub.allowed_hosts())
-        for host in self.root.hosts():
-            if host.nqn not in referenced:
-                # Still referenced by another writer's subsystem: not ours to remove.
-                with contextlib.suppress(OSError):
-                    host.delete()
+    def prune_hosts(self) -> int:
+        """Remove host groups no subsystem links to (left by a crash): one scan, at start-up."""
+        with self._mu:
+            self._refs = None
+            refs = self._host_refs()
+            removed = 0
+            for host in self.root.hosts():
+                if host.nqn not in refs:
+                    with contextlib.suppress(OSError):
+                        host.delete()
+                        removed += 1
+            return removed
 
     def revalidate(self, volume_id: str) -> None:
         ns = self.root.subsystem(self.nqn(volume_id)).namespace(1)

@@ -39,6 +39,7 @@ class FakeZfs:
         self.calls: list[str] = []
         self.busy_once: set[str] = set()  # names whose next destroy fails with EBUSY (udev race)
         self.crash_at: tuple[str, str] | None = None  # (op, "before" | "after")
+        self.fail_set: dict[str, int] = {}  # dataset -> errno its `zfs set` fails with (a bad volume)
         self.settles = 0
         self._lock = threading.RLock()
 
@@ -213,6 +214,8 @@ class FakeZfs:
         with self._lock:
             self.calls.append(f"set {name} {','.join(sorted(props))}")
             self._hook("set_props", "before")
+            if name in self.fail_set:
+                raise ZfsError(self.fail_set[name], f"cannot set property for '{name}': injected failure")
             d = self._need(check_full_name(name))
             d.props.update(props)
             if "volsize" in props and d.props.get("refreservation", "0") not in ("0", "none"):

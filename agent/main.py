@@ -259,6 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     while not stop.wait(tick):
         if not agent.readiness.ready:
             continue
+        if agent.volumes.unrestored:
+            try:
+                agent.recovery.retry_unrestored()
+            except Exception:
+                _log.exception("retrying unrestored exports failed")
+        agent.metrics.unrestored.set(len(agent.volumes.unrestored))
         try:
             agent.servicer.refresh_metrics()
         except Exception:

@@ -24,6 +24,8 @@ class Metrics:
         self.pool_free = Gauge("zvolt_agent_pool_free_bytes", "Bytes available to the parent dataset", registry=r)
         self.startup = Gauge("zvolt_agent_startup_seconds", "Seconds from start to ready", registry=r)
         self.ready = Gauge("zvolt_agent_ready", "1 once start-up recovery is done", registry=r)
+        self.unrestored = Gauge("zvolt_agent_exports_unrestored",
+                                "Published volumes whose export could not be restored at start (retried)", registry=r)
 
     def observe(self, method: str, status: str, seconds: float) -> None:
         self.ops.labels(method=method, status=status).inc()

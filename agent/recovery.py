@@ -121,8 +121,17 @@ class Recovery:
             _log.info("settled intent", extra={"fields": {"op": intent.op, "datasets": intent.datasets}})
         return len(intents)
 
+    def _restore_one(self, vol: VolumeRec) -> None:
+        if not self.zfs.device_ready(vol.dataset):
+            self.zfs.set_props(vol.dataset, {"volmode": "dev"})
+        self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
+
     def restore_exports(self) -> tuple[int, int]:
-        """Export every published volume; tear down exports of volumes not published. (restored, removed)"""
+        """Export every published volume; tear down exports of volumes not published. (restored, removed)
+
+        One volume that cannot be exported (its zvol gone, a device node that never appears, a
+        configfs error) must not keep the others offline: it is recorded in `unrestored` (volume
+        condition, metric, log) and retried in the background, and the rest are linked."""
         published = self.index.published()
         want = {v.id for v in published}
         removed = 0
@@ -132,12 +141,38 @@ class Recovery:
             if vol is not None:
                 self.zfs.set_props(vol.dataset, {"volmode": "none"})
             removed += 1
+        self.exports.prune_hosts()
+        restored = []
         for vol in published:
-            if not self.zfs.device_ready(vol.dataset):
-                self.zfs.set_props(vol.dataset, {"volmode": "dev"})
-            self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
-        self.exports.link_all([vol.id for vol in published])
-        return len(published), removed
+            try:
+                self._restore_one(vol)
+            except Exception as exc:  # any failure is this volume's alone
+                self.volumes.unrestored[vol.id] = str(exc)
+                _log.error("export not restored; retrying in the background",
+                           extra={"fields": {"volume": vol.id, "error": str(exc)}})
+                continue
+            restored.append(vol.id)
+        self.exports.link_all(restored)
+        return len(restored), removed
+
+    def retry_unrestored(self) -> int:
+        """Try the exports start-up could not restore again (each under its volume's lock, as a
+        publish would be). Returns how many are still broken."""
+        for vid in sorted(self.volumes.unrestored):
+            with self.volumes.locks.hold([vid]):
+                vol = self.index.volume(vid)
+                if vol is None or not vol.hosts:
+                    self.volumes.unrestored.pop(vid, None)  # deleted or unpublished meanwhile
+                    continue
+                try:
+                    self._restore_one(vol)
+                    self.exports.link_all([vid])
+                except Exception as exc:  # as above: this volume only
+                    self.volumes.unrestored[vid] = str(exc)
+                    continue
+                self.volumes.unrestored.pop(vid, None)
+                _log.info("export restored after a retry", extra={"fields": {"volume": vid}})
+        return len(self.volumes.unrestored)
 
     def run(self, rebuild: bool = False) -> None:
         try:
@@ -156,8 +191,9 @@ class Recovery:
             self.readiness.set(False, "restoring NVMe exports")
             restored, removed = self.restore_exports()
             self.readiness.set(True)
-            self.progress(f"ready: settled {settled} intents, restored {restored} exports, removed {removed} stale, "
-                          f"in {self.readiness.startup_seconds:.3f}s")
+            broken = f", {len(self.volumes.unrestored)} NOT restored (retrying)" if self.volumes.unrestored else ""
+            self.progress(f"ready: settled {settled} intents, restored {restored} exports{broken}, removed {removed} "
+                          f"stale, in {self.readiness.startup_seconds:.3f}s")
         except Exception as exc:
             _log.exception("start-up recovery failed")
             self.readiness.set(False, f"start-up recovery failed: {exc}")

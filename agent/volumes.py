@@ -136,6 +136,9 @@ class Volumes:
         self.locks = locks or VolumeLocks()
         self.layout = Layout(cfg.parent)
         self.gc = Collector(zfs, index, self.layout)
+        # Published volumes whose export start-up could not restore: volume id -> why. Their
+        # condition says so, and recovery retries them in the background (agent/recovery.py).
+        self.unrestored: dict[str, str] = {}
         self._clock = clock
         self._space: tuple[float, Space] | None = None
         self._space_mu = threading.Lock()
@@ -533,6 +536,7 @@ class Volumes:
             with self.index.tx() as tx:
                 tx.put_volume(vol)
                 tx.done(seq)
+            self.unrestored.pop(vid, None)  # the export is whole again
             return self.exports.nqn(vid)
 
     def unpublish(self, vid: str, host: str) -> None:
@@ -571,6 +575,8 @@ class Volumes:
         if props is None:
             return VolumeState(vol, 0, False, f"dataset {vol.dataset} is missing in ZFS")
         healthy, msg = self.exports.condition(vid, vol.dataset, vol.hosts)
+        if vid in self.unrestored:
+            healthy, msg = False, f"export not restored after the agent restarted ({self.unrestored[vid]}); retrying"
         return VolumeState(vol, int(props.get("used") or 0), healthy, msg)
 
     def list_volumes(self, max_entries: int, token: str) -> tuple[list[VolumeRec], str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -176,6 +177,72 @@ def test_restart_after_reboot_restores_every_export_before_ready(paths: tuple[st
     assert node.root.dump() == before
     for v in vols:
         assert node.volumes.get_volume(v.id).healthy
+
+
+def _reboot_configfs(node: FakeNode) -> None:
+    """What a reboot leaves: configfs empty (zvols whose volmode was dev come back as devices)."""
+    for sub in list(node.root.subsystems()):
+        sub.delete()
+    for port in list(node.root.ports()):
+        port.delete()
+    for host in list(node.root.hosts()):
+        host.delete()
+
+
+def test_one_bad_volume_does_not_keep_the_others_offline(paths: tuple[str, str]) -> None:
+    state, cfs = paths
+    node = make_node(state, cfs)
+    vols = [node.volumes.create_volume(VolumeSpec(name=f"b{i}", size=GiB)) for i in range(4)]
+    for v in vols:
+        node.volumes.publish(v.id, HOST)
+        node.zfs.ds[v.dataset].props["volmode"] = "none"  # after a reboot: device nodes made anew
+    _reboot_configfs(node)
+    bad = vols[1]
+    node.zfs.fail_set[bad.dataset] = errno.EIO
+    node = node.restart(state)
+    assert node.readiness.ready
+    port = node.root.find_port("10.42.0.1", "4420")
+    assert port is not None
+    assert sorted(port.subsystems()) == sorted(names.subsystem_nqn("storage-0", v.id) for v in vols if v != bad)
+    for v in vols:
+        state_of = node.volumes.get_volume(v.id)
+        assert state_of.healthy == (v != bad), (v.id, state_of.message)
+    assert "export not restored" in node.volumes.get_volume(bad.id).message
+    assert node.recovery.retry_unrestored() == 1  # still broken: stays reported
+    del node.zfs.fail_set[bad.dataset]
+    assert node.recovery.retry_unrestored() == 0
+    assert node.volumes.get_volume(bad.id).healthy
+    assert names.subsystem_nqn("storage-0", bad.id) in port.subsystems()
+
+
+def test_restore_work_grows_linearly_with_published_volumes(paths: tuple[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each export used to re-read every subsystem's allowed hosts: quadratic in exports."""
+    from agent import nvmet
+
+    reads = {"n": 0}
+    real_listdir = nvmet._listdir
+
+    def counting_listdir(path: str) -> list[str]:
+        reads["n"] += 1
+        return real_listdir(path)
+
+    monkeypatch.setattr(nvmet, "_listdir", counting_listdir)
+    state, cfs = paths
+    node = make_node(state, cfs)
+    cost = {}
+    published = 0
+    for n in (40, 80):
+        for i in range(published, n):
+            vol = node.volumes.create_volume(VolumeSpec(name=f"lin{i}", size=GiB))
+            node.volumes.publish(vol.id, HOST)
+        published = n
+        _reboot_configfs(node)
+        reads["n"] = 0
+        node = node.restart(state)
+        assert node.readiness.ready and not node.volumes.unrestored
+        cost[n] = reads["n"]
+    assert cost[80] <= 2.2 * cost[40], cost
 
 
 def test_restart_tears_down_unknown_exports(paths: tuple[str, str]) -> None:
