@@ -21,7 +21,14 @@ from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.locks import KeyLocks
 from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
-from zvolt.names import check_csi_name, check_nqn, id_for_name, split_snapshot_id, split_volume_id
+from zvolt.names import (
+    check_csi_name,
+    check_nqn,
+    id_for_name,
+    node_of_host_nqn,
+    split_snapshot_id,
+    split_volume_id,
+)
 from zvolt.pb import agent_pb2, csi_pb2, csi_pb2_grpc
 
 _log = logging.getLogger("zvolt.csi.controller")
@@ -147,6 +154,12 @@ def paginate(
         if len(items) >= max_entries:
             return items, PageToken(agents[index].name, "").encode() if index < len(agents) else ""
     return items, ""
+
+
+def same_node(a: str, b: str) -> bool:
+    """Two host NQNs made by zvolt for the same Kubernetes node."""
+    node = node_of_host_nqn(a)
+    return node is not None and node == node_of_host_nqn(b)
 
 
 def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
@@ -399,7 +412,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
             vol = self._get_volume(agent, local)
-            others = [h for h in vol.published_hosts if h != host]
+            # An older identity of this same node (reimaged, state wiped) is dead: revoke it
+            # rather than refuse the node for ever as "published elsewhere".
+            stale = [h for h in vol.published_hosts if h != host and same_node(h, host)]
+            for old in stale:
+                agent.call("UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=old))
+            others = [h for h in vol.published_hosts if h != host and h not in stale]
             if others and request.volume_capability.access_mode.mode in volcaps.SINGLE_NODE:
                 raise ZvoltError(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -419,21 +437,22 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if not request.volume_id:
             raise invalid("volume_id is required")
         done = csi_pb2.ControllerUnpublishVolumeResponse()
-        hosts: list[str] = []
         try:
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             return done  # cannot exist, so it is not published anywhere
+        target = ""
         if request.node_id:
             try:
-                hosts = [check_nqn(request.node_id)]
+                target = check_nqn(request.node_id)
             except ZvoltError:
                 return done  # never a valid node: nothing was published to it
         agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
             try:
-                if not request.node_id:
-                    hosts = list(self._get_volume(agent, local).published_hosts)
+                published = self._get_volume(agent, local).published_hosts
+                # Whatever NQN the node reports now, what was published to that node goes.
+                hosts = [h for h in published if not target or h == target or same_node(h, target)]
                 for host in hosts:
                     agent.call("UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=host))
             except ZvoltError as err:

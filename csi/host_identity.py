@@ -17,10 +17,9 @@ from pathlib import Path
 
 from zvolt.errors import internal
 from zvolt.files import write_private_json
-from zvolt.names import check_nqn
+from zvolt.names import HOST_NQN_PREFIX, check_nqn
 
 _FILE = "host-identity.json"
-_NQN_PREFIX = "nqn.2026-11.io.zvolt:host"
 _NAME_PART = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
 
 
@@ -35,7 +34,7 @@ def _generate(node_name: str) -> HostIdentity:
     # The node name inside the NQN is only for humans reading allowed_hosts; the uuid
     # makes it unique. Long names are left out to stay far below the 223-byte NQN limit.
     middle = f"{node_name}:" if _NAME_PART.fullmatch(node_name) else ""
-    return HostIdentity(hostnqn=check_nqn(f"{_NQN_PREFIX}:{middle}{host_uuid}"), hostid=host_uuid)
+    return HostIdentity(hostnqn=check_nqn(f"{HOST_NQN_PREFIX}:{middle}{host_uuid}"), hostid=host_uuid)
 
 
 def _valid(data: object) -> HostIdentity | None:

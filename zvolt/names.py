@@ -92,3 +92,17 @@ def split_snapshot_id(csi_id: str) -> tuple[str, str, str]:
 
 def subsystem_nqn(node: str, volume_id: str) -> str:
     return f"nqn.2026-11.io.zvolt:{check_node(node)}:{check_id(volume_id)}"
+
+
+# Host NQNs zvolt's node plugin makes: <prefix>:<kubernetes node>:<uuid>, or <prefix>:<uuid>
+# when the node name is too long to carry (csi/host_identity.py).
+HOST_NQN_PREFIX = "nqn.2026-11.io.zvolt:host"
+_HOST_NQN = re.compile(r"^nqn\.2026-11\.io\.zvolt:host:(?:([a-z0-9][a-z0-9.-]{0,62}):)?[0-9a-f-]{36}$")
+
+
+def node_of_host_nqn(nqn: str) -> str | None:
+    """The Kubernetes node a zvolt host NQN was made for, if it carries one. A worker that was
+    reimaged makes a new NQN with the same node name: that is how its old one is recognised."""
+    match = _HOST_NQN.fullmatch(nqn)
+    return match.group(1) if match and match.group(1) else None
+

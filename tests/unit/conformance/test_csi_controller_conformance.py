@@ -648,3 +648,37 @@ def test_storage_readiness_is_a_metric_not_liveness(ctl: ControllerEnv) -> None:
     text = generate_latest(registry).decode()
     assert 'zvolt_csi_storage_node_ready{node="storage-0"} 1.0' in text
     assert 'zvolt_csi_storage_node_ready{node="storage-1"} 0.0' in text
+
+
+def test_a_reimaged_worker_with_a_new_host_nqn_is_not_locked_out(ctl: ControllerEnv) -> None:
+    """worker-0 came back with a wiped state directory, so a new host NQN: its old NQN must not
+    block the volume for ever, and unpublish with the new NQN removes the old one too."""
+    vol = create(ctl, "pvc-reimaged")
+    node, _, local = vol.volume_id.partition("/")
+    old_id, new_id = NODE_A, NODE_A.rsplit(":", 1)[0] + ":99999999-9999-4999-8999-999999999999"
+    pub = csi_pb2.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=old_id, volume_capability=mount_cap())
+    ctl.controller.ControllerPublishVolume(pub)
+    # Kubernetes detaches from worker-0 (new identity), then attaches elsewhere: both must work.
+    ctl.controller.ControllerUnpublishVolume(
+        csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id=new_id))
+    assert list(ctl.agents[node].state.volumes[local].published_hosts) == []
+    ctl.controller.ControllerPublishVolume(pub)
+    # Or it attaches to worker-0 again under its new identity: the old one is revoked.
+    pub_new = csi_pb2.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=new_id,
+                                                     volume_capability=mount_cap())
+    ctl.controller.ControllerPublishVolume(pub_new)
+    assert list(ctl.agents[node].state.volumes[local].published_hosts) == [new_id]
+    # Another node is still refused while worker-0 holds the single-node volume.
+    pub_b = csi_pb2.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=NODE_B,
+                                                   volume_capability=mount_cap())
+    assert code_of(ctl.controller.ControllerPublishVolume, pub_b) == C.FAILED_PRECONDITION
+
+
+def test_host_nqn_names_its_node_only_in_zvolts_own_form() -> None:
+    from zvolt.names import node_of_host_nqn
+
+    assert node_of_host_nqn(NODE_A) == "worker-0"
+    assert node_of_host_nqn("nqn.2026-11.io.zvolt:host:11111111-1111-4111-8111-111111111111") is None
+    assert node_of_host_nqn("nqn.2014-08.org.nvmexpress:uuid:11111111-1111-4111-8111-111111111111") is None
+    assert node_of_host_nqn("nqn.2026-11.io.zvolt:host:worker-0:not-a-uuid") is None
+
