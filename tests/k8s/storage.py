@@ -1,0 +1,79 @@
+"""The storage side of the k8s suite: zvolt's agent and node plugin in the lab guest (real ZFS,
+nvmet, NVMe/TCP), serving with the certificates the installed chart made, and reads of ZFS and
+configfs that the scenarios check their end states against."""
+
+from __future__ import annotations
+
+from base64 import b64decode
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from kubernetes import client
+
+from lab.guest import Lab
+from zvolt.names import split_volume_id, subsystem_nqn
+from zvolt.pb import csi_pb2, csi_pb2_grpc
+
+GUEST_TLS = "/etc/zvolt-k8s/tls"
+STORAGE_NODE = "storage-0"  # the lab agent's --node-name
+CONFIGFS = "/sys/kernel/config/nvmet/subsystems"
+# Deleted volumes kept for their branches are collected by a periodic sweep: short in tests.
+GC_INTERVAL = "3"
+
+
+@dataclass(frozen=True)
+class Storage:
+    lab: Lab
+    node_id: str  # the worker's node plugin: its NVMe host NQN
+
+    def datasets(self) -> list[str]:
+        """Every zvol and snapshot under the agent's parent dataset (volumes, trash, snapshots)."""
+        out = self.lab.run(["zfs", "list", "-H", "-o", "name", "-r", "-t", "volume,snapshot", f"{self.lab.pool}/zvolt"])
+        return [line for line in out.stdout.splitlines() if line]
+
+    def zvol(self, volume_id: str) -> str:
+        node, local = split_volume_id(volume_id)
+        assert node == STORAGE_NODE, volume_id
+        return f"{self.lab.pool}/zvolt/v/{local}"
+
+    def prop(self, dataset: str, name: str) -> str:
+        out = self.lab.run(["zfs", "get", "-H", "-p", "-o", "value", name, dataset], check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    def subsystems(self) -> list[str]:
+        out = self.lab.run(["ls", "-1", CONFIGFS])
+        return [line for line in out.stdout.splitlines() if line]
+
+    def allowed_hosts(self, volume_id: str) -> list[str]:
+        node, local = split_volume_id(volume_id)
+        out = self.lab.run(["ls", "-1", f"{CONFIGFS}/{subsystem_nqn(node, local)}/allowed_hosts"], check=False)
+        return [line for line in out.stdout.splitlines() if line] if out.returncode == 0 else []
+
+
+def _secret_files(api: Any, namespace: str, name: str) -> dict[str, bytes]:
+    secret = client.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    return {key: b64decode(value) for key, value in (secret.data or {}).items()}
+
+
+def start(lab: Lab, api: Any, namespace: str, agent_secret: str) -> Storage:
+    """Agent (storage netns) with the chart's agent certificate, mTLS required; node plugin
+    (worker netns). The agent is what the controller discovers behind the agent pod's IP."""
+    lab.run(["mkdir", "-p", "-m", "0700", GUEST_TLS])
+    for key, data in _secret_files(api, namespace, agent_secret).items():
+        dest = f"{GUEST_TLS}/{key}"
+        lab.run(["tee", dest], input=data.decode())
+        lab.run(["chmod", "0600", dest])
+    lab.start_agent("--tls-cert", f"{GUEST_TLS}/tls.crt", "--tls-key", f"{GUEST_TLS}/tls.key",
+                    "--tls-ca", f"{GUEST_TLS}/ca.crt", "--gc-interval", GC_INTERVAL)
+    lab.start_node()
+    with grpc.insecure_channel(lab.grpc_target("node")) as channel:
+        info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60)
+    return Storage(lab=lab, node_id=info.node_id)
+
+
+def stop(lab: Lab) -> None:
+    for name in ("node", "agent"):
+        lab.stop_service(name)
+    lab.run(["rm", "-rf", GUEST_TLS])
+

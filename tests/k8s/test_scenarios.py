@@ -1,0 +1,367 @@
+"""zvolt driven by the real callers: a real control plane (scheduler, attach-detach and PV
+controllers, snapshot-controller), the chart installed with Helm, its controller Deployment's
+containers run with their own ServiceAccount tokens (zvolt-csi and the kubernetes-csi
+sidecars), and the agent and node plugin on the real kernel stack in the lab guest.
+
+Every scenario asserts its end state in Kubernetes and in ZFS/configfs, and prints the time it
+took to reach it. The kubelets are stand-ins (tests/k8s/nodes.py) until the lab runs real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import helm_python
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from kubectl_zvolt import cli as kubectl_zvolt
+from lab.guest import Lab
+
+from . import storage
+from .chartpod import CHART, Chart, LocalPod, local_pod, project_commands, run_container
+from .controlplane import ControlPlane, Say
+from .nodes import Kubelets, NodeSpec
+from .procs import Process, wait_for
+
+pytestmark = pytest.mark.k8s
+
+T = TypeVar("T")
+GiB = 1 << 30
+WORKER = "worker-0"
+STORAGE_LABEL = {"zvolt.io/storage-node": "true"}
+IMMEDIATE = "zvolt-immediate"  # the chart's zvolt class, but bound at once (no consumer needed)
+SNAPSHOTS = ("snapshot.storage.k8s.io", "v1")
+TIMEOUT = 240.0  # TCG: every ZFS/nvmet step is 10-50x slower than on hardware
+
+
+@dataclass
+class Zvolt:
+    cp: ControlPlane
+    chart: Chart
+    storage: storage.Storage
+    kubelets: Kubelets
+    pod: LocalPod
+    procs: list[Process]
+    say: Say
+
+    @property
+    def core(self) -> Any:
+        return client.CoreV1Api(self.cp.api)
+
+    @property
+    def snaps(self) -> Any:
+        return client.CustomObjectsApi(self.cp.api)
+
+    def wait(self, what: str, check: Callable[[], T | None], timeout: float = TIMEOUT) -> T:
+        return wait_for(what, check, timeout, watch=self.procs, interval=0.5)
+
+
+def _agent_pod(cp: ControlPlane, namespace: str, daemonset: str) -> str | None:
+    ds = client.AppsV1Api(cp.api).read_namespaced_daemon_set(daemonset, namespace)
+    selector = ",".join(f"{k}={v}" for k, v in sorted(ds.spec.selector.match_labels.items()))
+    for pod in client.CoreV1Api(cp.api).list_namespaced_pod(namespace, label_selector=selector).items:
+        if pod.spec.node_name == storage.STORAGE_NODE and pod.metadata.deletion_timestamp is None:
+            return str(pod.metadata.name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def zvolt(cluster: ControlPlane, zvolt_chart: Chart, lab: Lab, say: Say) -> Iterator[Zvolt]:
+    t0 = time.monotonic()
+    # The controller reaches an agent at <agent pod IP>:<agent.port>. The agent pod runs on the
+    # host network of its node, whose address here is 127.0.0.1, where the lab forwards a port
+    # to the agent in the guest: point the chart at that port, as a user would with helm upgrade.
+    with helm_python.Config(kubeconfig_path=cluster.admin_kubeconfig, namespace=zvolt_chart.namespace) as cfg:
+        cfg.upgrade(CHART, zvolt_chart.release, {"agent": {"port": lab.forwards["agent"]}},
+                    namespace=zvolt_chart.namespace, reuse_values=True, timeout=120)
+    fullname = zvolt_chart.controller.removesuffix("-controller")
+    store = storage.start(lab, cluster.api, zvolt_chart.namespace, f"{fullname}-agent-tls")
+    kubelets = Kubelets(cluster.api)
+    procs: list[Process] = []
+    try:
+        kubelets.register(NodeSpec(storage.STORAGE_NODE, labels=STORAGE_LABEL))
+        kubelets.register(NodeSpec(WORKER, csi_node_id=store.node_id))
+        agent_pod = wait_for("the agent DaemonSet's pod on the storage node",
+                             lambda: _agent_pod(cluster, zvolt_chart.namespace, f"{fullname}-agent"), 120)
+        kubelets.mark_running(zvolt_chart.namespace, agent_pod, "127.0.0.1")
+        pod = local_pod(cluster, zvolt_chart.namespace, zvolt_chart.controller, commands=project_commands())
+        procs = [run_container(cluster, pod, name) for name in pod.containers]
+        client.StorageV1Api(cluster.api).create_storage_class(client.V1StorageClass(
+            metadata=client.V1ObjectMeta(name=IMMEDIATE), provisioner="csi.zvolt.io",
+            parameters={"volblocksize": "16K", "compression": "lz4", "thin": "true",
+                        "csi.storage.k8s.io/fstype": "ext4"},
+            reclaim_policy="Delete", allow_volume_expansion=True, volume_binding_mode="Immediate"))
+        env = Zvolt(cluster, zvolt_chart, store, kubelets, pod, procs, say)
+        say(f"k8s: zvolt up (helm upgrade, agent + node plugin in the lab, stand-in nodes, "
+            f"{len(procs)} controller containers) in {time.monotonic() - t0:.1f} s")
+        yield env
+    finally:
+        cluster.procs.stop(procs)
+        kubelets.close()
+        storage.stop(lab)
+
+
+@pytest.fixture
+def ns(zvolt: Zvolt) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    zvolt.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    with contextlib.suppress(ApiException):
+        zvolt.core.delete_namespace(name)
+
+
+# --- object helpers ------------------------------------------------------------------
+
+def pvc(name: str, size: str = "1Gi", sc: str = IMMEDIATE, source: dict[str, str] | None = None) -> Any:
+    spec = client.V1PersistentVolumeClaimSpec(
+        access_modes=["ReadWriteOnce"], storage_class_name=sc,
+        resources=client.V1VolumeResourceRequirements(requests={"storage": size}))
+    if source:
+        spec.data_source = client.V1TypedLocalObjectReference(
+            api_group=SNAPSHOTS[0] if source["kind"] == "VolumeSnapshot" else None,
+            kind=source["kind"], name=source["name"])
+    return client.V1PersistentVolumeClaim(metadata=client.V1ObjectMeta(name=name), spec=spec)
+
+
+def consumer(name: str, claim: str) -> Any:
+    """A pod that uses the claim: only scheduling and attach matter here (no kubelet runs it)."""
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            containers=[client.V1Container(name="db", image="zvolt.invalid/postgres")],
+            volumes=[client.V1Volume(name="data", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+                claim_name=claim))],
+        ),
+    )
+
+
+def scheduled_on(z: Zvolt, ns: str, pod: str) -> str:
+    """The node the scheduler bound the pod to (after the volume binding it waits for)."""
+    node: str = z.wait(f"pod {ns}/{pod} scheduled", lambda: z.core.read_namespaced_pod(pod, ns).spec.node_name)
+    return node
+
+
+def bound_pv(z: Zvolt, ns: str, claim: str) -> Any:
+    def check() -> Any:
+        c = z.core.read_namespaced_persistent_volume_claim(claim, ns)
+        return c if c.status.phase == "Bound" else None
+    c = z.wait(f"PVC {ns}/{claim} Bound", check)
+    return z.core.read_persistent_volume(c.spec.volume_name)
+
+
+def gone(read: Callable[[], Any]) -> bool | None:
+    try:
+        read()
+    except ApiException as err:
+        if err.status == 404:
+            return True
+        raise
+    return None
+
+
+def pv_gone(z: Zvolt, name: str) -> bool | None:
+    return gone(lambda: z.core.read_persistent_volume(name))
+
+
+def snapshot(name: str, source: str) -> dict[str, Any]:
+    return {"apiVersion": "/".join(SNAPSHOTS), "kind": "VolumeSnapshot", "metadata": {"name": name},
+            "spec": {"volumeSnapshotClassName": "zvolt", "source": {"persistentVolumeClaimName": source}}}
+
+
+def ready_snapshot(z: Zvolt, ns: str, name: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        vs = z.snaps.get_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", name)
+        status = vs.get("status") or {}
+        if status.get("error"):
+            raise AssertionError(f"VolumeSnapshot {name}: {status['error']}")
+        return vs if status.get("readyToUse") else None
+    result: dict[str, Any] = z.wait(f"VolumeSnapshot {ns}/{name} readyToUse", check)
+    return result
+
+
+def events(z: Zvolt, ns: str, name: str) -> list[str]:
+    items = z.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    return [f"{e.reason}: {e.message}" for e in items]
+
+
+def attachment(z: Zvolt, pv: str) -> Any:
+    for va in client.StorageV1Api(z.cp.api).list_volume_attachment().items:
+        if va.spec.source.persistent_volume_name == pv and va.spec.node_name == WORKER:
+            return va
+    return None
+
+
+def attached(z: Zvolt, pv: str) -> Any:
+    va = attachment(z, pv)
+    return va if va is not None and va.status is not None and va.status.attached else None
+
+
+# --- scenarios -----------------------------------------------------------------------
+
+def test_wait_for_first_consumer_pvc_schedules_binds_attaches_and_detaches(zvolt: Zvolt, ns: str) -> None:
+    """PVC of the chart's zvolt-postgres class + a Pod: the scheduler picks the worker from
+    CSIStorageCapacity and topology, the provisioner creates the zvol there, the attach-detach
+    controller's VolumeAttachment becomes a ControllerPublish to the worker's host NQN."""
+    z, t0 = zvolt, time.monotonic()
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("pgdata", sc="zvolt-postgres"))
+    z.core.create_namespaced_pod(ns, consumer("db-0", "pgdata"))
+    pv = bound_pv(z, ns, "pgdata")
+    t_bound = time.monotonic() - t0
+    assert scheduled_on(z, ns, "db-0") == WORKER
+    capacities = client.StorageV1Api(z.cp.api).list_namespaced_csi_storage_capacity(z.chart.namespace).items
+    assert any(c.storage_class_name == "zvolt-postgres" and c.capacity for c in capacities)
+    handle = pv.spec.csi.volume_handle
+    ds = z.storage.zvol(handle)
+    assert z.storage.prop(ds, "volblocksize") == "8192"
+    assert int(z.storage.prop(ds, "volsize")) == GiB
+    assert z.storage.prop(ds, "zvolt:label:pvc-name") == "pgdata"
+    va = z.wait("VolumeAttachment attached", lambda: attached(z, pv.metadata.name))
+    assert va.status.attachment_metadata.get("nqn"), va.status.attachment_metadata
+    assert z.storage.allowed_hosts(handle) == [z.storage.node_id]
+    t_attached = time.monotonic() - t0
+    z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
+    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
+    z.wait("subsystem removed on detach", lambda: None if z.storage.allowed_hosts(handle) else True)
+    t_detached = time.monotonic() - t0
+    z.core.delete_namespaced_persistent_volume_claim("pgdata", ns)
+    z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    z.wait("zvol destroyed", lambda: None if ds in z.storage.datasets() else True)
+    z.say(f"k8s scenario WaitForFirstConsumer: Bound {t_bound:.1f} s, attached {t_attached:.1f} s, "
+          f"detached {t_detached:.1f} s, deleted {time.monotonic() - t0:.1f} s")
+
+
+def test_unusable_class_says_why_on_the_pvc(zvolt: Zvolt, ns: str) -> None:
+    z = zvolt
+    client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=f"typo-{ns}"), provisioner="csi.zvolt.io",
+        parameters={"volblocksise": "8K"}, volume_binding_mode="WaitForFirstConsumer"))
+    try:
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("typo", sc=f"typo-{ns}"))
+        z.core.create_namespaced_pod(ns, consumer("db-typo", "typo"))
+        found = z.wait("an event naming the bad parameter", lambda: [
+            e for e in events(z, ns, "typo") if "unknown StorageClass parameter 'volblocksise'" in e] or None)
+        assert found[0].startswith("ProvisioningFailed"), found
+        # The scheduler chose the worker (capacity was published for the class), so the user
+        # reads this reason instead of the scheduler's "did not have enough free storage".
+        claim = z.core.read_namespaced_persistent_volume_claim("typo", ns)
+        assert claim.metadata.annotations.get("volume.kubernetes.io/selected-node") == WORKER
+    finally:
+        z.core.delete_namespaced_pod("db-typo", ns, grace_period_seconds=0)
+        client.StorageV1Api(z.cp.api).delete_storage_class(f"typo-{ns}")
+
+
+def test_snapshot_restore_clone_expand_and_delete_in_any_order(zvolt: Zvolt, ns: str) -> None:
+    z, t0 = zvolt, time.monotonic()
+    times: dict[str, float] = {}
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("src"))
+    src = bound_pv(z, ns, "src")
+    times["src Bound"] = time.monotonic() - t0
+    src_ds = z.storage.zvol(src.spec.csi.volume_handle)
+
+    z.snaps.create_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", snapshot("snap", "src"))
+    vs = ready_snapshot(z, ns, "snap")
+    times["snapshot readyToUse"] = time.monotonic() - t0
+    assert vs["status"]["restoreSize"] in ("1Gi", str(GiB))
+    content = z.snaps.get_cluster_custom_object(*SNAPSHOTS, "volumesnapshotcontents",
+                                                vs["status"]["boundVolumeSnapshotContentName"])
+    snap_handle = content["status"]["snapshotHandle"]
+    snap_ds = f"{src_ds}@{snap_handle.partition('@')[2]}"
+    assert snap_ds in z.storage.datasets()
+    assert z.storage.prop(snap_ds, "zvolt:label:snapshot-name") == "snap"
+
+    z.core.create_namespaced_persistent_volume_claim(
+        ns, pvc("restored", source={"kind": "VolumeSnapshot", "name": "snap"}))
+    z.core.create_namespaced_persistent_volume_claim(
+        ns, pvc("branch", source={"kind": "PersistentVolumeClaim", "name": "src"}))
+    restored, branch = bound_pv(z, ns, "restored"), bound_pv(z, ns, "branch")
+    times["restore + branch Bound"] = time.monotonic() - t0
+    assert z.storage.prop(z.storage.zvol(restored.spec.csi.volume_handle), "origin") == snap_ds
+    assert z.storage.prop(z.storage.zvol(branch.spec.csi.volume_handle), "origin").startswith(src_ds + "@")
+
+    z.core.patch_namespaced_persistent_volume_claim(
+        "src", ns, {"spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+    z.wait("PV grown to 2Gi", lambda: z.core.read_persistent_volume(src.metadata.name).spec.capacity["storage"]
+           in ("2Gi", str(2 * GiB)) or None)
+    assert int(z.storage.prop(src_ds, "volsize")) == 2 * GiB
+    times["expanded"] = time.monotonic() - t0
+
+    # Delete in any order: the snapshot before its restore, the parent before its branches.
+    zvols = [z.storage.zvol(pv.spec.csi.volume_handle) for pv in (src, restored, branch)]
+    family = {d for d in z.storage.datasets() if d.partition("@")[0] in zvols}
+    assert len(family) >= 5, family  # 3 zvols, the snapshot, the branch's hidden snapshot
+    z.snaps.delete_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", "snap")
+    z.core.delete_namespaced_persistent_volume_claim("src", ns)
+    z.wait("snapshot content deleted", lambda: gone(lambda: z.snaps.get_cluster_custom_object(
+        *SNAPSHOTS, "volumesnapshotcontents", content["metadata"]["name"])))
+    z.wait("source PV deleted", partial(pv_gone, z, src.metadata.name))
+    # The branches still read their data: their zvols are untouched.
+    for pv in (restored, branch):
+        assert z.storage.zvol(pv.spec.csi.volume_handle) in z.storage.datasets()
+    for claim in ("restored", "branch"):
+        z.core.delete_namespaced_persistent_volume_claim(claim, ns)
+    for pv in (restored, branch):
+        z.wait(f"PV {pv.metadata.name} deleted", partial(pv_gone, z, pv.metadata.name))
+    # The source was moved to the trash while branches lived; ZFS and the agent's GC finish.
+    src_trash = f"{z.storage.lab.pool}/zvolt/trash/{src_ds.rpartition('/')[2]}-"
+    z.wait("every zvol and snapshot of the family destroyed, trash included",
+           lambda: None if any(d in family or d.startswith(src_trash) for d in z.storage.datasets()) else True)
+    times["all deleted"] = time.monotonic() - t0
+    z.say("k8s scenario snapshot/restore/branch/expand/delete: " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+
+def test_thin_branch_of_a_volume_bigger_than_the_free_space_schedules(zvolt: Zvolt, ns: str) -> None:
+    z, t0 = zvolt, time.monotonic()
+    free = int(z.storage.prop(f"{z.storage.lab.pool}/zvolt", "available"))
+    big = f"{(free // GiB) * 4}Gi"  # four times the pool's free space: thin, so it costs nothing yet
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("big", size=big))
+    big_pv = bound_pv(z, ns, "big")
+    z.core.create_namespaced_persistent_volume_claim(
+        ns, pvc("big-branch", size=big, sc="zvolt", source={"kind": "PersistentVolumeClaim", "name": "big"}))
+    z.core.create_namespaced_pod(ns, consumer("db-branch", "big-branch"))
+    branch_pv = bound_pv(z, ns, "big-branch")
+    assert scheduled_on(z, ns, "db-branch") == WORKER
+    z.say(f"k8s scenario thin branch of {big} on a pool with {free / GiB:.1f} GiB free: Bound in "
+          f"{time.monotonic() - t0:.1f} s")
+    z.core.delete_namespaced_pod("db-branch", ns, grace_period_seconds=0)
+    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, branch_pv.metadata.name) else True)
+    for claim, pv in (("big", big_pv), ("big-branch", branch_pv)):
+        z.core.delete_namespaced_persistent_volume_claim(claim, ns)
+        z.wait(f"PV of {claim} deleted", partial(pv_gone, z, pv.metadata.name))
+
+
+def kz(z: Zvolt, ns: str, *argv: str) -> str:
+    out = io.StringIO()
+    code = kubectl_zvolt.run(["--kubeconfig", str(z.cp.admin_kubeconfig), "-n", ns, *argv], out=out)
+    assert code == 0, out.getvalue()
+    return out.getvalue()
+
+
+def test_kubectl_zvolt_against_the_api_server(zvolt: Zvolt, ns: str) -> None:
+    z, t0 = zvolt, time.monotonic()
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("db"))
+    bound_pv(z, ns, "db")
+    assert "volumesnapshot/nightly readytouse" in kz(z, ns, "snapshot", "db", "nightly", "--wait", "--timeout", "240")
+    assert "persistentvolumeclaim/db-restored bound" in kz(z, ns, "restore", "nightly", "db-restored", "--wait",
+                                                            "--timeout", "240")
+    assert "persistentvolumeclaim/db-branch bound" in kz(z, ns, "branch", "db", "db-branch", "--wait",
+                                                          "--timeout", "240")
+    listing = json.loads(kz(z, ns, "ls", "-o", "json"))
+    assert {v["name"] for v in listing["volumes"]} == {"db", "db-restored", "db-branch"}
+    assert [s["name"] for s in listing["snapshots"]] == ["nightly"]
+    trees = json.loads(kz(z, ns, "tree", "-o", "json"))["trees"]
+    assert [t["name"] for t in trees] == ["db"], trees
+    for ref in ("snapshot/nightly", "pvc/db", "pvc/db-restored", "pvc/db-branch"):
+        kz(z, ns, "delete", ref)
+    z.wait("every PVC gone", lambda: None if z.core.list_namespaced_persistent_volume_claim(ns).items else True)
+    z.say(f"k8s scenario kubectl zvolt snapshot/restore/branch/ls/tree/delete: {time.monotonic() - t0:.1f} s")
