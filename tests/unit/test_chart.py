@@ -205,12 +205,13 @@ def test_controller_deployment(default_docs: list[Obj]) -> None:
             assert "--csi-address=$(ADDRESS)" in c["args"]
             assert {"name": "ADDRESS", "value": "/csi/csi.sock"} in c["env"]
     prov = container(spec, "csi-provisioner")
-    for flag in ("--feature-gates=Topology=true", "--enable-capacity", "--capacity-ownerref-level=2",
-                 "--extra-create-metadata"):
+    for flag in ("--enable-capacity", "--capacity-ownerref-level=2", "--extra-create-metadata"):
         assert flag in prov["args"]
+    # Topology is GA and on by default; a provisioner that drops the gate would refuse the flag.
+    assert not any(a.startswith("--feature-gates") for a in prov["args"])
     env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in prov["env"]}
     assert env["NAMESPACE"] == "metadata.namespace" and env["POD_NAME"] == "metadata.name"
-    assert "--health-port=9808" in container(spec, "liveness-probe")["args"]
+    assert "--http-endpoint=:9808" in container(spec, "liveness-probe")["args"]  # --health-port is deprecated
 
     zc = container(spec, "zvolt-controller")
     assert zc["command"] == ["zvolt-csi"]
@@ -261,7 +262,7 @@ def test_node_daemonset(default_docs: list[Obj]) -> None:
     assert reg["image"] == "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.17.0"
     assert "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.zvolt.io/csi.sock" in reg["args"]
     assert mounts(reg)["/registration"]["name"] == "registration-dir"
-    assert "--health-port=9809" in container(spec, "liveness-probe")["args"]
+    assert "--http-endpoint=:9809" in container(spec, "liveness-probe")["args"]
 
 
 def test_kubelet_dir_moves_every_path(tmp_path: Path) -> None:
