@@ -24,6 +24,30 @@ NODE = "storage-0"
 T = 120  # generous per-RPC deadline: everything is 10-50x slower under TCG
 
 
+def report(scenario: str, outcome: str) -> None:
+    print(f"\nFAULT {scenario}: {outcome}", flush=True)
+
+
+# A reboot as configfs sees it: every nvmet object gone (run by the guest's python).
+WIPE = """
+from agent import nvmet
+root = nvmet.Root()
+for sub in root.subsystems():
+    sub.delete()
+for port in root.ports():
+    port.delete()
+for host in root.hosts():
+    host.delete()
+print(len(list(root.subsystems())), len(list(root.ports())), len(list(root.hosts())))
+"""
+
+LINKED = """
+from agent import nvmet
+for port in nvmet.Root().ports():
+    print(*port.subsystems())
+"""
+
+
 def uniq(prefix: str) -> str:
     return f"lab-{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -492,3 +516,49 @@ def test_rebuild_index_from_zfs(env: Env) -> None:
     env.delete(clone.id)
     _no_leak(env, clone.id)
     _no_leak(env, base.id)
+
+
+def test_one_broken_published_volume_does_not_keep_the_node_offline(env: Env) -> None:
+    """Simulated reboot (agent SIGKILLed, nvmet configfs wiped) with one published zvol renamed
+    away behind the agent's back: the agent turns ready with the other exports restored and
+    linked, reports the broken one as abnormal, and restores it once the zvol is back."""
+    lab: Any = env.lab
+    host = host_nqn()
+    vols = [env.create(uniq(f"rs{i}"), 64 * 1024 * 1024) for i in range(3)]
+    pubs = [env.publish(v.id, host) for v in vols]
+    bad, aside = vols[1], f"{PARENT}/aside-{vols[1].id}"
+    try:
+        lab.stop_service("agent", kill=True)
+        assert lab.py(WIPE).stdout.split() == ["0", "0", "0"]
+        lab.run(["zfs", "rename", vds(bad.id), aside])
+        start = time.monotonic()
+        # A short device wait and retry tick, so the broken volume costs seconds here.
+        env.restart("--device-timeout", "5", "--gc-interval", "3")
+        wait_ready(env.stub)
+        ready_s = time.monotonic() - start
+        good = [p.nqn for v, p in zip(vols, pubs, strict=True) if v.id != bad.id]
+        assert set(good) <= set(env.subsystems())
+        for nqn in good:
+            assert env.allowed(nqn) == [host]
+        linked = lab.py(LINKED).stdout.split()
+        assert set(good) <= set(linked), linked
+        broken = env.get(bad.id)
+        assert broken.condition == pb.VOLUME_CONDITION_ABNORMAL
+        assert broken.condition_message == f"dataset {vds(bad.id)} is missing in ZFS", broken.condition_message
+        lab.run(["zfs", "rename", aside, vds(bad.id)])
+        deadline = time.monotonic() + 120
+        while env.get(bad.id).condition != pb.VOLUME_CONDITION_HEALTHY and time.monotonic() < deadline:
+            time.sleep(1)
+        assert env.get(bad.id).condition == pb.VOLUME_CONDITION_HEALTHY
+        healed_s = time.monotonic() - start
+    finally:
+        if lab.run(["zfs", "list", aside], check=False).returncode == 0:
+            lab.run(["zfs", "rename", aside, vds(bad.id)])
+        env.restart()  # the module's other tests expect the default flags
+        wait_ready(env.stub)
+    for v in vols:
+        env.unpublish(v.id, host)
+        env.delete(v.id)
+    report("one broken published volume at start-up",
+           f"ready after {ready_s:.1f}s with the 2 other exports restored and linked; the broken one abnormal, "
+           f"restored {healed_s - ready_s:.1f}s after its zvol came back")

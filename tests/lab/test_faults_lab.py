@@ -25,10 +25,12 @@ from test_agent_lab import (  # type: ignore[import-not-found]
     CONFIGFS,
     NODE,
     PARENT,
+    WIPE,
     Env,
     MiB,
     ctrl_state,
     host_nqn,
+    report,
     uniq,
     vds,
     wait_ready,
@@ -41,10 +43,6 @@ from zvolt.pb import csi_pb2
 
 pytestmark = [pytest.mark.lab, pytest.mark.faults]
 T = 180
-
-
-def report(scenario: str, outcome: str) -> None:
-    print(f"\nFAULT {scenario}: {outcome}", flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -192,17 +190,7 @@ def root_link(env: Env, up: bool) -> None:
 
 # -- storage node reboot ----------------------------------------------------------------------
 
-WIPE = """
-from agent import nvmet
-root = nvmet.Root()
-for sub in root.subsystems():
-    sub.delete()
-for port in root.ports():
-    port.delete()
-for host in root.hosts():
-    host.delete()
-print(len(list(root.subsystems())), len(list(root.ports())), len(list(root.hosts())))
-"""
+
 
 
 def restart_until_restored(env: Env, pubs: list[Any], host: str) -> float:

@@ -158,27 +158,6 @@ def test_crash_during_expand_finishes_the_grow(paths: tuple[str, str]) -> None:
     assert node.zfs.ds[vol.dataset].props["refreservation"] == str(2 * GiB)
 
 
-def test_restart_after_reboot_restores_every_export_before_ready(paths: tuple[str, str]) -> None:
-    state, cfs = paths
-    node = make_node(state, cfs)
-    vols = [node.volumes.create_volume(VolumeSpec(name=f"r{i}", size=GiB)) for i in range(4)]
-    for v in vols[:3]:
-        node.volumes.publish(v.id, HOST)
-    before = node.root.dump()
-    # Reboot: configfs is empty and zvols whose volmode was dev come back as devices.
-    for sub in list(node.root.subsystems()):
-        sub.delete()
-    for port in list(node.root.ports()):
-        port.delete()
-    for host in list(node.root.hosts()):
-        host.delete()
-    node = node.restart(state)
-    assert node.readiness.ready
-    assert node.root.dump() == before
-    for v in vols:
-        assert node.volumes.get_volume(v.id).healthy
-
-
 def _reboot_configfs(node: FakeNode) -> None:
     """What a reboot leaves: configfs empty (zvols whose volmode was dev come back as devices)."""
     for sub in list(node.root.subsystems()):
@@ -187,6 +166,21 @@ def _reboot_configfs(node: FakeNode) -> None:
         port.delete()
     for host in list(node.root.hosts()):
         host.delete()
+
+
+def test_restart_after_reboot_restores_every_export_before_ready(paths: tuple[str, str]) -> None:
+    state, cfs = paths
+    node = make_node(state, cfs)
+    vols = [node.volumes.create_volume(VolumeSpec(name=f"r{i}", size=GiB)) for i in range(4)]
+    for v in vols[:3]:
+        node.volumes.publish(v.id, HOST)
+    before = node.root.dump()
+    _reboot_configfs(node)
+    node = node.restart(state)
+    assert node.readiness.ready
+    assert node.root.dump() == before
+    for v in vols:
+        assert node.volumes.get_volume(v.id).healthy
 
 
 def test_one_bad_volume_does_not_keep_the_others_offline(paths: tuple[str, str]) -> None:

@@ -19,7 +19,7 @@ from csi.server import Services, build_server
 from zvolt.pb import csi_pb2_grpc
 from zvolt.rpc import parse_endpoint
 
-from .support import NODE_A, ControllerEnv, NodeEnv, start_controller
+from .support import NODE_A, ControllerEnv, NodeEnv, start_controller, stop_controller
 
 
 @pytest.fixture
@@ -30,11 +30,7 @@ def ctl(sockdir: str) -> Iterator[ControllerEnv]:
     }
     server, agent_servers, channel, pool, target = start_controller(sockdir, agents)
     yield ControllerEnv(csi_pb2_grpc.ControllerStub(channel), csi_pb2_grpc.IdentityStub(channel), agents, pool, target)
-    channel.close()
-    server.stop(None)
-    pool.close()
-    for s in agent_servers:
-        s.stop(None)
+    stop_controller(server, agent_servers, channel, pool)
 
 
 @pytest.fixture

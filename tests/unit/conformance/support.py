@@ -75,6 +75,14 @@ def start_controller(
     return server, servers, channel, pool, target
 
 
+def stop_controller(server: Any, agent_servers: list[Any], channel: grpc.Channel, pool: AgentPool) -> None:
+    channel.close()
+    server.stop(None)
+    pool.close()
+    for s in agent_servers:
+        s.stop(None)
+
+
 @dataclass
 class NodeEnv:
     node: csi_pb2_grpc.NodeStub

@@ -15,7 +15,16 @@ from csi.fakes import FakeAgent, GiB
 from zvolt.errors import ZvoltError
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
-from .support import NODE_A, NODE_B, ControllerEnv, block_cap, code_of, mount_cap, start_controller
+from .support import (
+    NODE_A,
+    NODE_B,
+    ControllerEnv,
+    block_cap,
+    code_of,
+    mount_cap,
+    start_controller,
+    stop_controller,
+)
 
 Mode = csi_pb2.VolumeCapability.AccessMode
 RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -217,11 +226,7 @@ def test_placement_honours_topology(sockdir: str) -> None:
         )
         assert cap.available_capacity == 10 * GiB
     finally:
-        channel.close()
-        server.stop(None)
-        pool.close()
-        for s in agent_servers:
-            s.stop(None)
+        stop_controller(server, agent_servers, channel, pool)
 
 
 def test_concurrent_create_of_one_name_is_aborted(ctl: ControllerEnv) -> None:
@@ -332,11 +337,7 @@ def test_create_volume_waits_while_a_storage_node_cannot_answer(sockdir: str) ->
         assert err.value.code() == C.UNAVAILABLE and "storage-1" in (err.value.details() or "")
         assert not agents["storage-0"].state.volumes
     finally:
-        channel.close()
-        server.stop(None)
-        pool.close()
-        for s in agent_servers:
-            s.stop(None)
+        stop_controller(server, agent_servers, channel, pool)
 
 
 def test_clone_from_unknown_volume_is_not_found(ctl: ControllerEnv) -> None:

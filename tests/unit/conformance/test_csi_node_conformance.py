@@ -11,6 +11,7 @@ import pytest
 
 from csi import TOPOLOGY_ZONE_KEY
 from csi.fakes import GiB
+from csi.identity import IdentityService, plugin_capabilities
 from zvolt.names import subsystem_nqn
 from zvolt.pb import csi_pb2
 
@@ -68,10 +69,20 @@ def test_node_info_and_capabilities(env: NodeEnv) -> None:
         NodeRPC.VOLUME_CONDITION,
         NodeRPC.SINGLE_NODE_MULTI_WRITER,
     }
+    assert env.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+
+
+def test_node_plugin_reports_the_same_plugin_capabilities_as_the_controller(env: NodeEnv) -> None:
+    # CSI: all instances of one plugin version return the same set, so the node plugin names the
+    # controller service too (csi-sanity's node specs skip publish/stage when it is missing).
     plugin = env.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest()).capabilities
     S = csi_pb2.PluginCapability.Service
-    assert S.CONTROLLER_SERVICE not in {c.service.type for c in plugin if c.HasField("service")}
-    assert env.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    assert S.CONTROLLER_SERVICE in {c.service.type for c in plugin if c.HasField("service")}
+    assert list(plugin) == plugin_capabilities()
+    controller = IdentityService(controller=True, ready=lambda: True).GetPluginCapabilities(
+        csi_pb2.GetPluginCapabilitiesRequest(), None
+    )
+    assert list(plugin) == list(controller.capabilities)
 
 
 def test_stage_connects_with_own_identity_formats_once_and_mounts(env: NodeEnv) -> None:
@@ -293,3 +304,35 @@ def test_concurrent_stage_of_one_volume_is_aborted(env: NodeEnv) -> None:
         gate.set()
         first.result(10)
     assert len(env.nvme.connects) == 1
+
+
+# csi-sanity v5.4.0 "NodeGetVolumeStats/NodeExpandVolume should fail when volume is not found" and
+# "... when volume does not exist on the specified path": a path the volume is not at, relative
+# ("some/path") or absent, is NOT_FOUND; only a missing field is INVALID_ARGUMENT.
+@pytest.mark.parametrize("path", ["some/path", "relative", "/does/not/exist"])
+@pytest.mark.parametrize("volume_id", [VOL, "storage-0/vnothere", "fake-vol-id-0123456789"])
+def test_stats_and_expand_where_the_volume_is_not_are_not_found(env: NodeEnv, volume_id: str, path: str) -> None:
+    stage(env)
+    publish(env)
+    S = csi_pb2.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path)
+    assert code_of(env.node.NodeGetVolumeStats, S) == C.NOT_FOUND
+    E = csi_pb2.NodeExpandVolumeRequest(
+        volume_id=volume_id, volume_path=path, capacity_range=csi_pb2.CapacityRange(required_bytes=GiB)
+    )
+    assert code_of(env.node.NodeExpandVolume, E) == C.NOT_FOUND
+    assert env.nvme.rescans == [] and env.mounter.grow_calls == []
+
+
+def test_stats_and_expand_still_refuse_missing_fields_and_bad_values(env: NodeEnv) -> None:
+    _, target = paths(env)
+    S = csi_pb2.NodeGetVolumeStatsRequest
+    assert code_of(env.node.NodeGetVolumeStats, S(volume_path="some/path")) == C.INVALID_ARGUMENT
+    assert code_of(env.node.NodeGetVolumeStats, S(volume_id="fake-vol-id-0123456789")) == C.INVALID_ARGUMENT
+    E = csi_pb2.NodeExpandVolumeRequest
+    assert code_of(env.node.NodeExpandVolume, E(volume_path=target, volume_capability=mount_cap())) == (
+        C.INVALID_ARGUMENT
+    )
+    assert code_of(env.node.NodeExpandVolume, E(volume_id=VOL, volume_capability=mount_cap())) == C.INVALID_ARGUMENT
+    negative = E(volume_id=VOL, volume_path="some/path", capacity_range=csi_pb2.CapacityRange(required_bytes=-1))
+    assert code_of(env.node.NodeExpandVolume, negative) == C.INVALID_ARGUMENT
+    assert code_of(env.node.NodeGetVolumeStats, S(volume_id=VOL, volume_path="/a\x00b")) == C.INVALID_ARGUMENT
