@@ -15,17 +15,20 @@ Service = csi_pb2.PluginCapability.Service
 Expansion = csi_pb2.PluginCapability.VolumeExpansion
 
 
-def plugin_capabilities(controller: bool) -> list[csi_pb2.PluginCapability]:
-    caps = [
+def plugin_capabilities() -> list[csi_pb2.PluginCapability]:
+    """The plugin's capabilities: the same from every instance, whatever its --mode (the CSI spec:
+    all instances of one plugin version return the same set; a CO may ask either of them)."""
+    return [
+        csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
         csi_pb2.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
         csi_pb2.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)),
     ]
-    if controller:
-        caps.insert(0, csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)))
-    return caps
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
+    """`controller` only names this instance's mode in GetPluginInfo's manifest; readiness is the
+    instance's own; the capabilities are the plugin's, the same in both modes."""
+
     def __init__(self, controller: bool, ready: Callable[[], bool]) -> None:
         self.controller = controller
         self.ready = ready
@@ -40,7 +43,7 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
     def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> Any:
-        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=plugin_capabilities(self.controller))
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=plugin_capabilities())
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> Any:
         resp = csi_pb2.ProbeResponse()

@@ -40,6 +40,20 @@ def _path(value: str, what: str) -> str:
     return os.path.normpath(value)
 
 
+def _path_of_volume(value: str, what: str, volume_id: str) -> str:
+    """A path where the CO says the volume is (stats, expand). Only an absent field is invalid:
+    a path the volume cannot be at (relative, or not there) means the volume does not exist at
+    that path, which the spec answers with NOT_FOUND."""
+    if not value:
+        raise invalid(f"{what} is required")
+    if "\x00" in value or "\n" in value:
+        raise invalid(f"{what} {value!r} contains control characters")
+    path = os.path.normpath(value)
+    if not value.startswith("/") or not os.path.lexists(path):
+        raise not_found(f"volume {volume_id} does not exist at {value!r} on this node")
+    return path
+
+
 def _nqn_of(volume_id: str) -> str:
     try:
         node, local = split_volume_id(volume_id)
@@ -236,9 +250,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is required")
-        path = _path(request.volume_path, "volume_path")
+        if not request.volume_path:
+            raise invalid("volume_path is required")
         nqn = _nqn_of(request.volume_id)
-        if not os.path.lexists(path) or self.mounter.mount_info(path) is None:
+        path = _path_of_volume(request.volume_path, "volume_path", request.volume_id)
+        if self.mounter.mount_info(path) is None:
             raise not_found(f"volume {request.volume_id} is not published at {path}")
         usage: list[csi_pb2.VolumeUsage] = []
         if self.mounter.is_block_device(path):
@@ -266,16 +282,16 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is required")
-        path = _path(request.volume_path, "volume_path")
-        nqn = _nqn_of(request.volume_id)
+        if not request.volume_path:
+            raise invalid("volume_path is required")
         required = request.capacity_range.required_bytes if request.HasField("capacity_range") else 0
         limit = request.capacity_range.limit_bytes if request.HasField("capacity_range") else 0
         if required < 0 or limit < 0:
             raise invalid("capacity_range values must not be negative")
         if request.HasField("volume_capability"):
             volcaps.check_structure(request.volume_capability)
-        if not os.path.lexists(path):
-            raise not_found(f"volume path {path} does not exist")
+        nqn = _nqn_of(request.volume_id)
+        path = _path_of_volume(request.volume_path, "volume_path", request.volume_id)
         with self.locks.hold(request.volume_id):
             device = self.nvme.namespace_device(nqn)
             if device is None:
