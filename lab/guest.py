@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lab import ssh
 from lab.ssh import SshTarget
@@ -130,6 +132,27 @@ class Lab:
     ) -> subprocess.CompletedProcess[str]:
         """Python source run by the guest venv interpreter (stdin, so no quoting games)."""
         return self.run([self.python, "-"], netns=netns, timeout=timeout, check=check, input=code)
+
+    def put(self, local: Path, dest: str, *, mode: int = 0o644, timeout: float = 300) -> None:
+        """Copy a host file into the guest (ssh stdin into dd), set its mode, check its sha256 there."""
+        ssh.ensure_master(self.target)
+        cmd = ssh.copy_in_argv(self.target, dest, timeout=timeout)
+        what = ["put", str(local), dest]
+        try:
+            with local.open("rb") as src:
+                proc = subprocess.run(
+                    cmd, stdin=src, capture_output=True, timeout=timeout + ssh.HOST_GRACE, check=False
+                )
+        except subprocess.TimeoutExpired as exc:
+            raise GuestCommandError(what, None, f"copying {local} to the guest timed out after {timeout:.0f}s") from exc
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip()[-2000:]
+            raise GuestCommandError(what, None, f"copying {local} to guest {dest} failed ({proc.returncode}): {err}")
+        self.run(["chmod", format(mode, "o"), "--", dest], timeout=30)
+        want = hashlib.sha256(local.read_bytes()).hexdigest()
+        got = self.run(["sha256sum", "--", dest], timeout=120).stdout.split()
+        if not got or got[0] != want:
+            raise GuestCommandError(what, None, f"guest {dest} differs from {local} after the copy")
 
     # -- services -------------------------------------------------------------------------
     def start_service(self, name: str, argv: Sequence[str], *, netns: str | None = None) -> None:

@@ -77,6 +77,17 @@ def command_argv(
     return ["ssh", *target.options(), "-o", "ControlMaster=no", f"{target.user}@{target.host}", "--", remote]
 
 
+def check_guest_path(path: str) -> str:
+    if not path.startswith("/") or "\x00" in path or "\n" in path:
+        raise ValueError(f"guest path {path!r} must be absolute, without NUL or newline")
+    return path
+
+
+def copy_in_argv(target: SshTarget, dest: str, *, timeout: float | None = None) -> list[str]:
+    """ssh argv that writes its stdin to the guest file `dest` (dd: argv only, no remote shell)."""
+    return command_argv(target, ["dd", f"of={check_guest_path(dest)}", "bs=1M", "status=none"], timeout=timeout)
+
+
 def master_argv(target: SshTarget, persist: int = 120) -> list[str]:
     return [
         "ssh", *target.options(), "-o", "ControlMaster=yes", "-o", f"ControlPersist={persist}",

@@ -91,3 +91,31 @@ def test_grpc_target_is_loopback() -> None:
     assert make_lab().grpc_target("agent") == "127.0.0.1:5"
     with pytest.raises(KeyError):
         make_lab().grpc_target("nope")
+
+
+def test_put_streams_the_file_then_sets_mode_and_checks_the_digest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import hashlib
+
+    src = tmp_path / "bin"
+    src.write_bytes(b"\x7fELF static")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    calls: list[tuple[list[str], Any]] = []
+
+    def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+        stdin: Any = kw.get("stdin")
+        calls.append((argv, stdin.read() if hasattr(stdin, "read") else None))
+        out = f"{digest}  /g/bin\n" if "sha256sum" in argv[-1] else ""
+        return subprocess.CompletedProcess(argv, 0, out if kw.get("text") else b"", "" if kw.get("text") else b"")
+
+    monkeypatch.setattr(ssh, "ensure_master", lambda target: None)
+    monkeypatch.setattr(subprocess, "run", run)
+    make_lab().put(src, "/g/bin", mode=0o755)
+    (copy, data), (chmod, _), (check, _) = calls
+    assert data == b"\x7fELF static" and "dd of=/g/bin" in copy[-1]
+    assert chmod[-1].endswith("chmod 755 -- /g/bin") and check[-1].endswith("sha256sum -- /g/bin")
+    digest = "0" * 64
+    calls.clear()
+    with pytest.raises(GuestCommandError, match="differs"):
+        make_lab().put(src, "/g/bin")

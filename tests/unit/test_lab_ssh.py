@@ -57,3 +57,14 @@ def test_transport_errors_are_told_apart_from_command_exit_255() -> None:
     assert ssh.is_transport_error("ssh: connect to host 127.0.0.1 port 1: Connection refused\n")
     assert ssh.is_transport_error("kex_exchange_identification: read: Connection reset by peer\n")
     assert not ssh.is_transport_error("Failed to write to /dev/nvme-fabrics: Input/output error\n")
+
+
+def test_copy_in_is_dd_of_one_quoted_path() -> None:
+    words = remote_words(ssh.copy_in_argv(target(), "/tmp/d x/$(reboot);y", timeout=60))
+    assert words == ["timeout", "-k", "5", "60", "dd", "of=/tmp/d x/$(reboot);y", "bs=1M", "status=none"]
+
+
+@pytest.mark.parametrize("bad", ["rel/path", "", "/a\nb", "/a\x00b"])
+def test_copy_in_refuses_relative_or_control_paths(bad: str) -> None:
+    with pytest.raises(ValueError):
+        ssh.copy_in_argv(target(), bad)
