@@ -19,3 +19,10 @@ def write_private_json(path: str | Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # The rename lives in the directory: without this fsync a power cut can bring back the old
+    # file (or none) although the new one was reported written.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
