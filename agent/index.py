@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 1
+# Index version N -> the statements that bring it to N + 1, run in place in one transaction
+# each at start-up: an agent upgrade never falls back to rebuilding from a full pool listing.
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS volumes(
@@ -85,6 +88,10 @@ class Intent:
 
 class IndexCorrupt(Exception):
     pass
+
+
+class IndexTooNew(Exception):
+    """Written by a newer agent: not corrupt, and not ours to rebuild or to downgrade."""
 
 
 def _vol(row: tuple[object, ...]) -> VolumeRec:
@@ -168,17 +175,43 @@ class Index:
             # FULL: an intent must survive power loss, or a half-made dataset could be orphaned.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA cache_size=-4096")
+            found = self._schema_version()
+            if found is not None:
+                self._migrate(found)
             self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES('schema', ?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise IndexCorrupt(f"index schema {row[0]} is not {SCHEMA_VERSION}")
+            if found is None:
+                self._db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
             check = self._db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
                 raise IndexCorrupt(f"index failed its integrity check: {check}")
         except sqlite3.DatabaseError as exc:
             raise IndexCorrupt(f"index {self.path} is unreadable: {exc}") from exc
+
+    def _schema_version(self) -> int | None:
+        has_meta = self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() if has_meta else None
+        if row is None:
+            return None
+        if not str(row[0]).isdigit():
+            raise IndexCorrupt(f"index schema {row[0]!r} is not a version number")
+        return int(row[0])
+
+    def _migrate(self, found: int) -> None:
+        if found > SCHEMA_VERSION:
+            raise IndexTooNew(f"index {self.path} has schema {found}, newer than this agent's {SCHEMA_VERSION}: "
+                              "run the newer agent, or start with --rebuild-index to rebuild it from ZFS")
+        for version in range(found, SCHEMA_VERSION):
+            if version not in MIGRATIONS:
+                raise IndexCorrupt(f"no migration of index schema {version} to {version + 1}")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[version]:
+                    self._db.execute(statement)
+                self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version + 1),))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

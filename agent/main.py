@@ -26,7 +26,7 @@ from agent import nvmet
 from agent.dhchap import AuthConfig, HostKeys
 from agent.exports import ExportConfig, Exports
 from agent.failpoints import FailpointZfs
-from agent.index import Index, IndexCorrupt
+from agent.index import Index, IndexCorrupt, IndexTooNew
 from agent.locks import VolumeLocks
 from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
@@ -156,18 +156,24 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
     )
 
 
-def open_index(state_dir: str) -> tuple[Index, bool]:
-    """Open the index; a corrupt one is moved aside (kept for inspection) and rebuilt from ZFS."""
+def open_index(state_dir: str, rebuild: bool = False) -> tuple[Index, bool]:
+    """Open the index (migrating an older schema in place); a corrupt one, or one a newer agent
+    wrote when --rebuild-index is given, is moved aside (kept for inspection) and rebuilt."""
     try:
         return Index(state_dir), False
+    except IndexTooNew as exc:
+        if not rebuild:
+            raise SystemExit(f"zvolt-agent: {exc}") from None
+        reason, tag = str(exc), "newer"
     except IndexCorrupt as exc:
-        path = os.path.join(state_dir, "index.sqlite")
-        aside = f"{path}.corrupt-{int(time.time())}"
-        _log.error("index is corrupt (%s); moving it to %s and rebuilding from ZFS", exc, aside)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.replace(path + suffix, aside + suffix)
-        return Index(state_dir), True
+        reason, tag = f"index is corrupt ({exc})", "corrupt"
+    path = os.path.join(state_dir, "index.sqlite")
+    aside = f"{path}.{tag}-{int(time.time())}"
+    _log.error("%s; moving it to %s and rebuilding from ZFS", reason, aside)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, aside + suffix)
+    return Index(state_dir), True
 
 
 @dataclass
@@ -216,7 +222,7 @@ def _print_progress(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     setup_logging(settings.log_level)
-    index, corrupt = open_index(settings.state_dir)
+    index, corrupt = open_index(settings.state_dir, rebuild=settings.rebuild_index)
     zfs: Zfs = LibZfs()
     if settings.failpoint:
         zfs = FailpointZfs(zfs, settings.failpoint)  # type: ignore[assignment]

@@ -351,3 +351,53 @@ def test_gc_sweep_collects_trash_whose_last_clone_vanished(paths: tuple[str, str
     node.zfs.destroy(f"tank/zvolt/v/{clone.id}")
     assert v.gc.sweep() == 1
     assert node.index.trash() == [] and not node.zfs.exists(trash.dataset)
+
+
+def test_an_older_index_is_migrated_in_place_without_a_rebuild(paths: tuple[str, str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer agent on an older index: its migrations run in place; the pool is never listed."""
+    from agent import index as index_mod
+
+    state, cfs = paths
+    node = make_node(state, cfs)
+    _populate(node)
+    want = _snapshot_of_state(node)
+    node.index.close()
+    monkeypatch.setattr(index_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(index_mod, "MIGRATIONS", {1: (
+        "CREATE TABLE moves(volume_id TEXT PRIMARY KEY, target TEXT NOT NULL) WITHOUT ROWID",
+        "CREATE INDEX volumes_name ON volumes(name)",
+    )})
+    walks: list[str] = []
+    real_walk = node.zfs.walk
+
+    def counting_walk(parent: str) -> Iterator[dict[str, str]]:
+        walks.append(parent)
+        return real_walk(parent)
+
+    node.zfs.walk = counting_walk  # type: ignore[method-assign]
+    index, rebuilt = agent_main.open_index(state)
+    assert not rebuilt and index.get_meta("schema") == "2"
+    with index.tx() as tx:
+        tx._c.execute("INSERT INTO moves VALUES('v1', 'storage-1')")  # the new table is there
+    index.close()
+    node = make_node(state, cfs, zfs=node.zfs)
+    assert node.readiness.ready and walks == []
+    assert _snapshot_of_state(node) == want
+
+
+def test_an_index_from_a_newer_agent_is_refused_not_rebuilt(paths: tuple[str, str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent import index as index_mod
+
+    state, cfs = paths
+    node = make_node(state, cfs)
+    node.index.close()
+    monkeypatch.setattr(index_mod, "SCHEMA_VERSION", 0)
+    with pytest.raises(SystemExit) as stop:
+        agent_main.open_index(state)
+    assert "newer than this agent" in str(stop.value) and "--rebuild-index" in str(stop.value)
+    assert os.listdir(state).count("index.sqlite") == 1  # left where it is
+    index, rebuilt = agent_main.open_index(state, rebuild=True)  # the operator asked for it
+    assert rebuilt
+    index.close()
