@@ -269,7 +269,9 @@ def test_snapshot_restore_clone_expand_and_delete_in_any_order(zvolt: Zvolt, ns:
     src_ds = z.storage.zvol(src.spec.csi.volume_handle)
 
     z.snaps.create_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", snapshot("snap", "src"))
+    z.snaps.create_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", snapshot("keep", "src"))
     vs = ready_snapshot(z, ns, "snap")
+    ready_snapshot(z, ns, "keep")
     times["snapshot readyToUse"] = time.monotonic() - t0
     assert vs["status"]["restoreSize"] in ("1Gi", str(GiB))
     content = z.snaps.get_cluster_custom_object(*SNAPSHOTS, "volumesnapshotcontents",
@@ -298,7 +300,7 @@ def test_snapshot_restore_clone_expand_and_delete_in_any_order(zvolt: Zvolt, ns:
     # Delete in any order: the snapshot before its restore, the parent before its branches.
     zvols = [z.storage.zvol(pv.spec.csi.volume_handle) for pv in (src, restored, branch)]
     family = {d for d in z.storage.datasets() if d.partition("@")[0] in zvols}
-    assert len(family) >= 5, family  # 3 zvols, the snapshot, the branch's hidden snapshot
+    assert len(family) >= 6, family  # 3 zvols, 2 snapshots, the branch's hidden snapshot
     z.snaps.delete_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", "snap")
     z.core.delete_namespaced_persistent_volume_claim("src", ns)
     z.wait("snapshot content deleted", lambda: gone(lambda: z.snaps.get_cluster_custom_object(
@@ -307,10 +309,19 @@ def test_snapshot_restore_clone_expand_and_delete_in_any_order(zvolt: Zvolt, ns:
     # The branches still read their data: their zvols are untouched.
     for pv in (restored, branch):
         assert z.storage.zvol(pv.spec.csi.volume_handle) in z.storage.datasets()
-    for claim in ("restored", "branch"):
+    # A snapshot outlives its PVC and still restores (ZFS reports no volblocksize for a
+    # snapshot: the agent reads it from the volume kept in the trash).
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("late", source={"kind": "VolumeSnapshot", "name": "keep"}))
+    late = bound_pv(z, ns, "late")
+    times["restore after its source PVC was deleted Bound"] = time.monotonic() - t0
+    late_ds = z.storage.zvol(late.spec.csi.volume_handle)
+    assert z.storage.prop(late_ds, "volblocksize") == "16384"
+    z.snaps.delete_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots", "keep")
+    for claim in ("restored", "branch", "late"):
         z.core.delete_namespaced_persistent_volume_claim(claim, ns)
-    for pv in (restored, branch):
+    for pv in (restored, branch, late):
         z.wait(f"PV {pv.metadata.name} deleted", partial(pv_gone, z, pv.metadata.name))
+    family.add(late_ds)
     # The source was moved to the trash while branches lived; ZFS and the agent's GC finish.
     src_trash = f"{z.storage.lab.pool}/zvolt/trash/{src_ds.rpartition('/')[2]}-"
     z.wait("every zvol and snapshot of the family destroyed, trash included",
