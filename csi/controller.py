@@ -607,10 +607,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.source_volume_id)
         except ZvoltError:
             raise not_found(f"source volume {request.source_volume_id!r} does not exist") from None
-        agent = self.pool.find(node)
-        if agent is None:
-            raise not_found(f"source volume {request.source_volume_id!r} does not exist (unknown storage node)")
         labels = params.parse_snapshot(request.parameters)
+        agent = self._agent_for(node)  # a node not discovered yet: UNAVAILABLE (retried), not NOT_FOUND
         with self.locks.hold(f"snap:{name}"):
             snap = agent.call(
                 "CreateSnapshot", agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local, labels=labels)

@@ -323,6 +323,11 @@ def test_create_retry_after_its_source_snapshot_was_deleted_returns_the_volume(c
     assert again.volume_id == first.volume_id
 
 
+def test_snapshot_of_a_volume_on_a_node_not_discovered_yet_is_retried(ctl: ControllerEnv) -> None:
+    req = csi_pb2.CreateSnapshotRequest(name="snap-later", source_volume_id="storage-9/vabc")
+    assert code_of(ctl.controller.CreateSnapshot, req) == C.UNAVAILABLE
+
+
 def test_create_volume_waits_while_a_storage_node_cannot_answer(sockdir: str) -> None:
     """A name lookup that skipped an unreachable agent could create a second copy of a volume
     that lives there: UNAVAILABLE until every agent can answer."""
