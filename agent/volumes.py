@@ -206,7 +206,8 @@ class Volumes:
 
     # -- create ---------------------------------------------------------------------------
 
-    def _validate(self, spec: VolumeSpec) -> tuple[int, int, str]:
+    def _validate(self, spec: VolumeSpec) -> tuple[int, int, str, dict[str, str]]:
+        """(size rounded to the block size, volblocksize, compression, label properties)"""
         names.check_csi_name(spec.name)
         if spec.encryption_key:
             raise invalid("encryption is not supported yet")
@@ -219,8 +220,7 @@ class Volumes:
         size = -(-spec.size // vbs) * vbs
         if size > self.cfg.max_volume_size:
             raise out_of_range(f"size {spec.size} exceeds the maximum volume size {self.cfg.max_volume_size}")
-        _check_labels(spec.labels)
-        return size, vbs, compression
+        return size, vbs, compression, _check_labels(spec.labels)
 
     def _same(self, vol: VolumeRec, spec: VolumeSpec, size: int) -> VolumeRec:
         if vol.name != spec.name:
@@ -234,7 +234,7 @@ class Volumes:
         return vol
 
     def create_volume(self, spec: VolumeSpec) -> VolumeRec:
-        size, vbs, compression = self._validate(spec)
+        size, vbs, compression, label_props = self._validate(spec)
         vid = names.id_for_name(spec.name)
         src_vid = ""
         if spec.source_snapshot:
@@ -250,7 +250,7 @@ class Volumes:
                 "zvolt:id": vid, "zvolt:name": spec.name, "zvolt:created": str(self._now()),
                 "zvolt:thick": "1" if spec.thick else "0", "zvolt:hosts": "-", "zvolt:size": str(size),
             }
-            user.update(_check_labels(spec.labels))
+            user.update(label_props)
             if spec.source_snapshot or spec.source_volume:
                 return self._clone(spec, vid, ds, size, user)
             self._check_fits(size, spec.thick)
