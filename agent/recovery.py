@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.exports import Exports
-from agent.index import Index, VolumeRec
+from agent.index import Index, Intent, VolumeRec
 from agent.records import Layout, from_props, is_hidden_snapshot, put, refresh
 from agent.volumes import Volumes
 from agent.zfs import Zfs, ZfsError
@@ -77,6 +77,24 @@ def rebuild_index(zfs: Zfs, index: Index, layout: Layout, progress: Callable[[st
     return count
 
 
+def trash_move(layout: Layout, intent: Intent) -> tuple[str, str] | None:
+    """(volume, trash target) if the intent may have renamed a deleted volume into the trash.
+
+    A "delete" intent names [volume, trash target if it was moved there, origin if a clone]. The
+    origin is a snapshot and may itself lie in the trash, so the target is the one dataset in
+    the trash without "@". Older agents bracketed the move by a separate "trash" op naming
+    exactly [volume, target]: an index such an agent left with one in flight (it died mid-delete,
+    then a newer agent starts on its index) must still settle, so that form is read too.
+    """
+    if intent.op == "trash" and len(intent.datasets) == 2:
+        return intent.datasets[0], intent.datasets[1]
+    if intent.op == "delete" and intent.datasets:
+        for ds in intent.datasets[1:]:
+            if "@" not in ds and layout.is_trash(ds):
+                return intent.datasets[0], ds
+    return None
+
+
 class Recovery:
     def __init__(self, zfs: Zfs, index: Index, exports: Exports, volumes: Volumes, readiness: Readiness,
                  progress: Callable[[str], None] | None = None) -> None:
@@ -108,11 +126,10 @@ class Recovery:
                     if isinstance(rec, VolumeRec):
                         self._finish_grow(rec)
                         tx.put_volume(rec)
-                if intent.op == "trash" and len(intent.datasets) == 2:
-                    old, new = intent.datasets
-                    if recs.get(new) is not None:
-                        tx.move_snapshots(old, new)
-                        tx.move_origins(old, new)
+                moved = trash_move(self.layout, intent)
+                if moved is not None and recs.get(moved[1]) is not None:
+                    tx.move_snapshots(*moved)
+                    tx.move_origins(*moved)
                 tx.done(intent.seq)
             for ds in intent.datasets:
                 # A clone-from-volume that died after its hidden snapshot: drop the orphan.

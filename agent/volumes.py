@@ -126,6 +126,17 @@ def page_size(max_entries: int) -> int:
     return min(max_entries or 1000, _MAX_PAGE)
 
 
+@dataclass(frozen=True)
+class _DeletePlan:
+    """What deleting one volume does to ZFS, decided under its lock before anything changes."""
+
+    vol: VolumeRec
+    # False: the index knows no snapshot or clone of it; one destroy is tried without listing.
+    listed: bool = False
+    idle: tuple[str, ...] = ()  # snapshots nobody reaches: destroyed (deferred) first
+    trash: str = ""  # some snapshot must stay: the volume is renamed here instead of destroyed
+
+
 class Volumes:
     def __init__(self, cfg: AgentConfig, zfs: Zfs, index: Index, exports: Exports,
                  locks: VolumeLocks | None = None, clock: Callable[[], float] = time.time) -> None:
@@ -197,13 +208,6 @@ class Volumes:
             raise not_found(f"volume {vid} does not exist")
         return vol
 
-    @staticmethod
-    def parse_snapshot_id(sid: str) -> tuple[str, str]:
-        vid, sep, snap = (sid or "").partition("@")
-        if not sep:
-            raise invalid(f"snapshot id {sid!r} is not of the form <volume id>@<snapshot>")
-        return names.check_id(vid), names.check_id(snap, "snapshot id")
-
     # -- create ---------------------------------------------------------------------------
 
     def _validate(self, spec: VolumeSpec) -> tuple[int, int, str, dict[str, str]]:
@@ -217,7 +221,7 @@ class Volumes:
         compression = volprops.check_compression(spec.compression or DEFAULT_COMPRESSION)
         if spec.size <= 0:
             raise invalid("size_bytes must be positive")
-        size = -(-spec.size // vbs) * vbs
+        size = volprops.round_up(spec.size, vbs)
         if size > self.cfg.max_volume_size:
             raise out_of_range(f"size {spec.size} exceeds the maximum volume size {self.cfg.max_volume_size}")
         return size, vbs, compression, _check_labels(spec.labels)
@@ -238,7 +242,7 @@ class Volumes:
         vid = names.id_for_name(spec.name)
         src_vid = ""
         if spec.source_snapshot:
-            src_vid = self.parse_snapshot_id(spec.source_snapshot)[0]
+            src_vid = names.split_local_snapshot_id(spec.source_snapshot)[0]
         elif spec.source_volume:
             src_vid = names.check_id(spec.source_volume, "source volume id")
         with self.locks.hold([vid], shared=[src_vid] if src_vid else []):
@@ -297,7 +301,7 @@ class Volumes:
         # A clone keeps its origin's volblocksize: sizes must be multiples of that one.
         vbs = src.volblocksize if src is not None else self._volblocksize_of(origin)
         compression = spec.compression or (src.compression if src else DEFAULT_COMPRESSION)
-        size = -(-size // vbs) * vbs
+        size = volprops.round_up(size, vbs)
         user["zvolt:size"] = str(size)  # lets recovery finish the grow below after a crash
         if size < base_size:
             raise out_of_range(f"size {size} is smaller than the source's {base_size} bytes")
@@ -356,71 +360,58 @@ class Volumes:
                 return
             if vol.hosts:
                 raise precondition(f"volume {vid} is still published to {', '.join(vol.hosts)}; unpublish it first")
-            ds = vol.dataset
-            visible = {s.dataset for s in self.index.snapshots_in(ds)}
-            if not visible and not self.index.has_clones_of(ds) and self._destroy_leaf(vol):
-                return
-            snaps = self.zfs.snapshots_of(ds)
-            idle = [s for s in snaps if s not in visible and not self.zfs.clones_of(s)]
-            keep = [s for s in snaps if s not in idle]
-            if keep:
-                self._move_to_trash(vol, idle)
-                return
-            # The origin is named too: after a crash, recovery drops a hidden snapshot left without clones.
-            seq = self.index.begin("delete", [ds, *([vol.origin] if vol.origin else [])])
-            try:
-                if idle:
-                    self.zfs.destroy_snapshots(idle, defer=True)
-                retry_busy(lambda: self.zfs.destroy(ds), self.zfs)
-            except ZfsError as exc:
-                self._settle(seq, [ds])
-                raise _zfs_error(exc, f"deleting volume {vid}") from exc
-            with self.index.tx() as tx:
-                tx.del_volume(vid)
-                tx.done(seq)
-        if vol.origin:
+            visible = {s.dataset for s in self.index.snapshots_in(vol.dataset)}
+            # Common case first: the index knows of no snapshot or clone, so one destroy with no
+            # listing. Busy means children the index does not know (e.g. a leftover hidden
+            # snapshot) or udev: nothing changed, so list and plan with what ZFS says.
+            plan = _DeletePlan(vol)
+            if visible or self.index.has_clones_of(vol.dataset) or not self._delete(plan):
+                plan = self._plan_delete(vol, visible)
+                self._delete(plan)
+        # Outside the volume lock: the walk up the origin chain may destroy more (and takes the
+        # collector's lock). A volume moved to the trash is still a clone of its origin.
+        if vol.origin and not plan.trash:
             self.gc.release_origin(vol.origin)
 
-    def _destroy_leaf(self, vol: VolumeRec) -> bool:
-        """Common case: the index knows of no snapshot or clone, so try one destroy with no listing.
+    def _plan_delete(self, vol: VolumeRec, visible: set[str]) -> _DeletePlan:
+        """List the volume's snapshots (one scoped read) and decide what becomes of each."""
+        snaps = self.zfs.snapshots_of(vol.dataset)
+        # Neither a user's snapshot nor the origin of a clone: nobody can reach it any more.
+        idle = tuple(s for s in snaps if s not in visible and not self.zfs.clones_of(s))
+        # Snapshots that must stay keep the volume's blocks: free its name only, by a rename.
+        trash = self.layout.trash(vol.id, time.time_ns()) if len(idle) < len(snaps) else ""
+        return _DeletePlan(vol, listed=True, idle=idle, trash=trash)
 
-        Returns False (nothing changed) if ZFS says it is busy: children the index does not know
-        (e.g. a leftover hidden snapshot) or udev; the caller then takes the scoped, careful path.
-        """
-        ds = vol.dataset
-        seq = self.index.begin("delete", [ds, *([vol.origin] if vol.origin else [])])
+    def _delete(self, plan: _DeletePlan) -> bool:
+        """Carry out a delete plan under one intent and commit it to the index.
+
+        Returns False only when the unlisted attempt found the dataset busy (nothing changed)."""
+        vol = plan.vol
+        moved = [plan.trash] if plan.trash else []
+        # The origin is named too: after a crash, recovery drops a hidden snapshot left without clones.
+        seq = self.index.begin("delete", [vol.dataset, *moved, *([vol.origin] if vol.origin else [])])
         try:
-            self.zfs.destroy(ds)
+            if plan.idle:
+                self.zfs.destroy_snapshots(list(plan.idle), defer=True)
+            if plan.trash:
+                self.zfs.rename(vol.dataset, plan.trash)
+            elif plan.listed:
+                retry_busy(lambda: self.zfs.destroy(vol.dataset), self.zfs)
+            else:
+                self.zfs.destroy(vol.dataset)
         except ZfsError as exc:
-            self._settle(seq, [ds])
-            if exc.errno == errno.EBUSY:
+            self._settle(seq, [vol.dataset, *moved])
+            if exc.errno == errno.EBUSY and not plan.listed:
                 return False
             raise _zfs_error(exc, f"deleting volume {vol.id}") from exc
         with self.index.tx() as tx:
             tx.del_volume(vol.id)
+            if plan.trash:
+                tx.move_snapshots(vol.dataset, plan.trash)
+                tx.move_origins(vol.dataset, plan.trash)
+                tx.put_trash(TrashRec(dataset=plan.trash, origin=vol.origin, created=self._now()))
             tx.done(seq)
-        if vol.origin:
-            self.gc.release_origin(vol.origin)
         return True
-
-    def _move_to_trash(self, vol: VolumeRec, idle: list[str]) -> None:
-        """Snapshots of this volume are still needed: keep its blocks, free its name."""
-        n = time.time_ns()
-        new = self.layout.trash(vol.id, n)
-        seq = self.index.begin("trash", [vol.dataset, new])
-        try:
-            if idle:
-                self.zfs.destroy_snapshots(idle, defer=True)
-            self.zfs.rename(vol.dataset, new)
-        except ZfsError as exc:
-            self._settle(seq, [vol.dataset, new])
-            raise _zfs_error(exc, f"deleting volume {vol.id}") from exc
-        with self.index.tx() as tx:
-            tx.del_volume(vol.id)
-            tx.move_snapshots(vol.dataset, new)
-            tx.move_origins(vol.dataset, new)
-            tx.put_trash(TrashRec(dataset=new, origin=vol.origin, created=self._now()))
-            tx.done(seq)
 
     # -- expand ---------------------------------------------------------------------------
 
@@ -430,7 +421,7 @@ class Volumes:
             raise invalid("size_bytes must be positive")
         with self.locks.hold([vid]):
             vol = self._volume(vid)
-            new = -(-size // vol.volblocksize) * vol.volblocksize
+            new = volprops.round_up(size, vol.volblocksize)
             if new <= vol.size:
                 return vol  # never shrink: ZFS would accept it even on a connected volume
             if new > self.cfg.max_volume_size:
@@ -491,7 +482,7 @@ class Volumes:
             return rec
 
     def delete_snapshot(self, sid: str) -> None:
-        vid, _ = self.parse_snapshot_id(sid)
+        vid, _ = names.split_local_snapshot_id(sid)
         with self.locks.hold([sid], shared=[vid]):
             rec = self.index.snapshot(sid)
             if rec is None:
@@ -592,7 +583,7 @@ class Volumes:
         after = decode_token(token)
         if snapshot_id:
             try:
-                self.parse_snapshot_id(snapshot_id)
+                names.split_local_snapshot_id(snapshot_id)
             except ZvoltError:
                 return [], ""
             rec = self.index.snapshot(snapshot_id)

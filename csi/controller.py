@@ -30,6 +30,7 @@ from zvolt.names import (
     split_volume_id,
 )
 from zvolt.pb import agent_pb2, csi_pb2, csi_pb2_grpc
+from zvolt.volprops import round_up
 
 _log = logging.getLogger("zvolt.csi.controller")
 
@@ -75,10 +76,6 @@ def alpha_capabilities(spec: str) -> tuple[RPC.Type, ...]:
             raise invalid(f"unknown alpha capability {name!r} (known: {', '.join(sorted(ALPHA_CAPABILITIES))})")
         chosen.append(ALPHA_CAPABILITIES[name])
     return tuple(chosen)
-
-
-def round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
 
 
 def choose_size(rng: csi_pb2.CapacityRange | None, align: int, minimum: int = 0) -> int:

@@ -81,13 +81,24 @@ def split_volume_id(csi_id: str) -> tuple[str, str]:
     return check_node(node), check_id(local)
 
 
+def split_local_snapshot_id(sid: str) -> tuple[str, str]:
+    """Agent-local snapshot id "<volume id>@<snap>" -> (volume id, snap), both validated."""
+    vid, sep, snap = (sid or "").partition("@")
+    if not sep:
+        raise invalid(f"snapshot id {sid!r} is not of the form <volume id>@<snapshot>")
+    return check_id(vid), check_id(snap, "snapshot id")
+
+
 def split_snapshot_id(csi_id: str) -> tuple[str, str, str]:
-    """CSI snapshot_id "<node>/<id>@<snap>" -> (node, volume id, snap), all validated."""
-    node, vol = split_volume_id((csi_id or "").split("@", 1)[0])
-    _, sep, snap = (csi_id or "").partition("@")
+    """CSI snapshot_id "<node>/<id>@<snap>" -> (node, volume id, snap), all validated.
+
+    It is a CSI volume id with the agent-local snapshot suffix, so it is read by those two rules."""
+    volume_part, sep, _ = (csi_id or "").partition("@")
     if not sep:
         raise invalid(f"snapshot id {csi_id!r} is not of the form <storage-node>/<id>@<snap>")
-    return node, vol, check_id(snap, "snapshot id")
+    node, _ = split_volume_id(volume_part)
+    vid, snap = split_local_snapshot_id(csi_id.partition("/")[2])
+    return node, vid, snap
 
 
 def subsystem_nqn(node: str, volume_id: str) -> str:

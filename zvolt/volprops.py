@@ -26,3 +26,9 @@ def check_compression(value: str) -> str:
     if value not in COMPRESSION:
         raise invalid(f"compression {value!r} is not one of {', '.join(COMPRESSION)}")
     return value
+
+
+def round_up(value: int, align: int) -> int:
+    """The smallest multiple of `align` (> 0) that is >= `value`: ZFS refuses a volsize that is
+    not a multiple of the volblocksize, so every size zvolt asks for is rounded up by this."""
+    return -(-value // align) * align
