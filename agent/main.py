@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,12 @@ from agent.locks import VolumeLocks
 from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
+from agent.shutdown import drain
 from agent.volumes import AgentConfig, Volumes
 from agent.zfs import LibZfs, Zfs
 from zvolt import names
 from zvolt.logs import setup_logging
-from zvolt.rpc import parse_endpoint, prepare_unix_socket
+from zvolt.rpc import InFlight, parse_endpoint, prepare_unix_socket
 
 _log = logging.getLogger("zvolt.agent")
 
@@ -55,7 +56,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "device-timeout": ("60", "seconds to wait for a zvol device node"),
     "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
     "log-level": ("info", "log level"),
-    "failpoint": (None, "crash tests only: SIGKILL self at OP:before|after (see agent/failpoints.py)"),
+    "shutdown-grace": ("20", "seconds running calls get to finish after SIGTERM (below the pod's grace period)"),
+    "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
 _FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional")
 
@@ -77,6 +79,7 @@ class Settings:
     log_level: str
     rebuild_index: bool
     failpoint: str = ""
+    shutdown_grace: float = 20.0
     dhchap: bool = False  # per-host DH-HMAC-CHAP secrets on every allowed host (agent/dhchap.py)
     dhchap_bidirectional: bool = False  # + a controller secret: the host authenticates the target too
 
@@ -87,6 +90,16 @@ def _env_name(flag: str) -> str:
 
 def _truthy(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _seconds(ap: argparse.ArgumentParser, flag: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        ap.error(f"--{flag} must be a number of seconds, not {value!r}")
+    if not 0 <= seconds <= 3600:
+        ap.error(f"--{flag} must be between 0 and 3600 seconds")
+    return seconds
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -151,6 +164,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         configfs_root=str(get("configfs-root")), device_timeout=float(get("device-timeout")),
         gc_interval=float(get("gc-interval")), log_level=str(get("log-level")),
         rebuild_index=_truthy(get("rebuild-index")), failpoint=str(get("failpoint") or ""),
+        shutdown_grace=_seconds(ap, "shutdown-grace", get("shutdown-grace")),
         dhchap=_truthy(get("dhchap")) or _truthy(get("dhchap-bidirectional")),
         dhchap_bidirectional=_truthy(get("dhchap-bidirectional")),
     )
@@ -185,6 +199,7 @@ class Agent:
     server: grpc.Server
     recovery: Recovery
     servicer: AgentServicer
+    inflight: InFlight
 
 
 def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
@@ -198,7 +213,8 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     readiness = Readiness()
     metrics = Metrics()
     servicer = AgentServicer(volumes, readiness, metrics)
-    server = make_server(servicer, metrics)
+    inflight = InFlight()
+    server = make_server(servicer, metrics, inflight=inflight)
     endpoint = parse_endpoint(settings.listen)
     prepare_unix_socket(endpoint)
     target = f"unix:{endpoint.path}" if endpoint.scheme == "unix" else endpoint.address
@@ -212,7 +228,7 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
         raise SystemExit(f"cannot listen on {settings.listen}")
     recovery = Recovery(zfs, index, exports, volumes, readiness,
                         progress=lambda line: _log.info(line, extra={"fields": {"phase": "recovery"}}))
-    return Agent(settings, volumes, readiness, metrics, server, recovery, servicer)
+    return Agent(settings, volumes, readiness, metrics, server, recovery, servicer, inflight)
 
 
 def _print_progress(line: str) -> None:
@@ -281,9 +297,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 agent.volumes.gc.sweep()
             except Exception:
                 _log.exception("periodic garbage collection failed")
-    agent.server.stop(grace=5).wait()
+    return _shut_down(agent, index)
+
+
+def _shut_down(agent: Agent, index: Index, hard_exit: Callable[[int], object] = os._exit) -> int:
+    was_ready = agent.readiness.ready
+    grace = agent.settings.shutdown_grace
+    running = agent.inflight.running()
+    _log.info("shutting down: refusing new calls", extra={"fields": {"grace_s": grace, "in_flight": running}})
+    agent.readiness.set(False, "shutting down")
+    agent.metrics.ready.set(0)
+    left = drain(agent.server, agent.inflight, grace)
+    if left:
+        # Their handler threads cannot be stopped, and the interpreter would wait for them at
+        # exit past the pod's grace period. Exit now: each left an intent in the index, which
+        # the next start-up settles against ZFS, so the caller's retry converges.
+        _log.error("stopped with calls still running; the next start-up settles them",
+                   extra={"fields": {"grace_s": grace, "still_running": left}})
+        logging.shutdown()
+        hard_exit(1)
+        return 1
     index.close()
-    return 0 if agent.readiness.ready else 1
+    _log.info("stopped: every running call finished", extra={"fields": {"finished": running}})
+    return 0 if was_ready else 1
 
 
 if __name__ == "__main__":

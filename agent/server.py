@@ -18,7 +18,7 @@ from agent.volumes import Volumes, VolumeSpec
 from zvolt.errors import unavailable
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
-from zvolt.rpc import RpcInterceptor
+from zvolt.rpc import InFlight, RpcInterceptor
 
 VERSION = "0.1.0"
 
@@ -156,10 +156,11 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         return pb.UnpublishVolumeResponse()
 
 
-def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16) -> grpc.Server:
+def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16,
+                inflight: InFlight | None = None) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[RpcInterceptor("agent", on_done=metrics.observe)],
+        interceptors=[RpcInterceptor("agent", on_done=metrics.observe, inflight=inflight)],
     )
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     return server

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,40 @@ _ID_FIELDS = (
 _log = logging.getLogger("zvolt.rpc")
 
 
+class InFlight:
+    """The calls a server is running now, so an orderly shutdown knows what it waits for.
+
+    gRPC's `server.stop(grace)` cancels calls after the grace but cannot stop their handler
+    threads: only the handlers themselves can say when they are done.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls: dict[int, str] = {}
+        self._next = 0
+
+    def enter(self, method: str) -> int:
+        with self._cond:
+            self._next += 1
+            self._calls[self._next] = method
+            return self._next
+
+    def leave(self, token: int) -> None:
+        with self._cond:
+            self._calls.pop(token, None)
+            if not self._calls:
+                self._cond.notify_all()
+
+    def running(self) -> list[str]:
+        with self._cond:
+            return sorted(self._calls.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no call runs; False if some still do after `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._calls, timeout=max(timeout, 0.0))
+
+
 def request_ids(request: Any) -> dict[str, str]:
     ids: dict[str, str] = {}
     for field in _ID_FIELDS:
@@ -45,9 +80,11 @@ def request_ids(request: Any) -> dict[str, str]:
 
 
 class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, component: str, on_done: Callable[[str, str, float], None] | None = None) -> None:
+    def __init__(self, component: str, on_done: Callable[[str, str, float], None] | None = None,
+                 inflight: InFlight | None = None) -> None:
         self.component = component
         self.on_done = on_done
+        self.inflight = inflight
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -60,6 +97,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             start = time.monotonic()
             code = grpc.StatusCode.OK
             message = ""
+            token = self.inflight.enter(method) if self.inflight is not None else 0
             try:
                 return inner(request, context)
             except ZvoltError as err:
@@ -74,6 +112,8 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 _log.exception("unhandled error in %s", method, extra={"fields": {"method": method}})
                 context.abort(code, message)
             finally:
+                if self.inflight is not None:
+                    self.inflight.leave(token)
                 duration = time.monotonic() - start
                 fields: dict[str, Any] = {
                     "component": self.component,

@@ -562,3 +562,75 @@ def test_one_broken_published_volume_does_not_keep_the_node_offline(env: Env) ->
     report("one broken published volume at start-up",
            f"ready after {ready_s:.1f}s with the 2 other exports restored and linked; the broken one abnormal, "
            f"restored {healed_s - ready_s:.1f}s after its zvol came back")
+
+
+def _sigterm_mid_create(env: Env, name: str, *flags: str) -> tuple[Any, float]:
+    """Start the agent with `flags`, start CreateVolume(name), SIGTERM the agent once ZFS made the
+    volume (the stall failpoint holds the call there), and return (the call's outcome, seconds
+    from SIGTERM until the agent's unit was gone)."""
+    import threading
+
+    from lab.guest import unit_name
+
+    vid = names.id_for_name(name)
+    env.restart(*flags)
+    wait_ready(env.stub)
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append(env.create(name))
+        except grpc.RpcError as err:
+            outcome.append(err.code())
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    deadline = time.monotonic() + T
+    while not env.zfs_exists(vds(vid)):  # the stall window: ZFS has it, the index not yet
+        assert time.monotonic() < deadline and thread.is_alive(), f"create never reached ZFS: {outcome}"
+        time.sleep(0.5)
+    env.lab.run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGTERM", unit_name("agent")])  # type: ignore
+    sent = time.monotonic()
+    while env.lab.service_running("agent"):  # type: ignore[attr-defined]
+        assert time.monotonic() - sent < 90, "agent did not exit after SIGTERM"
+        time.sleep(0.5)
+    gone = time.monotonic() - sent
+    thread.join(T)
+    return outcome[0], gone
+
+
+def test_sigterm_mid_operation_finishes_it_within_the_grace(env: Env) -> None:
+    name = uniq("term")
+    vid = names.id_for_name(name)
+    outcome, gone = _sigterm_mid_create(env, name, "--failpoint", "create_volume:stall-after=8")
+    log = env.lab.service_log("agent", 80)  # type: ignore[attr-defined]
+    report("sigterm mid-create, 20 s grace", f"call -> {getattr(outcome, 'id', outcome)}, agent gone {gone:.1f}s "
+           "after SIGTERM")
+    assert not isinstance(outcome, grpc.StatusCode), f"the running call was not allowed to finish: {outcome}"
+    assert outcome.id == vid and "every running call finished" in log, log[-3000:]
+    env.restart()
+    wait_ready(env.stub)
+    assert env.create(name).id == vid  # the retry finds the finished volume
+    assert [v.id for v in env.stub.ListVolumes(pb.ListVolumesRequest(), timeout=T).volumes].count(vid) == 1
+    env.delete(vid)
+    _no_leak(env, vid)
+
+
+def test_sigterm_with_a_call_stuck_past_the_grace_then_retry_converges(env: Env) -> None:
+    name = uniq("term-stuck")
+    vid = names.id_for_name(name)
+    outcome, gone = _sigterm_mid_create(env, name, "--shutdown-grace", "2",
+                                        "--failpoint", "create_volume:stall-after=120")
+    log = env.lab.service_log("agent", 80)  # type: ignore[attr-defined]
+    report("sigterm mid-create, stuck past a 2 s grace", f"call -> {outcome}, agent gone {gone:.1f}s after SIGTERM")
+    assert outcome == grpc.StatusCode.UNAVAILABLE  # retryable: the provisioner calls again
+    assert gone < 30, "a stuck call held the agent past its grace"
+    assert "calls still running" in log, log[-3000:]
+    env.restart()
+    wait_ready(env.stub)
+    # Start-up settled the create's intent from ZFS: the retry returns the one volume made.
+    vol = env.create(name)
+    assert vol.id == vid and env.zget(vds(vid), "zvolt:name") == name
+    assert [v.id for v in env.stub.ListVolumes(pb.ListVolumesRequest(), timeout=T).volumes].count(vid) == 1
+    env.delete(vid)
+    _no_leak(env, vid)

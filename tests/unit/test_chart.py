@@ -288,7 +288,10 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
     assert agent["args"] == [
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
         "--nvme-listen=$(POD_IP):4420", "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
+        "--shutdown-grace=20",
         "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt"]
+    # Running calls get 20 s after SIGTERM; the kubelet waits 10 s longer before SIGKILL.
+    assert spec["terminationGracePeriodSeconds"] == 30
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
     assert env == {"NODE_NAME": "spec.nodeName", "POD_IP": "status.podIP"}
     assert set(mounts(agent)) == {"/dev", "/sys/kernel/config", "/lib/modules", "/var/lib/zvolt", "/etc/zvolt/tls"}
