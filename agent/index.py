@@ -265,9 +265,12 @@ class Index:
             row = self._db.execute("SELECT * FROM volumes WHERE dataset=?", (dataset,)).fetchone()
         return None if row is None else _vol(row)
 
-    def volumes(self, after: str = "", limit: int = 1000) -> list[VolumeRec]:
+    def volumes(self, after: str = "", limit: int = 1000, published_only: bool = False) -> list[VolumeRec]:
+        # `hosts != ''` matches the partial index volumes_published: a page of published
+        # volumes costs the page, not a scan of every idle one.
+        where = "hosts != '' AND id > ?" if published_only else "id > ?"
         with self._lock:
-            rows = self._db.execute("SELECT * FROM volumes WHERE id > ? ORDER BY id LIMIT ?",
+            rows = self._db.execute(f"SELECT * FROM volumes WHERE {where} ORDER BY id LIMIT ?",  # noqa: S608
                                     (after, limit)).fetchall()
         return [_vol(r) for r in rows]
 

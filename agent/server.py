@@ -111,7 +111,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def ListVolumes(self, request: Any, context: Any) -> Any:
         self._ready()
-        rows, token = self.v.list_volumes(request.max_entries, request.starting_token)
+        rows, token = self.v.list_volumes(request.max_entries, request.starting_token, request.published_only)
         return pb.ListVolumesResponse(volumes=[volume_pb(r, self._nqn(r.id)) for r in rows], next_token=token)
 
     def CreateSnapshot(self, request: Any, context: Any) -> Any:

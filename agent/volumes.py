@@ -570,9 +570,9 @@ class Volumes:
             healthy, msg = False, f"export not restored after the agent restarted ({self.unrestored[vid]}); retrying"
         return VolumeState(vol, int(props.get("used") or 0), healthy, msg)
 
-    def list_volumes(self, max_entries: int, token: str) -> tuple[list[VolumeRec], str]:
+    def list_volumes(self, max_entries: int, token: str, published_only: bool = False) -> tuple[list[VolumeRec], str]:
         limit = page_size(max_entries)
-        rows = self.index.volumes(after=decode_token(token), limit=limit + 1)
+        rows = self.index.volumes(after=decode_token(token), limit=limit + 1, published_only=published_only)
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, encode_token(rows[-1].id) if more else ""

@@ -457,6 +457,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     raise
         return done
 
+    def unpublish_if(self, volume_id: str, host: str, still_stale: Callable[[], bool]) -> bool:
+        """Unpublish one host if `still_stale()` says so when checked under the volume lock, the
+        lock every ControllerPublish of this volume takes (csi/attachments.py). True if done."""
+        node, local = split_volume_id(volume_id)
+        agent = self._agent_for(node)
+        with self.locks.hold(f"vol:{volume_id}"):
+            if not still_stale():
+                return False
+            agent.call("UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=host))
+        return True
+
     def ValidateVolumeCapabilities(
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> Any:

@@ -142,6 +142,8 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
     def ListVolumes(self, request: agent_pb2.ListVolumesRequest, context: Any) -> Any:
         with self.lock:
             items = [self.state.volumes[k] for k in sorted(self.state.volumes)]
+        if request.published_only:
+            items = [v for v in items if v.published_hosts]
         page, token = _page(items, request.max_entries, request.starting_token)
         return agent_pb2.ListVolumesResponse(volumes=page, next_token=token)
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE
+from csi import DEFAULT_ZONE, DRIVER_NAME
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
+from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
 from csi.health import StorageHealth
 from csi.host_identity import load_or_create
@@ -31,16 +35,23 @@ def _env(flag: str, default: str | None = None) -> str | None:
     return os.environ.get("ZVOLT_" + flag.upper().replace("-", "_"), default)
 
 
+def _env_flag(flag: str) -> bool:
+    return (_env(flag) or "").lower() in ("1", "true", "yes", "on")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node"], default=_env("mode"), required=_env("mode") is None)
+    p.add_argument("--mode", choices=["controller", "node", "attachments"], default=_env("mode"),
+                   required=_env("mode") is None,
+                   help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
+                   "(run in the controller container: same settings); --clear unpublishes the stale ones")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
     p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
     p.add_argument("--zone", default=_env("zone", DEFAULT_ZONE), help="topology zone of this node / of static agents")
     # controller
     p.add_argument("--agents", default=_env("agents"), help="name=addr,name=addr")
-    p.add_argument("--agents-from-kubernetes", action="store_true")
+    p.add_argument("--agents-from-kubernetes", action="store_true", default=_env_flag("agents-from-kubernetes"))
     p.add_argument("--agent-namespace", default=_env("agent-namespace", "zvolt"))
     p.add_argument("--agent-selector", default=_env("agent-selector", "app.kubernetes.io/component=agent"))
     p.add_argument("--agent-port", type=int, default=int(_env("agent-port", "7001") or 7001))
@@ -53,12 +64,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=_env("tls-key"))
     p.add_argument("--tls-ca", default=_env("tls-ca"))
     p.add_argument("--tls-server-name", default=_env("tls-server-name", ""))
-    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--insecure", action="store_true", default=_env_flag("insecure"))
     p.add_argument(
         "--alpha-capabilities", default=_env("alpha-capabilities", ""),
         help="comma list of alpha CSI capabilities to advertise (GET_SNAPSHOT); off by default since "
         "sidecars built for an older CSI spec may not know them",
     )
+    p.add_argument(
+        "--reconcile-attachments", type=float, default=float(_env("reconcile-attachments", "0") or 0),
+        metavar="SECONDS", help="every SECONDS, unpublish what no VolumeAttachment wants any more (two passes in a "
+        "row, only where this pod's csi-attacher leads; needs --agents-from-kubernetes); 0: off",
+    )
+    p.add_argument("--clear", action="store_true", help="attachments mode: unpublish the stale ones")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="attachments mode output")
     # node
     p.add_argument("--node-id", default=_env("node-id"))
     p.add_argument("--state-dir", default=_env("state-dir", "/var/lib/zvolt-node"))
@@ -69,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _controller(args: argparse.Namespace) -> Services:
+def _pool(args: argparse.Namespace) -> AgentPool:
     tls = None
     if not args.insecure:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
@@ -86,7 +104,52 @@ def _controller(args: argparse.Namespace) -> Services:
         discover = lambda: static  # noqa: E731
     else:
         raise SystemExit("controller needs --agents name=addr,... or --agents-from-kubernetes")
-    return controller_services(AgentPool(discover, tls), alpha_capabilities(args.alpha_capabilities))
+    return AgentPool(discover, tls)
+
+
+def _controller(args: argparse.Namespace) -> Services:
+    services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities))
+    if args.reconcile_attachments > 0:
+        reconciler = _reconciler(args, services)
+        threading.Thread(target=reconciler.run, args=(threading.Event(), args.reconcile_attachments),
+                         name="attachments", daemon=True).start()
+    return services
+
+
+def _reconciler(args: argparse.Namespace, services: Services) -> Reconciler:
+    if not args.agents_from_kubernetes:
+        raise SystemExit("attachments need the Kubernetes API: give --agents-from-kubernetes")
+    controller = services.controller
+    assert controller is not None
+    lister, is_leader = kubernetes_attachments(DRIVER_NAME, args.agent_namespace, socket.gethostname())
+    return Reconciler(controller.pool, lister,
+                      lambda pub, still: controller.unpublish_if(pub.volume_id, pub.host, still), is_leader)
+
+
+def attachments(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """`zvolt-csi --mode attachments [--clear]`: the operator's view (docs: csi/README.md)."""
+    services = controller_services(_pool(args))
+    reconciler = _reconciler(args, services)
+
+    publishes, failed = list_publishes(reconciler.pool)
+    kube = reconciler.kube()
+    rows = []
+    for pub in publishes:
+        stale = not wanted(pub, kube)
+        cleared = False
+        if stale and args.clear:
+            cleared = reconciler.unpublish(pub, lambda pub=pub: not wanted(pub, reconciler.kube()))  # type: ignore[misc]
+        rows.append({"volume_id": pub.volume_id, "host_nqn": pub.host, "node": node_of(pub.host, kube) or "",
+                     "state": "cleared" if cleared else "stale" if stale else "attached"})
+    if args.output == "json":
+        out(json.dumps({"attachments": rows, "unreachable": failed}, indent=2))
+    else:
+        out(f"{'VOLUME':<40} {'NODE':<24} {'STATE':<8} HOST NQN")
+        for r in rows:
+            out(f"{r['volume_id']:<40} {r['node'] or '?':<24} {r['state']:<8} {r['host_nqn']}")
+        for name, why in failed.items():
+            out(f"storage node {name} did not answer: {why}")
+    return 1 if failed else 0
 
 
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = ()) -> Services:
@@ -119,6 +182,12 @@ def _node(args: argparse.Namespace) -> Services:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
+    if args.mode == "attachments":
+        try:
+            return attachments(args)
+        except ZvoltError as err:
+            print(f"zvolt-csi: {err.message}", file=sys.stderr)
+            return 2
     try:
         endpoint = parse_endpoint(args.endpoint)
         services = _controller(args) if args.mode == "controller" else _node(args)

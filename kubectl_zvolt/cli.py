@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from kubectl_zvolt import tree
+from kubectl_zvolt.attachments import attachments
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.format import age, dump, table
 from kubectl_zvolt.kube import Exec, Kube, Target, stream_exec
@@ -73,6 +74,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("pvc", metavar="PVC", nargs="?", help="only the tree under this PVC")
 
     sub.add_parser("ls", parents=[common, listing], help="zvolt PVCs and VolumeSnapshots")
+
+    a = sub.add_parser("attachments", parents=[common, listing],
+                       help="what storage nodes publish to which worker, and whether Kubernetes still attaches it "
+                       "(-n: zvolt's namespace)")
+    a.add_argument("--clear", action="store_true",
+                   help="unpublish the stale ones (no VolumeAttachment wants them; checked again under the "
+                   "volume's lock)")
     return p
 
 
@@ -111,6 +119,16 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
                 srows = [[s.name, "true" if s.ready else "false", s.restore_size or "?", s.source_pvc or "",
                           age(s.created)] for s in snaps]
                 out.write("\n" + table(["SNAPSHOT", "READY", "SIZE", "SOURCE", "AGE"], srows) + "\n")
+    elif args.command == "attachments":
+        found, unreachable = attachments(kube, execute or stream_exec(kube), args.clear)
+        if args.output != "table":
+            out.write(dump({"attachments": [vars(a) for a in found], "unreachable": unreachable}, args.output) + "\n")
+        else:
+            out.write(table(["VOLUME", "NODE", "STATE", "HOST NQN"],
+                            [[a.volume_id, a.node or "?", a.state, a.host_nqn] for a in found]) + "\n")
+            for name, why in unreachable.items():
+                out.write(f"storage node {name} did not answer: {why}\n")
+        return 1 if unreachable else 0
     elif args.command == "tree":
         vols, snaps = ops.inventory()
         roots = tree.build(vols, snaps, args.pvc)

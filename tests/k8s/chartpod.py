@@ -26,9 +26,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from base64 import b64decode
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 import helm_python
 from kubernetes import client
 
+from kubectl_zvolt.kube import Exec
 from lab.k8sbin import k8s_bin, k8s_bin_dir
 
 from .controlplane import ControlPlane, Obj
@@ -124,6 +126,13 @@ class LocalContainer:
     env: dict[str, str]
     chart_argv: list[str]  # command + args as the Deployment has them, before any change
     changes: list[str] = field(default_factory=list)
+    # (mount path in the container, local directory), longest first; and the port map
+    mounts: list[tuple[str, Path]] = field(default_factory=list)
+    ports: Mapping[int, int] = field(default_factory=dict)
+
+    def local_args(self, args: list[str]) -> list[str]:
+        """Container paths and ports in `args` as this machine has them."""
+        return [_rewrite_port(_rewrite_paths(a, self.mounts), self.ports) for a in args]
 
 
 @dataclass
@@ -328,7 +337,7 @@ def _container(c: Obj, pod: PodIdentity, volumes: Mapping[str, Path], ports: Map
         env["KUBECONFIG"] = str(kubeconfig)
         changes.append(f"env KUBECONFIG={kubeconfig} (ServiceAccount {pod.service_account} token)")
     return LocalContainer(name=c["name"], image=c["image"], binary=binary, argv=new_argv, env=env,
-                          chart_argv=chart_argv, changes=changes)
+                          chart_argv=chart_argv, changes=changes, mounts=mounts, ports=ports)
 
 
 def process_env(pod: LocalPod, container: LocalContainer) -> dict[str, str]:
@@ -343,6 +352,27 @@ def run_container(cp: ControlPlane, pod: LocalPod, name: str, *, argv: list[str]
     container = pod.containers[name]
     return cp.procs.start(f"{pod.root.name}-{name}", argv or container.argv, env=process_env(pod, container),
                           cwd=pod.root)
+
+
+def local_exec(pod: LocalPod, commands: Mapping[str, Path] | None = None) -> Exec:
+    """`kubectl exec` into a container of this pod as the harness runs it: the project command
+    found locally, the container's environment, its paths and ports rewritten, in the pod's
+    directory. (Exec through the API server needs a kubelet, which the harness does not run.)"""
+    commands = project_commands() if commands is None else commands
+
+    local = pod
+
+    def run(namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
+        if (namespace, pod) != (local.identity.namespace, local.identity.name):
+            raise HarnessError(f"exec into {namespace}/{pod}: only {local.identity.name} runs here")
+        c = local.containers[container]
+        if argv[0] not in commands:
+            raise HarnessError(f"exec {argv[0]!r}: not a project command")
+        proc = subprocess.run([str(commands[argv[0]]), *c.local_args(list(argv[1:]))], env=process_env(local, c),
+                              cwd=local.root, capture_output=True, text=True, timeout=300, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    return run
 
 
 REJECTED_FLAG = re.compile(r"flag provided but not defined: -+([\w.-]+)|unknown flag: --?([\w.-]+)"

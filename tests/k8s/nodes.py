@@ -76,6 +76,15 @@ class Kubelets:
             self._thread = threading.Thread(target=self._loop, name="kubelet-stand-in", daemon=True)
             self._thread.start()
 
+    def remove(self, name: str) -> None:
+        """The node leaves the cluster (its pods are then collected by the pod GC controller)."""
+        if name in self.nodes:
+            self.nodes.remove(name)
+        with contextlib.suppress(ApiException):
+            self.core.delete_node(name)
+        with contextlib.suppress(ApiException):
+            self.leases.delete_namespaced_lease(name, LEASE_NAMESPACE)
+
     def _beat(self, name: str, first: bool = False) -> None:
         now = _now()
         ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",

@@ -28,7 +28,7 @@ from kubectl_zvolt import cli as kubectl_zvolt
 from lab.guest import Lab
 
 from . import storage
-from .chartpod import CHART, Chart, LocalPod, local_pod, project_commands, run_container
+from .chartpod import CHART, Chart, LocalPod, local_exec, local_pod, project_commands, run_container
 from .controlplane import ControlPlane, Say
 from .nodes import Kubelets, NodeSpec
 from .procs import Process, wait_for
@@ -42,6 +42,7 @@ STORAGE_LABEL = {"zvolt.io/storage-node": "true"}
 IMMEDIATE = "zvolt-immediate"  # the chart's zvolt class, but bound at once (no consumer needed)
 SNAPSHOTS = ("snapshot.storage.k8s.io", "v1")
 TIMEOUT = 240.0  # TCG: every ZFS/nvmet step is 10-50x slower than on hardware
+RECONCILE_S = 5
 
 
 @dataclass
@@ -66,11 +67,11 @@ class Zvolt:
         return wait_for(what, check, timeout, watch=self.procs, interval=0.5)
 
 
-def _agent_pod(cp: ControlPlane, namespace: str, daemonset: str) -> str | None:
+def _agent_pod(cp: ControlPlane, namespace: str, daemonset: str, node: str = storage.STORAGE_NODE) -> str | None:
     ds = client.AppsV1Api(cp.api).read_namespaced_daemon_set(daemonset, namespace)
     selector = ",".join(f"{k}={v}" for k, v in sorted(ds.spec.selector.match_labels.items()))
     for pod in client.CoreV1Api(cp.api).list_namespaced_pod(namespace, label_selector=selector).items:
-        if pod.spec.node_name == storage.STORAGE_NODE and pod.metadata.deletion_timestamp is None:
+        if pod.spec.node_name == node and pod.metadata.deletion_timestamp is None:
             return str(pod.metadata.name)
     return None
 
@@ -82,7 +83,10 @@ def zvolt(cluster: ControlPlane, zvolt_chart: Chart, lab: Lab, say: Say) -> Iter
     # host network of its node, whose address here is 127.0.0.1, where the lab forwards a port
     # to the agent in the guest: point the chart at that port, as a user would with helm upgrade.
     with helm_python.Config(kubeconfig_path=cluster.admin_kubeconfig, namespace=zvolt_chart.namespace) as cfg:
-        cfg.upgrade(CHART, zvolt_chart.release, {"agent": {"port": lab.forwards["agent"]}},
+        # Attachment reconcile every 5 s (60 s by default): every scenario here then also shows
+        # that it never unpublishes what Kubernetes attaches, even mid-attach.
+        cfg.upgrade(CHART, zvolt_chart.release, {"agent": {"port": lab.forwards["agent"]},
+                                                 "controller": {"reconcileAttachmentsSeconds": RECONCILE_S}},
                     namespace=zvolt_chart.namespace, reuse_values=True, timeout=120)
     fullname = zvolt_chart.controller.removesuffix("-controller")
     store = storage.start(lab, cluster.api, zvolt_chart.namespace, f"{fullname}-agent-tls")
@@ -376,3 +380,67 @@ def test_kubectl_zvolt_against_the_api_server(zvolt: Zvolt, ns: str) -> None:
         kz(z, ns, "delete", ref)
     z.wait("every PVC gone", lambda: None if z.core.list_namespaced_persistent_volume_claim(ns).items else True)
     z.say(f"k8s scenario kubectl zvolt snapshot/restore/branch/ls/tree/delete: {time.monotonic() - t0:.1f} s")
+
+
+GONE_WORKER = "worker-gone"
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_stale_attachments_are_shown_and_cleared_and_attached_ones_kept(zvolt: Zvolt, ns: str) -> None:
+    """A publish no VolumeAttachment wants (here: to a worker the cluster does not have, made
+    through the controller's CSI socket) is listed as stale by `kubectl zvolt attachments` and
+    unpublished by the controller's reconcile; the volume a Pod uses stays attached."""
+    import grpc
+
+    from zvolt.pb import csi_pb2, csi_pb2_grpc
+
+    z, t0 = zvolt, time.monotonic()
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("kept"))
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("stray"))
+    kept, stray = bound_pv(z, ns, "kept"), bound_pv(z, ns, "stray")
+    z.core.create_namespaced_pod(ns, consumer("db-0", "kept"))
+    z.wait("VolumeAttachment attached", lambda: attached(z, kept.metadata.name))
+    kept_id, stray_id = kept.spec.csi.volume_handle, stray.spec.csi.volume_handle
+    gone = f"nqn.2026-11.io.zvolt:host:{GONE_WORKER}:{uuid.uuid4()}"
+    with grpc.insecure_channel(f"unix://{z.pod.path('/csi/csi.sock')}") as ch:
+        cap = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+        csi_pb2_grpc.ControllerStub(ch).ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=stray_id, node_id=gone, volume_capability=cap), timeout=TIMEOUT)
+    t_published = time.monotonic()
+    assert z.storage.allowed_hosts(stray_id) == [gone]
+
+    # The operator's view, exec'd into the controller container as kubectl would.
+    if z.core.read_namespaced_pod(z.pod.identity.name, z.chart.namespace).status.phase != "Running":
+        z.kubelets.mark_running(z.chart.namespace, z.pod.identity.name, "127.0.0.1")
+    out = io.StringIO()
+    code = kubectl_zvolt.run(["--kubeconfig", str(z.cp.admin_kubeconfig), "-n", z.chart.namespace, "attachments",
+                              "-o", "json"], execute=local_exec(z.pod), out=out)
+    assert code == 0, out.getvalue()
+    rows = {(r["volume_id"], r["host_nqn"]): (r["node"], r["state"]) for r in json.loads(out.getvalue())["attachments"]}
+    if (stray_id, gone) in rows:  # the reconcile may already have cleared it: that is the next check
+        assert rows[(stray_id, gone)] == (GONE_WORKER, "stale"), rows
+    assert rows[(kept_id, z.storage.node_id)] == (WORKER, "attached"), rows
+
+    z.wait("the stray publish cleared by the reconcile", lambda: None if z.storage.allowed_hosts(stray_id) else True,
+           timeout=TIMEOUT)
+    t_cleared = time.monotonic() - t_published
+    assert z.storage.allowed_hosts(kept_id) == [z.storage.node_id] and attached(z, kept.metadata.name)
+    # Two passes in a row, not one.
+    assert t_cleared >= RECONCILE_S, f"cleared after {t_cleared:.1f} s: fewer than two passes"
+    z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
+    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, kept.metadata.name) else True)
+    for name in ("kept", "stray"):
+        z.core.delete_namespaced_persistent_volume_claim(name, ns)
+    for pv in (kept, stray):
+        z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    z.say(f"k8s scenario stale attachment: listed, cleared {t_cleared:.1f} s after the stray publish "
+          f"(passes every {RECONCILE_S} s), attached volume kept; {time.monotonic() - t0:.1f} s in all")

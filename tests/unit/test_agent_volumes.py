@@ -344,6 +344,14 @@ def test_list_volumes_pagination(node: FakeNode) -> None:
     assert code_of(v.list_volumes, 10, "!!garbage") == grpc.StatusCode.ABORTED
     assert code_of(v.list_volumes, -1, "") == grpc.StatusCode.INVALID_ARGUMENT
     assert len(v.list_volumes(0, "")[0]) == 25
+    # Published only (the controller's attachment reconcile), paged the same way.
+    host = "nqn.2014-08.org.nvmexpress:uuid:5a5a5a5a-0000-4000-8000-000000000001"
+    published = sorted(made[i] for i in (3, 7, 11, 19))
+    for vid in published:
+        v.publish(vid, host)
+    rows, token = v.list_volumes(3, "", published_only=True)
+    rest, end = v.list_volumes(3, token, published_only=True)
+    assert [r.id for r in rows + rest] == published and not end
 
 
 def test_list_snapshots_filters_and_pages(node: FakeNode) -> None:

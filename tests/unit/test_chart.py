@@ -217,7 +217,12 @@ def test_controller_deployment(default_docs: list[Obj]) -> None:
     assert zc["command"] == ["zvolt-csi"]
     assert zc["args"][:3] == ["--mode=controller", "--endpoint=unix:///csi/csi.sock", "--metrics-listen=0.0.0.0:9102"]
     assert "--agents-from-kubernetes" in zc["args"] and f"--agent-namespace={NAMESPACE}" in zc["args"]
-    assert "--agent-port=7001" in zc["args"]
+    assert "--agent-port=7001" in zc["args"] and "--reconcile-attachments=60" in zc["args"]
+    # The same args drive `kubectl zvolt attachments` (it execs zvolt-csi with them): they parse.
+    from csi.main import parser
+    from kubectl_zvolt.attachments import argv
+    parsed = parser().parse_args(argv(zc["args"], clear=False)[1:])
+    assert parsed.mode == "attachments" and parsed.agents_from_kubernetes and parsed.tls_ca == "/etc/zvolt/tls/ca.crt"
     assert {"--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key",
             "--tls-ca=/etc/zvolt/tls/ca.crt"} <= set(zc["args"])
     assert zc["livenessProbe"]["httpGet"]["port"] == "healthz"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14zvolt/pb/agent.proto\x12\x0ezvolt.agent.v1\"\x10\n\x0eGetInfoRequest\"\x93\x02\n\x0fGetInfoResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12\x16\n\x0eparent_dataset\x18\x05 \x01(\t\x12\x16\n\x0envme_transport\x18\x06 \x01(\t\x12\x14\n\x0cnvme_address\x18\x07 \x01(\t\x12\x11\n\tnvme_port\x18\x08 \x01(\t\x12\x0f\n\x07volumes\x18\t \x01(\x03\x12\x11\n\tsnapshots\x18\n \x01(\x03\x12\x0f\n\x07\x65xports\x18\x0b \x01(\x03\x12\x17\n\x0fstartup_seconds\x18\x0c \x01(\x01\x12\x18\n\x10not_ready_reason\x18\r \x01(\t\"\xd8\x02\n\x06Volume\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cvolblocksize\x18\x04 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x05 \x01(\t\x12\r\n\x05thick\x18\x06 \x01(\x08\x12\x11\n\tencrypted\x18\x07 \x01(\x08\x12\x1a\n\x12source_snapshot_id\x18\x08 \x01(\t\x12\x18\n\x10source_volume_id\x18\t \x01(\t\x12\x17\n\x0fpublished_hosts\x18\n \x03(\t\x12\x0b\n\x03nqn\x18\x0b \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x0c \x01(\x03\x12\x12\n\nused_bytes\x18\r \x01(\x03\x12\x32\n\tcondition\x18\x0e \x01(\x0e\x32\x1f.zvolt.agent.v1.VolumeCondition\x12\x19\n\x11\x63ondition_message\x18\x0f \x01(\t\"\x92\x01\n\x08Snapshot\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x03\x12\x14\n\x0cready_to_use\x18\x06 \x01(\x08\x12\x12\n\nused_bytes\x18\x07 \x01(\x03\"\xaf\x02\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cvolblocksize\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\r\n\x05thick\x18\x05 \x01(\x08\x12\x1a\n\x12source_snapshot_id\x18\x06 \x01(\t\x12\x18\n\x10source_volume_id\x18\x07 \x01(\t\x12\x16\n\x0e\x65ncryption_key\x18\x08 \x01(\x0c\x12?\n\x06labels\x18\t \x03(\x0b\x32/.zvolt.agent.v1.CreateVolumeRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x14\x43reateVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"(\n\x13\x44\x65leteVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"<\n\x13\x45xpandVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\">\n\x14\x45xpandVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"%\n\x10GetVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\";\n\x11GetVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"A\n\x12ListVolumesRequest\x12\x13\n\x0bmax_entries\x18\x01 \x01(\x05\x12\x16\n\x0estarting_token\x18\x02 \x01(\t\"R\n\x13ListVolumesResponse\x12\'\n\x07volumes\x18\x01 \x03(\x0b\x32\x16.zvolt.agent.v1.Volume\x12\x12\n\nnext_token\x18\x02 \x01(\t\"\xb1\x01\n\x15\x43reateSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10source_volume_id\x18\x02 \x01(\t\x12\x41\n\x06labels\x18\x03 \x03(\x0b\x32\x31.zvolt.agent.v1.CreateSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x16\x43reateSnapshotResponse\x12*\n\x08snapshot\x18\x01 \x01(\x0b\x32\x18.zvolt.agent.v1.Snapshot\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\"r\n\x14ListSnapshotsRequest\x12\x13\n\x0bmax_entries\x18\x01 \x01(\x05\x12\x16\n\x0estarting_token\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x04 \x01(\t\"X\n\x15ListSnapshotsResponse\x12+\n\tsnapshots\x18\x01 \x03(\x0b\x32\x18.zvolt.agent.v1.Snapshot\x12\x12\n\nnext_token\x18\x02 \x01(\t\"\x14\n\x12GetCapacityRequest\"t\n\x13GetCapacityResponse\x12\x17\n\x0f\x61vailable_bytes\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13maximum_volume_size\x18\x04 \x01(\x03\";\n\x14PublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"\x89\x01\n\x15PublishVolumeResponse\x12\x0b\n\x03nqn\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\t\x12\x15\n\rdhchap_secret\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x06 \x01(\t\"=\n\x16UnpublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"\x19\n\x17UnpublishVolumeResponse*p\n\x0fVolumeCondition\x12 \n\x1cVOLUME_CONDITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18VOLUME_CONDITION_HEALTHY\x10\x01\x12\x1d\n\x19VOLUME_CONDITION_ABNORMAL\x10\x02\x32\xc8\x08\n\x05\x41gent\x12J\n\x07GetInfo\x12\x1e.zvolt.agent.v1.GetInfoRequest\x1a\x1f.zvolt.agent.v1.GetInfoResponse\x12Y\n\x0c\x43reateVolume\x12#.zvolt.agent.v1.CreateVolumeRequest\x1a$.zvolt.agent.v1.CreateVolumeResponse\x12Y\n\x0c\x44\x65leteVolume\x12#.zvolt.agent.v1.DeleteVolumeRequest\x1a$.zvolt.agent.v1.DeleteVolumeResponse\x12Y\n\x0c\x45xpandVolume\x12#.zvolt.agent.v1.ExpandVolumeRequest\x1a$.zvolt.agent.v1.ExpandVolumeResponse\x12P\n\tGetVolume\x12 .zvolt.agent.v1.GetVolumeRequest\x1a!.zvolt.agent.v1.GetVolumeResponse\x12V\n\x0bListVolumes\x12\".zvolt.agent.v1.ListVolumesRequest\x1a#.zvolt.agent.v1.ListVolumesResponse\x12_\n\x0e\x43reateSnapshot\x12%.zvolt.agent.v1.CreateSnapshotRequest\x1a&.zvolt.agent.v1.CreateSnapshotResponse\x12_\n\x0e\x44\x65leteSnapshot\x12%.zvolt.agent.v1.DeleteSnapshotRequest\x1a&.zvolt.agent.v1.DeleteSnapshotResponse\x12\\\n\rListSnapshots\x12$.zvolt.agent.v1.ListSnapshotsRequest\x1a%.zvolt.agent.v1.ListSnapshotsResponse\x12V\n\x0bGetCapacity\x12\".zvolt.agent.v1.GetCapacityRequest\x1a#.zvolt.agent.v1.GetCapacityResponse\x12\\\n\rPublishVolume\x12$.zvolt.agent.v1.PublishVolumeRequest\x1a%.zvolt.agent.v1.PublishVolumeResponse\x12\x62\n\x0fUnpublishVolume\x12&.zvolt.agent.v1.UnpublishVolumeRequest\x1a\'.zvolt.agent.v1.UnpublishVolumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14zvolt/pb/agent.proto\x12\x0ezvolt.agent.v1\"\x10\n\x0eGetInfoRequest\"\x93\x02\n\x0fGetInfoResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12\x16\n\x0eparent_dataset\x18\x05 \x01(\t\x12\x16\n\x0envme_transport\x18\x06 \x01(\t\x12\x14\n\x0cnvme_address\x18\x07 \x01(\t\x12\x11\n\tnvme_port\x18\x08 \x01(\t\x12\x0f\n\x07volumes\x18\t \x01(\x03\x12\x11\n\tsnapshots\x18\n \x01(\x03\x12\x0f\n\x07\x65xports\x18\x0b \x01(\x03\x12\x17\n\x0fstartup_seconds\x18\x0c \x01(\x01\x12\x18\n\x10not_ready_reason\x18\r \x01(\t\"\xd8\x02\n\x06Volume\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cvolblocksize\x18\x04 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x05 \x01(\t\x12\r\n\x05thick\x18\x06 \x01(\x08\x12\x11\n\tencrypted\x18\x07 \x01(\x08\x12\x1a\n\x12source_snapshot_id\x18\x08 \x01(\t\x12\x18\n\x10source_volume_id\x18\t \x01(\t\x12\x17\n\x0fpublished_hosts\x18\n \x03(\t\x12\x0b\n\x03nqn\x18\x0b \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x0c \x01(\x03\x12\x12\n\nused_bytes\x18\r \x01(\x03\x12\x32\n\tcondition\x18\x0e \x01(\x0e\x32\x1f.zvolt.agent.v1.VolumeCondition\x12\x19\n\x11\x63ondition_message\x18\x0f \x01(\t\"\x92\x01\n\x08Snapshot\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x03\x12\x14\n\x0cready_to_use\x18\x06 \x01(\x08\x12\x12\n\nused_bytes\x18\x07 \x01(\x03\"\xaf\x02\n\x13\x43reateVolumeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cvolblocksize\x18\x03 \x01(\x03\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\r\n\x05thick\x18\x05 \x01(\x08\x12\x1a\n\x12source_snapshot_id\x18\x06 \x01(\t\x12\x18\n\x10source_volume_id\x18\x07 \x01(\t\x12\x16\n\x0e\x65ncryption_key\x18\x08 \x01(\x0c\x12?\n\x06labels\x18\t \x03(\x0b\x32/.zvolt.agent.v1.CreateVolumeRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x14\x43reateVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"(\n\x13\x44\x65leteVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteVolumeResponse\"<\n\x13\x45xpandVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\">\n\x14\x45xpandVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"%\n\x10GetVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\";\n\x11GetVolumeResponse\x12&\n\x06volume\x18\x01 \x01(\x0b\x32\x16.zvolt.agent.v1.Volume\"Y\n\x12ListVolumesRequest\x12\x13\n\x0bmax_entries\x18\x01 \x01(\x05\x12\x16\n\x0estarting_token\x18\x02 \x01(\t\x12\x16\n\x0epublished_only\x18\x03 \x01(\x08\"R\n\x13ListVolumesResponse\x12\'\n\x07volumes\x18\x01 \x03(\x0b\x32\x16.zvolt.agent.v1.Volume\x12\x12\n\nnext_token\x18\x02 \x01(\t\"\xb1\x01\n\x15\x43reateSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10source_volume_id\x18\x02 \x01(\t\x12\x41\n\x06labels\x18\x03 \x03(\x0b\x32\x31.zvolt.agent.v1.CreateSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x16\x43reateSnapshotResponse\x12*\n\x08snapshot\x18\x01 \x01(\x0b\x32\x18.zvolt.agent.v1.Snapshot\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\"r\n\x14ListSnapshotsRequest\x12\x13\n\x0bmax_entries\x18\x01 \x01(\x05\x12\x16\n\x0estarting_token\x18\x02 \x01(\t\x12\x18\n\x10source_volume_id\x18\x03 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x04 \x01(\t\"X\n\x15ListSnapshotsResponse\x12+\n\tsnapshots\x18\x01 \x03(\x0b\x32\x18.zvolt.agent.v1.Snapshot\x12\x12\n\nnext_token\x18\x02 \x01(\t\"\x14\n\x12GetCapacityRequest\"t\n\x13GetCapacityResponse\x12\x17\n\x0f\x61vailable_bytes\x18\x01 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x12\n\nused_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13maximum_volume_size\x18\x04 \x01(\x03\";\n\x14PublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"\x89\x01\n\x15PublishVolumeResponse\x12\x0b\n\x03nqn\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\t\x12\x15\n\rdhchap_secret\x18\x05 \x01(\t\x12\x1a\n\x12\x64hchap_ctrl_secret\x18\x06 \x01(\t\"=\n\x16UnpublishVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x10\n\x08host_nqn\x18\x02 \x01(\t\"\x19\n\x17UnpublishVolumeResponse*p\n\x0fVolumeCondition\x12 \n\x1cVOLUME_CONDITION_UNSPECIFIED\x10\x00\x12\x1c\n\x18VOLUME_CONDITION_HEALTHY\x10\x01\x12\x1d\n\x19VOLUME_CONDITION_ABNORMAL\x10\x02\x32\xc8\x08\n\x05\x41gent\x12J\n\x07GetInfo\x12\x1e.zvolt.agent.v1.GetInfoRequest\x1a\x1f.zvolt.agent.v1.GetInfoResponse\x12Y\n\x0c\x43reateVolume\x12#.zvolt.agent.v1.CreateVolumeRequest\x1a$.zvolt.agent.v1.CreateVolumeResponse\x12Y\n\x0c\x44\x65leteVolume\x12#.zvolt.agent.v1.DeleteVolumeRequest\x1a$.zvolt.agent.v1.DeleteVolumeResponse\x12Y\n\x0c\x45xpandVolume\x12#.zvolt.agent.v1.ExpandVolumeRequest\x1a$.zvolt.agent.v1.ExpandVolumeResponse\x12P\n\tGetVolume\x12 .zvolt.agent.v1.GetVolumeRequest\x1a!.zvolt.agent.v1.GetVolumeResponse\x12V\n\x0bListVolumes\x12\".zvolt.agent.v1.ListVolumesRequest\x1a#.zvolt.agent.v1.ListVolumesResponse\x12_\n\x0e\x43reateSnapshot\x12%.zvolt.agent.v1.CreateSnapshotRequest\x1a&.zvolt.agent.v1.CreateSnapshotResponse\x12_\n\x0e\x44\x65leteSnapshot\x12%.zvolt.agent.v1.DeleteSnapshotRequest\x1a&.zvolt.agent.v1.DeleteSnapshotResponse\x12\\\n\rListSnapshots\x12$.zvolt.agent.v1.ListSnapshotsRequest\x1a%.zvolt.agent.v1.ListSnapshotsResponse\x12V\n\x0bGetCapacity\x12\".zvolt.agent.v1.GetCapacityRequest\x1a#.zvolt.agent.v1.GetCapacityResponse\x12\\\n\rPublishVolume\x12$.zvolt.agent.v1.PublishVolumeRequest\x1a%.zvolt.agent.v1.PublishVolumeResponse\x12\x62\n\x0fUnpublishVolume\x12&.zvolt.agent.v1.UnpublishVolumeRequest\x1a\'.zvolt.agent.v1.UnpublishVolumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEVOLUMEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_VOLUMECONDITION']._serialized_start=2604
-  _globals['_VOLUMECONDITION']._serialized_end=2716
+  _globals['_VOLUMECONDITION']._serialized_start=2628
+  _globals['_VOLUMECONDITION']._serialized_end=2740
   _globals['_GETINFOREQUEST']._serialized_start=40
   _globals['_GETINFOREQUEST']._serialized_end=56
   _globals['_GETINFORESPONSE']._serialized_start=59
@@ -64,35 +64,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETVOLUMERESPONSE']._serialized_start=1433
   _globals['_GETVOLUMERESPONSE']._serialized_end=1492
   _globals['_LISTVOLUMESREQUEST']._serialized_start=1494
-  _globals['_LISTVOLUMESREQUEST']._serialized_end=1559
-  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1561
-  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1643
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1646
-  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1823
+  _globals['_LISTVOLUMESREQUEST']._serialized_end=1583
+  _globals['_LISTVOLUMESRESPONSE']._serialized_start=1585
+  _globals['_LISTVOLUMESRESPONSE']._serialized_end=1667
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=1670
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=1847
   _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=1091
   _globals['_CREATESNAPSHOTREQUEST_LABELSENTRY']._serialized_end=1136
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=1825
-  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=1893
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1895
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1939
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1941
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1965
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1967
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2081
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2083
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2171
-  _globals['_GETCAPACITYREQUEST']._serialized_start=2173
-  _globals['_GETCAPACITYREQUEST']._serialized_end=2193
-  _globals['_GETCAPACITYRESPONSE']._serialized_start=2195
-  _globals['_GETCAPACITYRESPONSE']._serialized_end=2311
-  _globals['_PUBLISHVOLUMEREQUEST']._serialized_start=2313
-  _globals['_PUBLISHVOLUMEREQUEST']._serialized_end=2372
-  _globals['_PUBLISHVOLUMERESPONSE']._serialized_start=2375
-  _globals['_PUBLISHVOLUMERESPONSE']._serialized_end=2512
-  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_start=2514
-  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_end=2575
-  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_start=2577
-  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_end=2602
-  _globals['_AGENT']._serialized_start=2719
-  _globals['_AGENT']._serialized_end=3815
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=1849
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=1917
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1919
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1963
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1965
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1989
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1991
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2105
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2107
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2195
+  _globals['_GETCAPACITYREQUEST']._serialized_start=2197
+  _globals['_GETCAPACITYREQUEST']._serialized_end=2217
+  _globals['_GETCAPACITYRESPONSE']._serialized_start=2219
+  _globals['_GETCAPACITYRESPONSE']._serialized_end=2335
+  _globals['_PUBLISHVOLUMEREQUEST']._serialized_start=2337
+  _globals['_PUBLISHVOLUMEREQUEST']._serialized_end=2396
+  _globals['_PUBLISHVOLUMERESPONSE']._serialized_start=2399
+  _globals['_PUBLISHVOLUMERESPONSE']._serialized_end=2536
+  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_start=2538
+  _globals['_UNPUBLISHVOLUMEREQUEST']._serialized_end=2599
+  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_start=2601
+  _globals['_UNPUBLISHVOLUMERESPONSE']._serialized_end=2626
+  _globals['_AGENT']._serialized_start=2743
+  _globals['_AGENT']._serialized_end=3839
 # @@protoc_insertion_point(module_scope)

@@ -174,12 +174,14 @@ class GetVolumeResponse(_message.Message):
     def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
 
 class ListVolumesRequest(_message.Message):
-    __slots__ = ("max_entries", "starting_token")
+    __slots__ = ("max_entries", "starting_token", "published_only")
     MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_ONLY_FIELD_NUMBER: _ClassVar[int]
     max_entries: int
     starting_token: str
-    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ...) -> None: ...
+    published_only: bool
+    def __init__(self, max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ..., published_only: _Optional[bool] = ...) -> None: ...
 
 class ListVolumesResponse(_message.Message):
     __slots__ = ("volumes", "next_token")

@@ -1,0 +1,69 @@
+"""`kubectl zvolt attachments [--clear]`: what storage nodes publish, and whether Kubernetes
+still attaches it.
+
+Only the controller can reach the agents (mTLS, agent discovery), so this runs
+`zvolt-csi --mode attachments` in a running controller container with that container's own
+settings, read from its pod spec, and shows the result. The decision of what is stale lives in
+one place, csi/attachments.py, shared with the controller's periodic reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kubectl_zvolt.errors import PluginError
+from kubectl_zvolt.kube import Exec, Kube, Obj
+
+CONTAINER = "zvolt-controller"
+# Settings of the serving controller that mean nothing to a one-shot listing.
+_SERVING_ONLY = ("--mode", "--endpoint", "--metrics-listen", "--reconcile-attachments", "--alpha-capabilities",
+                 "--log-level")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    volume_id: str
+    node: str
+    state: str  # attached | stale | cleared
+    host_nqn: str
+
+
+def controller(pods: Sequence[Obj]) -> tuple[str, list[str]]:
+    """(pod name, zvolt-controller args) of a running controller pod."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Running":
+            continue
+        for c in (pod.get("spec") or {}).get("containers") or []:
+            if c.get("name") == CONTAINER:
+                return str(pod["metadata"]["name"]), [str(a) for a in c.get("args") or []]
+    raise PluginError(f"no running pod with a {CONTAINER} container in this namespace "
+                      "(give -n with the namespace zvolt is installed in)")
+
+
+def argv(controller_args: Sequence[str], clear: bool) -> list[str]:
+    kept = [a for a in controller_args if not a.startswith(_SERVING_ONLY)]
+    return ["zvolt-csi", *kept, "--mode=attachments", "--output=json", "--log-level=error",
+            *(["--clear"] if clear else [])]
+
+
+def parse(output: str) -> tuple[list[Attachment], dict[str, str]]:
+    start = output.find('{\n  "attachments"')
+    if start < 0:
+        raise PluginError(f"zvolt-csi --mode attachments gave no result: {output.strip()[-500:]}")
+    try:
+        doc, _ = json.JSONDecoder().raw_decode(output[start:])
+        rows = [Attachment(r["volume_id"], r["node"], r["state"], r["host_nqn"]) for r in doc["attachments"]]
+        return rows, {str(k): str(v) for k, v in (doc.get("unreachable") or {}).items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PluginError(f"cannot read the output of zvolt-csi --mode attachments: {exc}") from exc
+
+
+def attachments(kube: Kube, execute: Exec, clear: bool) -> tuple[list[Attachment], dict[str, str]]:
+    pod, args = controller(kube.list_pods())
+    code, out = execute(kube.namespace, pod, CONTAINER, argv(args, clear))
+    rows, unreachable = parse(out)
+    if code not in (0, 1):  # 1: some storage node did not answer, which the result says
+        raise PluginError(f"zvolt-csi --mode attachments in pod {pod} exited {code}: {out.strip()[-500:]}")
+    return rows, unreachable
