@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.locks import KeyLocks
+from csi.placements import PlacementRecords
 from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
 from zvolt.names import (
     check_csi_name,
@@ -164,10 +165,12 @@ def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
-    def __init__(self, pool: AgentPool, locks: KeyLocks | None = None, alpha: tuple[RPC.Type, ...] = ()) -> None:
+    def __init__(self, pool: AgentPool, locks: KeyLocks | None = None, alpha: tuple[RPC.Type, ...] = (),
+                 records: PlacementRecords | None = None) -> None:
         self.pool = pool
         self.locks = locks or KeyLocks()
         self.capabilities = (*STABLE_CAPABILITIES, *alpha)
+        self.records = records
 
     # ------------------------------------------------------------ conversions
 
@@ -204,25 +207,38 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         vol: agent_pb2.Volume = agent.call("GetVolume", req, timeout=timeout).volume
         return vol
 
-    def _find_by_name(self, name: str) -> tuple[AgentClient, agent_pb2.Volume] | None:
-        """Idempotency across nodes: the id is derived from the name, so ask every agent. If one
-        that might hold it cannot answer, creating now could make a second copy elsewhere:
-        answer UNAVAILABLE (the CO retries) instead."""
+    def _find_by_name(self, name: str) -> tuple[tuple[AgentClient, agent_pb2.Volume] | None, dict[str, str]]:
+        """Idempotency across nodes: the id is derived from the name, so ask every agent, all at
+        once. Returns (where it is, if found; the agents that could not answer: node -> why)."""
         local_id = id_for_name(name)
         agents = self.pool.all()
-        silent = []
+        silent: dict[str, str] = {}
         for agent, found in zip(agents, fan_out(agents, lambda a: self._get_volume(a, local_id, LOOKUP_TIMEOUT)),
                                 strict=True):
             if isinstance(found, ZvoltError):
                 if found.code != grpc.StatusCode.NOT_FOUND:
-                    silent.append(found.message)
+                    silent[agent.name] = found.message
                 continue
             if found.name and found.name != name:
                 raise already_exists(f"volume id {local_id} on {agent.name} belongs to another name {found.name!r}")
-            return agent, found
-        if silent:
-            raise unavailable(f"cannot tell whether volume {name!r} exists yet: {'; '.join(silent)}; retry later")
-        return None
+            return (agent, found), silent
+        return None, silent
+
+    def _check_silent(self, name: str, pvc: tuple[str, str] | None, silent: dict[str, str]) -> None:
+        """Some storage nodes did not answer the lookup. Creating elsewhere is safe only if no
+        earlier attempt went to one of them, which the PVC's placement record tells
+        (csi/placements.py); without a record, answer UNAVAILABLE (the CO retries)."""
+        if self.records is None or pvc is None:
+            raise unavailable(f"cannot tell whether volume {name!r} exists yet: {'; '.join(silent.values())}; "
+                              "retry later")
+        record = self.records.get(*pvc)
+        if record is not None and record[0] == name and record[1] in silent:
+            raise unavailable(f"an earlier attempt to create volume {name!r} went to storage node {record[1]}, "
+                              f"which does not answer ({silent[record[1]]}); retry later")
+
+    def _record(self, name: str, pvc: tuple[str, str] | None, node: str) -> None:
+        if self.records is not None and pvc is not None:
+            self.records.put(*pvc, name, node)
 
     def _candidates(self) -> list[placement.Candidate]:
         found = []
@@ -250,11 +266,15 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise invalid("mutable_parameters are not supported (no MODIFY_VOLUME capability)")
         rng = request.capacity_range if request.HasField("capacity_range") else None
         source_node, source = self._source_ids(request)
+        pvc = (par.labels["pvc-namespace"], par.labels["pvc-name"]) \
+            if "pvc-namespace" in par.labels and "pvc-name" in par.labels else None
         with self.locks.hold(f"name:{name}"):
             # By name first: a retry must find the volume it made even if its source is gone since.
-            existing = self._find_by_name(name)
+            existing, silent = self._find_by_name(name)
             if existing is not None:
                 return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source))
+            if silent:
+                self._check_silent(name, pvc, silent)
             source_agent, minimum = self._resolve_source(source_node, source)
             align = CLONE_ALIGN if source_agent is not None else par.volblocksize
             size = choose_size(rng, align, minimum)
@@ -277,6 +297,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             last: ZvoltError | None = None
             for node in order:
                 agent = self._agent_for(node)
+                self._record(name, pvc, node)
                 try:
                     vol = agent.call("CreateVolume", base).volume
                 except ZvoltError as err:

@@ -22,6 +22,7 @@ from csi.metrics import Metrics
 from csi.mounter import SystemMounter
 from csi.node import NodeService
 from csi.nvme_host import SysfsNvmeHost
+from csi.placements import KubernetesRecords, PlacementRecords
 from csi.server import Services, build_server, serve
 from zvolt.errors import ZvoltError
 from zvolt.logs import setup_logging
@@ -108,7 +109,10 @@ def _pool(args: argparse.Namespace) -> AgentPool:
 
 
 def _controller(args: argparse.Namespace) -> Services:
-    services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities))
+    # With the Kubernetes API at hand, each create is recorded on its PVC first, so a storage
+    # node that is down holds up only the creates that were sent to it (csi/placements.py).
+    records = KubernetesRecords() if args.agents_from_kubernetes else None
+    services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities), records)
     if args.reconcile_attachments > 0:
         reconciler = _reconciler(args, services)
         threading.Thread(target=reconciler.run, args=(threading.Event(), args.reconcile_attachments),
@@ -152,12 +156,13 @@ def attachments(args: argparse.Namespace, out: Callable[[str], None] = print) ->
     return 1 if failed else 0
 
 
-def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = ()) -> Services:
+def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
+                        records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
     livenessprobe never restarts the controller for a storage outage."""
     return Services(
         identity=IdentityService(controller=True, ready=lambda: True),
-        controller=ControllerService(pool, alpha=alpha),
+        controller=ControllerService(pool, alpha=alpha, records=records),
         health=StorageHealth(pool),
     )
 

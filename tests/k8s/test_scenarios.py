@@ -444,3 +444,39 @@ def test_stale_attachments_are_shown_and_cleared_and_attached_ones_kept(zvolt: Z
         z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
     z.say(f"k8s scenario stale attachment: listed, cleared {t_cleared:.1f} s after the stray publish "
           f"(passes every {RECONCILE_S} s), attached volume kept; {time.monotonic() - t0:.1f} s in all")
+
+
+def test_a_dead_storage_node_holds_up_only_what_was_sent_to_it(zvolt: Zvolt, ns: str) -> None:
+    """A second storage node whose agent pod is Running but answers nothing (the node died and
+    its DaemonSet pod stays): a new PVC still binds on the node that answers, without waiting
+    on the dead one, because its PVC's placement record shows no attempt ever went there."""
+    z, t0 = zvolt, time.monotonic()
+    dead = "storage-dead"
+    fullname = z.chart.controller.removesuffix("-controller")
+    z.kubelets.register(NodeSpec(dead, labels=STORAGE_LABEL))
+    try:
+        pod = z.wait("the agent DaemonSet's pod on the dead node",
+                     lambda: _agent_pod(z.cp, z.chart.namespace, f"{fullname}-agent", dead), 120)
+        # Its address answers nothing: 127.0.0.2 is loopback, where no agent port is forwarded.
+        z.kubelets.mark_running(z.chart.namespace, pod, "127.0.0.2")
+        # Only once the controller knows the dead node does this show anything: its readiness
+        # metric names it (discovery and the metric refresh every 30 s).
+        metrics = f"http://127.0.0.1:{z.pod.port('metrics')}/metrics"
+        z.wait("the controller sees the dead storage node",
+               lambda: f'zvolt_csi_storage_node_ready{{node="{dead}"}} 0.0' in _get(metrics) or None, 150)
+        t_known = time.monotonic() - t0
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("db"))
+        pv = bound_pv(z, ns, "db")
+        t_bound = time.monotonic() - t0
+        assert pv.spec.csi.volume_handle.startswith(f"{storage.STORAGE_NODE}/")
+        assert f'zvolt_csi_storage_node_ready{{node="{dead}"}} 0.0' in _get(metrics)
+        claim = z.core.read_namespaced_persistent_volume_claim("db", ns)
+        record = (claim.metadata.annotations or {}).get("csi.zvolt.io/placement")
+        assert record == f"{pv.metadata.name}={storage.STORAGE_NODE}", claim.metadata.annotations
+        z.core.delete_namespaced_persistent_volume_claim("db", ns)
+        z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+        z.say(f"k8s scenario dead storage node: known to the controller after {t_known:.1f} s, a new PVC "
+              f"Bound on the live node {t_bound - t_known:.1f} s later, "
+              f"deleted {time.monotonic() - t0:.1f} s")
+    finally:
+        z.kubelets.remove(dead)

@@ -341,7 +341,7 @@ def rules_of(role: Obj) -> dict[str, set[str]]:
 EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
     "ClusterRole/provisioner": {
         "core/persistentvolumes": {"get", "list", "watch", "create", "patch", "delete"},
-        "core/persistentvolumeclaims": {"get", "list", "watch", "update"},
+        "core/persistentvolumeclaims": {"get", "list", "watch", "update", "patch"},
         "storage.k8s.io/storageclasses": {"get", "list", "watch"},
         "core/events": {"list", "watch", "create", "update", "patch"},
         "snapshot.storage.k8s.io/volumesnapshots": {"get", "list", "watch", "update"},
