@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from agent import nvmet
+from agent.authz import Authorizer
 from agent.dhchap import AuthConfig, HostKeys
 from agent.exports import ExportConfig, Exports
 from agent.failpoints import FailpointZfs
@@ -37,6 +37,7 @@ from agent.zfs import LibZfs, Zfs
 from zvolt import names
 from zvolt.logs import setup_logging
 from zvolt.rpc import InFlight, parse_endpoint, prepare_unix_socket
+from zvolt.tlsfiles import TlsFiles, Watched, server_credentials
 
 _log = logging.getLogger("zvolt.agent")
 
@@ -52,6 +53,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "tls-cert": (None, "server certificate (PEM)"),
     "tls-key": (None, "server key (PEM)"),
     "tls-ca": (None, "CA that signs client certificates (mTLS)"),
+    "controller-cn": ("zvolt-controller", "Common Name of the controller's client certificate: the only caller "
+                      "that may change anything (others from the CA may only call GetInfo)"),
     "configfs-root": (nvmet.DEFAULT_ROOT, "nvmet configfs root"),
     "device-timeout": ("60", "seconds to wait for a zvol device node"),
     "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
@@ -79,6 +82,7 @@ class Settings:
     log_level: str
     rebuild_index: bool
     failpoint: str = ""
+    controller_cn: str = "zvolt-controller"
     shutdown_grace: float = 20.0
     dhchap: bool = False  # per-host DH-HMAC-CHAP secrets on every allowed host (agent/dhchap.py)
     dhchap_bidirectional: bool = False  # + a controller secret: the host authenticates the target too
@@ -165,6 +169,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         gc_interval=float(get("gc-interval")), log_level=str(get("log-level")),
         rebuild_index=_truthy(get("rebuild-index")), failpoint=str(get("failpoint") or ""),
         shutdown_grace=_seconds(ap, "shutdown-grace", get("shutdown-grace")),
+        controller_cn=str(get("controller-cn")),
         dhchap=_truthy(get("dhchap")) or _truthy(get("dhchap-bidirectional")),
         dhchap_bidirectional=_truthy(get("dhchap-bidirectional")),
     )
@@ -214,14 +219,13 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     metrics = Metrics()
     servicer = AgentServicer(volumes, readiness, metrics)
     inflight = InFlight()
-    server = make_server(servicer, metrics, inflight=inflight)
+    server = make_server(servicer, metrics, inflight=inflight,
+                         authz=Authorizer([settings.controller_cn]) if settings.tls else None)
     endpoint = parse_endpoint(settings.listen)
     prepare_unix_socket(endpoint)
     target = f"unix:{endpoint.path}" if endpoint.scheme == "unix" else endpoint.address
     if settings.tls:
-        cert, key, ca = (Path(p).read_bytes() for p in settings.tls)
-        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-        port = server.add_secure_port(target, creds)
+        port = server.add_secure_port(target, server_credentials(Watched(TlsFiles(*settings.tls))))
     else:
         port = server.add_insecure_port(target)
     if endpoint.scheme == "tcp" and port == 0:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from agent.authz import Authorizer
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
 from agent.recovery import Readiness
@@ -157,10 +158,12 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
 
 def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16,
-                inflight: InFlight | None = None) -> grpc.Server:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[RpcInterceptor("agent", on_done=metrics.observe, inflight=inflight)],
-    )
+                inflight: InFlight | None = None, authz: Authorizer | None = None) -> grpc.Server:
+    # The logging interceptor is outermost, so a refused caller is logged like any other call.
+    interceptors: list[grpc.ServerInterceptor] = [RpcInterceptor("agent", on_done=metrics.observe, inflight=inflight)]
+    if authz is not None:
+        interceptors.append(authz)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+                         interceptors=interceptors)
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     return server

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +21,8 @@ from zvolt.errors import ZvoltError, invalid, unavailable
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2_grpc
 from zvolt.rpc import parse_endpoint
+from zvolt.tlsfiles import TlsFiles as TlsFiles  # re-exported: the controller's settings
+from zvolt.tlsfiles import Watched, channel_credentials
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 T = TypeVar("T")
@@ -32,14 +33,6 @@ class AgentEndpoint:
     name: str
     target: str  # grpc target: unix:///path or host:port
     zone: str = DEFAULT_ZONE
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: str
-    key: str
-    ca: str
-    server_name: str = ""  # overrides the name checked in the agent's certificate
 
 
 def parse_static(spec: str, zone: str = DEFAULT_ZONE) -> list[AgentEndpoint]:
@@ -165,7 +158,7 @@ class AgentPool:
         ttl: float = 30.0,
     ) -> None:
         self._discover = discover
-        self._tls = tls
+        self._tls = Watched(tls) if tls is not None else None
         self._timeout = timeout
         self._ttl = ttl
         self._lock = threading.Lock()
@@ -175,13 +168,7 @@ class AgentPool:
 
     def _credentials(self) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
         assert self._tls is not None
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=Path(self._tls.ca).read_bytes(),
-            private_key=Path(self._tls.key).read_bytes(),
-            certificate_chain=Path(self._tls.cert).read_bytes(),
-        )
-        options = [("grpc.ssl_target_name_override", self._tls.server_name)] if self._tls.server_name else []
-        return creds, options
+        return channel_credentials(self._tls)
 
     def _channel(self, target: str) -> grpc.Channel:
         channel = self._channels.get(target)
@@ -198,6 +185,12 @@ class AgentPool:
         with self._lock:
             if not force and time.monotonic() - self._refreshed < self._ttl:
                 return
+            if self._tls is not None and self._tls.changed():
+                # Rotated certificates (a renewed Secret): new calls get channels made from the
+                # new files. The old channels are only forgotten, not closed: a close would
+                # cancel calls in flight; they go when their last caller lets go.
+                self._channels.clear()
+                self._clients.clear()
             endpoints = list(self._discover())
             clients: dict[str, AgentClient] = {}
             for ep in endpoints:

@@ -56,16 +56,17 @@ def _secret_files(api: Any, namespace: str, name: str) -> dict[str, bytes]:
     return {key: b64decode(value) for key, value in (secret.data or {}).items()}
 
 
-def start(lab: Lab, api: Any, namespace: str, agent_secret: str) -> Storage:
-    """Agent (storage netns) with the chart's agent certificate, mTLS required; node plugin
-    (worker netns). The agent is what the controller discovers behind the agent pod's IP."""
+def start(lab: Lab, api: Any, namespace: str, agent_secret: str, controller_cn: str) -> Storage:
+    """Agent (storage netns) with the chart's agent certificate, mTLS required, changes allowed
+    to the chart's controller certificate only; node plugin (worker netns). The agent is what
+    the controller discovers behind the agent pod's IP."""
     lab.run(["mkdir", "-p", "-m", "0700", GUEST_TLS])
     for key, data in _secret_files(api, namespace, agent_secret).items():
         dest = f"{GUEST_TLS}/{key}"
         lab.run(["tee", dest], input=data.decode())
         lab.run(["chmod", "0600", dest])
     lab.start_agent("--tls-cert", f"{GUEST_TLS}/tls.crt", "--tls-key", f"{GUEST_TLS}/tls.key",
-                    "--tls-ca", f"{GUEST_TLS}/ca.crt", "--gc-interval", GC_INTERVAL)
+                    "--tls-ca", f"{GUEST_TLS}/ca.crt", "--controller-cn", controller_cn, "--gc-interval", GC_INTERVAL)
     lab.start_node()
     with grpc.insecure_channel(lab.grpc_target("node")) as channel:
         info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60)

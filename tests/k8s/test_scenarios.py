@@ -9,6 +9,7 @@ took to reach it. The kubelets are stand-ins (tests/k8s/nodes.py) until the lab 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -89,7 +90,10 @@ def zvolt(cluster: ControlPlane, zvolt_chart: Chart, lab: Lab, say: Say) -> Iter
                                                  "controller": {"reconcileAttachmentsSeconds": RECONCILE_S}},
                     namespace=zvolt_chart.namespace, reuse_values=True, timeout=120)
     fullname = zvolt_chart.controller.removesuffix("-controller")
-    store = storage.start(lab, cluster.api, zvolt_chart.namespace, f"{fullname}-agent-tls")
+    agent_args = client.AppsV1Api(cluster.api).read_namespaced_daemon_set(
+        f"{fullname}-agent", zvolt_chart.namespace).spec.template.spec.containers[0].args
+    store = storage.start(lab, cluster.api, zvolt_chart.namespace, f"{fullname}-agent-tls",
+                          next(a.split("=", 1)[1] for a in agent_args if a.startswith("--controller-cn=")))
     kubelets = Kubelets(cluster.api)
     procs: list[Process] = []
     try:
@@ -480,3 +484,37 @@ def test_a_dead_storage_node_holds_up_only_what_was_sent_to_it(zvolt: Zvolt, ns:
               f"deleted {time.monotonic() - t0:.1f} s")
     finally:
         z.kubelets.remove(dead)
+
+
+def test_only_the_controller_certificate_changes_volumes(zvolt: Zvolt, ns: str) -> None:
+    """The chart's own agent certificate (what root on any storage node holds), used as a
+    client against the agent in the lab: it may read GetInfo, never publish a volume to itself;
+    the controller, with the chart's controller certificate, did all the other scenarios."""
+    import grpc
+
+    from zvolt.pb import agent_pb2, agent_pb2_grpc
+
+    z = zvolt
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("victim"))
+    handle = bound_pv(z, ns, "victim").spec.csi.volume_handle
+    fullname = z.chart.controller.removesuffix("-controller")
+    secret = z.core.read_namespaced_secret(f"{fullname}-agent-tls", z.chart.namespace).data
+    files = {k: base64.b64decode(v) for k, v in secret.items()}
+    ctrl = client.AppsV1Api(z.cp.api).read_namespaced_deployment(z.chart.controller, z.chart.namespace)
+    server_name = next(a.split("=", 1)[1] for c in ctrl.spec.template.spec.containers for a in c.args or []
+                       if a.startswith("--tls-server-name="))
+    creds = grpc.ssl_channel_credentials(root_certificates=files["ca.crt"], private_key=files["tls.key"],
+                                         certificate_chain=files["tls.crt"])
+    target = z.storage.lab.grpc_target("agent")
+    with grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", server_name)]) as ch:
+        stub = agent_pb2_grpc.AgentStub(ch)
+        assert stub.GetInfo(agent_pb2.GetInfoRequest(), timeout=30).ready
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PublishVolume(agent_pb2.PublishVolumeRequest(
+                volume_id=handle.split("/", 1)[1], host_nqn=f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid4()}"),
+                timeout=30)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+    assert z.storage.allowed_hosts(handle) == []
+    z.core.delete_namespaced_persistent_volume_claim("victim", ns)
+    z.say("k8s scenario roles: the chart's agent certificate as a client reads GetInfo, PublishVolume refused "
+          "(PERMISSION_DENIED)")

@@ -294,7 +294,8 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
         "--nvme-listen=$(POD_IP):4420", "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
         "--shutdown-grace=20",
-        "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt"]
+        "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt",
+        f"--controller-cn={RELEASE}-zvolt-controller"]
     # Running calls get 20 s after SIGTERM; the kubelet waits 10 s longer before SIGKILL.
     assert spec["terminationGracePeriodSeconds"] == 30
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
@@ -517,6 +518,7 @@ def test_cert_manager_mode() -> None:
     agent = certs["zvolt-prod-agent"]["spec"]
     assert agent["secretName"] == "zvolt-prod-agent-tls" and agent["issuerRef"]["name"] == "zvolt-prod-ca"
     assert "zvolt-prod-agent.storage.svc" in agent["dnsNames"] and "server auth" in agent["usages"]
+    assert "client auth" not in agent["usages"]  # an agent's certificate is no credential against another
     assert certs["zvolt-prod-controller"]["spec"]["secretName"] == "zvolt-prod-controller-tls"
     assert "client auth" in certs["zvolt-prod-controller"]["spec"]["usages"]
     # The pods mount the Secrets cert-manager fills.
@@ -567,6 +569,14 @@ def test_generated_certificates_form_a_working_mtls_pair(default_docs: list[Obj]
                      "zvolt-controller")
     expected = next(a.split("=", 1)[1] for a in ctrl["args"] if a.startswith("--tls-server-name="))
     assert f"DNS:{expected}" in text
+    # The agent lets change volumes only the certificate whose CN it is told: the controller's.
+    agent = container(by_kind(default_docs, "DaemonSet")[f"{RELEASE}-zvolt-agent"]["spec"]["template"]["spec"],
+                      "zvolt-agent")
+    allowed = next(a.split("=", 1)[1] for a in agent["args"] if a.startswith("--controller-cn="))
+    subject = _openssl(["x509", "-noout", "-subject", "-nameopt", "multiline", "-in",
+                        str(files["controller-tls/tls.crt"])])
+    assert f"commonName                = {allowed}" in subject, subject
+    assert allowed not in _openssl(["x509", "-noout", "-subject", "-in", str(files["agent-tls/tls.crt"])])
 
 
 def test_pods_roll_when_certificates_change(default_docs: list[Obj]) -> None:

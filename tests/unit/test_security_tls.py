@@ -1,4 +1,6 @@
-"""Control-plane access: mTLS between controller and agents, root-only CSI sockets.
+"""Control-plane access: mTLS between controller and agents, caller roles on the agent (only
+the controller's certificate changes anything), certificate rotation without a restart,
+root-only CSI sockets.
 
 Certificates are made in the test (cryptography); the agent is the real `agent.main.build`
 serving on 127.0.0.1 over fakes; the client is the controller's real AgentPool.
@@ -9,8 +11,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +69,8 @@ class CA:
         self.path = folder / f"{name}-ca.pem"
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, cn: str, server: bool) -> Issued:
+    def issue(self, cn: str, server: bool, client_too: bool = False) -> Issued:
+        """A leaf certificate; `client_too`: also valid as a client, as Helm's genSignedCert makes them."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
@@ -74,7 +79,8 @@ class CA:
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH,
+                 *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_too else [])]), critical=False)
         )
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
@@ -112,7 +118,8 @@ def pki(tmp_path: Path) -> Iterator[Pki]:
     port = free_port()
     settings = parse_settings(
         [*BASE, "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "state"),
-         "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", str(ca.path)], env={})
+         "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", str(ca.path),
+         "--controller-cn", "controller"], env={})
     zfs = FakeZfs()
     zfs.ds["tank"] = _Ds("filesystem")
     root = nvmet.Root(str(tmp_path / "configfs"), emulate=True)
@@ -215,3 +222,89 @@ def test_csi_socket_is_root_only(sockdir: str) -> None:
         assert stat.S_IMODE(os.stat(sub).st_mode) & 0o007 == 0  # no access for others to the folder
     finally:
         server.stop(None)
+
+
+# --- caller roles and rotation -------------------------------------------------------
+
+HOST = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000001"
+
+
+def call(pki: Pki, who: Issued, method: str, request: Any) -> grpc.StatusCode:
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.path.read_bytes(),
+                                         private_key=who.key.read_bytes(), certificate_chain=who.cert.read_bytes())
+    with grpc.secure_channel(pki.target, creds) as channel:
+        try:
+            getattr(pb_grpc.AgentStub(channel), method)(request, timeout=10)
+        except grpc.RpcError as err:
+            return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_only_the_controller_certificate_changes_anything(pki: Pki) -> None:
+    node_plugin = pki.ca.issue("zvolt-node", server=False)
+    other_agent = pki.ca.issue("storage-1", server=True, client_too=True)  # Helm makes them so
+    create = pb.CreateVolumeRequest(name="pvc-roles", size_bytes=1 << 30)
+    for who in (node_plugin, other_agent):
+        assert call(pki, who, "GetInfo", pb.GetInfoRequest()) == grpc.StatusCode.OK
+        assert call(pki, who, "CreateVolume", create) == grpc.StatusCode.PERMISSION_DENIED
+        assert call(pki, who, "ListVolumes", pb.ListVolumesRequest()) == grpc.StatusCode.PERMISSION_DENIED
+    assert call(pki, pki.client, "CreateVolume", create) == grpc.StatusCode.OK
+    pool = AgentPool(lambda: [AgentEndpoint("storage-0", pki.target)],
+                     TlsFiles(str(pki.client.cert), str(pki.client.key), str(pki.ca.path)), timeout=5)
+    try:
+        vol = pool.get("storage-0").call("ListVolumes", pb.ListVolumesRequest()).volumes[0]
+    finally:
+        pool.close()
+    publish = pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST)
+    # Root on another storage node, with its own certificate, cannot publish a volume to itself.
+    assert call(pki, other_agent, "PublishVolume", publish) == grpc.StatusCode.PERMISSION_DENIED
+    assert call(pki, node_plugin, "DeleteVolume", pb.DeleteVolumeRequest(volume_id=vol.id)) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert call(pki, pki.client, "DeleteVolume", pb.DeleteVolumeRequest(volume_id=vol.id)) == grpc.StatusCode.OK
+
+
+def test_certificates_rotate_without_a_restart(pki: Pki, tmp_path: Any) -> None:
+    """A new CA: the CA files hold both during the change; the agent takes its new server
+    certificate and the controller its new client certificate, neither restarted."""
+    old_ca = pki.ca.path.read_bytes()
+    new_ca = CA(tmp_path, "zvolt-next")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca.path.read_bytes() + new_ca.path.read_bytes())
+    ctrl_files = tmp_path / "ctrl.pem", tmp_path / "ctrl.key", tmp_path / "ctrl-ca.pem"
+    shutil.copy(pki.client.cert, ctrl_files[0])
+    shutil.copy(pki.client.key, ctrl_files[1])
+    shutil.copy(pki.ca.path, ctrl_files[2])
+    pool = AgentPool(lambda: [AgentEndpoint("storage-0", pki.target)],
+                     TlsFiles(*(str(f) for f in ctrl_files)), timeout=5, ttl=0)
+    try:
+        assert pool.get("storage-0").call("GetInfo", pb.GetInfoRequest()).ready
+        # Step 1: both sides trust both CAs (the agent's CA file is its --tls-ca).
+        shutil.copy(bundle, pki.ca.path)
+        shutil.copy(bundle, ctrl_files[2])
+        # Step 2: the agent serves a certificate of the new CA.
+        server = new_ca.issue("agent", server=True)
+        time.sleep(0.01)  # a distinct mtime
+        shutil.copy(server.cert, pki.server.cert)
+        shutil.copy(server.key, pki.server.key)
+        # Step 3: the controller gets a client certificate of the new CA.
+        client = new_ca.issue("controller", server=False)
+        shutil.copy(client.cert, ctrl_files[0])
+        shutil.copy(client.key, ctrl_files[1])
+        # Step 4: the old CA goes from both.
+        shutil.copy(new_ca.path, pki.ca.path)
+        shutil.copy(new_ca.path, ctrl_files[2])
+        info = pool.get("storage-0").call("GetInfo", pb.GetInfoRequest())
+        assert info.ready
+        # The agent really serves the new certificate: a client that trusts only the old CA fails.
+        old_only = grpc.ssl_channel_credentials(root_certificates=old_ca,
+                                                private_key=pki.client.key.read_bytes(),
+                                                certificate_chain=pki.client.cert.read_bytes())
+        with grpc.secure_channel(pki.target, old_only) as channel, pytest.raises(grpc.RpcError):
+            pb_grpc.AgentStub(channel).GetInfo(pb.GetInfoRequest(), timeout=5)
+        # And the old client certificate is no longer accepted (its CA is gone from the agent).
+        with pytest.raises(ZvoltError):
+            AgentPool(lambda: [AgentEndpoint("storage-0", pki.target)],
+                      TlsFiles(str(pki.client.cert), str(pki.client.key), str(new_ca.path)), timeout=5
+                      ).get("storage-0").call("GetInfo", pb.GetInfoRequest())
+    finally:
+        pool.close()
