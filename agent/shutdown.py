@@ -14,6 +14,8 @@ import grpc
 
 from zvolt.rpc import InFlight
 
+CANCEL_WAIT = 2.0  # seconds
+
 
 def drain(server: grpc.Server, inflight: InFlight, grace: float) -> list[str]:
     """Stop serving and wait up to `grace` seconds for running calls.
@@ -22,6 +24,10 @@ def drain(server: grpc.Server, inflight: InFlight, grace: float) -> list[str]:
     deadline = time.monotonic() + grace
     # grpc refuses new calls now and cancels running ones at the deadline; their handler
     # threads keep going, which is why the wait below counts handlers, not RPCs.
-    server.stop(grace)
+    stopped = server.stop(grace)
     inflight.wait_idle(deadline - time.monotonic())
-    return inflight.running()
+    left = inflight.running()
+    if left:
+        # Let the cancellation reach the callers (UNAVAILABLE, retried) before the process goes.
+        stopped.wait(CANCEL_WAIT)
+    return left

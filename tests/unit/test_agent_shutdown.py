@@ -94,7 +94,7 @@ def test_a_call_stuck_past_the_grace_is_reported_not_waited_for(tmp_path: Path) 
     start = time.monotonic()
     left = drain(agent.server, agent.inflight, agent.settings.shutdown_grace)
     took = time.monotonic() - start
-    assert left == ["CreateVolume"] and took < 3
+    assert left == ["CreateVolume"] and took < 6  # the grace (0.5 s) and the cancellation, not the stuck call
     # The intent that bracketed it is what the next start-up settles.
     assert [i.op for i in index.intents()] == ["create"]
     zfs.release.set()
