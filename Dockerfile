@@ -2,6 +2,8 @@
 # One image for the three zvolt roles; the Helm chart picks the command and the user:
 #   zvolt-agent            storage nodes (root, privileged: ZFS ioctls, nvmet configfs)
 #   zvolt-csi --mode node  every worker (root, privileged: nvme connect, mkfs, mount)
+#   both install the NVMe/TCP guard with nft (nftables); the agent finds its storage-network
+#   address with ip (iproute2)
 #   zvolt-csi --mode controller   unprivileged, the image's default user
 #
 # The Debian release is pinned by codename (bookworm, as in the lab guest); ZFS userland
@@ -24,7 +26,9 @@ RUN printf '%s\n' \
     apt-get install -y --no-install-recommends \
         ca-certificates \
         e2fsprogs \
+        iproute2 \
         kmod \
+        nftables \
         nvme-cli \
         python3 \
         python3-venv \

@@ -8,6 +8,8 @@ other call gets UNAVAILABLE until it is done.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -34,9 +36,12 @@ from agent.server import AgentServicer, make_server
 from agent.shutdown import drain
 from agent.volumes import AgentConfig, Volumes
 from agent.zfs import LibZfs, Zfs
-from zvolt import names
+from zvolt import guardkeeper, names
+from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
+from zvolt.nftguard import GuardConfigError, Role, guard_spec, parse_port
 from zvolt.rpc import InFlight, parse_endpoint, prepare_unix_socket
+from zvolt.storagenet import StorageNetworkError, node_addresses, parse_network, pick_address
 from zvolt.tlsfiles import TlsFiles, Watched, server_credentials
 
 _log = logging.getLogger("zvolt.agent")
@@ -47,7 +52,11 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "pool": (None, "ZFS pool"),
     "parent": (None, "parent dataset owned by zvolt (default POOL/zvolt)"),
     "listen": ("0.0.0.0:7001", "gRPC address: unix:///path or host:port"),
-    "nvme-listen": (None, "NVMe/TCP listener IP:PORT initiators connect to"),
+    "storage-network": (None, "CIDR of the storage network: the NVMe/TCP target listens on this node's one "
+                        "address in it, and an nftables guard keeps every other source off the port"),
+    "nvme-listen": (None, "NVMe/TCP listener IP:PORT (labs; default: this node's address in --storage-network)"),
+    "nvme-port": (None, "NVMe/TCP port (default 4420, or the port of --nvme-listen)"),
+    "guard-interval": (str(guardkeeper.DEFAULT_INTERVAL), "seconds between checks that the nftables guard is intact"),
     "metrics-listen": ("0.0.0.0:9101", "Prometheus HOST:PORT ('' disables)"),
     "state-dir": ("/var/lib/zvolt", "directory of the persistent index"),
     "tls-cert": (None, "server certificate (PEM)"),
@@ -62,7 +71,7 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "shutdown-grace": ("20", "seconds running calls get to finish after SIGTERM (below the pod's grace period)"),
     "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
-_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional")
+_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,12 @@ class Settings:
     shutdown_grace: float = 20.0
     dhchap: bool = False  # per-host DH-HMAC-CHAP secrets on every allowed host (agent/dhchap.py)
     dhchap_bidirectional: bool = False  # + a controller secret: the host authenticates the target too
+    # The operator's storage network (CIDR) or "": then nvme_address came from --nvme-listen and
+    # nothing guards the port. With it, nvme_address is "" until resolve_nvme_address() picks
+    # the node's own address inside it (a host lookup, so not done while parsing).
+    storage_network: str = ""
+    guard: bool = False  # install the storage-node nftables guard (zvolt/nftguard.py)
+    guard_interval: float = guardkeeper.DEFAULT_INTERVAL
 
 
 def _env_name(flag: str) -> str:
@@ -134,7 +149,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
             value = _OPTIONS[flag][0]
         return value
 
-    missing = [f"--{f}" for f in ("node-name", "pool", "nvme-listen") if not get(f)]
+    missing = [f"--{f}" for f in ("node-name", "pool") if not get(f)]
+    if not get("nvme-listen") and not get("storage-network"):
+        missing.append("--storage-network CIDR (or --nvme-listen IP:PORT)")
     if missing:
         ap.error("missing required settings: " + ", ".join(missing))
     try:
@@ -145,9 +162,11 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         ap.error(str(exc))
     if parent.split("/")[0] != pool:
         ap.error(f"--parent {parent} is not in pool {pool}")
-    nvme_addr, sep, nvme_port = str(get("nvme-listen")).rpartition(":")
-    if not sep or not nvme_port.isdigit():
-        ap.error("--nvme-listen must be IP:PORT")
+    storage_network, nvme_addr, nvme_port = _nvme_listener(ap, get("storage-network"), get("nvme-listen"),
+                                                           get("nvme-port"))
+    guard_interval = _seconds(ap, "guard-interval", get("guard-interval"))
+    if guard_interval < 1:
+        ap.error("--guard-interval must be at least 1 second")
     tls_parts = [get("tls-cert"), get("tls-key"), get("tls-ca")]
     insecure = _truthy(get("insecure"))
     tls: tuple[str, str, str] | None = None
@@ -172,7 +191,59 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         controller_cn=str(get("controller-cn")),
         dhchap=_truthy(get("dhchap")) or _truthy(get("dhchap-bidirectional")),
         dhchap_bidirectional=_truthy(get("dhchap-bidirectional")),
+        storage_network=storage_network, guard=bool(storage_network) and not _truthy(get("no-guard")),
+        guard_interval=guard_interval,
     )
+
+
+def _nvme_listener(ap: argparse.ArgumentParser, network: Any, listen: Any, port: Any) -> tuple[str, str, str]:
+    """(storage network, address or "" to pick later, port) from the three settings."""
+    net = ""
+    if network:
+        try:
+            net = str(parse_network(str(network)))
+        except StorageNetworkError as exc:
+            ap.error(f"--storage-network: {exc}")
+    try:
+        port_flag = parse_port(str(port)) if port else None
+    except GuardConfigError as exc:
+        ap.error(f"--nvme-port: {exc}")
+    if not listen:
+        return net, "", str(port_flag or 4420)
+    addr, sep, listen_port = str(listen).rpartition(":")
+    addr = addr.strip("[]")
+    if not sep or not listen_port.isdigit():
+        ap.error("--nvme-listen must be IP:PORT")
+    if port_flag is not None and port_flag != int(listen_port):
+        ap.error(f"--nvme-port {port_flag} and --nvme-listen {listen} name different ports")
+    if net:
+        try:
+            inside = ipaddress.ip_address(addr) in ipaddress.ip_network(net)
+        except ValueError:
+            inside = False
+        if not inside:
+            ap.error(f"--nvme-listen {listen}: the address is not in --storage-network {net}")
+    return net, addr, listen_port
+
+
+def resolve_nvme_address(settings: Settings, lister: Callable[[int], list[Any]] = node_addresses) -> Settings:
+    """With only --storage-network given, the target listens on this node's one address in it."""
+    if settings.nvme_address:
+        return settings
+    network = parse_network(settings.storage_network)
+    address = pick_address(network, lister(network.version))
+    return dataclasses.replace(settings, nvme_address=str(address))
+
+
+def start_guard(settings: Settings, metrics: Metrics) -> None:
+    """Install the storage-node guard before any export is linked to the port, and keep it."""
+    if not settings.guard:
+        why = "--no-guard" if settings.storage_network else "no --storage-network"
+        _log.warning("NVMe/TCP port %s is not guarded (%s): any host that routes to %s can connect",
+                     settings.nvme_port, why, settings.nvme_address)
+        return
+    spec = guard_spec(Role.STORAGE, settings.storage_network, [settings.nvme_port])
+    guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_agent", interval=settings.guard_interval)
 
 
 def open_index(state_dir: str, rebuild: bool = False) -> tuple[Index, bool]:
@@ -256,7 +327,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_layout(zfs, layout)
         rebuild_index(zfs, index, layout, _print_progress)
         return 0
+    try:
+        settings = resolve_nvme_address(settings)
+    except StorageNetworkError as exc:
+        raise SystemExit(f"zvolt-agent: --storage-network: {exc}") from None
     agent = build(settings, zfs, root, index)
+    try:
+        start_guard(settings, agent.metrics)
+    except GuardError as exc:
+        raise SystemExit(f"zvolt-agent: {exc}; pods could reach the NVMe/TCP port. Fix nft on this node, "
+                         "or pass --no-guard (unsafe)") from None
+    _log.info("NVMe/TCP target address", extra={"fields": {
+        "nvme_listen": f"{settings.nvme_address}:{settings.nvme_port}", "storage_network": settings.storage_network}})
     if settings.metrics_listen:
         host, _, port = settings.metrics_listen.rpartition(":")
         try:

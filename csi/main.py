@@ -24,9 +24,12 @@ from csi.node import NodeService
 from csi.nvme_host import SysfsNvmeHost
 from csi.placements import KubernetesRecords, PlacementRecords
 from csi.server import Services, build_server, serve
+from zvolt import guardkeeper
 from zvolt.errors import ZvoltError
+from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
 from zvolt.names import check_node
+from zvolt.nftguard import GuardConfigError, Role, guard_spec
 from zvolt.rpc import parse_endpoint
 
 _log = logging.getLogger("zvolt.csi")
@@ -85,6 +88,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctrl-loss-tmo", type=int, default=int(_env("ctrl-loss-tmo", "600") or 600))
     p.add_argument("--reconnect-delay", type=int, default=int(_env("reconnect-delay", "10") or 10))
     p.add_argument("--sysfs-root", default=_env("sysfs-root", "/sys"))
+    p.add_argument(
+        "--storage-network", default=_env("storage-network"), metavar="CIDR",
+        help="node: the storage network; an nftables guard drops pod traffic (forwarded) to its NVMe/TCP ports",
+    )
+    p.add_argument("--nvme-port", default=_env("nvme-port", "4420"), metavar="PORT[,PORT]",
+                   help="node: NVMe/TCP port(s) of the storage nodes, for the guard (default 4420)")
+    p.add_argument("--no-guard", action="store_true", default=_env_flag("no-guard"),
+                   help="node: UNSAFE, install no guard: pods can then reach NVMe/TCP targets (SECURITY.md)")
+    p.add_argument("--guard-interval", type=float, default=float(_env("guard-interval", "30") or 30),
+                   metavar="SECONDS", help="node: seconds between checks that the guard is intact (re-applied if not)")
     return p
 
 
@@ -184,6 +197,22 @@ def _node(args: argparse.Namespace) -> Services:
     return Services(identity=IdentityService(controller=False, ready=lambda: True), node=node)
 
 
+def node_guard(args: argparse.Namespace, metrics: Metrics) -> None:
+    """The worker's guard, installed before the node plugin serves; refusing to start without
+    one unless the operator said --no-guard (a pod could otherwise read a worker's volumes)."""
+    if args.no_guard:
+        _log.warning("NVMe/TCP guard disabled (--no-guard): pods on this node can reach storage targets")
+        return
+    if not args.storage_network:
+        raise SystemExit("zvolt-csi: node mode needs --storage-network CIDR for its NVMe/TCP guard "
+                         "(or --no-guard, unsafe: pods could then reach NVMe/TCP targets)")
+    try:
+        spec = guard_spec(Role.WORKER, args.storage_network, args.nvme_port)
+        guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_csi_node", interval=args.guard_interval)
+    except (GuardConfigError, GuardError) as exc:
+        raise SystemExit(f"zvolt-csi: NVMe/TCP guard: {exc} (--no-guard disables it, unsafe)") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -197,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint = parse_endpoint(args.endpoint)
         services = _controller(args) if args.mode == "controller" else _node(args)
         metrics = Metrics(args.mode)
+        if args.mode == "node":
+            node_guard(args, metrics)
         if services.health is not None:
             metrics.registry.register(services.health)
             services.health.start()

@@ -19,6 +19,10 @@ WORKER_NS = "worker"
 STORAGE_IP = "10.42.0.1"
 WORKER_IP = "10.42.0.2"
 PREFIX_LEN = 24
+# The lab's storage network (the veth pair between the storage and worker netns): the node
+# plugin's NVMe/TCP guard drops pod traffic forwarded to it (zvolt/nftguard.py).
+STORAGE_NETWORK = f"10.42.0.0/{PREFIX_LEN}"
+NVME_PORT = "4420"
 VETH_STORAGE = "veth-s"
 VETH_WORKER = "veth-w"
 # The optional peer link to a second guest (lab.qemu.PeerLink): its NIC is renamed PEER_DEV; on
@@ -64,6 +68,7 @@ def node_argv() -> list[str]:
     return [
         PYTHON, "-m", "csi.main", "--mode", "node", "--endpoint", f"unix://{SOCKETS['node']}",
         "--node-id", "worker-0", "--state-dir", "/var/lib/zvolt-node",
+        "--storage-network", STORAGE_NETWORK, "--nvme-port", NVME_PORT,
     ]
 
 

@@ -17,6 +17,8 @@ BASE_PACKAGES = (
     "openssh-server", "systemd-sysv", "udev", "kmod", "iproute2", "util-linux", "procps",
     "python3", "python3-venv", "e2fsprogs", "socat", "postgresql", "dbus", "initramfs-tools",
     "psmisc", "less", "zstd",
+    # nft: the node plugin and the agent install their NVMe/TCP guard (zvolt/nftguard.py).
+    "nftables",
 )
 
 # From bookworm-backports in one transaction (the kernel and the stack that matches it).

@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 
+from lab.guest import STORAGE_NETWORK
+
 from .chartpod import Chart, LocalPod, helm_install, local_pod, project_commands
 from .controlplane import CONTROL_PLANE_BINS, SIDECAR_BINS, ControlPlane, Obj, Say, crds_dir, find_binaries, start
 
 RELEASE = "zvolt"
 NAMESPACE = "zvolt-system"
-# One controller replica: the harness plays kubelet for one pod of it.
-CHART_VALUES: Obj = {"controller": {"replicas": 1}}
+# One controller replica: the harness plays kubelet for one pod of it. The storage network has
+# no default (the render fails without one): the lab's, where this suite's agent and node run.
+CHART_VALUES: Obj = {"controller": {"replicas": 1}, "storageNetwork": {"cidr": STORAGE_NETWORK}}
 
 
 @pytest.fixture(scope="session")

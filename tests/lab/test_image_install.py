@@ -264,6 +264,8 @@ def test_dockerfile_install_steps_build_a_working_image(bookworm_root: Path) -> 
             ["blkid", "--version"],
             ["modprobe", "--version"],
             ["which", "zfs", "zpool"],
+            ["nft", "--version"],  # the NVMe/TCP guard (zvolt/nftguard.py)
+            ["ip", "-j", "-4", "addr", "show"],  # the storage-network address (zvolt/storagenet.py)
             ["python", "-c", "import libzfs_core, grpc, google.protobuf, prometheus_client, kubernetes, zvolt; "
              "print(libzfs_core.__file__)"],
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import ipaddress
 import json
 import subprocess
 from pathlib import Path
@@ -60,9 +61,24 @@ VARIANTS: dict[str, Obj] = {
 }
 
 
+# The one value without a default (no storage network is a safe guess): every render here
+# names the lab's; test_storage_network_is_required_and_validated checks the refusal.
+STORAGE_NETWORK = "10.42.0.0/24"
+REQUIRED: Obj = {"storageNetwork": {"cidr": STORAGE_NETWORK}}
+
+
+def with_required(values: Obj | None, base: Obj = REQUIRED) -> Obj:
+    """`values` over REQUIRED, merged key by key the way Helm merges value files."""
+    out = copy.deepcopy(base)
+    for key, value in (values or {}).items():
+        out[key] = with_required(value, out[key]) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
 def render(values: Obj | None = None) -> list[Obj]:
     chart = helm_python.Chart.load(CHART)
-    manifests = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    manifests = chart.render(with_required(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
     docs: list[Obj] = []
     for path, text in sorted(manifests.items()):
         if not path.endswith((".yaml", ".yml")):
@@ -96,7 +112,7 @@ def default_docs() -> list[Obj]:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_helm_lint_strict(variant: str) -> None:
-    report = helm_python.lint(CHART, VARIANTS[variant], strict=True, namespace=NAMESPACE,
+    report = helm_python.lint(CHART, with_required(VARIANTS[variant]), strict=True, namespace=NAMESPACE,
                               kube_version=f"v{KUBE_VERSION}")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["total_charts_linted"] == 1
@@ -118,9 +134,15 @@ def test_helm_lint_strict(variant: str) -> None:
     ({"storageClasses": [{"name": "x", "volblocksize": "8K", "compression": "lz4", "fsType": "ext4",
                           "extraParameters": {"encryption": "on"}}]}, "invalid propertyName 'encryption'"),
     ({"controller": {"alphaCapabilities": ["MODIFY_VOLUME"]}}, "/controller/alphaCapabilities/0"),
+    ({"storageNetwork": {"cidr": "10.42.0.0"}}, "/storageNetwork/cidr"),
+    ({"storageNetwork": {"cidr": "10.42.0.0/33"}}, "/storageNetwork/cidr"),
+    ({"storageNetwork": {"cidr": "10.42.256.0/24"}}, "/storageNetwork/cidr"),
+    ({"storageNetwork": {"cidr": "fd00::/64"}}, "/storageNetwork/cidr"),
+    ({"storageNetwork": {"cidr": "10.42.0.0/24 --no-guard"}}, "/storageNetwork/cidr"),
+    ({"storageNetwork": {"guard": "yes"}}, "/storageNetwork/guard"),
 ])
 def test_values_schema_rejects_bad_values(values: Obj, complaint: str) -> None:
-    report = helm_python.lint(CHART, values, strict=True)
+    report = helm_python.lint(CHART, with_required(values), strict=True)
     errors = " ".join(m["error"] for m in report["messages"] if m["severity"] >= 3)
     assert complaint in errors, report
 
@@ -251,9 +273,12 @@ def test_node_daemonset(default_docs: list[Obj]) -> None:
     assert spec["tolerations"] == [{"operator": "Exists"}]
     node = container(spec, "zvolt-node")
     assert node["securityContext"]["privileged"] is True and node["securityContext"]["runAsUser"] == 0
+    # The guard's nft runs in the node's namespace (hostNetwork above) and needs NET_ADMIN.
+    assert node["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"]}
     assert node["args"] == ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
                             "--state-dir=/var/lib/zvolt-node", "--metrics-listen=$(POD_IP):9103",
-                            "--ctrl-loss-tmo=600", "--reconnect-delay=2"]
+                            "--ctrl-loss-tmo=600", "--reconnect-delay=2",
+                            f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420"]
     m = mounts(node)
     assert m["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
     assert {"/csi", "/dev", "/sys", "/etc/nvme", "/var/lib/zvolt-node", "/lib/modules"} <= set(m)
@@ -290,9 +315,12 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
     agent = container(spec, "zvolt-agent")
     assert agent["command"] == ["zvolt-agent"]
     assert agent["securityContext"]["privileged"] is True
+    assert agent["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"]}
+    # NVMe/TCP on the node's address in the storage network (not the pod-reachable primary).
     assert agent["args"] == [
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
-        "--nvme-listen=$(POD_IP):4420", "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
+        f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420",
+        "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
         "--shutdown-grace=20",
         "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt",
         f"--controller-cn={RELEASE}-zvolt-controller"]
@@ -316,6 +344,26 @@ def test_agent_values_reach_the_command_line() -> None:
                      "zvolt-controller")
     assert "--agent-port=7443" in ctrl["args"]
     assert ctrl["image"] == "registry.example/zvolt:0.1.0-rc1"
+
+
+def test_storage_network_is_required_and_validated() -> None:
+    """No default storage network: the render fails and says what to set."""
+    chart = helm_python.Chart.load(CHART)
+    with pytest.raises(Exception, match=r"storageNetwork\.cidr is required: the IPv4 CIDR"):
+        chart.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def test_guard_off_reaches_both_command_lines() -> None:
+    docs = render({"storageNetwork": {"cidr": "192.168.7.0/24", "guard": False}, "agent": {"nvmePort": 4421}})
+    ds = by_kind(docs, "DaemonSet")
+    for name, cname in ((f"{RELEASE}-zvolt-agent", "zvolt-agent"), (f"{RELEASE}-zvolt-node", "zvolt-node")):
+        args = container(ds[name]["spec"]["template"]["spec"], cname)["args"]
+        guard = [a for a in args if a.startswith(("--storage-network", "--nvme-port", "--no-guard"))]
+        assert guard == ["--storage-network=192.168.7.0/24", "--nvme-port=4421", "--no-guard"], name
+    default = by_kind(render(), "DaemonSet")
+    assert not any("--no-guard" in container(d["spec"]["template"]["spec"], c)["args"]
+                   for d, c in ((default[f"{RELEASE}-zvolt-agent"], "zvolt-agent"),
+                                (default[f"{RELEASE}-zvolt-node"], "zvolt-node")))
 
 
 def test_insecure_mode_has_no_tls_anywhere() -> None:
@@ -620,8 +668,10 @@ def _expand(args: list[str], env: dict[str, str]) -> list[str]:
 
 
 def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -> None:
-    from agent.main import parse_settings
+    from agent.main import parse_settings, resolve_nvme_address
     from csi.main import parser as csi_parser
+    from zvolt.nftguard import GuardSpec, Role, guard_spec
+    from zvolt.storagenet import LocalAddress
 
     pod_env = {"NODE_NAME": "storage-0", "POD_IP": "10.1.2.3", "ADDRESS": "/csi/csi.sock"}
     ds = by_kind(default_docs, "DaemonSet")
@@ -629,12 +679,18 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     settings = parse_settings(_expand(agent["args"], pod_env), env={})
     assert (settings.node, settings.pool, settings.parent) == ("storage-0", "tank", "tank/zvolt")
     assert settings.listen == "10.1.2.3:7001" and settings.metrics_listen == "10.1.2.3:9101"
-    assert (settings.nvme_address, settings.nvme_port) == ("10.1.2.3", "4420")
+    assert (settings.storage_network, settings.nvme_port, settings.guard) == (STORAGE_NETWORK, "4420", True)
+    # The target's address is the node's own inside the storage network, not the pod IP.
+    node_addrs = [LocalAddress("eth0", ipaddress.ip_address("10.1.2.3")),
+                  LocalAddress("eth1", ipaddress.ip_address("10.42.0.7"))]
+    assert resolve_nvme_address(settings, lambda version: node_addrs).nvme_address == "10.42.0.7"
     assert settings.tls == ("/etc/zvolt/tls/tls.crt", "/etc/zvolt/tls/tls.key", "/etc/zvolt/tls/ca.crt")
 
     node = container(ds[f"{RELEASE}-zvolt-node"]["spec"]["template"]["spec"], "zvolt-node")
     nargs = csi_parser().parse_args(_expand(node["args"], pod_env))
     assert (nargs.mode, nargs.node_id, nargs.state_dir) == ("node", "storage-0", "/var/lib/zvolt-node")
+    assert guard_spec(Role.WORKER, nargs.storage_network, nargs.nvme_port) == \
+        GuardSpec(Role.WORKER, ipaddress.ip_network(STORAGE_NETWORK), (4420,)) and not nargs.no_guard
 
     ctrl = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
                      "zvolt-controller")
@@ -664,7 +720,8 @@ def _chart_with_lookup_seam(tmp_path: Path) -> Path:
 
 
 def _render_at(chart_dir: Path, values: Obj) -> list[Obj]:
-    manifests = helm_python.Chart.load(chart_dir).render(values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+    manifests = helm_python.Chart.load(chart_dir).render(with_required(values), name=RELEASE, namespace=NAMESPACE,
+                                                         is_upgrade=True)
     return [d for p, t in sorted(manifests.items()) if p.endswith(".yaml") for d in yaml.safe_load_all(t) if d]
 
 

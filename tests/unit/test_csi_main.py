@@ -33,7 +33,8 @@ def test_node_mode_process_lifecycle(sockdir: str) -> None:
     sock = f"{tmp}/csi/node.sock"
     argv = [sys.executable, "-m", "csi.main", "--mode", "node", "--endpoint", f"unix://{sock}",
             "--node-id", "worker-0", "--state-dir", f"{tmp}/state",
-            "--metrics-listen", f"127.0.0.1:{port}"]  # fmt: skip
+            # --no-guard: never touch this machine's firewall (the guard: tests/unit/test_nftguard.py)
+            "--metrics-listen", f"127.0.0.1:{port}", "--no-guard"]  # fmt: skip
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
     try:
         _wait_socket(sock, proc)
@@ -72,3 +73,14 @@ def test_controller_mode_refuses_to_start_without_agents_or_tls() -> None:
         [*base, "--agents", "s=unix:///x.sock"], capture_output=True, timeout=60, cwd=cwd, check=False
     )
     assert no_tls.returncode != 0 and b"--tls-cert" in no_tls.stderr
+
+
+def test_node_mode_refuses_to_start_without_a_guard_or_no_guard(sockdir: str) -> None:
+    """No storage network and no explicit --no-guard: refuse before touching anything."""
+    argv = [sys.executable, "-m", "csi.main", "--mode", "node", "--endpoint", f"unix://{sockdir}/n.sock",
+            "--node-id", "worker-0", "--state-dir", f"{sockdir}/state"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZVOLT_")}
+    proc = subprocess.run(argv, capture_output=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+                          env=env, check=False)
+    assert proc.returncode != 0 and b"--storage-network CIDR" in proc.stderr and b"--no-guard" in proc.stderr
+    assert not os.path.exists(f"{sockdir}/n.sock")

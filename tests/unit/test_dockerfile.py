@@ -78,7 +78,8 @@ def test_apt_steps_are_lean_and_cleaned(steps: list[tuple[str, str]]) -> None:
 
 def test_packages_and_where_they_come_from(steps: list[tuple[str, str]]) -> None:
     run = " ".join(a for k, a in steps if k == "RUN")
-    for pkg in ("python3", "python3-venv", "nvme-cli", "e2fsprogs", "xfsprogs", "util-linux", "kmod"):
+    for pkg in ("python3", "python3-venv", "nvme-cli", "e2fsprogs", "xfsprogs", "util-linux", "kmod",
+                "nftables", "iproute2"):  # nft: the NVMe/TCP guard; ip: the storage-network address
         assert re.search(rf"(?<![\w-]){re.escape(pkg)}(?![\w-])", run), pkg
     backports = re.search(r"apt-get install [^;]*-t bookworm-backports([^;]*)", run)
     assert backports and set(backports.group(1).split()) == {"python3-pyzfs", "zfsutils-linux"}

@@ -51,6 +51,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s/zvolt" .Values.agent.pool) .Values.agent.parent -}}
 {{- end -}}
 
+{{/* The storage network's CIDR. No default is safe (a guess exposes targets or cuts the data
+path), so an empty value fails the render here with what to do. */}}
+{{- define "zvolt.storageNetwork" -}}
+{{- required "storageNetwork.cidr is required: the IPv4 CIDR of the network NVMe/TCP runs on, e.g. --set storageNetwork.cidr=10.42.0.0/24 (see SECURITY.md, The storage network)" .Values.storageNetwork.cidr -}}
+{{- end -}}
+
+{{/* Flags of the NVMe/TCP guard, the same for the agent and the node plugin. */}}
+{{- define "zvolt.guardArgs" -}}
+- --storage-network={{ include "zvolt.storageNetwork" . }}
+- --nvme-port={{ .Values.agent.nvmePort }}
+{{- if not .Values.storageNetwork.guard }}
+- --no-guard
+{{- end }}
+{{- end -}}
+
 {{- define "zvolt.caSecret" -}}{{ include "zvolt.fullname" . }}-ca{{- end -}}
 {{- define "zvolt.agentTlsSecret" -}}{{ include "zvolt.fullname" . }}-agent-tls{{- end -}}
 {{- define "zvolt.controllerTlsSecret" -}}{{ include "zvolt.fullname" . }}-controller-tls{{- end -}}
