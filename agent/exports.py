@@ -4,6 +4,14 @@ Export: device node present (volmode=dev set by the caller, waited for here) -> 
 allow_any_host=0 -> namespace 1 (device, stable uuid/nguid) enabled -> allowed hosts -> port
 link. Teardown is the reverse, and the caller sets volmode=none only after it: changing volmode
 or destroying a zvol that is still an enabled namespace can hang in D state.
+
+Revocation: removing a host from allowed_hosts only refuses its next connect; the controllers it
+already has keep doing I/O (lab, kernel 6.12: reads and writes for minutes after). So every
+removal from a subsystem that stays (and closing one found open to any host) is followed by
+`reset_controllers`: all its controllers end, the removed host's reconnect is refused (with DNR:
+the host deletes its controller and fails its I/O), the hosts still allowed reconnect after
+their reconnect_delay with their I/O held, not failed. Removing the last host deletes the
+subsystem, and unlinking it from the port ends its controllers the same way.
 """
 
 from __future__ import annotations
@@ -87,6 +95,8 @@ class Exports:
         with self._mu:
             sub = self.root.subsystem(nqn)
             sub.create()
+            # Found open to any host (tampering): whoever connected meanwhile loses it below.
+            was_open = sub.attr("allow_any_host") == "1"
             if sub.attr("allow_any_host") != "0":
                 sub.set_attr("allow_any_host", "0")
             serial = hashlib.sha256(volume_id.encode()).hexdigest()[:16]
@@ -105,7 +115,7 @@ class Exports:
                     if ns.attr(k) != v:
                         ns.set_attr(k, v)
                 ns.set_attr("enable", "1")
-            self._sync_hosts(sub, hosts)
+            self._sync_hosts(sub, hosts, reset=was_open)
             if link:
                 port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
                 port.add_subsystem(sub)
@@ -144,7 +154,10 @@ class Exports:
             with contextlib.suppress(OSError):
                 self.root.host(host).delete()
 
-    def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str]) -> None:
+    def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str], reset: bool = False) -> None:
+        """Make allowed_hosts exactly `hosts`; end the controllers of any host removed (see the
+        module docstring). reset=True ends them even when nothing is removed now: an unpublish
+        retried after a failed reset finds the host already unlinked."""
         have = set(sub.allowed_hosts())
         if self.auth is not None:
             # Key before link: an allowed host must never be able to connect unauthenticated.
@@ -156,15 +169,22 @@ class Exports:
         for h in sorted(set(hosts) - have):
             sub.allow_host(self.root.host(h))
             refs.setdefault(h, set()).add(sub.nqn)
-        for h in sorted(have - set(hosts)):
+        gone = sorted(have - set(hosts))
+        for h in gone:
             sub.disallow_host(h)
+        if gone or reset:
+            # After the unlink, so that no removed host can come back in the reconnect.
+            sub.reset_controllers()
+        for h in gone:
             self._release_host(h, sub.nqn)
 
-    def set_hosts(self, volume_id: str, hosts: list[str]) -> None:
+    def set_hosts(self, volume_id: str, hosts: list[str], revoke: bool = False) -> None:
+        """Allow exactly `hosts`. A host removed loses the controllers it has; revoke=True (an
+        unpublish) ends the subsystem's controllers even if the removal happened before."""
         with self._mu:
             sub = self.root.subsystem(self.nqn(volume_id))
             if sub.exists():
-                self._sync_hosts(sub, hosts)
+                self._sync_hosts(sub, hosts, reset=revoke)
 
     def unexport(self, volume_id: str) -> None:
         with self._mu:

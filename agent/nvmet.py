@@ -17,6 +17,8 @@ from typing import Any
 from zvolt import names
 
 DEFAULT_ROOT = "/sys/kernel/config/nvmet"
+# NVMET_NR_QUEUES: what attr_qid_max reads on a new subsystem (emulation only).
+QID_MAX_DEFAULT = 128
 
 
 class NvmetError(Exception):
@@ -243,9 +245,34 @@ class Subsystem:
             os.symlink(host.path, link)
 
     def disallow_host(self, nqn: str) -> None:
+        """Refuse the host's *next* connect. Its controllers already connected keep working (the
+        kernel only drops the link: nvmet_allowed_hosts_drop_link): see `reset_controllers`."""
         link = os.path.join(self.path, "allowed_hosts", names.check_nqn(nqn))
         if os.path.islink(link):
             os.unlink(link)
+
+    def reset_controllers(self) -> None:
+        """End every controller of this subsystem now; each host reconnects after its
+        reconnect_delay and passes the allowed_hosts check again.
+
+        configfs has no way to end one host's controllers, and the per-controller debugfs `state`
+        file needs CONFIG_NVME_TARGET_DEBUGFS, which Debian's kernels lack. Writing attr_qid_max
+        (in the lab's 6.12; older kernels may lack it) makes nvmet delete every controller of the
+        subsystem ("Force reconnect" in drivers/nvme/target/configfs.c); over TCP the queues'
+        sockets are shut down before the write returns, so no further command is received
+        (commands already received still complete). The value written back is the one read: the
+        configuration does not change. Lab (6.12, nvme-tcp): a host no longer allowed is refused
+        with DNR at its reconnect and deletes its controller, its queued I/O fails; an allowed
+        host reconnects after its reconnect_delay, its I/O waits meanwhile, no error, same device.
+        """
+        path = os.path.join(self.path, "attr_qid_max")
+        value = self.root.read(path)
+        if not value:
+            if not self.root.emulate:
+                raise NvmetError(f"{path} is missing (kernel too old): the target cannot end the "
+                                 "controllers of a host that is no longer allowed")
+            value = str(QID_MAX_DEFAULT)
+        self.root.write(path, value)
 
     def delete(self) -> None:
         """Tear down in the safe order: ports, namespaces (disable first), hosts, the group."""

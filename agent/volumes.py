@@ -18,6 +18,7 @@ from agent.exports import Exports
 from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
 from agent.locks import VolumeLocks
+from agent.nvmet import NvmetError
 from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
 from agent.zfs import Space, Zfs, ZfsError, retry_busy
 from zvolt import names, volprops
@@ -518,7 +519,7 @@ class Volumes:
                     props["volmode"] = "dev"
                 self.zfs.set_props(vol.dataset, props)
                 self.exports.export(vid, vol.dataset, hosts)
-            except (ZfsError, OSError, ZvoltError) as exc:
+            except (ZfsError, OSError, NvmetError, ZvoltError) as exc:
                 self._settle(seq, [vol.dataset])
                 if isinstance(exc, ZvoltError):
                     raise
@@ -544,13 +545,16 @@ class Volumes:
             seq = self.index.begin("unpublish", [vol.dataset])
             try:
                 if hosts:
-                    self.exports.set_hosts(vid, hosts)
+                    # Revoked before it is recorded: the host's controllers end here, not just
+                    # its next connect (the other hosts reconnect; their I/O waits, no error).
+                    self.exports.set_hosts(vid, hosts, revoke=True)
                     self.zfs.set_props(vol.dataset, {"zvolt:hosts": hosts_value(hosts)})
                 else:
-                    # Safe order: the namespace is gone before volmode changes.
+                    # Safe order: the namespace is gone before volmode changes. Unlinking the
+                    # subsystem from the port ends its controllers.
                     self.exports.unexport(vid)
                     self.zfs.set_props(vol.dataset, {"zvolt:hosts": "-", "volmode": "none"})
-            except (ZfsError, OSError) as exc:
+            except (ZfsError, OSError, NvmetError) as exc:
                 self._settle(seq, [vol.dataset])
                 raise internal(f"unpublishing volume {vid} from {host} failed: {exc}") from exc
             vol.hosts = hosts

@@ -96,3 +96,18 @@ def test_cli_dump_prints_the_same_json(root: nvmet.Root, capsys: pytest.CaptureF
     build(root)
     assert nvmet.main([root.path]) == 0
     assert json.loads(capsys.readouterr().out) == root.dump()
+
+
+def test_reset_controllers_writes_attr_qid_max_back_unchanged(root: nvmet.Root, tmp_path: Path) -> None:
+    sub = build(root)
+    sub.reset_controllers()  # emulation: the kernel's default, as a fresh subsystem shows it
+    assert sub.attr("qid_max") == str(nvmet.QID_MAX_DEFAULT)
+    sub.set_attr("qid_max", "8")
+    sub.reset_controllers()
+    assert sub.attr("qid_max") == "8"
+    assert sub.allowed_hosts() == [HOST] and sub.namespace(1).enabled  # nothing else changes
+    # A real configfs without the attribute (an older kernel) cannot end controllers: say so.
+    real = nvmet.Root(str(tmp_path / "old-kernel"))
+    os.makedirs(os.path.join(real.path, "subsystems", NQN))
+    with pytest.raises(nvmet.NvmetError, match="attr_qid_max"):
+        real.subsystem(NQN).reset_controllers()
