@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from zvolt.errors import ZvoltError
+from zvolt.rpc import Unary, wrap_unary
 
 ANYONE = frozenset({"GetInfo"})
 
@@ -37,12 +38,9 @@ class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
         return caller is None or caller in self.controllers or method in ANYONE
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        return wrap_unary(continuation, handler_call_details, self._checked)
 
+    def _checked(self, method: str, inner: Unary) -> Unary:
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             caller = peer_common_name(context)
             if not self.allowed(method, caller):
@@ -50,5 +48,4 @@ class Authorizer(grpc.ServerInterceptor):  # type: ignore[misc]
                                  f"certificate {caller!r} may not call {method}: only the controller changes volumes")
             return inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(checked, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return checked

@@ -79,6 +79,23 @@ def request_ids(request: Any) -> dict[str, str]:
     return ids
 
 
+Unary = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def wrap_unary(continuation: Any, handler_call_details: Any, wrap: Callable[[str, Unary], Unary]) -> Any:
+    """For a server interceptor: the call's unary handler with `wrap(method name, handler)` in
+    its place; streaming handlers (zvolt has none) pass as they are."""
+    handler = continuation(handler_call_details)
+    if handler is None or handler.unary_unary is None:
+        return handler
+    method = handler_call_details.method.rsplit("/", 1)[-1]
+    return grpc.unary_unary_rpc_method_handler(
+        wrap(method, handler.unary_unary),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, component: str, on_done: Callable[[str, str, float], None] | None = None,
                  inflight: InFlight | None = None) -> None:
@@ -87,12 +104,9 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self.inflight = inflight
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        return wrap_unary(continuation, handler_call_details, self._logged)
 
+    def _logged(self, method: str, inner: Unary) -> Unary:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.monotonic()
             code = grpc.StatusCode.OK
@@ -128,11 +142,7 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 if self.on_done is not None:
                     self.on_done(method, code.name, duration)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped
 
 
 @dataclass(frozen=True)
