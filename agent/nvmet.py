@@ -337,6 +337,10 @@ class Port:
     def subsystems(self) -> list[str]:
         return sorted(_listdir(os.path.join(self.path, "subsystems")))
 
+    def links(self, nqn: str) -> bool:
+        """Whether this one subsystem is linked here: one lookup, where subsystems() lists them all."""
+        return os.path.islink(os.path.join(self.path, "subsystems", nqn))
+
     def add_subsystem(self, sub: Subsystem) -> None:
         link = os.path.join(self.path, "subsystems", sub.nqn)
         if not os.path.islink(link):

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from zvolt import names
 
@@ -84,6 +84,25 @@ class Zfs(Protocol):
     def settle(self) -> None: ...
 
 
+@runtime_checkable
+class BatchProps(Protocol):
+    """An adapter that sets the same properties on many datasets in one call (LibZfs: one `zfs set`)."""
+
+    def set_props_many(self, names: Sequence[str], props: Mapping[str, str]) -> None: ...
+
+
+def set_props_many(zfs: Zfs, names: Sequence[str], props: Mapping[str, str]) -> None:
+    """Set `props` on every dataset in `names`: in one call when the adapter can batch, else one each.
+
+    Raises ZfsError if any dataset failed; the others may have been set (`zfs set` goes on past a
+    dataset it cannot open or set), so a caller retries the failed ones one by one."""
+    if isinstance(zfs, BatchProps):
+        zfs.set_props_many(names, props)
+        return
+    for name in names:
+        zfs.set_props(name, props)
+
+
 def check_full_name(name: str) -> str:
     """Validate a dataset or snapshot name before it reaches ioctl or argv."""
     ds, sep, snap = name.partition("@")
@@ -128,6 +147,13 @@ def _describe(exc: BaseException) -> str:
     message = getattr(exc, "message", None) or getattr(exc, "strerror", None) or type(exc).__name__
     name = getattr(exc, "name", None)
     return f"{_text(message)}: {_text(name)}" if name else _text(message)
+
+
+def _prop_args(props: Mapping[str, str]) -> list[str]:
+    for key, value in props.items():
+        if not key.replace(":", "").replace("-", "").replace("_", "").isalnum() or "\n" in value:
+            raise ZfsError(errno.EINVAL, f"refusing property {key!r}")
+    return [f"{k}={v}" for k, v in props.items()]
 
 
 class LibZfs:
@@ -193,12 +219,12 @@ class LibZfs:
 
     # -- CLI: property changes and scoped reads ------------------------------------------
 
-    def _run(self, args: list[str]) -> str:
+    def _run(self, args: list[str], timeout: float | None = None) -> str:
+        timeout = self._timeout if timeout is None else timeout
         try:
-            proc = subprocess.run([self._zfs, *args], capture_output=True, text=True, timeout=self._timeout,
-                                  check=False)
+            proc = subprocess.run([self._zfs, *args], capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
-            raise ZfsError(errno.ETIMEDOUT, f"zfs {args[0]} timed out after {self._timeout}s") from exc
+            raise ZfsError(errno.ETIMEDOUT, f"zfs {args[0]} timed out after {timeout}s") from exc
         if proc.returncode != 0:
             msg = proc.stderr.strip()
             err = errno.EIO
@@ -212,10 +238,20 @@ class LibZfs:
         return proc.stdout
 
     def set_props(self, name: str, props: Mapping[str, str]) -> None:
-        for key, value in props.items():
-            if not key.replace(":", "").replace("-", "").replace("_", "").isalnum() or "\n" in value:
-                raise ZfsError(errno.EINVAL, f"refusing property {key!r}")
-        self._run(["set", *[f"{k}={v}" for k, v in props.items()], check_full_name(name)])
+        self._run(["set", *_prop_args(props), check_full_name(name)])
+
+    def set_props_many(self, names: Sequence[str], props: Mapping[str, str]) -> None:
+        """One `zfs set` for many datasets (ZFS 2.x takes several; checked on 2.3.2 in the lab).
+
+        Each dataset is still its own ioctl and sync task inside the one process: what this saves
+        is a process start and libzfs init per dataset (lab, TCG: 10 volumes volmode=none 5.7 s one
+        process each vs 2.8 s in one call). A dataset that fails does not stop the others; the call
+        then fails with every refusal in its message."""
+        if not names:
+            return
+        # The time limit is per dataset, as when each had its own process.
+        self._run(["set", *_prop_args(props), *[check_full_name(n) for n in names]],
+                  timeout=self._timeout * len(names))
 
     def get_props(self, name: str, props: Sequence[str] = READ_PROPS) -> dict[str, str] | None:
         try:

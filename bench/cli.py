@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.config import SUITES, make_config, parse_sizes
+from bench.config import EXTRA_SUITES, SUITES, make_config, parse_sizes
 from bench.progress import Progress
 from bench.runner import run_suites
 from bench.schema import validate
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure zvolt against bare ZFS / local I/O on the lab guest; every figure is printed next to "
         "a baseline measured in the same run.",
     )
-    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"{'|'.join(SUITES)}|all (default all)")
+    p.add_argument("suites", nargs="*", metavar="SUITE",
+                   help=f"{'|'.join(SUITES + EXTRA_SUITES)}|all (default all = {', '.join(SUITES)}; "
+                   f"{', '.join(EXTRA_SUITES)} runs only when named)")
     p.add_argument("--quick", action="store_true", help="small sizes and short runs (a few minutes on a warm lab)")
     p.add_argument("--json", type=Path, help="also write the full results to this JSON file")
     p.add_argument("--sizes", type=parse_sizes, help="pool sizes (volumes+snapshots) for branch/scale, e.g. 100,1000")
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the filler volumes/snapshots in the pool (reuse them with a cached pool disk)")
     p.add_argument("--snaps-per-volume", type=int, default=1, metavar="N",
                    help="pool mix: each filler volume gets N snapshots (default 1; more fills big pools faster)")
+    p.add_argument("--restore-sizes", type=parse_sizes, metavar="N,N",
+                   help="restore: published volumes in the lab guest (default 100,1000)")
+    p.add_argument("--fake-sizes", type=parse_sizes, metavar="N,N",
+                   help="restore: published volumes on the fake backends (default 100,1000,10000)")
+    p.add_argument("--fake-only", action="store_true", help="restore: only the fake half, on this host (no guest)")
+    p.add_argument("--no-cold", action="store_true",
+                   help="restore: skip the lab restart with the device nodes gone (volmode=none first; slowest part)")
     p.add_argument("-q", "--no-progress", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -49,11 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.simulate_only and not args.simulate:
         args.simulate = 100_000 if not args.quick else 10_000
     try:
-        cfg = make_config(suites, args.quick, args.sizes, args.simulate, args.simulate_only, args.keep_fill)
+        cfg = make_config(suites, args.quick, args.sizes, args.simulate, args.simulate_only, args.keep_fill,
+                          restore_sizes=args.restore_sizes, fake_sizes=args.fake_sizes, fake_only=args.fake_only,
+                          restore_cold=not args.no_cold)
         if args.samples:
             if args.samples < 2:
                 raise ValueError("--samples must be at least 2")
-            cfg = dataclasses.replace(cfg, samples=args.samples, attach_samples=args.samples)
+            cfg = dataclasses.replace(cfg, samples=args.samples, attach_samples=args.samples,
+                                      restore_samples=args.samples)
         if args.snaps_per_volume < 0:
             raise ValueError("--snaps-per-volume must not be negative")
         cfg = dataclasses.replace(cfg, snaps_per_volume=args.snaps_per_volume)
@@ -62,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress = Progress(enabled=not args.no_progress)
     lab = None
-    if not cfg.simulate_only:
+    if not (cfg.simulate_only or cfg.fake_only):
         from bench.labconn import open_lab
 
         progress.say(f"lab: booting or reusing instance {args.lab_name!r}")

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUITES = ("branch", "scale", "datapath", "attach")
+# Suites run only when named (not by "all"): restore builds 1,000 published volumes in the lab
+# (tens of minutes under TCG).
+EXTRA_SUITES = ("restore",)
+RESTORE_SIZES = (100, 1000)
+RESTORE_FAKE_SIZES = (100, 1000, 10000)
 DEFAULT_SIZES = (100, 1000, 10000, 100000)
 QUICK_SIZES = (20, 100)
 
@@ -29,6 +34,12 @@ class BenchConfig:
     fill_parent: str = "benchfill"
     snaps_per_volume: int = 1  # filler mix: each filler volume gets this many snapshots
     published: int = 0         # scale: filler volumes exported (ControllerPublish) during the restart
+    restore_sizes: tuple[int, ...] = RESTORE_SIZES            # restore: published volumes in the lab
+    restore_fake_sizes: tuple[int, ...] = RESTORE_FAKE_SIZES  # restore: published volumes on the fakes
+    restore_samples: int = 5        # restore, lab: publish/unpublish samples per size
+    restore_fake_samples: int = 30  # restore, fakes: publish/unpublish samples per size
+    restore_cold: bool = True       # restore, lab: also restart with the device nodes gone
+    fake_only: bool = False         # restore: the fake half only, no guest
 
     @property
     def max_size(self) -> int:
@@ -57,18 +68,31 @@ def make_config(
     simulate: int = 0,
     simulate_only: bool = False,
     keep_fill: bool = False,
+    restore_sizes: tuple[int, ...] | None = None,
+    fake_sizes: tuple[int, ...] | None = None,
+    fake_only: bool = False,
+    restore_cold: bool = True,
 ) -> BenchConfig:
     for s in suites:
-        if s not in SUITES:
-            raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES)} or all")
+        if s not in SUITES + EXTRA_SUITES:
+            raise ValueError(f"unknown suite {s!r}; choose from {', '.join(SUITES + EXTRA_SUITES)} or all")
+    if fake_only and "restore" not in suites:
+        raise ValueError("--fake-only runs the restore suite's fake half: name the restore suite")
+    for given in (restore_sizes, fake_sizes):
+        if given is not None and len(given) < 2:
+            raise ValueError("restore compares the smallest size with the largest: give at least two sizes")
     if quick:
         return BenchConfig(
             suites=suites, quick=True, sizes=sizes or QUICK_SIZES, samples=5, fio_runtime_s=4,
             fio_size_bytes=64 << 20, pg_scale=1, pg_seconds=8, attach_samples=3, published=3,
             simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
+            restore_sizes=restore_sizes or (10, 50), restore_fake_sizes=fake_sizes or (100, 1000),
+            restore_samples=3, restore_fake_samples=10, restore_cold=restore_cold, fake_only=fake_only,
         )
     return BenchConfig(
         suites=suites, quick=False, sizes=sizes or DEFAULT_SIZES, samples=20, fio_runtime_s=20,
         fio_size_bytes=256 << 20, pg_scale=5, pg_seconds=30, attach_samples=10, published=200,
         simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
+        restore_sizes=restore_sizes or RESTORE_SIZES, restore_fake_sizes=fake_sizes or RESTORE_FAKE_SIZES,
+        restore_cold=restore_cold, fake_only=fake_only,
     )

@@ -15,7 +15,7 @@ from bench.csiclient import Csi
 from bench.guest import Guest, LabLike
 from bench.progress import Progress
 from bench.results import Report, SuiteResult
-from bench.suites import attach, branch, datapath, scale
+from bench.suites import attach, branch, datapath, restore, scale
 from bench.suites.context import Context
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
@@ -27,6 +27,7 @@ SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
     "scale": scale.run,
     "datapath": datapath.run,
     "attach": attach.run,
+    "restore": restore.run,
 }
 
 
@@ -82,9 +83,12 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_p
         sim_result.data["simulate"] = simulate.run(cfg.simulate, progress, cfg.quick)
         sim_result.rows.extend(simulate.rows(sim_result.data["simulate"]))
         sim_result.seconds = time.perf_counter() - t0
-    if cfg.simulate_only or lab is None:
+    if cfg.simulate_only or cfg.fake_only or lab is None:
         if sim_result is not None:
             report.suites.append(sim_result)
+        if "restore" in cfg.suites:  # its fake half needs no guest
+            progress.say("suite restore (fakes only): start")
+            report.suites.append(restore.run_fake_only(cfg, progress))
         return report
     guest = Guest(lab)
     csi = connect_csi(lab, progress)

@@ -95,6 +95,25 @@ def validate(doc: dict[str, Any], suites: Iterable[str]) -> list[str]:
                     c.positive(f"{d}.simulate.levels.{i}.volumes")
                     c.positive(f"{d}.simulate.levels.{i}.rss_bytes_per_volume")
                     c.positive(f"{d}.simulate.levels.{i}.restart_seconds")
+        elif suite == "restore":
+            data = s.get("data", {})
+            levels = data.get("fake", {}).get("levels", [])
+            if len(levels) < 2:
+                c.problems.append(f"{d}.fake.levels: fewer than two sizes")
+            for i, _ in enumerate(levels):
+                for k in ("volumes", "restore_seconds", "restore_cpu_seconds", "us_per_volume", "cpu_us_per_volume",
+                          "publish_cpu_ms", "republish_cpu_ms", "unpublish_cpu_ms"):
+                    c.positive(f"{d}.fake.levels.{i}.{k}")
+            if data.get("lab"):
+                lab_levels = data.get("lab_restore", {}).get("levels", [])
+                if len(lab_levels) < 2:
+                    c.problems.append(f"{d}.lab_restore.levels: fewer than two sizes")
+                for i, lv in enumerate(lab_levels):
+                    for k in ("publish_ms", "unpublish_ms"):
+                        c.positive(f"{d}.lab_restore.levels.{i}.{k}")
+                    for kind in ("restart", "reboot", *(("cold",) if "cold" in lv else ())):
+                        c.positive(f"{d}.lab_restore.levels.{i}.{kind}.seconds")
+                        c.positive(f"{d}.lab_restore.levels.{i}.{kind}.agent_startup_seconds")
         elif suite == "datapath":
             for k in FIO_KEYS:
                 for side in ("local", "nvme_tcp"):

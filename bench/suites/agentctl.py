@@ -64,21 +64,20 @@ class BenchAgent:
         The clock runs inside the guest (bench.inguest agent-restart) so neither ssh nor the lab's
         socket polling is in the figure; `host_seconds` is the whole round trip for reference.
         """
-        from lab.guest import SOCKETS, STORAGE_NS, agent_argv, systemd_run_argv, unit_name
-
-        lab = self.guest.lab
-        lab.run(["mkdir", "-p", "/run/zvolt"])
+        self.guest.lab.run(["mkdir", "-p", "/run/zvolt"])
         t0 = time.perf_counter()
-        out: dict[str, Any] = self.guest.call(
-            "agent-restart",
-            {"stop_argv": ["systemctl", "stop", unit_name("agent")],
-             "start_argv": systemd_run_argv("agent", [*agent_argv(), *self.extra], netns=STORAGE_NS),
-             "socket": SOCKETS["agent"], "timeout": READY_TIMEOUT_S},
-            timeout=READY_TIMEOUT_S + 300,
-        )
+        out: dict[str, Any] = self.guest.call("agent-restart", self.restart_args(), timeout=READY_TIMEOUT_S + 300)
         out["host_seconds"] = time.perf_counter() - t0
         self.restarts.append(out)
         return out
+
+    def restart_args(self) -> dict[str, Any]:
+        """The arguments of `bench.inguest agent-restart` that (re)start this agent."""
+        from lab.guest import SOCKETS, STORAGE_NS, agent_argv, systemd_run_argv, unit_name
+
+        return {"stop_argv": ["systemctl", "stop", unit_name("agent")],
+                "start_argv": systemd_run_argv("agent", [*agent_argv(), *self.extra], netns=STORAGE_NS),
+                "socket": SOCKETS["agent"], "timeout": READY_TIMEOUT_S}
 
     def reindex(self) -> dict[str, Any]:
         """After filling behind the agent's back: the agent's explicit slow rebuild, then a restart."""
