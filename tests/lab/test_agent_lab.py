@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -197,13 +198,28 @@ print(h.hexdigest())
         return self.stub.GetVolume(pb.GetVolumeRequest(volume_id=vid), timeout=T).volume
 
 
+@contextmanager
+def agent_session(lab: object, *, fresh: bool = True, restore: bool = False) -> Iterator[Env]:
+    """The agent for one test module: restarted with the standard flags first (`fresh`) and,
+    for modules that restart it with other flags, again at the end (`restore`) so the next
+    module finds what it expects."""
+    e = Env(lab)
+    if fresh:
+        e.restart()
+        wait_ready(e.stub)
+    try:
+        yield e
+    finally:
+        if restore:
+            e.restart()
+            wait_ready(e.stub)
+        e.channel.close()
+
+
 @pytest.fixture(scope="module")
 def env(lab: object) -> Iterator[Env]:
-    e = Env(lab)
-    e.restart()
-    wait_ready(e.stub)
-    yield e
-    e.channel.close()
+    with agent_session(lab) as e:
+        yield e
 
 
 def vds(vid: str) -> str:

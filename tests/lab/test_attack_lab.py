@@ -46,7 +46,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_agent_lab import CONFIGFS, Env, MiB, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
+from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
 
 from agent.dhchap import generate_secret
 from lab.guest import SOCKETS, STORAGE_NETWORK, STORAGE_NS, WORKER_NS, agent_argv
@@ -214,13 +214,8 @@ def guard(lab: Any) -> Iterator[Guard]:
 
 @pytest.fixture(scope="module")
 def env(lab: Any) -> Iterator[Env]:
-    e = Env(lab)
-    e.restart()
-    wait_ready(e.stub)
-    yield e
-    e.restart()  # standard flags (no auth) for whoever comes next
-    wait_ready(e.stub)
-    e.channel.close()
+    with agent_session(lab, restore=True) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

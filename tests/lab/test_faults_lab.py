@@ -28,6 +28,7 @@ from test_agent_lab import (  # type: ignore[import-not-found]
     WIPE,
     Env,
     MiB,
+    agent_session,
     ctrl_state,
     host_nqn,
     report,
@@ -47,13 +48,8 @@ T = 180
 
 @pytest.fixture(scope="module")
 def env(lab: Any) -> Iterator[Env]:
-    e = Env(lab)
-    e.restart()
-    wait_ready(e.stub)
-    yield e
-    e.restart()
-    wait_ready(e.stub)
-    e.channel.close()
+    with agent_session(lab, restore=True) as e:
+        yield e
 
 
 def leaked(env: Env, *ids: str) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_agent_lab import CONFIGFS, Env, MiB, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
+from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
 from test_csi_lab import WRITE, Csi, mount_cap  # type: ignore[import-not-found]
 
 from agent.dhchap import decode_secret, generate_secret
@@ -25,11 +25,8 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def env(lab: Any) -> Iterator[Env]:
-    e = Env(lab)
-    yield e
-    e.restart()  # standard flags (no auth) for whoever comes next
-    wait_ready(e.stub)
-    e.channel.close()
+    with agent_session(lab, fresh=False, restore=True) as e:
+        yield e
 
 
 def connect(env: Env, nqn: str, host: str, *auth: str) -> subprocess.CompletedProcess[str]:
