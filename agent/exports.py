@@ -114,7 +114,7 @@ class Exports:
                 for k, v in want.items():
                     if ns.attr(k) != v:
                         ns.set_attr(k, v)
-                ns.set_attr("enable", "1")
+                ns.enable()
             self._sync_hosts(sub, hosts, reset=was_open)
             if link:
                 port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)

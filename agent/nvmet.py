@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,11 @@ from zvolt import names
 DEFAULT_ROOT = "/sys/kernel/config/nvmet"
 # NVMET_NR_QUEUES: what attr_qid_max reads on a new subsystem (emulation only).
 QID_MAX_DEFAULT = 128
+# Enabling a namespace opens its block device. zvol_open gives up when it cannot take the
+# pool's namespace lock in time (concurrent zvol opens, seen in the lab under parallel
+# publishes) and configfs hands its ERESTARTSYS to user space as errno 512. It is transient.
+ERESTARTSYS = 512
+ENABLE_ATTEMPTS = 5
 
 
 class NvmetError(Exception):
@@ -187,6 +193,16 @@ class Namespace:
     @property
     def enabled(self) -> bool:
         return self.attr("enable") == "1"
+
+    def enable(self, backoff: float = 0.05) -> None:
+        for attempt in range(ENABLE_ATTEMPTS):
+            try:
+                self.set_attr("enable", "1")
+                return
+            except OSError as exc:
+                if exc.errno != ERESTARTSYS or attempt == ENABLE_ATTEMPTS - 1:
+                    raise
+            time.sleep(backoff * 2**attempt)
 
     def delete(self) -> None:
         if not self.exists():

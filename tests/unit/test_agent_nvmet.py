@@ -111,3 +111,41 @@ def test_reset_controllers_writes_attr_qid_max_back_unchanged(root: nvmet.Root, 
     os.makedirs(os.path.join(real.path, "subsystems", NQN))
     with pytest.raises(nvmet.NvmetError, match="attr_qid_max"):
         real.subsystem(NQN).reset_controllers()
+
+
+class FlakyEnable(nvmet.Root):
+    """configfs whose namespace `enable` fails `fails` times with `errno` first."""
+
+    def __init__(self, path: str, fails: int, errno: int) -> None:
+        super().__init__(path, emulate=True)
+        object.__setattr__(self, "left", [fails, errno])
+
+    def write(self, path: str, value: str) -> None:
+        left = self.left  # type: ignore[attr-defined]
+        if path.endswith("/enable") and value == "1" and left[0] > 0:
+            left[0] -= 1
+            raise OSError(left[1], "configfs write failed")
+        super().write(path, value)
+
+
+@pytest.mark.parametrize(("fails", "errno", "enabled"), [
+    (2, nvmet.ERESTARTSYS, True),  # transient: zvol_open lost the race for the pool lock
+    (nvmet.ENABLE_ATTEMPTS, nvmet.ERESTARTSYS, False),  # still failing: the caller learns
+    (1, 2, False),  # any other error (ENOENT: the device is gone) is final at once
+])
+def test_namespace_enable_retries_only_the_transient_error(tmp_path: Path, fails: int, errno: int,
+                                                           enabled: bool) -> None:
+    root = FlakyEnable(str(tmp_path / "nvmet"), fails, errno)
+    root.init_tree()
+    sub = root.subsystem(NQN)
+    sub.create()
+    ns = sub.namespace(1)
+    ns.create()
+    if enabled:
+        ns.enable(backoff=0.001)
+    else:
+        with pytest.raises(OSError) as info:
+            ns.enable(backoff=0.001)
+        assert info.value.errno == errno
+    assert ns.enabled is enabled
+    assert root.left[0] == 0  # type: ignore[attr-defined]
