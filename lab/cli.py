@@ -1,4 +1,4 @@
-"""zvolt-lab command line: build, up, run, down, status."""
+"""zvolt-lab command line: build, up, run, down, status, reboot, oci-image."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what runs where")
     rb = sub.add_parser("reboot", help="hard-reset the guest (sysrq b, no sync), set it up again, start services")
     rb.add_argument("--no-services", action="store_true", help="do not start agent/controller/node afterwards")
+    o = sub.add_parser("oci-image", help="build the zvolt container image from Dockerfile with buildah "
+                       "(cache in $ZVOLT_IMAGE_CACHE or ~/.cache/zvolt-image) and export it as an OCI archive")
+    o.add_argument("--output", help="OCI archive to write (default <cache>/zvolt-oci.tar)")
+    o.add_argument("--tag", help="image name (default: the chart's image.repository:appVersion)")
+    o.add_argument("--storage-driver", choices=("overlay", "vfs"), help="default: overlay where it works, else vfs")
+    o.add_argument("--refresh-base", action="store_true", help="make the Debian base image again (new packages)")
     return p
 
 
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"image {img.dir} (kernel {img.versions.kernel}, zfs {img.versions.zfs}) "
                   f"in {time.monotonic() - t0:.1f}s")
             return 0
+        if args.cmd == "oci-image":
+            return oci_image(args)
         if args.cmd == "up":
             from pathlib import Path
 
@@ -108,6 +116,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zvolt-lab: {exc}", file=sys.stderr)
         return 1
     return 2
+
+
+def oci_image(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lab import oci_image as oci
+    from lab.paths import source_root
+
+    t0 = time.monotonic()
+    built = oci.build(oci.ImageCache.from_env(), source_root(), sys.stdout, tag=args.tag,
+                      archive=Path(args.output).resolve() if args.output else None,
+                      driver=args.storage_driver, refresh_base=args.refresh_base)
+    layers = " + ".join(f"{size / 1e6:.1f}" for size in built.layers)
+    print(f"image {built.tag} ({built.image_id[:12]}): {built.size / 1e6:.0f} MB ({layers} MB layers), "
+          f"built in {built.build_seconds:.1f}s; OCI archive {built.archive} {built.archive_size / 1e6:.0f} MB; "
+          f"{time.monotonic() - t0:.1f}s in all")
+    return 0
 
 
 def run(cache: Cache, instance: str, command: list[str], netns: str | None, timeout: float) -> int:

@@ -1,5 +1,5 @@
 """Static checks of the Dockerfile and .dockerignore (the build itself runs in
-tests/lab/test_image_install.py): hadolint from PyPI, plus the project's own rules."""
+tests/lab/test_image_build.py): hadolint from PyPI, plus the project's own rules."""
 
 from __future__ import annotations
 
