@@ -35,14 +35,73 @@ CREATE TABLE IF NOT EXISTS snapshots(
 -- few rows they need, never the whole table, at any pool size.
 CREATE INDEX IF NOT EXISTS volumes_published ON volumes(id) WHERE hosts != '';
 CREATE INDEX IF NOT EXISTS volumes_thick ON volumes(size) WHERE thick = 1;
+-- Covers the full commitment sum (the total's one-time fill, the start-up check).
+CREATE INDEX IF NOT EXISTS volumes_size ON volumes(size);
 CREATE INDEX IF NOT EXISTS snapshots_name ON snapshots(name);
 CREATE INDEX IF NOT EXISTS snapshots_volume ON snapshots(volume_id);
 CREATE INDEX IF NOT EXISTS snapshots_dataset ON snapshots(dataset);
+-- What a snapshot can come to pin (its referenced bytes when taken), apart from the snapshots
+-- table so that no schema version changes: an index without it counts each snapshot at its
+-- volume's size. A charge lives exactly as long as its snapshot row (snapshots_deleted below:
+-- an older agent deleting a snapshot drops it too); INSERT OR REPLACE of a snapshot row keeps it.
+CREATE TABLE IF NOT EXISTS snapshot_charges(id TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trash(dataset TEXT PRIMARY KEY, origin TEXT NOT NULL, created INTEGER NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS intents(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
     datasets TEXT NOT NULL, created REAL NOT NULL);
+-- The pool's commitment (committed_bytes), one row kept by the triggers below in the same
+-- transaction as the rows it sums, so that admission reads one row at any pool size. A volume
+-- counts its size; a snapshot its charge, or its size while it has none; a charge without its
+-- snapshot nothing. Triggers live in the file, so an older agent's writes keep it too; no
+-- schema version changes, and an index without the table gets it filled once on open.
+-- INSERT OR REPLACE deletes the row it replaces without delete triggers (recursive_triggers
+-- is OFF, set on every connection): a BEFORE INSERT trigger takes the old row's part out. A
+-- write these miss (UPDATE OR REPLACE, INSERT OR IGNORE of an existing id: none in this code)
+-- is found and repaired at start-up (check_total).
+CREATE TABLE IF NOT EXISTS commitment_total(one INTEGER PRIMARY KEY CHECK (one = 1), bytes INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS volumes_replaced BEFORE INSERT ON volumes BEGIN
+    UPDATE commitment_total SET bytes = bytes - coalesce((SELECT size FROM volumes WHERE id = NEW.id), 0); END;
+CREATE TRIGGER IF NOT EXISTS volumes_inserted AFTER INSERT ON volumes BEGIN
+    UPDATE commitment_total SET bytes = bytes + NEW.size; END;
+CREATE TRIGGER IF NOT EXISTS volumes_resized AFTER UPDATE OF size ON volumes BEGIN
+    UPDATE commitment_total SET bytes = bytes - OLD.size + NEW.size; END;
+CREATE TRIGGER IF NOT EXISTS volumes_deleted AFTER DELETE ON volumes BEGIN
+    UPDATE commitment_total SET bytes = bytes - OLD.size; END;
+CREATE TRIGGER IF NOT EXISTS snapshots_replaced BEFORE INSERT ON snapshots BEGIN
+    UPDATE commitment_total SET bytes = bytes - coalesce((SELECT coalesce(c.bytes, s.size) FROM snapshots s
+        LEFT JOIN snapshot_charges c ON c.id = s.id WHERE s.id = NEW.id), 0); END;
+CREATE TRIGGER IF NOT EXISTS snapshots_inserted AFTER INSERT ON snapshots BEGIN
+    UPDATE commitment_total
+        SET bytes = bytes + coalesce((SELECT bytes FROM snapshot_charges WHERE id = NEW.id), NEW.size); END;
+CREATE TRIGGER IF NOT EXISTS snapshots_resized AFTER UPDATE OF id, size ON snapshots BEGIN
+    UPDATE commitment_total
+        SET bytes = bytes - coalesce((SELECT bytes FROM snapshot_charges WHERE id = OLD.id), OLD.size)
+                          + coalesce((SELECT bytes FROM snapshot_charges WHERE id = NEW.id), NEW.size); END;
+-- One trigger, not two, for a deleted snapshot: its part must be read while its charge is still
+-- there, and SQLite does not promise an order between triggers on the same event. The nested
+-- charge delete then finds no snapshot and changes nothing.
+DROP TRIGGER IF EXISTS snapshot_charges_follow;
+CREATE TRIGGER IF NOT EXISTS snapshots_deleted AFTER DELETE ON snapshots BEGIN
+    UPDATE commitment_total
+        SET bytes = bytes - coalesce((SELECT bytes FROM snapshot_charges WHERE id = OLD.id), OLD.size);
+    DELETE FROM snapshot_charges WHERE id = OLD.id; END;
+CREATE TRIGGER IF NOT EXISTS charges_replaced BEFORE INSERT ON snapshot_charges BEGIN
+    UPDATE commitment_total SET bytes = bytes - coalesce((SELECT c.bytes - s.size FROM snapshot_charges c
+        JOIN snapshots s ON s.id = c.id WHERE c.id = NEW.id), 0); END;
+CREATE TRIGGER IF NOT EXISTS charges_inserted AFTER INSERT ON snapshot_charges BEGIN
+    UPDATE commitment_total SET bytes = bytes + coalesce((SELECT NEW.bytes - size FROM snapshots WHERE id = NEW.id), 0);
+    END;
+CREATE TRIGGER IF NOT EXISTS charges_changed AFTER UPDATE OF id, bytes ON snapshot_charges BEGIN
+    UPDATE commitment_total SET bytes = bytes + coalesce((SELECT size - OLD.bytes FROM snapshots WHERE id = OLD.id), 0)
+                                              + coalesce((SELECT NEW.bytes - size FROM snapshots WHERE id = NEW.id), 0);
+    END;
+CREATE TRIGGER IF NOT EXISTS charges_deleted AFTER DELETE ON snapshot_charges BEGIN
+    UPDATE commitment_total SET bytes = bytes + coalesce((SELECT size - OLD.bytes FROM snapshots WHERE id = OLD.id), 0);
+    END;
 """
+# What commitment_total keeps, summed over every row: its one-time fill and check_total.
+_FULL_SUM = ("(SELECT coalesce(sum(size), 0) FROM volumes) + (SELECT coalesce(sum(coalesce(c.bytes, s.size)), 0) "
+             "FROM snapshots s LEFT JOIN snapshot_charges c ON c.id = s.id)")
 
 
 @dataclass
@@ -128,6 +187,9 @@ class Tx:
         self._c.execute("INSERT OR REPLACE INTO snapshots VALUES(?,?,?,?,?,?)",
                         (s.id, s.name, s.volume_id, s.dataset, s.size, s.created))
 
+    def charge_snapshot(self, sid: str, charge: int) -> None:
+        self._c.execute("INSERT OR REPLACE INTO snapshot_charges VALUES(?,?)", (sid, charge))
+
     def del_snapshot(self, sid: str) -> None:
         self._c.execute("DELETE FROM snapshots WHERE id=?", (sid,))
 
@@ -157,7 +219,7 @@ class Tx:
 
     def clear(self) -> None:
         """Drop every row (before a rebuild from ZFS)."""
-        for table in ("volumes", "snapshots", "trash", "intents"):
+        for table in ("volumes", "snapshots", "snapshot_charges", "trash", "intents"):
             self._c.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
 
     def done(self, seq: int) -> None:
@@ -175,12 +237,18 @@ class Index:
             # FULL: an intent must survive power loss, or a half-made dataset could be orphaned.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA cache_size=-4096")
+            # The commitment triggers count on REPLACE not firing delete triggers (see _SCHEMA).
+            self._db.execute("PRAGMA recursive_triggers=OFF")
             found = self._schema_version()
             if found is not None:
                 self._migrate(found)
             self._db.executescript(_SCHEMA)
             if found is None:
                 self._db.execute("INSERT INTO meta VALUES('schema', ?)", (str(SCHEMA_VERSION),))
+            # Once per index (new, or made before the running total existed): the triggers are
+            # in place from here on, so one full sum starts it right.
+            self._db.execute(f"INSERT INTO commitment_total SELECT 1, {_FULL_SUM} "  # noqa: S608 - fixed SQL
+                             "WHERE NOT EXISTS (SELECT 1 FROM commitment_total)")
             check = self._db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
                 raise IndexCorrupt(f"index failed its integrity check: {check}")
@@ -340,7 +408,30 @@ class Index:
         return int(v), int(s), int(e)
 
     def committed_bytes(self) -> int:
-        """Sum of thick volume sizes (what refreservations already hold)."""
+        """The pool's commitment (zvolt/commitment.py): every volume's size, a clone's included,
+        plus each snapshot's charge (its volume's size when the charge is not known). One row,
+        kept by triggers: the same cost at any number of volumes."""
         with self._lock:
-            row = self._db.execute("SELECT coalesce(sum(size), 0) FROM volumes WHERE thick=1").fetchone()
+            row = self._db.execute("SELECT bytes FROM commitment_total").fetchone()
         return int(row[0])
+
+    def check_total(self) -> tuple[int, int]:
+        """(kept, summed): the running total against a full sum over every volume and snapshot,
+        and the total set to the sum if they differ. Reads every row: start-up only."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                kept = int(self._db.execute("SELECT bytes FROM commitment_total").fetchone()[0])
+                summed = int(self._db.execute(f"SELECT {_FULL_SUM}").fetchone()[0])
+                if kept != summed:
+                    self._db.execute("UPDATE commitment_total SET bytes=?", (summed,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return kept, summed
+
+    def snapshot_charge(self, sid: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT bytes FROM snapshot_charges WHERE id=?", (sid,)).fetchone()
+        return None if row is None else int(row[0])

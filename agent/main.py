@@ -34,9 +34,12 @@ from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
 from agent.shutdown import drain
+from agent.usage import Usage
 from agent.volumes import AgentConfig, Volumes
 from agent.zfs import LibZfs, Zfs
-from zvolt import guardkeeper, names
+from agent.zpool import Zpool
+from zvolt import commitment, guardkeeper, names
+from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
 from zvolt.nftguard import GuardConfigError, Role, guard_spec, parse_port
@@ -69,9 +72,13 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
     "log-level": ("info", "log level"),
     "shutdown-grace": ("20", "seconds running calls get to finish after SIGTERM (below the pod's grace period)"),
+    "commitment-ratio": (str(commitment.DEFAULT_RATIO), "new volumes and growths are refused once the sum of "
+                         "volume sizes (plus what snapshots can pin) would pass this x the pool's size"),
+    "growth-reserve": ("0.05", "fraction of the pool's space no new volume may take: kept for existing volumes "
+                       "to grow into"),
     "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
-_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard")
+_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard", "usage-volume-metrics")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,10 @@ class Settings:
     storage_network: str = ""
     guard: bool = False  # install the storage-node nftables guard (zvolt/nftguard.py)
     guard_interval: float = guardkeeper.DEFAULT_INTERVAL
+    commitment_ratio: float = commitment.DEFAULT_RATIO
+    growth_reserve: float = 0.05
+    # Per-volume usage series (zvolt_agent_volume_*_bytes): one series per volume, so off by default.
+    usage_volume_metrics: bool = False
 
 
 def _env_name(flag: str) -> str:
@@ -181,6 +192,16 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         parse_endpoint(listen)
     except ValueError as exc:
         ap.error(str(exc))
+    try:
+        ratio = commitment.check_ratio(get("commitment-ratio"), "--commitment-ratio")
+    except ZvoltError as exc:
+        ap.error(exc.message)
+    try:
+        reserve = float(str(get("growth-reserve")))
+    except ValueError:
+        reserve = -1.0
+    if not 0 <= reserve < 1:
+        ap.error(f"--growth-reserve must be a fraction of the pool from 0 to below 1, not {get('growth-reserve')!r}")
     return Settings(
         node=node, pool=pool, parent=parent, listen=listen, nvme_address=nvme_addr.strip("[]"), nvme_port=nvme_port,
         metrics_listen=str(get("metrics-listen") or ""), state_dir=str(get("state-dir")), tls=tls,
@@ -192,7 +213,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         dhchap=_truthy(get("dhchap")) or _truthy(get("dhchap-bidirectional")),
         dhchap_bidirectional=_truthy(get("dhchap-bidirectional")),
         storage_network=storage_network, guard=bool(storage_network) and not _truthy(get("no-guard")),
-        guard_interval=guard_interval,
+        commitment_ratio=ratio, growth_reserve=reserve,
+        guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
     )
 
 
@@ -280,7 +302,8 @@ class Agent:
 
 def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
     cfg = AgentConfig(node=settings.node, pool=settings.pool, parent=settings.parent,
-                      nvme_address=settings.nvme_address, nvme_port=settings.nvme_port)
+                      nvme_address=settings.nvme_address, nvme_port=settings.nvme_port,
+                      commitment_ratio=settings.commitment_ratio, reserve_fraction=settings.growth_reserve)
     auth = HostKeys(settings.state_dir, AuthConfig(bidirectional=settings.dhchap_bidirectional)) \
         if settings.dhchap else None
     exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
@@ -288,7 +311,8 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     volumes = Volumes(cfg, zfs, index, exports, VolumeLocks())
     readiness = Readiness()
     metrics = Metrics()
-    servicer = AgentServicer(volumes, readiness, metrics)
+    usage = Usage(volumes, Zpool(), metrics, per_volume=settings.usage_volume_metrics)
+    servicer = AgentServicer(volumes, readiness, metrics, usage)
     inflight = InFlight()
     server = make_server(servicer, metrics, inflight=inflight,
                          authz=Authorizer([settings.controller_cn]) if settings.tls else None)
@@ -377,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             agent.servicer.refresh_metrics()
         except Exception:
             _log.exception("metrics refresh failed")
+        try:
+            agent.servicer.usage.tick()
+        except Exception:
+            _log.exception("usage sweep failed")
         if time.monotonic() - last_gc >= settings.gc_interval:
             last_gc = time.monotonic()
             try:

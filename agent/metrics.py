@@ -22,10 +22,21 @@ class Metrics:
         self.pool_size = Gauge("zvolt_agent_pool_size_bytes", "Size of the parent dataset's space", registry=r)
         self.pool_used = Gauge("zvolt_agent_pool_used_bytes", "Bytes used under the parent dataset", registry=r)
         self.pool_free = Gauge("zvolt_agent_pool_free_bytes", "Bytes available to the parent dataset", registry=r)
+        self.pool_committed = Gauge("zvolt_agent_pool_committed_bytes",
+                                    "Logical bytes promised: volume sizes plus what snapshots can pin", registry=r)
+        self.pool_commitment = Gauge("zvolt_agent_pool_commitment_ratio", "Committed bytes / pool size", registry=r)
+        self.pool_commitment_limit = Gauge("zvolt_agent_pool_commitment_limit_ratio",
+                                           "Commitment ratio above which new volumes and growths are refused",
+                                           registry=r)
         self.startup = Gauge("zvolt_agent_startup_seconds", "Seconds from start to ready", registry=r)
         self.ready = Gauge("zvolt_agent_ready", "1 once start-up recovery is done", registry=r)
         self.unrestored = Gauge("zvolt_agent_exports_unrestored",
                                 "Published volumes whose export could not be restored at start (retried)", registry=r)
+        self.pool_fragmentation = Gauge("zvolt_agent_pool_fragmentation_percent",
+                                        "Free-space fragmentation of the pool (zpool get fragmentation)", registry=r)
+        self.abnormal = Gauge("zvolt_agent_volumes_abnormal",
+                              "Published volumes whose condition is abnormal (export differs from what was published)",
+                              registry=r)
 
     def observe(self, method: str, status: str, seconds: float) -> None:
         self.ops.labels(method=method, status=status).inc()
@@ -41,6 +52,11 @@ class Metrics:
         self.pool_size.set(available + used)
         self.pool_used.set(used)
         self.pool_free.set(available)
+
+    def set_commitment(self, committed: int, pool_size: int, limit_ratio: float) -> None:
+        self.pool_committed.set(committed)
+        self.pool_commitment.set(committed / pool_size if pool_size else 0)
+        self.pool_commitment_limit.set(limit_ratio)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -15,6 +15,7 @@ from agent.authz import Authorizer
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
 from agent.recovery import Readiness
+from agent.usage import Usage, VolumeUsage
 from agent.volumes import Volumes, VolumeSpec
 from zvolt.errors import unavailable
 from zvolt.pb import agent_pb2 as pb
@@ -32,14 +33,21 @@ def volume_pb(vol: VolumeRec, nqn: str) -> Any:
     )
 
 
+def usage_pb(u: VolumeUsage) -> Any:
+    return pb.VolumeUsage(volume_id=u.volume_id, name=u.name, pvc_namespace=u.namespace, pvc_name=u.pvc,
+                          logical_bytes=u.logical, referenced_bytes=u.referenced, unique_bytes=u.unique,
+                          written_bytes=u.written, compress_ratio=u.compress_ratio)
+
+
 def snapshot_pb(snap: SnapshotRec, used: int = 0) -> Any:
     return pb.Snapshot(id=snap.id, name=snap.name, source_volume_id=snap.volume_id, size_bytes=snap.size,
                        created_unix=snap.created, ready_to_use=True, used_bytes=used)
 
 
 class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
-    def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics) -> None:
+    def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics, usage: Usage | None = None) -> None:
         self.v = volumes
+        self.usage = usage or Usage(volumes)
         self.readiness = readiness
         self.metrics = metrics
         self._counts: tuple[int, int, int] | None = None
@@ -68,6 +76,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.v.refresh_space()
         cap = self.v.capacity()
         self.metrics.set_space(cap.available, cap.used)
+        self.metrics.set_commitment(cap.committed, cap.total, cap.commitment_ratio)
 
     def GetInfo(self, request: Any, context: Any) -> Any:
         volumes, snapshots, exports = self.cached_counts() if self.readiness.ready else (0, 0, 0)
@@ -135,8 +144,26 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self._ready()
         cap = self.v.capacity()
         self.metrics.set_space(cap.available, cap.used)
+        self.metrics.set_commitment(cap.committed, cap.total, cap.commitment_ratio)
         return pb.GetCapacityResponse(available_bytes=cap.available, total_bytes=cap.total, used_bytes=cap.used,
-                                      maximum_volume_size=cap.maximum_volume_size)
+                                      maximum_volume_size=cap.maximum_volume_size, committed_bytes=cap.committed,
+                                      commitment_limit_ratio=cap.commitment_ratio,
+                                      commitment_available_bytes=cap.commitment_available, reserve_bytes=cap.reserve)
+
+    def GetUsage(self, request: Any, context: Any) -> Any:
+        self._ready()
+        missing: list[str] = []
+        token = ""
+        if request.volume_ids:
+            rows, missing = self.usage.of(list(request.volume_ids))
+        else:
+            rows, token = self.usage.page(request.max_entries, request.starting_token)
+        pool = self.usage.pool()
+        return pb.GetUsageResponse(
+            volumes=[usage_pb(u) for u in rows], next_token=token, not_found_ids=missing,
+            pool=pb.PoolUsage(total_bytes=pool.total, used_bytes=pool.used, available_bytes=pool.available,
+                              fragmentation_percent=-1 if pool.fragmentation is None else pool.fragmentation),
+        )
 
     def PublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()

@@ -12,8 +12,10 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from agent.commitment import Admissions
 from agent.exports import Exports
 from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
@@ -21,7 +23,7 @@ from agent.locks import VolumeLocks
 from agent.nvmet import NvmetError
 from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
 from agent.zfs import Space, Zfs, ZfsError, retry_busy
-from zvolt import names, volprops
+from zvolt import commitment, names, volprops
 from zvolt.errors import (
     ZvoltError,
     aborted,
@@ -48,8 +50,12 @@ class AgentConfig:
     nvme_address: str
     nvme_port: str
     max_volume_size: int = 64 << 40
+    # The growth reserve: free space no new volume may take, kept for existing (thin) volumes to
+    # grow into: the larger of the two. A new thin volume also needs min_free_bytes above it.
     min_free_bytes: int = 64 << 20
-    min_free_fraction: float = 0.02
+    reserve_fraction: float = 0.05
+    # Commitment limit: logical bytes promised may reach this x the pool's size (zvolt/commitment.py).
+    commitment_ratio: float = commitment.DEFAULT_RATIO
     # Pool space is refreshed in the background (main loop); a request only reads ZFS itself when
     # the cached value is older than this, so creates do not pay a `zfs get` each.
     capacity_ttl: float = 30.0
@@ -78,10 +84,14 @@ class VolumeState:
 
 @dataclass(frozen=True)
 class Capacity:
-    available: int
+    available: int  # free space above the growth reserve
     total: int
     used: int
     maximum_volume_size: int
+    committed: int = 0
+    commitment_ratio: float = commitment.DEFAULT_RATIO  # the limit
+    commitment_available: int = 0  # logical bytes the limit still admits
+    reserve: int = 0
 
 
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -154,6 +164,7 @@ class Volumes:
         self._clock = clock
         self._space: tuple[float, Space] | None = None
         self._space_mu = threading.Lock()
+        self.admissions = Admissions()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -188,20 +199,49 @@ class Volumes:
                 at, sp = self._space
                 self._space = (at, Space(available=max(sp.available - size, 0), used=sp.used + size))
 
+    def _reserve(self, total: int) -> int:
+        return max(self.cfg.min_free_bytes, int(total * self.cfg.reserve_fraction))
+
+    def committed(self) -> int:
+        """The index's commitment plus the charges of creates and expansions still in flight."""
+        return self.index.committed_bytes() + self.admissions.pending()
+
     def capacity(self) -> Capacity:
         sp = self.space()
         total = sp.available + sp.used
-        reserve = max(self.cfg.min_free_bytes, int(total * self.cfg.min_free_fraction))
+        reserve = self._reserve(total)
+        committed = self.committed()
+        ratio = self.cfg.commitment_ratio
         return Capacity(available=max(sp.available - reserve, 0), total=total, used=sp.used,
-                        maximum_volume_size=self.cfg.max_volume_size)
+                        maximum_volume_size=self.cfg.max_volume_size, committed=committed,
+                        commitment_ratio=ratio, commitment_available=commitment.headroom(committed, total, ratio),
+                        reserve=reserve)
 
     def _check_fits(self, size: int, thick: bool) -> None:
-        cap = self.capacity()
-        # Thin volumes overcommit, but a pool with (almost) nothing left above its reserve takes no more.
-        if cap.available < self.cfg.min_free_bytes:
-            raise exhausted(f"pool is nearly full ({cap.used} of {cap.total} bytes used); no new volumes")
-        if thick and size > cap.available:
-            raise exhausted(f"a thick volume of {size} bytes does not fit: {cap.available} bytes available")
+        sp = self.space()
+        total = sp.available + sp.used
+        reserve = self._reserve(total)
+        free = max(sp.available - reserve, 0)
+        # Thin volumes overcommit, but the reserve is for the volumes already there to grow into.
+        if free < self.cfg.min_free_bytes:
+            raise exhausted(f"growth reserve of storage node {self.cfg.node} reached: {sp.available} bytes free of "
+                            f"{total}, and {reserve} bytes are kept for existing volumes to grow into; no new volumes")
+        if thick and size > free:
+            raise exhausted(f"a thick volume of {size} bytes does not fit on storage node {self.cfg.node}: {free} "
+                            f"bytes free above the growth reserve of {reserve} bytes")
+
+    def _commit(self, charge: int, what: str) -> AbstractContextManager[None]:
+        """Admit `charge` more logical bytes under the commitment limit for the duration of a call."""
+        ratio = self.cfg.commitment_ratio
+
+        def check(committed: int) -> None:
+            sp = self.space()
+            total = sp.available + sp.used
+            if committed + charge > commitment.limit_bytes(ratio, total):
+                raise exhausted(commitment.refusal(f"storage node {self.cfg.node}", what, charge, committed, total,
+                                                   ratio))
+
+        return self.admissions.admit(charge, self.index.committed_bytes, check)
 
     def _volume(self, vid: str) -> VolumeRec:
         vol = self.index.volume(names.check_id(vid))
@@ -259,26 +299,31 @@ class Volumes:
             if spec.source_snapshot or spec.source_volume:
                 return self._clone(spec, vid, ds, size, user)
             self._check_fits(size, spec.thick)
-            props: dict[str, int | str] = {"volblocksize": vbs, "compression": compression, "volmode": "none", **user}
-            if spec.thick:
-                props["refreservation"] = size
-            seq = self.index.begin("create", [ds])
-            try:
-                self.zfs.create_volume(ds, size, props)
-            except ZfsError as exc:
-                self._settle(seq, [ds])
-                adopted = self.index.volume(vid)
-                if exc.errno == errno.EEXIST and adopted is not None:
-                    return self._same(adopted, spec, size)
-                raise _zfs_error(exc, f"creating volume {spec.name!r}") from exc
-            rec = VolumeRec(id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
-                            thick=spec.thick, hosts=[], created=int(user["zvolt:created"]))
-            with self.index.tx() as tx:
-                tx.put_volume(rec)
-                tx.done(seq)
-            if spec.thick:
-                self._reserve_space(size)
-            return rec
+            with self._commit(size, f"volume {spec.name!r}"):
+                return self._create(spec, vid, ds, size, vbs, compression, user)
+
+    def _create(self, spec: VolumeSpec, vid: str, ds: str, size: int, vbs: int, compression: str,
+                user: dict[str, str]) -> VolumeRec:
+        props: dict[str, int | str] = {"volblocksize": vbs, "compression": compression, "volmode": "none", **user}
+        if spec.thick:
+            props["refreservation"] = size
+        seq = self.index.begin("create", [ds])
+        try:
+            self.zfs.create_volume(ds, size, props)
+        except ZfsError as exc:
+            self._settle(seq, [ds])
+            adopted = self.index.volume(vid)
+            if exc.errno == errno.EEXIST and adopted is not None:
+                return self._same(adopted, spec, size)
+            raise _zfs_error(exc, f"creating volume {spec.name!r}") from exc
+        rec = VolumeRec(id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
+                        thick=spec.thick, hosts=[], created=int(user["zvolt:created"]))
+        with self.index.tx() as tx:
+            tx.put_volume(rec)
+            tx.done(seq)
+        if spec.thick:
+            self._reserve_space(size)
+        return rec
 
     def _clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, user: dict[str, str]) -> VolumeRec:
         hidden = ""
@@ -307,6 +352,12 @@ class Volumes:
         if size < base_size:
             raise out_of_range(f"size {size} is smaller than the source's {base_size} bytes")
         self._check_fits(size, spec.thick)
+        # A clone can come to own every one of its blocks: it is charged its full size.
+        with self._commit(size, f"clone {spec.name!r}"):
+            return self._make_clone(spec, vid, ds, size, vbs, compression, user, origin, base_size, hidden)
+
+    def _make_clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, vbs: int, compression: str,
+                    user: dict[str, str], origin: str, base_size: int, hidden: str) -> VolumeRec:
         props: dict[str, int | str] = {"volmode": "none", "compression": compression, **user}
         if spec.thick:
             props["refreservation"] = size
@@ -429,24 +480,28 @@ class Volumes:
                 raise out_of_range(f"size {size} exceeds the maximum volume size {self.cfg.max_volume_size}")
             if vol.thick:
                 self._check_fits(new - vol.size, True)
-            props = {"volsize": str(new), "zvolt:size": str(new)}
-            if vol.thick:
-                props["refreservation"] = str(new)
-            seq = self.index.begin("expand", [vol.dataset])
-            try:
-                self.zfs.set_props(vol.dataset, props)
-            except ZfsError as exc:
-                self._settle(seq, [vol.dataset])
-                raise _zfs_error(exc, f"expanding volume {vid}") from exc
-            if vol.hosts:
-                self.exports.revalidate(vid)
-            if vol.thick:
-                self._reserve_space(new - vol.size)
-            vol.size = new
-            with self.index.tx() as tx:
-                tx.put_volume(vol)
-                tx.done(seq)
-            return vol
+            with self._commit(new - vol.size, f"growing volume {vid} from {vol.size} to {new} bytes"):
+                return self._grow(vol, vid, new)
+
+    def _grow(self, vol: VolumeRec, vid: str, new: int) -> VolumeRec:
+        props = {"volsize": str(new), "zvolt:size": str(new)}
+        if vol.thick:
+            props["refreservation"] = str(new)
+        seq = self.index.begin("expand", [vol.dataset])
+        try:
+            self.zfs.set_props(vol.dataset, props)
+        except ZfsError as exc:
+            self._settle(seq, [vol.dataset])
+            raise _zfs_error(exc, f"expanding volume {vid}") from exc
+        if vol.hosts:
+            self.exports.revalidate(vid)
+        if vol.thick:
+            self._reserve_space(new - vol.size)
+        vol.size = new
+        with self.index.tx() as tx:
+            tx.put_volume(vol)
+            tx.done(seq)
+        return vol
 
     # -- snapshots ------------------------------------------------------------------------
 
@@ -477,10 +532,22 @@ class Volumes:
                     return adopted
                 raise _zfs_error(exc, f"creating snapshot {name!r}") from exc
             rec = SnapshotRec(id=sid, name=name, volume_id=vid, dataset=ds, size=vol.size, created=created)
+            charge = self._snapshot_charge(ds, vol.size)
             with self.index.tx() as tx:
                 tx.put_snapshot(rec)
+                tx.charge_snapshot(sid, charge)
                 tx.done(seq)
             return rec
+
+    def _snapshot_charge(self, ds: str, size: int) -> int:
+        """What a snapshot can come to pin: all it references when taken, once its volume has
+        overwritten every block. Never refused (a backup must not fail on overcommit), but
+        counted against what comes next. Unknown (a failed read): the volume's size."""
+        try:
+            value = (self.zfs.get_props(ds, ("referenced",)) or {}).get("referenced", "")
+        except ZfsError:
+            value = ""
+        return int(value) if value.isdigit() else size
 
     def delete_snapshot(self, sid: str) -> None:
         vid, _ = names.split_local_snapshot_id(sid)

@@ -251,8 +251,23 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     "storage node left out of placement", extra={"fields": {"node": agent.name, "error": cap.message}}
                 )
                 continue
-            found.append(placement.Candidate(agent.name, agent.zone, cap.available_bytes, cap.maximum_volume_size))
+            found.append(self._candidate(agent, cap))
         return found
+
+    @staticmethod
+    def _candidate(agent: AgentClient, cap: agent_pb2.GetCapacityResponse) -> placement.Candidate:
+        return placement.Candidate(agent.name, agent.zone, cap.available_bytes, cap.maximum_volume_size,
+                                   total_bytes=cap.total_bytes, committed_bytes=cap.committed_bytes,
+                                   commitment_ratio=cap.commitment_limit_ratio)
+
+    def _check_class_commitment(self, agent: AgentClient, size: int, class_ratio: float) -> None:
+        """A clone or restore lands on its source's node: the class's limit is checked there
+        (the node's own limit is the agent's to enforce)."""
+        cand = self._candidate(agent, agent.call("GetCapacity", agent_pb2.GetCapacityRequest(),
+                                                 timeout=LOOKUP_TIMEOUT))
+        room = placement.admits(cand, class_ratio)
+        if room is not None and size > room:
+            raise ZvoltError(grpc.StatusCode.RESOURCE_EXHAUSTED, placement.refusal(cand, size, class_ratio))
 
     # ------------------------------------------------------------- volumes
 
@@ -292,8 +307,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 order = [source_agent.name]
                 if request.HasField("accessibility_requirements"):
                     self._check_topology(request.accessibility_requirements, source_agent)
+                if par.commitment_ratio:
+                    self._check_class_commitment(source_agent, size, par.commitment_ratio)
             else:
-                order = placement.choose(self._candidates(), size, par.thick, self._zones(request))
+                order = placement.choose(self._candidates(), size, par.thick, self._zones(request),
+                                         par.commitment_ratio)
             last: ZvoltError | None = None
             for node in order:
                 agent = self._agent_for(node)
@@ -556,9 +574,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def GetCapacity(self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext) -> Any:
         for cap in request.volume_capabilities:
             volcaps.check_structure(cap)
-        thick = False
+        thick, class_ratio = False, 0.0
         try:
-            thick = params.parse(request.parameters).thick
+            par = params.parse(request.parameters)
+            thick, class_ratio = par.thick, par.commitment_ratio
         except ZvoltError as err:
             # Failing here would publish no CSIStorageCapacity and the user would only read the
             # scheduler's "not enough free storage"; answering (as for a thin class) lets
@@ -575,8 +594,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         for cand in self._candidates():
             if zone is not None and cand.zone != zone:
                 continue
-            total += cand.available_bytes
-            biggest = max(biggest, placement.largest_volume(cand, thick))
+            total += placement.admissible(cand, thick, class_ratio)
+            biggest = max(biggest, placement.largest_volume(cand, thick, class_ratio))
         resp = csi_pb2.GetCapacityResponse(available_capacity=total)
         resp.maximum_volume_size.value = biggest
         return resp

@@ -63,6 +63,7 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         self.ready = ready
         self.state = FakeAgentState()
         self.lock = threading.Lock()
+        self.commitment_ratio = 0.0  # GetCapacity's node limit (tests set it)
         # Tests hold this open to keep a CreateVolume in flight (concurrency cases).
         self.create_gate: threading.Event | None = None
         self.create_entered = threading.Event()
@@ -192,11 +193,18 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
         if not self.ready:
             raise unavailable("agent is recovering")
         used = self._used()
+        with self.lock:
+            committed = sum(v.size_bytes for v in self.state.volumes.values())
+        # commitment_ratio 0 (the default) answers like an agent that predates commitment limits.
+        ratio = self.commitment_ratio
         return agent_pb2.GetCapacityResponse(
             available_bytes=self.total - used,
             total_bytes=self.total,
             used_bytes=used,
             maximum_volume_size=self.max_volume,
+            committed_bytes=committed,
+            commitment_limit_ratio=ratio,
+            commitment_available_bytes=max(int(ratio * self.total) - committed, 0) if ratio else 0,
         )
 
     def PublishVolume(self, request: agent_pb2.PublishVolumeRequest, context: Any) -> Any:

@@ -24,6 +24,8 @@ from csi.node import NodeService
 from csi.nvme_host import SysfsNvmeHost
 from csi.placements import KubernetesRecords, PlacementRecords
 from csi.server import Services, build_server, serve
+from csi.trim import Trimmer, TrimMetrics, TrimSchedule
+from csi.usage import collect, render
 from zvolt import guardkeeper
 from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
@@ -45,10 +47,11 @@ def _env_flag(flag: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node", "attachments"], default=_env("mode"),
+    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage"], default=_env("mode"),
                    required=_env("mode") is None,
                    help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
-                   "(run in the controller container: same settings); --clear unpublishes the stale ones")
+                   "(run in the controller container: same settings); --clear unpublishes the stale ones. "
+                   "usage: space per volume and pool on every storage node (same settings)")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
     p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
@@ -80,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
         "row, only where this pod's csi-attacher leads; needs --agents-from-kubernetes); 0: off",
     )
     p.add_argument("--clear", action="store_true", help="attachments mode: unpublish the stale ones")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="attachments mode output")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                   help="attachments and usage mode output")
     # node
     p.add_argument("--node-id", default=_env("node-id"))
     p.add_argument("--state-dir", default=_env("state-dir", "/var/lib/zvolt-node"))
@@ -98,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
                    help="node: UNSAFE, install no guard: pods can then reach NVMe/TCP targets (SECURITY.md)")
     p.add_argument("--guard-interval", type=float, default=float(_env("guard-interval", "30") or 30),
                    metavar="SECONDS", help="node: seconds between checks that the guard is intact (re-applied if not)")
+    p.add_argument(
+        "--trim-interval", type=float, default=float(_env("trim-interval", "3600") or 0), metavar="SECONDS",
+        help="node: fstrim each staged zvolt filesystem about every SECONDS (one at a time, spread with "
+        "jitter) so deleted blocks go back to the pool; 0: off (then use the `discard` mount option)",
+    )
     return p
 
 
@@ -169,6 +178,13 @@ def attachments(args: argparse.Namespace, out: Callable[[str], None] = print) ->
     return 1 if failed else 0
 
 
+def usage(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """`zvolt-csi --mode usage`: what `kubectl zvolt usage` shows (docs: csi/README.md)."""
+    rows, pools, failed = collect(_pool(args))
+    out(render(rows, pools, failed, args.output))
+    return 1 if failed else 0
+
+
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
                         records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
@@ -213,12 +229,22 @@ def node_guard(args: argparse.Namespace, metrics: Metrics) -> None:
         raise SystemExit(f"zvolt-csi: NVMe/TCP guard: {exc} (--no-guard disables it, unsafe)") from None
 
 
+def start_trimmer(args: argparse.Namespace, node: NodeService, metrics: Metrics) -> None:
+    """The periodic trim (csi/trim.py) in a daemon thread, sharing the node's per-volume locks."""
+    if args.trim_interval <= 0:
+        _log.info("periodic trim off (--trim-interval 0)")
+        return
+    trimmer = Trimmer(TrimSchedule(args.trim_interval), SystemMounter(), SysfsNvmeHost(args.sysfs_root).subsystem_of,
+                      node.locks, TrimMetrics(metrics.registry))  # fmt: skip
+    threading.Thread(target=trimmer.run, args=(threading.Event(),), name="trim", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.mode == "attachments":
+    if args.mode in ("attachments", "usage"):
         try:
-            return attachments(args)
+            return attachments(args) if args.mode == "attachments" else usage(args)
         except ZvoltError as err:
             print(f"zvolt-csi: {err.message}", file=sys.stderr)
             return 2
@@ -228,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = Metrics(args.mode)
         if args.mode == "node":
             node_guard(args, metrics)
+            start_trimmer(args, services.node, metrics)
         if services.health is not None:
             metrics.registry.register(services.health)
             services.health.start()

@@ -165,6 +165,14 @@ class SysfsNvmeHost:
         argv = ["nvme", "ns-rescan", f"/dev/{controller}"]
         check(self.run(argv, self.timeout), argv, "nvme ns-rescan")
 
+    def subsystem_of(self, device: str) -> str | None:
+        """Subsystem NQN of a namespace block device (its parent is the controller or, with
+        native multipath, the subsystem: both carry subsysnqn); None when it is not NVMe."""
+        name = os.path.basename(device)
+        if not _NS.fullmatch(name):
+            return None
+        return _read(self.sys / "class" / "block" / name / "device" / "subsysnqn") or None
+
     def device_size(self, device: str) -> int:
         name = os.path.basename(device)
         if not _NS.fullmatch(name):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from csi.mounter import SUPPORTED_FS
-from zvolt import volprops
+from zvolt import commitment, volprops
 from zvolt.errors import invalid
 
 DEFAULT_VOLBLOCKSIZE = volprops.DEFAULT_VOLBLOCKSIZE
@@ -31,7 +31,8 @@ SIDECAR_KEY = re.compile(
     r"^csi\.storage\.k8s\.io/(provisioner|controller-publish|node-stage|node-publish|controller-expand"
     r"|node-expand)-secret-(name|namespace)$"
 )
-DRIVER_KEYS = ("volblocksize", "compression", "thin", FSTYPE_KEY)
+COMMITMENT_KEY = "commitmentRatio"
+DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, FSTYPE_KEY)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class VolumeParams:
     thick: bool = False
     fstype: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # The class's own commitment limit (0: none): its volumes go only where the node's commitment
+    # stays within it. Enforced by the controller from GetCapacity (see csi/placement.py).
+    commitment_ratio: float = 0.0
 
 
 def _volblocksize(value: str) -> int:
@@ -62,6 +66,7 @@ def _bool(key: str, value: str) -> bool:
 def parse(parameters: Mapping[str, str]) -> VolumeParams:
     """Unknown keys are refused: a typo in a StorageClass should fail loudly, not be ignored."""
     volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, volprops.DEFAULT_COMPRESSION, False, ""
+    ratio = 0.0
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
@@ -70,6 +75,8 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             compression = volprops.check_compression(value)
         elif key == "thin":
             thick = not _bool(key, value)
+        elif key == COMMITMENT_KEY:
+            ratio = commitment.check_ratio(value, f"parameter {COMMITMENT_KEY}")
         elif key == FSTYPE_KEY:
             if value not in SUPPORTED_FS:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
@@ -78,7 +85,8 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             _label(labels, key, value)
         else:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
-    return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels)
+    return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
+                        commitment_ratio=ratio)
 
 
 def _label(labels: dict[str, str], key: str, value: str) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from csi import TOPOLOGY_ZONE_KEY
+from zvolt import commitment
 from zvolt.errors import exhausted, out_of_range
 
 
@@ -17,8 +18,32 @@ from zvolt.errors import exhausted, out_of_range
 class Candidate:
     name: str
     zone: str
-    available_bytes: int
+    available_bytes: int  # free space above the node's growth reserve
     max_volume_bytes: int  # 0 = no limit reported
+    total_bytes: int = 0
+    committed_bytes: int = 0
+    commitment_ratio: float = 0.0  # the node's limit; 0 = none reported (an older agent)
+
+
+def admits(c: Candidate, class_ratio: float = 0.0) -> int | None:
+    """Logical bytes the commitment limits still admit on this node: the node's own and the
+    StorageClass's (commitmentRatio), the lower winning. None: neither sets a limit.
+
+    The class limit is enforced here, from GetCapacity data, not in the agent: the agent API
+    stays one node-wide policy, and GetCapacity (which CSIStorageCapacity is made of, per class)
+    answers with the same rule. Two concurrent creates may both pass it on data a moment old;
+    the node's own limit is the one admitted atomically, by the agent."""
+    limits = [r for r in (c.commitment_ratio, class_ratio) if r > 0]
+    if not limits:
+        return None
+    return commitment.headroom(c.committed_bytes, c.total_bytes, min(limits))
+
+
+def refusal(c: Candidate, size: int, class_ratio: float) -> str:
+    by_class = class_ratio > 0 and (c.commitment_ratio <= 0 or class_ratio < c.commitment_ratio)
+    ratio = class_ratio if by_class else c.commitment_ratio
+    who = f"the StorageClass (commitmentRatio) on storage node {c.name}" if by_class else f"storage node {c.name}"
+    return commitment.refusal(who, f"a volume of {size} bytes", size, c.committed_bytes, c.total_bytes, ratio)
 
 
 @dataclass(frozen=True)
@@ -45,11 +70,13 @@ def zone_requirement(requisite: Sequence[dict[str, str]], preferred: Sequence[di
     return ZoneRequirement(requisite=frozenset(zones) if zones is not None else None, preferred=ordered)
 
 
-def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneRequirement) -> list[str]:
+def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneRequirement,
+           class_ratio: float = 0.0) -> list[str]:
     """Storage nodes to try, best first. Raises when no node can hold the volume.
 
     Thick volumes reserve their full size, so they need that much free space. Thin ones
-    only need room to start; among those that fit, the emptiest preferred node wins.
+    only need room to start; both need the commitment limits to admit their full size.
+    Among those that fit, the emptiest preferred node wins.
     """
     allowed = [c for c in candidates if req.requisite is None or c.zone in req.requisite]
     if not allowed:
@@ -59,22 +86,39 @@ def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneReq
         biggest = max(c.max_volume_bytes for c in allowed)
         raise out_of_range(f"{size} bytes is larger than the biggest volume a storage node can hold ({biggest} bytes)")
     need = size if thick else 1
-    fits = [c for c in sized if c.available_bytes >= need]
-    if not fits:
+    roomy = [c for c in sized if c.available_bytes >= need]
+    if not roomy:
         most = max(c.available_bytes for c in sized)
-        raise exhausted(f"no storage node has {need} bytes free (most free: {most} bytes)")
+        raise exhausted(f"no storage node has {need} bytes free above its growth reserve (most free: {most} bytes)")
+    fits = [c for c in roomy if (a := admits(c, class_ratio)) is None or a >= size]
+    if not fits:
+        closest = max(roomy, key=lambda c: admits(c, class_ratio) or 0)
+        raise exhausted(refusal(closest, size, class_ratio))
     rank = {zone: i for i, zone in enumerate(req.preferred)}
     fits.sort(key=lambda c: (rank.get(c.zone, len(rank)), -c.available_bytes, c.name))
     return [c.name for c in fits]
 
 
-def largest_volume(c: Candidate, thick: bool) -> int:
+def largest_volume(c: Candidate, thick: bool, class_ratio: float = 0.0) -> int:
     """The biggest volume this node would create now (GetCapacity's maximum_volume_size, which
     kube-scheduler prefers over the capacity). Thick needs the space; thin only needs the node
-    to take volumes at all, so a thin branch of a volume bigger than the free space schedules."""
+    to take volumes at all, so a thin branch of a volume bigger than the free space schedules
+    as long as the commitment limits admit its size."""
+    bounds = [b for b in (c.max_volume_bytes or None, admits(c, class_ratio)) if b is not None]
     if thick:
-        return min(c.available_bytes, c.max_volume_bytes) if c.max_volume_bytes else c.available_bytes
+        bounds.append(c.available_bytes)
+    elif c.available_bytes <= 0:
+        return 0
+    return min(bounds) if bounds else c.available_bytes
+
+
+def admissible(c: Candidate, thick: bool, class_ratio: float = 0.0) -> int:
+    """What this node would still take in all (GetCapacity's available_capacity): logical bytes
+    under the commitment limits; for thick volumes, no more than the free space either."""
+    limit = admits(c, class_ratio)
     if c.available_bytes <= 0:
         return 0
-    return c.max_volume_bytes or c.available_bytes
+    if limit is None:
+        return c.available_bytes
+    return min(limit, c.available_bytes) if thick else limit
 

@@ -14,6 +14,7 @@ from kubectl_zvolt.format import age, dump, table
 from kubectl_zvolt.kube import Exec, Kube, Target, stream_exec
 from kubectl_zvolt.model import DRIVER
 from kubectl_zvolt.ops import Ops, Result
+from kubectl_zvolt.usage import size, usage
 
 Connect = Callable[[Target], Kube]
 
@@ -81,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--clear", action="store_true",
                    help="unpublish the stale ones (no VolumeAttachment wants them; checked again under the "
                    "volume's lock)")
+    u = sub.add_parser("usage", parents=[common],
+                       help="space per PVC and per namespace as the storage nodes count it (-n: zvolt's namespace)")
+    u.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    u.add_argument("--pvc-namespace", metavar="NS", help="only the PVCs of this namespace (default: all)")
     return p
 
 
@@ -129,6 +134,21 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
             for name, why in unreachable.items():
                 out.write(f"storage node {name} did not answer: {why}\n")
         return 1 if unreachable else 0
+    elif args.command == "usage":
+        report = usage(kube, execute or stream_exec(kube), args.pvc_namespace)
+        if args.output != "table":
+            out.write(dump(report.as_dict(), args.output) + "\n")
+        else:
+            out.write(table(["NAMESPACE", "PVC", "PV", "NODE", "SIZE", "USED", "UNIQUE", "RATIO"],
+                            [[p.namespace or "-", p.pvc or "-", p.pv, p.node, size(p.logical_bytes),
+                              size(p.referenced_bytes), size(p.unique_bytes), f"{p.compress_ratio:.2f}x"]
+                             for p in report.pvcs]) + "\n\n")
+            out.write(table(["NAMESPACE", "PVCS", "SIZE", "USED", "UNIQUE"],
+                            [[n.namespace or "-", str(n.pvcs), size(n.logical_bytes), size(n.referenced_bytes),
+                              size(n.unique_bytes)] for n in report.namespaces]) + "\n")
+            for name, why in report.unreachable.items():
+                out.write(f"storage node {name} did not answer: {why}\n")
+        return 1 if report.unreachable else 0
     elif args.command == "tree":
         vols, snaps = ops.inventory()
         roots = tree.build(vols, snaps, args.pvc)

@@ -342,7 +342,9 @@ def test_snapshot_restore_clone_expand_and_delete_in_any_order(zvolt: Zvolt, ns:
 def test_thin_branch_of_a_volume_bigger_than_the_free_space_schedules(zvolt: Zvolt, ns: str) -> None:
     z, t0 = zvolt, time.monotonic()
     free = int(z.storage.prop(f"{z.storage.lab.pool}/zvolt", "available"))
-    big = f"{(free // GiB) * 4}Gi"  # four times the pool's free space: thin, so it costs nothing yet
+    # More than the pool's free space, thin, so it costs nothing yet; the volume and its branch
+    # (2.5x the pool between them) stay under the default commitment limit of 3x.
+    big = f"{-(-free * 5 // 4 // GiB)}Gi"
     z.core.create_namespaced_persistent_volume_claim(ns, pvc("big", size=big))
     big_pv = bound_pv(z, ns, "big")
     z.core.create_namespaced_persistent_volume_claim(
@@ -518,3 +520,23 @@ def test_only_the_controller_certificate_changes_volumes(zvolt: Zvolt, ns: str) 
     z.core.delete_namespaced_persistent_volume_claim("victim", ns)
     z.say("k8s scenario roles: the chart's agent certificate as a client reads GetInfo, PublishVolume refused "
           "(PERMISSION_DENIED)")
+
+
+def test_a_pvc_over_the_commitment_limit_says_so(zvolt: Zvolt, ns: str) -> None:
+    z, t0 = zvolt, time.monotonic()
+    parent = f"{z.storage.lab.pool}/zvolt"
+    pool = sum(int(z.storage.prop(parent, p)) for p in ("available", "used"))
+    sc = f"half-{ns}"
+    client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=sc), provisioner="csi.zvolt.io",
+        parameters={"commitmentRatio": "0.5"}, volume_binding_mode="Immediate"))
+    try:
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("over", size=f"{-(-pool * 3 // 4 // GiB)}Gi", sc=sc))
+        found = z.wait("an event naming the commitment limit", lambda: [
+            e for e in events(z, ns, "over") if "commitment limit of the StorageClass (commitmentRatio)" in e] or None)
+        assert found[0].startswith("ProvisioningFailed") and "0.5 x pool size" in found[0], found
+        z.say(f"k8s scenario PVC over the class's commitment limit: event after {time.monotonic() - t0:.1f} s: "
+              f"{found[0][:160]}")
+    finally:
+        z.core.delete_namespaced_persistent_volume_claim("over", ns)
+        client.StorageV1Api(z.cp.api).delete_storage_class(sc)

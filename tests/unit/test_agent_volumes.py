@@ -109,8 +109,8 @@ def test_capacity_and_resource_exhausted(tmp_path: Path) -> None:
     small = make_node(str(tmp_path / "s"), str(tmp_path / "c"), pool_size=10 * GiB)
     cap = small.volumes.capacity()
     assert cap.total == 10 * GiB and 0 < cap.available < 10 * GiB
-    # Thin volumes may overcommit; thick ones must fit.
-    small.volumes.create_volume(VolumeSpec(name="thin-big", size=50 * GiB))
+    # Thin volumes may overcommit (up to the commitment limit, 3x by default); thick ones must fit.
+    small.volumes.create_volume(VolumeSpec(name="thin-big", size=20 * GiB))
     code = code_of(small.volumes.create_volume, VolumeSpec(name="thick-big", size=20 * GiB, thick=True))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     small.volumes.create_volume(VolumeSpec(name="thick-ok", size=8 * GiB, thick=True))

@@ -25,6 +25,7 @@ import yaml
 from test_chart_crds import CRD_SCHEMAS, validate_crd  # type: ignore[import-not-found,unused-ignore]
 
 from csi import params
+from csi.mounter import check_mount_flags
 from zvolt import volprops
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "zvolt"
@@ -277,7 +278,7 @@ def test_node_daemonset(default_docs: list[Obj]) -> None:
     assert node["securityContext"]["capabilities"] == {"add": ["NET_ADMIN"]}
     assert node["args"] == ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
                             "--state-dir=/var/lib/zvolt-node", "--metrics-listen=$(POD_IP):9103",
-                            "--ctrl-loss-tmo=600", "--reconnect-delay=2",
+                            "--ctrl-loss-tmo=600", "--reconnect-delay=2", "--trim-interval=3600",
                             f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420"]
     m = mounts(node)
     assert m["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
@@ -321,7 +322,7 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
         f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420",
         "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
-        "--shutdown-grace=20",
+        "--shutdown-grace=20", "--commitment-ratio=3", "--growth-reserve=0.05",
         "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt",
         f"--controller-cn={RELEASE}-zvolt-controller"]
     # Running calls get 20 s after SIGTERM; the kubelet waits 10 s longer before SIGKILL.
@@ -750,3 +751,72 @@ def test_certificates_are_stable_across_upgrades_and_reinstalls(tmp_path: Path) 
     crt_file.write_bytes(base64.b64decode(agent["tls.crt"]))
     assert _openssl(["verify", "-CAfile", str(ca_file), str(crt_file)]).strip().endswith(": OK")
     assert agent["ca.crt"] == existing["ca"]["data"]["tls.crt"]
+
+
+# --- monitoring: Grafana dashboard and PrometheusRule (both off by default) ----------------
+
+MONITORING: Obj = {"metrics": {"dashboard": {"enabled": True, "annotations": {"grafana_folder": "Storage"}},
+                               "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}}
+
+
+def test_monitoring_is_off_by_default(default_docs: list[Obj]) -> None:
+    assert by_kind(default_docs, "ConfigMap") == {} and by_kind(default_docs, "PrometheusRule") == {}
+
+
+def test_dashboard_configmap_carries_the_chart_dashboard() -> None:
+    report = helm_python.lint(CHART, with_required(MONITORING), strict=True, namespace=NAMESPACE,
+                              kube_version=f"v{KUBE_VERSION}")
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [] and report["errors"] == []
+    cm = by_kind(render(MONITORING), "ConfigMap")[f"{RELEASE}-zvolt-dashboard"]
+    validate_strict(cm)
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Storage"}
+    shipped = json.loads((CHART / "dashboards" / "zvolt.json").read_text())
+    assert json.loads(cm["data"]["zvolt.json"]) == shipped
+    titles = {p["title"] for p in shipped["panels"]}
+    for wanted in ("Pool fill", "Commitment ratio and limit", "Fragmentation", "Agent p99 latency by method",
+                   "CSI errors by method and status", "Exported (attached) volumes",
+                   "Start-up to ready (exports restored)"):
+        assert wanted in titles
+    assert all(t["expr"] for p in shipped["panels"] for t in p.get("targets", []))
+
+
+def test_prometheus_rule_alerts() -> None:
+    rule = by_kind(render(MONITORING), "PrometheusRule")[RELEASE + "-zvolt"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "prom"
+    rules = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(rules) == {"ZvoltPoolFilling", "ZvoltPoolFull", "ZvoltCommitmentNearLimit", "ZvoltAgentNotReady",
+                          "ZvoltExportsNotRestored", "ZvoltVolumeConditionAbnormal"}
+    assert rules["ZvoltPoolFilling"]["expr"].endswith("> 0.8") and rules["ZvoltPoolFull"]["expr"].endswith("> 0.9")
+    for r in rules.values():
+        assert set(r) == {"alert", "expr", "for", "labels", "annotations"}
+        assert r["labels"]["severity"] in ("warning", "critical")
+        assert "{{ $labels.node }}" in r["annotations"]["summary"]  # Prometheus templating survived Helm's
+
+
+def test_monitoring_values_are_checked() -> None:
+    report = helm_python.lint(CHART, with_required({"metrics": {"prometheusRule": {"enabled": True,
+                                                                                   "poolFillWarning": 80}}}),
+                              strict=True)
+    assert "/metrics/prometheusRule/poolFillWarning" in " ".join(m["error"] for m in report["messages"]
+                                                                  if m["severity"] >= 3)
+
+
+def test_trim_interval_and_class_mount_options_reach_the_driver() -> None:
+    """Reclaim (csi/README.md): the node plugin's periodic trim is set from values, and a class
+    may ask for online discard instead; every option a class sets passes the node plugin's own
+    allow-list, so no volume of the class fails to stage."""
+    sc = {"name": "online", "volblocksize": "8K", "compression": "lz4", "fsType": "ext4",
+          "mountOptions": ["discard", "noatime"]}
+    docs = render({"node": {"trimIntervalSeconds": 0}, "storageClasses": [sc]})
+    node = container(by_kind(docs, "DaemonSet")[f"{RELEASE}-zvolt-node"]["spec"]["template"]["spec"], "zvolt-node")
+    assert "--trim-interval=0" in node["args"]
+    rendered = by_kind(docs, "StorageClass")["online"]
+    assert rendered["mountOptions"] == ["discard", "noatime"]
+    assert check_mount_flags(rendered["mountOptions"]) == ["discard", "noatime"]
+    assert all("mountOptions" not in c for c in by_kind(render(), "StorageClass").values())
+    for bad, where in (({"node": {"trimIntervalSeconds": -1}}, "/node/trimIntervalSeconds"),
+                       ({"storageClasses": [{**sc, "mountOptions": ["discard,dev"]}]},
+                        "/storageClasses/0/mountOptions/0")):
+        report = helm_python.lint(CHART, with_required(bad), strict=True)
+        assert where in " ".join(m["error"] for m in report["messages"] if m["severity"] >= 3), report

@@ -150,7 +150,7 @@ def test_mounter_argv_and_parsing() -> None:
         ["mount", "-t", "ext4", "-o", "noatime", "--", "/dev/nvme1n1", "/stage"],
         ["mount", "--bind", "-o", "ro", "--", "/stage", "/target"],
         ["umount", "--", "/target"],
-        ["mkfs.xfs", "-q", "-K", "--", "/dev/nvme1n1"],
+        ["mkfs.xfs", "-q", "--", "/dev/nvme1n1"],
         ["resize2fs", "--", "/dev/nvme1n1"],
         ["xfs_growfs", "--", "/target"],
     ]

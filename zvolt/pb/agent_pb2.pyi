@@ -249,16 +249,80 @@ class GetCapacityRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetCapacityResponse(_message.Message):
-    __slots__ = ("available_bytes", "total_bytes", "used_bytes", "maximum_volume_size")
+    __slots__ = ("available_bytes", "total_bytes", "used_bytes", "maximum_volume_size", "committed_bytes", "commitment_limit_ratio", "commitment_available_bytes", "reserve_bytes")
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAXIMUM_VOLUME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_LIMIT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     available_bytes: int
     total_bytes: int
     used_bytes: int
     maximum_volume_size: int
-    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., maximum_volume_size: _Optional[int] = ...) -> None: ...
+    committed_bytes: int
+    commitment_limit_ratio: float
+    commitment_available_bytes: int
+    reserve_bytes: int
+    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., maximum_volume_size: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., commitment_limit_ratio: _Optional[float] = ..., commitment_available_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("volume_ids", "max_entries", "starting_token")
+    VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STARTING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    volume_ids: _containers.RepeatedScalarFieldContainer[str]
+    max_entries: int
+    starting_token: str
+    def __init__(self, volume_ids: _Optional[_Iterable[str]] = ..., max_entries: _Optional[int] = ..., starting_token: _Optional[str] = ...) -> None: ...
+
+class VolumeUsage(_message.Message):
+    __slots__ = ("volume_id", "name", "pvc_namespace", "pvc_name", "logical_bytes", "referenced_bytes", "unique_bytes", "written_bytes", "compress_ratio")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PVC_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PVC_NAME_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_RATIO_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    name: str
+    pvc_namespace: str
+    pvc_name: str
+    logical_bytes: int
+    referenced_bytes: int
+    unique_bytes: int
+    written_bytes: int
+    compress_ratio: float
+    def __init__(self, volume_id: _Optional[str] = ..., name: _Optional[str] = ..., pvc_namespace: _Optional[str] = ..., pvc_name: _Optional[str] = ..., logical_bytes: _Optional[int] = ..., referenced_bytes: _Optional[int] = ..., unique_bytes: _Optional[int] = ..., written_bytes: _Optional[int] = ..., compress_ratio: _Optional[float] = ...) -> None: ...
+
+class PoolUsage(_message.Message):
+    __slots__ = ("total_bytes", "used_bytes", "available_bytes", "fragmentation_percent")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAGMENTATION_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    fragmentation_percent: int
+    def __init__(self, total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., fragmentation_percent: _Optional[int] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("volumes", "next_token", "pool", "not_found_ids")
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_IDS_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeUsage]
+    next_token: str
+    pool: PoolUsage
+    not_found_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ..., next_token: _Optional[str] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., not_found_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishVolumeRequest(_message.Message):
     __slots__ = ("volume_id", "host_nqn")

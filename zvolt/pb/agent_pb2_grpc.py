@@ -84,6 +84,11 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/GetUsage',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
         self.PublishVolume = channel.unary_unary(
                 '/zvolt.agent.v1.Agent/PublishVolume',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.PublishVolumeRequest.SerializeToString,
@@ -160,6 +165,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Space per volume (what to bill and alert on) and the pool's totals: the index plus one scoped
+        `zfs get` of the requested volumes, never a listing of the pool. Read-only, controller only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PublishVolume(self, request, context):
         """Allow one host NQN to connect to the volume's subsystem. The first publish activates
         the volume (volmode=dev, subsystem, namespace, port link).
@@ -227,6 +240,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetCapacity,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.GetUsageRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.GetUsageResponse.SerializeToString,
             ),
             'PublishVolume': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishVolume,
@@ -509,6 +527,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/GetCapacity',
             zvolt_dot_pb_dot_agent__pb2.GetCapacityRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.GetCapacityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/GetUsage',
+            zvolt_dot_pb_dot_agent__pb2.GetUsageRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
