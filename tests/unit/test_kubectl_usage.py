@@ -4,16 +4,15 @@ a real agent servicer (on fake ZFS) over gRPC."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_kubectl_attachments import run_in_process  # type: ignore[import-not-found]
 
-import csi.main
 from agent.fakes import FakeNode, make_node
 from agent.metrics import Metrics
 from agent.server import AgentServicer, make_server
@@ -52,15 +51,6 @@ def agent(tmp_path: Path) -> Iterator[tuple[FakeNode, int]]:
         node.zfs.ds[vol.dataset].props.update(used=str(used), referenced=str(64 * MiB), compressratio=ratio)
     yield node, port
     server.stop(None)
-
-
-def run_in_process(namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
-    assert (namespace, pod, container) == ("zvolt", "ctrl-1", "zvolt-controller")
-    assert argv[0] == "zvolt-csi"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = csi.main.main(list(argv[1:]))
-    return code, out.getvalue()
 
 
 def controller_args(port: int) -> list[str]:
