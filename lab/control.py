@@ -165,9 +165,19 @@ def _boot(
     return st
 
 
+# A probe takes up to ~22 s (20 s ssh timeout + 2 s pause), so noting every 10 s keeps the
+# gaps between lines under 30 s while the guest boots.
+BOOT_NOTE_EVERY = 10.0
+
+
 def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) -> None:
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    said = start
     while True:
+        if time.monotonic() - said >= BOOT_NOTE_EVERY:
+            said = time.monotonic()
+            _log(out, t0, f"guest still booting ({said - start:.0f}s; TCG boots take 1-3 minutes)")
         if not qemu.alive(st.pid, str(st.overlay)):
             raise LabError(f"qemu (pid {st.pid}) exited during boot")
         try:

@@ -35,12 +35,33 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data[-lines:])
 
 
+# No step stays silent longer than this: a long command (DKMS, debootstrap) gets a line saying
+# it still runs, for how long, and the last line of its log.
+HEARTBEAT = 30.0
+
+
+def last_line(path: Path, width: int = 100) -> str:
+    """The log's last non-empty line, shortened (read from the end: logs grow to megabytes)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 4096, 0))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    line = lines[-1] if lines else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
 @dataclass
 class Steps:
     log_dir: Path
     out: TextIO = field(default_factory=lambda: sys.stdout)
     t0: float = field(default_factory=time.monotonic)
     current: str = ""
+    heartbeat: float = HEARTBEAT
+    _open: bool = False  # the step's "name ... " line still waits for its result
+    _started: float = 0.0
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{slug(name)}.log"
@@ -52,21 +73,38 @@ class Steps:
         log = self.log_path(name)
         log.write_text("")
         self.current = name
-        start = time.monotonic()
+        start = self._started = time.monotonic()
         self.out.write(f"[lab {start - self.t0:7.1f}s] {name} ... ")
         self.out.flush()
+        self._open = True
         try:
             yield log
         except StepFailed:
-            self.out.write("FAILED\n")
+            self._result("FAILED")
             raise
         except Exception as exc:
-            self.out.write("FAILED\n")
+            self._result("FAILED")
             with log.open("a") as f:
                 f.write(f"\nerror: {exc}\n")
             raise StepFailed(name, log, str(exc)) from exc
+        self._result(f"ok ({time.monotonic() - start:.1f}s)")
+
+    def _result(self, what: str) -> None:
+        if self._open:
+            self.out.write(f"{what}\n")
+        else:
+            self.out.write(f"[lab {time.monotonic() - self.t0:7.1f}s] {self.current} {what}\n")
+        self.out.flush()
+        self._open = False
+
+    def still_running(self, log: Path) -> None:
         now = time.monotonic()
-        self.out.write(f"ok ({now - start:.1f}s)\n")
+        if self._open:
+            self.out.write("\n")
+            self._open = False
+        detail = last_line(log)
+        self.out.write(f"[lab {now - self.t0:7.1f}s]   {self.current}: still running ({now - self._started:.0f}s)"
+                       + (f", log: {detail}" if detail else "") + "\n")
         self.out.flush()
 
     def note(self, name: str, what: str) -> None:
@@ -92,8 +130,18 @@ class Steps:
                 list(argv), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
             )
+            deadline = time.monotonic() + timeout
             try:
-                rc = proc.wait(timeout=timeout)
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        rc = proc.wait(timeout=max(min(left, self.heartbeat), 0))
+                        break
+                    except subprocess.TimeoutExpired:
+                        if left <= self.heartbeat:
+                            raise
+                        f.flush()
+                        self.still_running(log)
             except BaseException as exc:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

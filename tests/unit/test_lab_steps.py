@@ -63,3 +63,24 @@ def test_timeout_kills_the_whole_process_tree(tmp_path: Path) -> None:
 
 def test_slug() -> None:
     assert slug("kernel + zfs + nvme (backports)") == "kernel-zfs-nvme-backports"
+
+
+def test_a_long_command_is_never_silent_longer_than_the_heartbeat(tmp_path: Path) -> None:
+    out = io.StringIO()
+    steps = Steps(tmp_path, out=out, heartbeat=0.3)
+    code = "import sys, time\nfor i in range(4):\n    print(f'CC module {i}', flush=True); time.sleep(0.3)\n"
+    with steps.step("dkms build"):
+        steps.run([sys.executable, "-c", code])
+    lines = out.getvalue().splitlines()
+    beats = [ln for ln in lines if "dkms build: still running" in ln]
+    assert len(beats) >= 2, lines
+    assert "log: CC module" in beats[0]
+    assert lines[0].endswith("dkms build ... ") and lines[-1].split("] ")[1].startswith("dkms build ok ("), lines
+
+
+def test_a_short_step_keeps_its_one_line(tmp_path: Path) -> None:
+    out = io.StringIO()
+    steps = Steps(tmp_path, out=out, heartbeat=5)
+    with steps.step("mkfs"):
+        steps.run([sys.executable, "-c", "pass"])
+    assert len(out.getvalue().splitlines()) == 1 and "mkfs ... ok (" in out.getvalue()
