@@ -55,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--tag", help="image name (default: the chart's image.repository:appVersion)")
     o.add_argument("--storage-driver", choices=("overlay", "vfs"), help="default: overlay where it works, else vfs")
     o.add_argument("--refresh-base", action="store_true", help="make the Debian base image again (new packages)")
+    o.add_argument("--all", action="store_true", help="also the images a lab kubelet runs: pause, the chart's "
+                   "sidecars (binaries from $ZVOLT_K8S_BIN) and postgres, one archive each in <cache>/node-images")
     return p
 
 
@@ -132,6 +134,21 @@ def oci_image(args: argparse.Namespace) -> int:
     print(f"image {built.tag} ({built.image_id[:12]}): {built.size / 1e6:.0f} MB ({layers} MB layers), "
           f"built in {built.build_seconds:.1f}s; OCI archive {built.archive} {built.archive_size / 1e6:.0f} MB; "
           f"{time.monotonic() - t0:.1f}s in all")
+    if args.all:
+        from lab import node_images
+
+        t0 = time.monotonic()
+        built_nodes = node_images.build(oci.ImageCache.from_env(), source_root(), sys.stdout,
+                                        driver=args.storage_driver, refresh_base=args.refresh_base)
+        for image in built_nodes.images:
+            print(f"image {' '.join(image.refs)} ({image.image_id[:12]}): {image.size / 1e6:.1f} MB; "
+                  f"OCI archive {image.archive} {image.archive_size / 1e6:.1f} MB")
+        for line in built_nodes.skipped:
+            print(f"skipped: {line}")
+        helm_set = ",".join(f"{k}={v}" for image in built_nodes.images for k, v in image.helm_set.items())
+        if helm_set:
+            print(f"the chart pins other sidecar versions: helm install --set {helm_set}")
+        print(f"listed in {built_nodes.manifest}; {time.monotonic() - t0:.1f}s")
     return 0
 
 

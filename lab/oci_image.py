@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,6 +86,11 @@ class ImageCache:
     @property
     def archive(self) -> Path:
         return self.root / "zvolt-oci.tar"
+
+    @property
+    def node_images(self) -> Path:
+        """pause, sidecar and postgres archives (lab/node_images.py) and their manifest."""
+        return self.root / "node-images"
 
 
 @dataclass(frozen=True)
@@ -181,23 +187,28 @@ class Buildah:
         return ["buildah", "--root", str(self.root), "--runroot", str(self.runroot),
                 "--storage-driver", self.driver, *args]
 
-    def bud_argv(self, dockerfile: Path, context: Path, tag: str, home: Path) -> list[str]:
+    def bud_argv(self, dockerfile: Path, context: Path, tag: str, home: Path | None) -> list[str]:
         return self.argv(
             "bud", "--pull=never", "--layers",
             # The docker format keeps the Dockerfile's SHELL (sh -eu): under --format oci
             # buildah drops it and a failing command in a RUN would not fail the step.
             "--format", "docker",
             "--isolation", "chroot",
-            "--volume", f"{home}:/root",
+            *(["--volume", f"{home}:/root"] if home else []),
             "--file", str(dockerfile), "--tag", tag, str(context),
         )
 
-    def run_argv(self, container: str, command: Sequence[str], user: str | None = None) -> list[str]:
+    def run_argv(self, container: str, command: Sequence[str], user: str | None = None,
+                 volumes: Sequence[tuple[Path, str]] = (), env: Sequence[tuple[str, str]] = ()) -> list[str]:
         return self.argv("run", "--isolation", "chroot", *(["--user", user] if user else []),
+                         *(arg for host, inside in volumes for arg in ("--volume", f"{host}:{inside}")),
+                         *(arg for name, value in env for arg in ("--env", f"{name}={value}")),
                          container, "--", *command)
 
-    def push_argv(self, tag: str, archive: Path) -> list[str]:
-        return self.argv("push", "--quiet", tag, f"oci-archive:{archive}:{tag}")
+    def push_argv(self, tag: str, layout: Path) -> list[str]:
+        # An OCI layout directory, not oci-archive: a second name pushed to an oci-archive
+        # replaces the first, while a layout's index.json collects them (pause has two).
+        return self.argv("push", "--quiet", tag, f"oci:{layout}:{tag}")
 
 
 @dataclass(frozen=True)
@@ -232,7 +243,7 @@ def inspect_image(buildah: Buildah, ref: str) -> ImageInfo | None:
                      labels={str(k): str(v) for k, v in labels.items()})
 
 
-def _quiet(argv: Sequence[str]) -> None:
+def quiet(argv: Sequence[str]) -> None:
     subprocess.run(list(argv), capture_output=True, check=False)
 
 
@@ -261,7 +272,53 @@ def make_base(steps: Steps, cache: ImageCache, buildah: Buildah, base: BaseImage
                                    "--cmd", "bash", "--label", f"{BASE_LABEL}={recipe}", container))
             steps.run(buildah.argv("commit", "--quiet", "--rm", container, base.ref))
         finally:
-            _quiet(buildah.argv("rm", container))
+            quiet(buildah.argv("rm", container))
+
+
+def ensure_host_packages(steps: Steps, packages: Sequence[str]) -> None:
+    if missing(packages):
+        with steps.step("host packages: " + " ".join(packages)):
+            for argv in apt_install_argv(missing(packages)):
+                steps.run(argv, env=clean_env(), timeout=900)
+
+
+def write_layout_archive(layout: Path, archive: Path) -> None:
+    """Tar an OCI layout directory as `ctr images import` reads it: its files at the
+    archive's root, in a fixed order with fixed owners and times."""
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(p for p in layout.rglob("*") if p.is_file()):
+            info = tar.gettarinfo(str(path), arcname=path.relative_to(layout).as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = 0
+            info.mode = 0o644
+            with path.open("rb") as f:
+                tar.addfile(info, f)
+
+
+def export_archive(steps: Steps, buildah: Buildah, refs: Sequence[str], image_id: str, archive: Path) -> None:
+    """One OCI archive holding image_id under every name in refs (containerd imports each)."""
+    # The archive records which image it holds: an unchanged image is not exported again.
+    stamp = archive.with_name(archive.name + ".image-id")
+    want = f"{' '.join(refs)} {image_id}"
+    if archive.exists() and stamp.exists() and stamp.read_text() == want:
+        steps.note(f"export OCI archive {archive}", "up to date")
+        return
+    with steps.step(f"export OCI archive {archive}"):
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)
+        layout = archive.with_name(archive.name + ".layout")
+        partial = archive.with_name(archive.name + ".partial")
+        shutil.rmtree(layout, ignore_errors=True)
+        partial.unlink(missing_ok=True)
+        try:
+            for ref in refs:
+                steps.run(buildah.push_argv(ref, layout), timeout=1800)
+            write_layout_archive(layout, partial)
+        finally:
+            shutil.rmtree(layout, ignore_errors=True)
+        partial.rename(archive)
+        stamp.write_text(want)
 
 
 def prepare_home(home: Path) -> set[str]:
@@ -281,10 +338,7 @@ def build(cache: ImageCache, source: Path, out: TextIO, *, tag: str | None = Non
           driver: str | None = None, refresh_base: bool = False) -> Built:
     """Build (layer cache in the store) and export; every long step prints one progress line."""
     steps = Steps(cache.logs, out)
-    if missing(HOST_PACKAGES):
-        with steps.step("host packages: " + " ".join(HOST_PACKAGES)):
-            for argv in apt_install_argv(missing(HOST_PACKAGES)):
-                steps.run(argv, env=clean_env(), timeout=900)
+    ensure_host_packages(steps, HOST_PACKAGES)
     dockerfile = source / "Dockerfile"
     base = BaseImage.from_dockerfile(dockerfile.read_text())
     buildah = Buildah.for_cache(cache, driver)
@@ -304,18 +358,6 @@ def build(cache: ImageCache, source: Path, out: TextIO, *, tag: str | None = Non
     info = inspect_image(buildah, tag)
     if info is None:
         raise RuntimeError(f"buildah reported success but {tag} is not in {cache.storage}")
-    # The archive records which image it holds: an unchanged image is not exported again.
-    stamp = archive.with_name(archive.name + ".image-id")
-    if archive.exists() and stamp.exists() and stamp.read_text() == f"{tag} {info.image_id}":
-        steps.note(f"export OCI archive {archive}", "up to date")
-    else:
-        with steps.step(f"export OCI archive {archive}"):
-            archive.parent.mkdir(parents=True, exist_ok=True)
-            stamp.unlink(missing_ok=True)
-            partial = archive.with_name(archive.name + ".partial")
-            partial.unlink(missing_ok=True)
-            steps.run(buildah.push_argv(tag, partial), timeout=1800)
-            partial.rename(archive)
-            stamp.write_text(f"{tag} {info.image_id}")
+    export_archive(steps, buildah, [tag], info.image_id, archive)
     return Built(tag=tag, image_id=info.image_id, size=info.size, layers=info.layers, archive=archive,
                  archive_size=archive.stat().st_size, build_seconds=seconds, home_writes=written)

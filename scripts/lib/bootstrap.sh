@@ -18,7 +18,8 @@ zv_apt() {
 }
 
 zv_bootstrap() {
-    zv_apt python3 python3-venv python3-pip openssh-client ca-certificates openssl debootstrap buildah mmdebstrap
+    zv_apt python3 python3-venv python3-pip openssh-client ca-certificates openssl debootstrap buildah mmdebstrap \
+        gcc libc6-dev
     if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import zvolt' 2>/dev/null \
         || [ pyproject.toml -nt .venv/.installed ]; then
         zv_log "python venv .venv with the project and its dev dependencies"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from lab.oci_image import BaseImage, Buildah, ImageCache, chart_image_ref, check_ref, storage_driver
+from lab.oci_image import (
+    BaseImage,
+    Buildah,
+    ImageCache,
+    chart_image_ref,
+    check_ref,
+    storage_driver,
+    write_layout_archive,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,8 +75,37 @@ def test_run_and_push_argv(tmp_path: Path) -> None:
     run = b.run_argv("c1", ["id", "-u"], user="0")
     assert run[run.index("run"):] == ["run", "--isolation", "chroot", "--user", "0", "c1", "--", "id", "-u"]
     assert "--user" not in b.run_argv("c1", ["id"])
-    push = b.push_argv("ghcr.io/zvolt/zvolt:0.1.0", tmp_path / "a.tar")
-    assert push[-1] == f"oci-archive:{tmp_path / 'a.tar'}:ghcr.io/zvolt/zvolt:0.1.0"
+    push = b.push_argv("ghcr.io/zvolt/zvolt:0.1.0", tmp_path / "layout")
+    # A layout directory: a second name pushed there is added, an oci-archive would be replaced.
+    assert push[-1] == f"oci:{tmp_path / 'layout'}:ghcr.io/zvolt/zvolt:0.1.0"
+
+
+def test_run_argv_mounts_and_sets_env_before_the_container(tmp_path: Path) -> None:
+    b = Buildah(tmp_path, tmp_path, "vfs")
+    run = b.run_argv("c1", ["sh"], volumes=[(tmp_path / "v", "/data")], env=[("PORT", "5433")])
+    assert run[run.index("run"):] == ["run", "--isolation", "chroot", "--volume", f"{tmp_path / 'v'}:/data",
+                                      "--env", "PORT=5433", "c1", "--", "sh"]
+
+
+def test_build_without_a_home_mounts_nothing_over_root(tmp_path: Path) -> None:
+    argv = Buildah(tmp_path, tmp_path, "vfs").bud_argv(REPO / "Dockerfile", REPO, "localhost/x:1", None)
+    assert "--volume" not in argv
+
+
+def test_layout_archive_has_the_layout_at_its_root_in_a_fixed_form(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    (layout / "blobs/sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text("{}")
+    (layout / "blobs/sha256/ab").write_bytes(b"x")
+    write_layout_archive(layout, tmp_path / "a.tar")
+    first = (tmp_path / "a.tar").read_bytes()
+    os.utime(layout / "index.json", (1, 1))
+    write_layout_archive(layout, tmp_path / "b.tar")
+    assert (tmp_path / "b.tar").read_bytes() == first  # mtimes and owners do not leak in
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        assert tar.getnames() == ["blobs/sha256/ab", "index.json", "oci-layout"]
+        assert {(m.uid, m.mtime) for m in tar.getmembers()} == {(0, 0)}
 
 
 FILESYSTEMS = "nodev\tsysfs\nnodev\ttmpfs\n\text4\nnodev\toverlay\n"
