@@ -15,6 +15,7 @@ import grpc
 
 from bench.guest import Guest
 from bench.progress import Progress
+from zvolt import commitment
 from zvolt.pb import agent_pb2, agent_pb2_grpc
 
 STATE_DIR = "/var/lib/zvolt-bench-agent"
@@ -38,7 +39,11 @@ class BenchAgent:
 
     @property
     def extra(self) -> tuple[str, ...]:
-        return ("--parent", self.parent, "--state-dir", STATE_DIR)
+        # The filler promises far more than the pool holds (thousands of 1 GiB thin volumes on a
+        # lab pool of tens of GiB): the bench measures speed at that many objects, not admission,
+        # so its agent takes the highest commitment ratio there is.
+        return ("--parent", self.parent, "--state-dir", STATE_DIR,
+                "--commitment-ratio", f"{commitment.MAX_RATIO:g}")
 
     def ensure(self) -> bool:
         """Switch the lab's agent to the bench parent (once). False when there is no agent to run."""
