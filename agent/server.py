@@ -110,6 +110,11 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         vol = self.v.expand_volume(request.volume_id, request.size_bytes)
         return pb.ExpandVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
 
+    def ModifyVolume(self, request: Any, context: Any) -> Any:
+        self._ready()
+        vol = self.v.modify_volume(request.volume_id, compression=request.compression)
+        return pb.ModifyVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+
     def GetVolume(self, request: Any, context: Any) -> Any:
         self._ready()
         st = self.v.get_volume(request.volume_id)

@@ -503,6 +503,30 @@ class Volumes:
             tx.done(seq)
         return vol
 
+    # -- modify ---------------------------------------------------------------------------
+
+    def modify_volume(self, vid: str, compression: str = "") -> VolumeRec:
+        """Change what ZFS lets change on a live zvol; "" leaves a property as it is. ZFS applies
+        a new compression to blocks written from now on; what is on disk stays as it was."""
+        names.check_id(vid)
+        if compression:
+            volprops.check_compression(compression)
+        with self.locks.hold([vid]):
+            vol = self._volume(vid)
+            if not compression or compression == vol.compression:
+                return vol
+            seq = self.index.begin("modify", [vol.dataset])
+            try:
+                self.zfs.set_props(vol.dataset, {"compression": compression})
+            except ZfsError as exc:
+                self._settle(seq, [vol.dataset])
+                raise _zfs_error(exc, f"setting compression={compression} on volume {vid}") from exc
+            vol.compression = compression
+            with self.index.tx() as tx:
+                tx.put_volume(vol)
+                tx.done(seq)
+            return vol
+
     # -- snapshots ------------------------------------------------------------------------
 
     def create_snapshot(self, name: str, source_volume: str, labels: Mapping[str, str] | None = None) -> SnapshotRec:

@@ -62,6 +62,7 @@ STABLE_CAPABILITIES = (
     RPC.GET_VOLUME,
     RPC.VOLUME_CONDITION,
     RPC.SINGLE_NODE_MULTI_WRITER,
+    RPC.MODIFY_VOLUME,
 )
 # Alpha in CSI 1.12: advertised only when asked for (--alpha-capabilities). Sidecars built
 # for an older spec may not know them: external-provisioner v5.2.0 crashes at start in its
@@ -276,9 +277,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if not request.volume_capabilities:
             raise invalid("volume_capabilities is required")
         volcaps.require(request.volume_capabilities)
-        par = params.parse(request.parameters)
-        if request.mutable_parameters:
-            raise invalid("mutable_parameters are not supported (no MODIFY_VOLUME capability)")
+        par = params.parse_create(request.parameters, request.mutable_parameters)
         rng = request.capacity_range if request.HasField("capacity_range") else None
         source_node, source = self._source_ids(request)
         pvc = (par.labels["pvc-namespace"], par.labels["pvc-name"]) \
@@ -524,17 +523,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self._get_volume(agent, local)
         reasons = [r for r in (volcaps.unsupported(c) for c in request.volume_capabilities) if r]
         try:
-            params.parse(request.parameters)
+            params.parse_create(request.parameters, request.mutable_parameters)
         except ZvoltError as err:
             reasons.append(err.message)
-        if request.mutable_parameters:
-            reasons.append("mutable_parameters are not supported")
         if reasons:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(reasons))
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context,
             volume_capabilities=request.volume_capabilities,
             parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters,
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
@@ -642,8 +640,19 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> Any:
-        # Explicit, so the answer is UNIMPLEMENTED (as the spec asks) and not a generic INTERNAL.
-        raise ZvoltError(grpc.StatusCode.UNIMPLEMENTED, "ControllerModifyVolume is not supported (no MODIFY_VOLUME)")
+        if not request.volume_id:
+            raise invalid("volume_id is required")
+        changes = params.parse_mutable(request.mutable_parameters)
+        try:
+            node, local = split_volume_id(request.volume_id)
+        except ZvoltError:
+            raise not_found(f"volume {request.volume_id!r} does not exist") from None
+        agent = self._agent_for(node)
+        with self.locks.hold(f"vol:{request.volume_id}"):
+            # The agent looks the volume up (NOT_FOUND) and sets only what differs, so an empty
+            # class (nothing to change) still answers for a volume that does not exist.
+            agent.call("ModifyVolume", agent_pb2.ModifyVolumeRequest(volume_id=local, compression=changes.compression))
+        return csi_pb2.ControllerModifyVolumeResponse()
 
     # ----------------------------------------------------------- snapshots
 

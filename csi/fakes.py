@@ -136,6 +136,14 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):  # type: ignore[misc]
             vol.size_bytes = request.size_bytes
             return agent_pb2.ExpandVolumeResponse(volume=vol)
 
+    def ModifyVolume(self, request: agent_pb2.ModifyVolumeRequest, context: Any) -> Any:
+        self.state.calls.append("ModifyVolume")
+        with self.lock:
+            vol = self._vol(request.volume_id)
+            if request.compression:
+                vol.compression = request.compression
+            return agent_pb2.ModifyVolumeResponse(volume=vol)
+
     def GetVolume(self, request: agent_pb2.GetVolumeRequest, context: Any) -> Any:
         with self.lock:
             return agent_pb2.GetVolumeResponse(volume=self._vol(request.volume_id))

@@ -1,4 +1,8 @@
-"""StorageClass parameters of CreateVolume, validated into one record."""
+"""StorageClass and VolumeAttributesClass parameters, validated into one record.
+
+A VolumeAttributesClass parameter (CSI mutable_parameters) is checked by the very code that
+checks a StorageClass parameter: `parse_mutable` only narrows which keys are allowed.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,15 @@ SIDECAR_KEY = re.compile(
 )
 COMMITMENT_KEY = "commitmentRatio"
 DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, FSTYPE_KEY)
+# What ZFS can change on a live zvol and zvolt offers to change (ControllerModifyVolume).
+MUTABLE_KEYS = ("compression",)
+# Why each other driver key stays as created: the refusal tells the user.
+_FIXED_BECAUSE = {
+    "volblocksize": "ZFS fixes a zvol's volblocksize when it is created",
+    "thin": "zvolt does not add or drop a volume's space reservation after creation",
+    COMMITMENT_KEY: "it decides placement, which is done once",
+    FSTYPE_KEY: "the filesystem is made once, on first use",
+}
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,38 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
                         commitment_ratio=ratio)
+
+
+@dataclass(frozen=True)
+class VolumeChanges:
+    """What a VolumeAttributesClass asks of a volume; "" = leave as it is."""
+
+    compression: str = ""
+
+
+def _check_mutable_keys(mutable: Mapping[str, str]) -> None:
+    allowed = ", ".join(MUTABLE_KEYS)
+    for key in mutable:
+        if key in MUTABLE_KEYS:
+            continue
+        if key in _FIXED_BECAUSE:
+            raise invalid(f"parameter {key!r} cannot change after a volume is created: {_FIXED_BECAUSE[key]} "
+                          f"(mutable: {allowed})")
+        raise invalid(f"unknown VolumeAttributesClass parameter {key!r} (mutable: {allowed})")
+
+
+def parse_mutable(mutable: Mapping[str, str]) -> VolumeChanges:
+    """VolumeAttributesClass parameters (ControllerModifyVolume)."""
+    _check_mutable_keys(mutable)
+    par = parse(mutable)  # the values: exactly the checks CreateVolume makes
+    return VolumeChanges(compression=par.compression if "compression" in mutable else "")
+
+
+def parse_create(parameters: Mapping[str, str], mutable: Mapping[str, str]) -> VolumeParams:
+    """CreateVolume: the StorageClass's parameters, overridden by the VolumeAttributesClass's
+    (CSI: mutable_parameters take precedence over parameters)."""
+    _check_mutable_keys(mutable)
+    return parse({**parameters, **mutable})
 
 
 def _label(labels: dict[str, str], key: str, value: str) -> None:

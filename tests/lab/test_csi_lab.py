@@ -356,3 +356,34 @@ def test_stage_uses_the_published_subsystem_only(csi: Csi) -> None:
         csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id=csi.node_id), timeout=T
     )
     assert not csi.exported(ctx["nqn"])
+
+
+def test_modify_volume_changes_compression_of_a_mounted_volume(csi: Csi, capsys: pytest.CaptureFixture[str]) -> None:
+    vol = csi.create(uniq("mod"))
+    att = csi.attach(vol, mount_cap())
+    dataset = f"tank/zvolt/v/{split_volume_id(vol.volume_id)[1]}"
+
+    def compression() -> tuple[str, str]:
+        out = csi.lab.run(["zfs", "get", "-H", "-o", "value,source", "compression", dataset]).stdout.split()
+        return out[0], out[1]
+
+    assert compression() == ("lz4", "local")
+    req = csi_pb2.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters={"compression": "zstd"})
+    start = time.monotonic()
+    csi.ctl.ControllerModifyVolume(req, timeout=T)
+    changed = time.monotonic() - start
+    csi.ctl.ControllerModifyVolume(req, timeout=T)  # idempotent repeat: no `zfs set`
+    repeat = time.monotonic() - start - changed
+    assert compression() == ("zstd", "local")
+    with capsys.disabled():
+        print(f"\nControllerModifyVolume compression=zstd: {changed:.2f}s, repeat {repeat:.2f}s (TCG)")
+    # The volume stayed mounted and takes writes under the new setting.
+    assert csi.mounted(att.target)
+    assert len(csi.py(WRITE.format(path=f"{att.target}/after-modify"))) == 64
+    bad = csi_pb2.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters={"volblocksize": "8K"})
+    with pytest.raises(grpc.RpcError) as err:
+        csi.ctl.ControllerModifyVolume(bad, timeout=T)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert compression() == ("zstd", "local")
+    csi.detach(att)
+    csi.assert_clean(att)

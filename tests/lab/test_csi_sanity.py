@@ -7,7 +7,8 @@ the worker netns (systemd NetworkNamespacePath) but in the root mount namespace,
 and target paths csi-sanity creates, checks and removes are the ones the plugin mounts on (the
 fixture checks this). It runs twice, for mount volumes (ext4, the default fs type) and for raw
 block, each with its own staging and mount dirs under one guest temp dir that is removed at the
-end; its JUnit report is read back and parsed on the host.
+end; its JUnit report is read back and parsed on the host. Its ModifyVolume specs run with
+MUTABLE_PARAMETERS as the VolumeAttributesClass.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ GET_SNAPSHOT_SPEC = (
     r"Controller Service \[Controller Server\] ControllerGetCapabilities should return appropriate capabilities$"
 )
 
+# What csi-sanity's ModifyVolume specs (and its CreateVolume-with-a-VolumeAttributesClass spec)
+# send as mutable_parameters; without the file they run with an empty class.
+MUTABLE_PARAMETERS = "compression: zstd\n"
+
 # The error text of csi-test's utils.Connect when a connection did not get READY within a minute.
 CONNECT_TIMEOUT = "Connection timed out"
 
@@ -53,6 +58,7 @@ class GuestSanity:
     dir: str  # guest temp dir: the binary and one sub-dir per run
     binary: str
     skip: tuple[str, ...]  # --ginkgo.skip regexes (see GET_SNAPSHOT_SPEC)
+    mutable: str  # YAML file of MUTABLE_PARAMETERS
 
 
 def _pid_mnt_ns(lab: Lab, pid: str) -> str:
@@ -89,7 +95,9 @@ def sanity(lab: Lab) -> Iterator[GuestSanity]:
     try:
         binary = f"{tmp}/csi-sanity"
         lab.put(SANITY, binary, mode=0o755)
-        yield GuestSanity(lab=lab, dir=tmp, binary=binary, skip=skip)
+        mutable = f"{tmp}/mutable-parameters.yaml"
+        lab.run(["tee", "--", mutable], input=MUTABLE_PARAMETERS, timeout=30)
+        yield GuestSanity(lab=lab, dir=tmp, binary=binary, skip=skip, mutable=mutable)
     finally:
         left = _leftover_mounts(lab, tmp)
         for mount in sorted(left, reverse=True):
@@ -112,6 +120,7 @@ def sanity_argv(env: GuestSanity, access: str, run_dir: str) -> list[str]:
         f"--csi.testvolumeaccesstype={access}",
         f"--csi.testvolumesize={VOLUME_SIZE}",
         f"--csi.testvolumeexpandsize={EXPAND_SIZE}",
+        f"--csi.testvolumemutableparameters={env.mutable}",
         f"--csi.junitfile={run_dir}/junit.xml",
         f"--ginkgo.timeout={GINKGO_TIMEOUT_S}s",
         "--ginkgo.no-color",

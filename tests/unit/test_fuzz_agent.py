@@ -128,6 +128,8 @@ def test_every_hostile_value_in_every_id_field(served: Served, value: str) -> No
         (s.DeleteVolume, pb.DeleteVolumeRequest(volume_id=value)),
         (s.ExpandVolume, pb.ExpandVolumeRequest(volume_id=value, size_bytes=1 << 31)),
         (s.GetVolume, pb.GetVolumeRequest(volume_id=value)),
+        (s.ModifyVolume, pb.ModifyVolumeRequest(volume_id=value, compression="zstd")),
+        (s.ModifyVolume, pb.ModifyVolumeRequest(volume_id=GOOD_IDS[0], compression=value)),
         (s.CreateSnapshot, pb.CreateSnapshotRequest(name=value, source_volume_id=GOOD_IDS[0])),
         (s.CreateSnapshot, pb.CreateSnapshotRequest(name="z-" + value[:50], source_volume_id=value)),
         (s.DeleteSnapshot, pb.DeleteSnapshotRequest(snapshot_id=value)),

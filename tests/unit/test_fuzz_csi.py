@@ -142,7 +142,7 @@ def test_fuzz_controller_create(ctl: Ctl, data: st.DataObject) -> None:
 
 @FUZZ
 @given(data=st.data(), op=st.sampled_from(["delete", "publish", "unpublish", "validate", "expand", "get",
-                                           "snap", "delsnap", "listsnap", "list", "capacity"]))
+                                           "snap", "delsnap", "listsnap", "list", "capacity", "modify"]))
 def test_fuzz_controller_calls(ctl: Ctl, data: st.DataObject, op: str) -> None:
     s, t = ctl.stub, ctl.tally
     vid = data.draw(vol_ids(ctl.good_volume))
@@ -168,6 +168,9 @@ def test_fuzz_controller_calls(ctl: Ctl, data: st.DataObject, op: str) -> None:
             volume_id=vid, capacity_range=data.draw(ranges())))
     elif op == "get":
         t.call(s.ControllerGetVolume, csi_pb2.ControllerGetVolumeRequest(volume_id=vid))
+    elif op == "modify":
+        t.call(s.ControllerModifyVolume, csi_pb2.ControllerModifyVolumeRequest(
+            volume_id=vid, mutable_parameters=data.draw(params)))
     elif op == "snap":
         t.call(s.CreateSnapshot, csi_pb2.CreateSnapshotRequest(
             source_volume_id=vid, name=data.draw(hostile_text), parameters=data.draw(params)))

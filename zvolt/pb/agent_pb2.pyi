@@ -161,6 +161,20 @@ class ExpandVolumeResponse(_message.Message):
     volume: Volume
     def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
 
+class ModifyVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "compression")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    compression: str
+    def __init__(self, volume_id: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
+
+class ModifyVolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
 class GetVolumeRequest(_message.Message):
     __slots__ = ("volume_id",)
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.ListVolumesRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.ListVolumesResponse.FromString,
                 _registered_method=True)
+        self.ModifyVolume = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/ModifyVolume',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.ModifyVolumeRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.ModifyVolumeResponse.FromString,
+                _registered_method=True)
         self.CreateSnapshot = channel.unary_unary(
                 '/zvolt.agent.v1.Agent/CreateSnapshot',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.CreateSnapshotRequest.SerializeToString,
@@ -137,6 +142,14 @@ class AgentServicer:
 
     def ListVolumes(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModifyVolume(self, request, context):
+        """Change the properties of a live volume that ZFS lets change (they apply to new writes).
+        Sets only what differs; a repeat is a no-op. Controller only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -220,6 +233,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ListVolumes,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.ListVolumesRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.ListVolumesResponse.SerializeToString,
+            ),
+            'ModifyVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModifyVolume,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.ModifyVolumeRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.ModifyVolumeResponse.SerializeToString,
             ),
             'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSnapshot,
@@ -419,6 +437,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/ListVolumes',
             zvolt_dot_pb_dot_agent__pb2.ListVolumesRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.ListVolumesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModifyVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/ModifyVolume',
+            zvolt_dot_pb_dot_agent__pb2.ModifyVolumeRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.ModifyVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,
