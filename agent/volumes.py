@@ -318,11 +318,16 @@ class Volumes:
             raise _zfs_error(exc, f"creating volume {spec.name!r}") from exc
         rec = VolumeRec(id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
                         thick=spec.thick, hosts=[], created=int(user["zvolt:created"]))
+        return self._record_created(rec, seq)
+
+    def _record_created(self, rec: VolumeRec, seq: int) -> VolumeRec:
+        """The new volume and the end of its create intent in one transaction; a thick volume's
+        refreservation counts against the cached free space at once."""
         with self.index.tx() as tx:
             tx.put_volume(rec)
             tx.done(seq)
-        if spec.thick:
-            self._reserve_space(size)
+        if rec.thick:
+            self._reserve_space(rec.size)
         return rec
 
     def _clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, user: dict[str, str]) -> VolumeRec:
@@ -385,12 +390,7 @@ class Volumes:
             source_snapshot=spec.source_snapshot, source_volume=spec.source_volume, origin=origin, hosts=[],
             created=int(user["zvolt:created"]),
         )
-        with self.index.tx() as tx:
-            tx.put_volume(rec)
-            tx.done(seq)
-        if spec.thick:
-            self._reserve_space(size)
-        return rec
+        return self._record_created(rec, seq)
 
     def _volblocksize_of(self, snapshot: str) -> int:
         """ZFS reports "-" for a snapshot's volblocksize: ask the volume that holds it (which may
