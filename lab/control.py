@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from lab import guest, guestsetup, qemu, ssh
+from lab import guest, guestsetup, kubenode, qemu, ssh
 from lab import state as statefile
 from lab.guest import GuestCommandError, Lab
 from lab.image import Image, build, current_image
@@ -151,7 +151,7 @@ def _boot(
         name=instance, kernel=image.kernel, initrd=image.initrd, overlay=overlay, pool_disk=pool_disk,
         src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
         forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
-        peer=opts.peer,
+        peer=opts.peer, guestfwds=(kubenode.apiserver_guestfwd(run_dir),),
     )
     pid = qemu.start(cfg)
     st = RunState(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,6 +46,29 @@ class PeerLink:
 
 
 @dataclass(frozen=True)
+class GuestFwd:
+    """A guest-to-host path through the restricted user network: a TCP connection the guest
+    opens to ip:port starts `command` on the host with the connection as its stdin and stdout
+    (qemu's `guestfwd=...-cmd:`, one process per connection; the `tcp:` form would hold a
+    single connection for the guest's whole life)."""
+
+    ip: str
+    port: int
+    command: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        ipaddress.IPv4Address(self.ip)
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"guestfwd port {self.port} is out of range")
+        # qemu splits -nic options at commas; the command must not contain any.
+        if not self.command or any("," in part or "\n" in part for part in self.command):
+            raise ValueError(f"guestfwd command {self.command!r} is empty or holds a comma or newline")
+
+    def option(self) -> str:
+        return f"guestfwd=tcp:{self.ip}:{self.port}-cmd:{shlex.join(self.command)}"
+
+
+@dataclass(frozen=True)
 class QemuConfig:
     name: str
     kernel: Path
@@ -58,6 +83,7 @@ class QemuConfig:
     memory_mb: int = 4096
     smp: int = 2
     peer: PeerLink | None = None
+    guestfwds: tuple[GuestFwd, ...] = ()
 
 
 def hostfwd(host_port: int, guest_port: int) -> str:
@@ -72,6 +98,7 @@ def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
             "restrict=on",
             hostfwd(cfg.ssh_port, GUEST_SSH_PORT),
             *(hostfwd(h, g) for h, g in sorted(cfg.forwards.items())),
+            *(fwd.option() for fwd in cfg.guestfwds),
         ]
     )
     return [

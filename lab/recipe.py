@@ -19,6 +19,9 @@ BASE_PACKAGES = (
     "psmisc", "less", "zstd",
     # nft: the node plugin and the agent install their NVMe/TCP guard (zvolt/nftguard.py).
     "nftables",
+    # A lab kubelet (its binary comes from $ZVOLT_K8S_BIN at test time): the container runtime and
+    # the CNI plugins; iptables for the bridge plugin's masquerade rules.
+    "containerd", "runc", "containernetworking-plugins", "iptables",
 )
 
 # From bookworm-backports in one transaction (the kernel and the stack that matches it).
@@ -47,7 +50,8 @@ MASKED_UNITS = (
     "nvmf-autoconnect.service",
     "nvmefc-boot-connections.service",
 )
-DISABLED_UNITS = ("postgresql.service",)
+# containerd starts only when a kubelet test asks for it (it costs boot time and memory otherwise).
+DISABLED_UNITS = ("postgresql.service", "containerd.service")
 ENABLED_UNITS = ("systemd-networkd.service", "ssh.service")
 
 FILES: dict[str, str] = {

@@ -30,6 +30,7 @@ from kubernetes.client.rest import ApiException
 
 from lab.k8sbin import ENV as K8S_BIN_ENV
 from lab.k8sbin import k8s_bin, k8s_bin_dir
+from lab.kubenode import APISERVER_IP as GUEST_APISERVER_IP
 
 from .pki import Pki
 from .procs import HarnessError, Ports, Process, Processes, wait_for
@@ -278,7 +279,9 @@ def _start(cp: ControlPlane, bins: Mapping[str, Path], crds: Path) -> None:
     pki = cp.pki = Pki(root / "pki")
     serving = pki.issue("kube-apiserver", "/CN=kube-apiserver",
                         server_sans=("IP:127.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-                                     "DNS:kubernetes.default.svc"), client=False)
+                                     "DNS:kubernetes.default.svc",
+                                     # what a lab guest's kubelet dials (its guestfwd to this port)
+                                     f"IP:{GUEST_APISERVER_IP}"), client=False)
     admin = pki.issue("admin", "/O=system:masters/CN=kubernetes-admin")
     kcm = pki.issue("kube-controller-manager", "/CN=system:kube-controller-manager")
     sched = pki.issue("kube-scheduler", "/CN=system:kube-scheduler")
