@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from agent import nvmet
 from agent.exports import ExportConfig, Exports
 from agent.index import Index
+from agent.keys import Keys
+from agent.keystore import KeyStore
 from agent.recovery import Readiness, Recovery
 from agent.volumes import AgentConfig, Volumes
-from agent.zfs import READ_PROPS, Space, ZfsError, check_full_name
+from agent.zfs import EKEY, ENCRYPTION_PROPS, KEY_BYTES, READ_PROPS, Space, ZfsError, check_full_name
 
 
 class Crash(BaseException):
@@ -41,6 +43,10 @@ class FakeZfs:
         self.crash_at: tuple[str, str] | None = None  # (op, "before" | "after")
         self.fail_set: dict[str, int] = {}  # dataset -> errno its `zfs set` fails with (a bad volume)
         self.settles = 0
+        self.snapshot_batches: list[tuple[str, ...]] = []  # one entry per snapshot() call: its names
+        # Native encryption: encryption root -> its wrapping key, and the roots whose key is loaded.
+        self.keys: dict[str, bytes] = {}
+        self.loaded: set[str] = set()
         self._lock = threading.RLock()
 
     # -- helpers --------------------------------------------------------------------------
@@ -64,6 +70,15 @@ class FakeZfs:
     def _children(self, name: str) -> list[str]:
         return [n for n in self.ds if n.startswith(name + "/") or n.startswith(name + "@")]
 
+    def _root_of(self, name: str) -> str:
+        d = self.ds.get(name.partition("@")[0])
+        return d.props.get("encryptionroot", "") if d is not None else ""
+
+    def _need_key(self, name: str, what: str) -> None:
+        root = self._root_of(name)
+        if root and root not in self.loaded:
+            raise ZfsError(EKEY, f"cannot {what} '{name}': permission denied")
+
     def _used(self) -> int:
         total = 0
         for d in self.ds.values():
@@ -84,8 +99,10 @@ class FakeZfs:
             self._parent_must_exist(name)
             self.ds[name] = _Ds("filesystem")
 
-    def create_volume(self, name: str, size: int, props: Mapping[str, int | str]) -> None:
+    def create_volume(self, name: str, size: int, props: Mapping[str, int | str], key: bytes = b"") -> None:
         with self._lock:
+            if key and len(key) != KEY_BYTES:
+                raise ZfsError(errno.EINVAL, f"an encryption key must be {KEY_BYTES} bytes, not {len(key)}")
             check_full_name(name)
             self.calls.append(f"create {name}")
             self._hook("create_volume", "before")
@@ -98,6 +115,10 @@ class FakeZfs:
             p.setdefault("volmode", "default")
             p.setdefault("refreservation", "0")
             p.update(volsize=str(size), used="57344")
+            if key:
+                p.update(ENCRYPTION_PROPS, encryptionroot=name)
+                self.keys[name] = key
+                self.loaded.add(name)  # `zfs create` leaves the new key loaded
             self.ds[name] = _Ds("volume", p)
             self.busy_once.add(name)
             self._hook("create_volume", "after")
@@ -107,6 +128,7 @@ class FakeZfs:
             for s in snapshots:
                 check_full_name(s)
                 self.calls.append(f"snapshot {s}")
+            self.snapshot_batches.append(tuple(snapshots))
             self._hook("snapshot", "before")
             for s in snapshots:
                 if s in self.ds:
@@ -132,6 +154,9 @@ class FakeZfs:
             # A clone inherits volblocksize/compression from its origin, volmode from its parent.
             p = {"volsize": snap.props["volsize"], "volblocksize": snap.props["volblocksize"],
                  "compression": "lz4", "volmode": "default", "refreservation": "0", "used": "8192"}
+            root = self._root_of(origin)
+            if root:  # and its encryption root (and so its key) from its origin
+                p.update(ENCRYPTION_PROPS, encryptionroot=root)
             p.update({k: str(v) for k, v in props.items()})
             self.ds[name] = _Ds("volume", p, origin=origin)
             self.busy_once.add(name)
@@ -187,6 +212,14 @@ class FakeZfs:
             moves = {n: new + n[len(old):] for n in [old, *self._children(old)]}
             for src, dst in moves.items():
                 self.ds[dst] = self.ds.pop(src)
+            if old in self.keys:  # the encryption root moves with its name
+                self.keys[new] = self.keys.pop(old)
+                if old in self.loaded:
+                    self.loaded.discard(old)
+                    self.loaded.add(new)
+                for d in self.ds.values():
+                    if d.props.get("encryptionroot") == old:
+                        d.props["encryptionroot"] = new
             for d in self.ds.values():
                 if d.origin in moves:
                     d.origin = moves[d.origin]
@@ -217,6 +250,8 @@ class FakeZfs:
             if name in self.fail_set:
                 raise ZfsError(self.fail_set[name], f"cannot set property for '{name}': injected failure")
             d = self._need(check_full_name(name))
+            if "volsize" in props:
+                self._need_key(name, "set property for")
             d.props.update(props)
             if "volsize" in props and d.props.get("refreservation", "0") not in ("0", "none"):
                 d.props["refreservation"] = props["volsize"]
@@ -237,8 +272,18 @@ class FakeZfs:
                     out[p] = "on" if d.defer else "off"
                 elif p == "clones":
                     out[p] = ",".join(self.clones_of(name))
+                elif p in ("encryptionroot", "keystatus", "encryption"):
+                    root = self._root_of(name)
+                    value = {"encryptionroot": root, "encryption": "aes-256-gcm" if root else "off",
+                             "keystatus": "available" if root in self.loaded else "unavailable"}[p]
+                    out[p] = value if root or p == "encryption" else "-"
                 elif p == "volblocksize" and d.kind == "snapshot":
                     out[p] = "-"  # as real ZFS reports it (the clone below still inherits it)
+                elif ":" in p and d.kind == "snapshot" and p not in d.props:
+                    # A user property a snapshot does not set is inherited from its dataset (lab:
+                    # `zfs get zvolt:id v@s` -> "inherited from v").
+                    head = self.ds.get(name.partition("@")[0])
+                    out[p] = head.props.get(p, "-") if head is not None else "-"
                 else:
                     out[p] = d.props.get(p, "-")
             return out
@@ -266,11 +311,44 @@ class FakeZfs:
 
     def device_ready(self, name: str) -> bool:
         d = self.ds.get(name)
-        return d is not None and d.kind == "volume" and d.props.get("volmode") == "dev"
+        root = self._root_of(name)
+        return d is not None and d.kind == "volume" and d.props.get("volmode") == "dev" and (
+            not root or root in self.loaded)
 
     def settle(self) -> None:
         self.settles += 1
         self.busy_once.clear()
+
+    def load_key(self, root: str, key: bytes, noop: bool = False) -> None:
+        with self._lock:
+            self.calls.append(f"load-key {root}{' -n' if noop else ''}")
+            self._need(check_full_name(root))
+            if root not in self.keys:
+                raise ZfsError(errno.EINVAL, f"'{root}' is not an encryption root")
+            if key != self.keys[root]:
+                raise ZfsError(EKEY, f"Key load error: Incorrect key provided for '{root}'.")
+            if noop:
+                return
+            if root in self.loaded:
+                raise ZfsError(errno.EALREADY, f"Key load error: Key already loaded for '{root}'.")
+            self.loaded.add(root)
+
+    def unload_key(self, root: str) -> None:
+        with self._lock:
+            self.calls.append(f"unload-key {root}")
+            if root not in self.loaded:
+                raise ZfsError(errno.EALREADY, f"Key unload error: Key already unloaded for '{root}'.")
+            # An active zvol (nvmet holds its device open) keeps its root's key in use.
+            if any(d.props.get("encryptionroot") == root and d.props.get("volmode") == "dev" for d in self.ds.values()):
+                raise ZfsError(errno.EBUSY, f"Key unload error: '{root}' is busy.")
+            self.loaded.discard(root)
+
+    def change_key(self, root: str, key: bytes) -> None:
+        with self._lock:
+            self.calls.append(f"change-key {root}")
+            if root not in self.loaded:
+                raise ZfsError(EKEY, f"Key change error: Key must be loaded for '{root}'.")
+            self.keys[root] = key
 
     # -- test helpers ---------------------------------------------------------------------
 
@@ -292,11 +370,13 @@ class FakeNode:
     def restart(self, state_dir: str) -> FakeNode:
         """A new agent process over the same ZFS and configfs (the old index handle is dropped)."""
         self.index.close()
-        return make_node(state_dir, self.root.path, zfs=self.zfs, node=self.volumes.cfg.node, recover=True)
+        return make_node(state_dir, self.root.path, zfs=self.zfs, node=self.volumes.cfg.node, recover=True,
+                         keystore=self.volumes.keys.store)
 
 
 def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, node: str = "storage-0",
-              pool: str = "tank", recover: bool = True, pool_size: int = 1 << 40) -> FakeNode:
+              pool: str = "tank", recover: bool = True, pool_size: int = 1 << 40,
+              keystore: KeyStore | None = None) -> FakeNode:
     zfs = zfs or FakeZfs(pool_size=pool_size)
     if pool not in zfs.ds:
         zfs.ds[pool] = _Ds("filesystem")
@@ -305,7 +385,7 @@ def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, 
     index = Index(state_dir)
     cfg = AgentConfig(node=node, pool=pool, parent=f"{pool}/zvolt", nvme_address="10.42.0.1", nvme_port="4420")
     exports = Exports(zfs, root, ExportConfig(node, "10.42.0.1", "4420", device_timeout=1.0))
-    volumes = Volumes(cfg, zfs, index, exports)
+    volumes = Volumes(cfg, zfs, index, exports, keys=Keys(zfs, keystore))
     readiness = Readiness()
     recovery = Recovery(zfs, index, exports, volumes, readiness)
     if recover:

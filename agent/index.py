@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SCHEMA_VERSION = 1
 # Index version N -> the statements that bring it to N + 1, run in place in one transaction
@@ -45,6 +45,12 @@ CREATE INDEX IF NOT EXISTS snapshots_dataset ON snapshots(dataset);
 -- volume's size. A charge lives exactly as long as its snapshot row (snapshots_deleted below:
 -- an older agent deleting a snapshot drops it too); INSERT OR REPLACE of a snapshot row keeps it.
 CREATE TABLE IF NOT EXISTS snapshot_charges(id TEXT PRIMARY KEY, bytes INTEGER NOT NULL) WITHOUT ROWID;
+-- Group snapshot membership (agent/group_snapshots.py): snapshot id -> group id, so that a group
+-- is found by its id without reading every snapshot. Lives as long as its snapshot row.
+CREATE TABLE IF NOT EXISTS snapshot_groups(id TEXT PRIMARY KEY, group_id TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS snapshot_groups_group ON snapshot_groups(group_id);
+CREATE TRIGGER IF NOT EXISTS snapshot_groups_follow AFTER DELETE ON snapshots BEGIN
+    DELETE FROM snapshot_groups WHERE id = OLD.id; END;
 CREATE TABLE IF NOT EXISTS trash(dataset TEXT PRIMARY KEY, origin TEXT NOT NULL, created INTEGER NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS intents(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
@@ -128,6 +134,7 @@ class SnapshotRec:
     dataset: str  # full ZFS snapshot name (moves to trash with its volume)
     size: int
     created: int
+    group: str = ""  # group snapshot id when it is a member of one ("" otherwise)
 
 
 @dataclass
@@ -186,6 +193,8 @@ class Tx:
     def put_snapshot(self, s: SnapshotRec) -> None:
         self._c.execute("INSERT OR REPLACE INTO snapshots VALUES(?,?,?,?,?,?)",
                         (s.id, s.name, s.volume_id, s.dataset, s.size, s.created))
+        if s.group:
+            self._c.execute("INSERT OR REPLACE INTO snapshot_groups VALUES(?,?)", (s.id, s.group))
 
     def charge_snapshot(self, sid: str, charge: int) -> None:
         self._c.execute("INSERT OR REPLACE INTO snapshot_charges VALUES(?,?)", (sid, charge))
@@ -219,7 +228,7 @@ class Tx:
 
     def clear(self) -> None:
         """Drop every row (before a rebuild from ZFS)."""
-        for table in ("volumes", "snapshots", "snapshot_charges", "trash", "intents"):
+        for table in ("volumes", "snapshots", "snapshot_charges", "snapshot_groups", "trash", "intents"):
             self._c.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
 
     def done(self, seq: int) -> None:
@@ -372,6 +381,13 @@ class Index:
                 rows = self._db.execute("SELECT * FROM snapshots WHERE id > ? ORDER BY id LIMIT ?",
                                         (after, limit)).fetchall()
         return [_snap(r) for r in rows]
+
+    def group_members(self, group: str) -> list[SnapshotRec]:
+        """The snapshots of one group snapshot: an index lookup, whatever the number of snapshots."""
+        with self._lock:
+            rows = self._db.execute("SELECT s.* FROM snapshot_groups g JOIN snapshots s ON s.id = g.id "
+                                    "WHERE g.group_id=? ORDER BY s.id", (group,)).fetchall()
+        return [replace(_snap(r), group=group) for r in rows]
 
     def snapshots_in(self, dataset: str) -> list[SnapshotRec]:
         with self._lock:

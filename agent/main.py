@@ -29,6 +29,8 @@ from agent.dhchap import AuthConfig, HostKeys
 from agent.exports import ExportConfig, Exports
 from agent.failpoints import FailpointZfs
 from agent.index import Index, IndexCorrupt, IndexTooNew
+from agent.keys import Keys
+from agent.keystore import KeyStore, KeyStoreError, read_wrapping_key
 from agent.locks import VolumeLocks
 from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
@@ -76,6 +78,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
                          "volume sizes (plus what snapshots can pin) would pass this x the pool's size"),
     "growth-reserve": ("0.05", "fraction of the pool's space no new volume may take: kept for existing volumes "
                        "to grow into"),
+    "key-wrapping-file": (None, "file with 64 hex characters (openssl rand -hex 32): the node key that wraps the "
+                          "kept keys of published encrypted volumes; without it encrypted volumes are refused"),
     "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
 _FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard", "usage-volume-metrics")
@@ -112,6 +116,7 @@ class Settings:
     growth_reserve: float = 0.05
     # Per-volume usage series (zvolt_agent_volume_*_bytes): one series per volume, so off by default.
     usage_volume_metrics: bool = False
+    key_wrapping_file: str = ""  # agent/keystore.py; "" = no encrypted volumes on this node
 
 
 def _env_name(flag: str) -> str:
@@ -215,6 +220,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         storage_network=storage_network, guard=bool(storage_network) and not _truthy(get("no-guard")),
         commitment_ratio=ratio, growth_reserve=reserve,
         guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
+        key_wrapping_file=str(get("key-wrapping-file") or ""),
     )
 
 
@@ -308,7 +314,12 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
         if settings.dhchap else None
     exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
                                               settings.device_timeout), auth=auth)
-    volumes = Volumes(cfg, zfs, index, exports, VolumeLocks())
+    try:
+        store = KeyStore(settings.state_dir, read_wrapping_key(settings.key_wrapping_file)) \
+            if settings.key_wrapping_file else None
+    except KeyStoreError as exc:
+        raise SystemExit(str(exc)) from exc
+    volumes = Volumes(cfg, zfs, index, exports, VolumeLocks(), keys=Keys(zfs, store))
     readiness = Readiness()
     metrics = Metrics()
     usage = Usage(volumes, Zpool(), metrics, per_volume=settings.usage_volume_metrics)

@@ -74,7 +74,8 @@ def from_props(layout: Layout, name: str, props: dict[str, str]) -> Record | Non
             return None
         snap = name.partition("@")[2]
         return SnapshotRec(id=f"{vid}@{snap}", name=sname, volume_id=vid, dataset=name,
-                           size=_int(props.get("volsize")), created=_int(props.get("zvolt:created")))
+                           size=_int(props.get("volsize")), created=_int(props.get("zvolt:created")),
+                           group=_user(props, "zvolt:group"))
     origin = props.get("origin", "-")
     origin = "" if origin in ("-", "") else origin
     if layout.is_trash(name):

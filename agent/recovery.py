@@ -150,7 +150,24 @@ class Recovery:
             _log.warning("commitment total disagreed with the index; set to the sum of its rows",
                          extra={"fields": {"kept_bytes": kept, "summed_bytes": summed}})
 
+    def _load_keys(self, published: list[VolumeRec]) -> list[VolumeRec]:
+        """After a reboot ZFS has no keys: load those of published encrypted volumes (only those) from
+        their wrapped entries. A volume whose key cannot be loaded is recorded as not restored and
+        left out; the others go on."""
+        ready = []
+        for vol in published:
+            try:
+                self.volumes.keys.restore(vol.id, vol.dataset)
+            except Exception as exc:  # this volume's alone, as in restore_exports
+                self.volumes.unrestored[vol.id] = str(exc)
+                _log.error("encryption key not loaded; export not restored",
+                           extra={"fields": {"volume": vol.id, "error": str(exc)}})
+                continue
+            ready.append(vol)
+        return ready
+
     def _restore_one(self, vol: VolumeRec, activated: bool = False) -> None:
+        self.volumes.keys.restore(vol.id, vol.dataset)
         if not activated and not self.zfs.device_ready(vol.dataset):
             self.zfs.set_props(vol.dataset, {"volmode": "dev"})
         self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
@@ -188,6 +205,7 @@ class Recovery:
                 self.zfs.set_props(vol.dataset, {"volmode": "none"})
             removed += 1
         self.exports.prune_hosts()
+        published = self._load_keys(published)
         activated = self._activate(published)
         restored = []
         for vol in published:

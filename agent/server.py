@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from agent.authz import Authorizer
+from agent.group_snapshots import Group, GroupSnapshots
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
 from agent.recovery import Readiness
@@ -44,10 +45,16 @@ def snapshot_pb(snap: SnapshotRec, used: int = 0) -> Any:
                        created_unix=snap.created, ready_to_use=True, used_bytes=used)
 
 
+def group_pb(group: Group) -> Any:
+    return pb.SnapshotGroup(id=group.id, name=group.name, snapshots=[snapshot_pb(m) for m in group.members],
+                            created_unix=group.created)
+
+
 class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics, usage: Usage | None = None) -> None:
         self.v = volumes
         self.usage = usage or Usage(volumes)
+        self.groups = GroupSnapshots(volumes)
         self.readiness = readiness
         self.metrics = metrics
         self._counts: tuple[int, int, int] | None = None
@@ -107,7 +114,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def ExpandVolume(self, request: Any, context: Any) -> Any:
         self._ready()
-        vol = self.v.expand_volume(request.volume_id, request.size_bytes)
+        vol = self.v.expand_volume(request.volume_id, request.size_bytes, key=request.encryption_key)
         return pb.ExpandVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
 
     def ModifyVolume(self, request: Any, context: Any) -> Any:
@@ -120,6 +127,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         st = self.v.get_volume(request.volume_id)
         msg = volume_pb(st.volume, self._nqn(st.volume.id))
         msg.used_bytes = st.used_bytes
+        msg.encrypted = st.encrypted
         msg.condition = pb.VOLUME_CONDITION_HEALTHY if st.healthy else pb.VOLUME_CONDITION_ABNORMAL
         msg.condition_message = st.message
         return pb.GetVolumeResponse(volume=msg)
@@ -144,6 +152,20 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         rows, token = self.v.list_snapshots(request.max_entries, request.starting_token,
                                             request.source_volume_id, request.snapshot_id)
         return pb.ListSnapshotsResponse(snapshots=[snapshot_pb(r) for r in rows], next_token=token)
+
+    def CreateSnapshotGroup(self, request: Any, context: Any) -> Any:
+        self._ready()
+        group = self.groups.create(request.name, list(request.source_volume_ids), dict(request.labels))
+        return pb.CreateSnapshotGroupResponse(group=group_pb(group))
+
+    def GetSnapshotGroup(self, request: Any, context: Any) -> Any:
+        self._ready()
+        return pb.GetSnapshotGroupResponse(group=group_pb(self.groups.get(request.group_id)))
+
+    def DeleteSnapshotGroup(self, request: Any, context: Any) -> Any:
+        self._ready()
+        self.groups.delete(request.group_id, list(request.snapshot_ids))
+        return pb.DeleteSnapshotGroupResponse()
 
     def GetCapacity(self, request: Any, context: Any) -> Any:
         self._ready()
@@ -172,7 +194,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def PublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()
-        nqn = self.v.publish(request.volume_id, request.host_nqn)
+        nqn = self.v.publish(request.volume_id, request.host_nqn, key=request.encryption_key)
         cfg = self.v.cfg
         resp = pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port)
         auth = self.v.exports.auth
@@ -187,6 +209,11 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self._ready()
         self.v.unpublish(request.volume_id, request.host_nqn)
         return pb.UnpublishVolumeResponse()
+
+    def RotateKey(self, request: Any, context: Any) -> Any:
+        self._ready()
+        root = self.v.rotate_key(request.volume_id, request.old_key, request.new_key)
+        return pb.RotateKeyResponse(encryption_root=root)
 
 
 def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16,

@@ -12,17 +12,18 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from agent.commitment import Admissions
 from agent.exports import Exports
 from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
+from agent.keys import Keys, check_key
 from agent.locks import VolumeLocks
 from agent.nvmet import NvmetError
 from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
-from agent.zfs import Space, Zfs, ZfsError, retry_busy
+from agent.zfs import EKEY, Space, Zfs, ZfsError, retry_busy
 from zvolt import commitment, names, volprops
 from zvolt.errors import (
     ZvoltError,
@@ -80,6 +81,7 @@ class VolumeState:
     used_bytes: int
     healthy: bool
     message: str
+    encrypted: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
 def _zfs_error(exc: ZfsError, what: str) -> ZvoltError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return exhausted(f"{what}: not enough space in the pool ({exc})")
+    if exc.errno == EKEY:
+        return precondition(f"{what}: the volume is encrypted and its key is not loaded on the storage node; "
+                            "the StorageClass must name the Secret holding its key for this call")
     if exc.errno == errno.ENOENT:
         # A source deleted meanwhile (delete in any order): final for the caller, not a fault.
         return not_found(f"{what}: {exc}")
@@ -137,6 +142,15 @@ def page_size(max_entries: int) -> int:
     return min(max_entries or 1000, _MAX_PAGE)
 
 
+def snapshot_charge(props: Mapping[str, str] | None, size: int) -> int:
+    """What a snapshot can come to pin: all it references when taken (`props` holds its
+    `referenced`), once its volume has overwritten every block. Never refused (a backup must not
+    fail on overcommit), but counted against what comes next. Unknown (a failed read): the
+    volume's size."""
+    value = (props or {}).get("referenced", "")
+    return int(value) if value.isdigit() else size
+
+
 @dataclass(frozen=True)
 class _DeletePlan:
     """What deleting one volume does to ZFS, decided under its lock before anything changes."""
@@ -150,12 +164,14 @@ class _DeletePlan:
 
 class Volumes:
     def __init__(self, cfg: AgentConfig, zfs: Zfs, index: Index, exports: Exports,
-                 locks: VolumeLocks | None = None, clock: Callable[[], float] = time.time) -> None:
+                 locks: VolumeLocks | None = None, clock: Callable[[], float] = time.time,
+                 keys: Keys | None = None) -> None:
         self.cfg = cfg
         self.zfs = zfs
         self.index = index
         self.exports = exports
         self.locks = locks or VolumeLocks()
+        self.keys = keys or Keys(zfs, None)
         self.layout = Layout(cfg.parent)
         self.gc = Collector(zfs, index, self.layout)
         # Published volumes whose export start-up could not restore: volume id -> why. Their
@@ -255,7 +271,9 @@ class Volumes:
         """(size rounded to the block size, volblocksize, compression, label properties)"""
         names.check_csi_name(spec.name)
         if spec.encryption_key:
-            raise invalid("encryption is not supported yet")
+            check_key(spec.encryption_key)
+            if not (spec.source_snapshot or spec.source_volume):
+                self.keys.require_store(f"creating encrypted volume {spec.name!r}")
         if spec.source_snapshot and spec.source_volume:
             raise invalid("give either a source snapshot or a source volume, not both")
         vbs = volprops.check_volblocksize(spec.volblocksize or DEFAULT_VOLBLOCKSIZE)
@@ -309,7 +327,7 @@ class Volumes:
             props["refreservation"] = size
         seq = self.index.begin("create", [ds])
         try:
-            self.zfs.create_volume(ds, size, props)
+            self.zfs.create_volume(ds, size, props, key=spec.encryption_key)
         except ZfsError as exc:
             self._settle(seq, [ds])
             adopted = self.index.volume(vid)
@@ -318,7 +336,10 @@ class Volumes:
             raise _zfs_error(exc, f"creating volume {spec.name!r}") from exc
         rec = VolumeRec(id=vid, name=spec.name, dataset=ds, size=size, volblocksize=vbs, compression=compression,
                         thick=spec.thick, hosts=[], created=int(user["zvolt:created"]))
-        return self._record_created(rec, seq)
+        rec = self._record_created(rec, seq)
+        if spec.encryption_key:
+            self.keys.release(ds)  # `zfs create` loaded it; nothing is published under it yet
+        return rec
 
     def _record_created(self, rec: VolumeRec, seq: int) -> VolumeRec:
         """The new volume and the end of its create intent in one transaction; a thick volume's
@@ -357,8 +378,16 @@ class Volumes:
         if size < base_size:
             raise out_of_range(f"size {size} is smaller than the source's {base_size} bytes")
         self._check_fits(size, spec.thick)
+        keyed: AbstractContextManager[None] = nullcontext()
+        if spec.encryption_key:
+            # ZFS gives a clone its origin's encryption root and key: the key given must be that one.
+            root = self.keys.root_of(origin)
+            if not root:
+                raise invalid(f"volume {spec.name!r}: its source is not encrypted, and a branch or restore keeps its "
+                              "source's encryption; use a StorageClass without encryption")
+            keyed = self.keys.using(root, spec.encryption_key, f"branching volume {spec.name!r}")
         # A clone can come to own every one of its blocks: it is charged its full size.
-        with self._commit(size, f"clone {spec.name!r}"):
+        with keyed, self._commit(size, f"clone {spec.name!r}"):
             return self._make_clone(spec, vid, ds, size, vbs, compression, user, origin, base_size, hidden)
 
     def _make_clone(self, spec: VolumeSpec, vid: str, ds: str, size: int, vbs: int, compression: str,
@@ -467,7 +496,7 @@ class Volumes:
 
     # -- expand ---------------------------------------------------------------------------
 
-    def expand_volume(self, vid: str, size: int) -> VolumeRec:
+    def expand_volume(self, vid: str, size: int, key: bytes = b"") -> VolumeRec:
         names.check_id(vid)
         if size <= 0:
             raise invalid("size_bytes must be positive")
@@ -480,7 +509,9 @@ class Volumes:
                 raise out_of_range(f"size {size} exceeds the maximum volume size {self.cfg.max_volume_size}")
             if vol.thick:
                 self._check_fits(new - vol.size, True)
-            with self._commit(new - vol.size, f"growing volume {vid} from {vol.size} to {new} bytes"):
+            root = self.keys.root_of(vol.dataset) if key else ""
+            keyed = self.keys.using(root, key, f"expanding volume {vid}") if root else nullcontext()
+            with keyed, self._commit(new - vol.size, f"growing volume {vid} from {vol.size} to {new} bytes"):
                 return self._grow(vol, vid, new)
 
     def _grow(self, vol: VolumeRec, vid: str, new: int) -> VolumeRec:
@@ -527,6 +558,36 @@ class Volumes:
                 tx.done(seq)
             return vol
 
+    # -- encryption keys ------------------------------------------------------------------
+
+    def rotate_key(self, vid: str, old_key: bytes, new_key: bytes) -> str:
+        """`zfs change-key` of the volume's encryption root (no data copied); returns the root's
+        name. Kept keys of published volumes under that root are re-wrapped with the new key."""
+        names.check_id(vid)
+        check_key(new_key)
+        with self.locks.hold([vid]):
+            vol = self._volume(vid)
+            root = self.keys.root_of(vol.dataset)
+            if not root:
+                raise invalid(f"volume {vid} is not encrypted")
+            what = f"rotating the key of volume {vid}"
+            try:
+                with self.keys.using(root, old_key, what):
+                    self.zfs.change_key(root, new_key)
+            except ZvoltError:
+                # A repeat after success: the old key no longer opens the root; the new one must.
+                with self.keys.using(root, new_key, what):
+                    pass
+            except ZfsError as exc:
+                raise _zfs_error(exc, what) from exc
+
+            def dataset_of(kept: str) -> str:
+                rec = self.index.volume(kept)
+                return rec.dataset if rec is not None else ""
+
+            self.keys.rewrap(root, new_key, dataset_of)
+            return root.rsplit("/", 1)[-1]
+
     # -- snapshots ------------------------------------------------------------------------
 
     def create_snapshot(self, name: str, source_volume: str, labels: Mapping[str, str] | None = None) -> SnapshotRec:
@@ -564,14 +625,11 @@ class Volumes:
             return rec
 
     def _snapshot_charge(self, ds: str, size: int) -> int:
-        """What a snapshot can come to pin: all it references when taken, once its volume has
-        overwritten every block. Never refused (a backup must not fail on overcommit), but
-        counted against what comes next. Unknown (a failed read): the volume's size."""
         try:
-            value = (self.zfs.get_props(ds, ("referenced",)) or {}).get("referenced", "")
+            props = self.zfs.get_props(ds, ("referenced",))
         except ZfsError:
-            value = ""
-        return int(value) if value.isdigit() else size
+            props = None
+        return snapshot_charge(props, size)
 
     def delete_snapshot(self, sid: str) -> None:
         vid, _ = names.split_local_snapshot_id(sid)
@@ -595,32 +653,46 @@ class Volumes:
 
     # -- publish --------------------------------------------------------------------------
 
-    def publish(self, vid: str, host: str) -> str:
+    def publish(self, vid: str, host: str, key: bytes = b"") -> str:
         names.check_id(vid)
         names.check_nqn(host)
         with self.locks.hold([vid]):
             vol = self._volume(vid)
             if host in vol.hosts and self.exports.condition(vid, vol.dataset, vol.hosts)[0]:
                 return self.exports.nqn(vid)
-            hosts = sorted({*vol.hosts, host})
-            seq = self.index.begin("publish", [vol.dataset])
-            try:
-                props = {"zvolt:hosts": hosts_value(hosts)}
-                if not self.zfs.device_ready(vol.dataset):
-                    props["volmode"] = "dev"
-                self.zfs.set_props(vol.dataset, props)
-                self.exports.export(vid, vol.dataset, hosts)
-            except (ZfsError, OSError, NvmetError, ZvoltError) as exc:
-                self._settle(seq, [vol.dataset])
-                if isinstance(exc, ZvoltError):
-                    raise
-                raise internal(f"publishing volume {vid} to {host} failed: {exc}") from exc
-            vol.hosts = hosts
-            with self.index.tx() as tx:
-                tx.put_volume(vol)
-                tx.done(seq)
-            self.unrestored.pop(vid, None)  # the export is whole again
-            return self.exports.nqn(vid)
+            active = self.zfs.device_ready(vol.dataset)
+            # An inactive volume may be encrypted with its key unloaded: one scoped read says so.
+            root = self.keys.root_of(vol.dataset) if key or not active else ""
+            if root and not key:
+                raise invalid(f"volume {vid} is encrypted: publishing it needs its key (StorageClass "
+                              "csi.storage.k8s.io/controller-publish-secret-name and -namespace)")
+            with self.keys.using(root, key, f"publishing volume {vid}") if root else nullcontext():
+                if root:
+                    self.keys.keep(vid, key, f"publishing volume {vid}")
+                return self._publish(vol, vid, host, active, root)
+
+    def _publish(self, vol: VolumeRec, vid: str, host: str, active: bool, root: str) -> str:
+        hosts = sorted({*vol.hosts, host})
+        seq = self.index.begin("publish", [vol.dataset])
+        try:
+            props = {"zvolt:hosts": hosts_value(hosts)}
+            if not active:
+                props["volmode"] = "dev"
+            self.zfs.set_props(vol.dataset, props)
+            self.exports.export(vid, vol.dataset, hosts)
+        except (ZfsError, OSError, NvmetError, ZvoltError) as exc:
+            self._settle(seq, [vol.dataset])
+            if root and not vol.hosts:
+                self.keys.forget(vid, "")  # the using() above unloads the key itself
+            if isinstance(exc, ZvoltError):
+                raise
+            raise internal(f"publishing volume {vid} to {host} failed: {exc}") from exc
+        vol.hosts = hosts
+        with self.index.tx() as tx:
+            tx.put_volume(vol)
+            tx.done(seq)
+        self.unrestored.pop(vid, None)  # the export is whole again
+        return self.exports.nqn(vid)
 
     def unpublish(self, vid: str, host: str) -> None:
         names.check_id(vid)
@@ -652,18 +724,21 @@ class Volumes:
             with self.index.tx() as tx:
                 tx.put_volume(vol)
                 tx.done(seq)
+            if not hosts:
+                self.keys.forget_kept(vid, vol.dataset)
 
     # -- reads ----------------------------------------------------------------------------
 
     def get_volume(self, vid: str) -> VolumeState:
         vol = self._volume(vid)
-        props = self.zfs.get_props(vol.dataset, ("used",))
+        props = self.zfs.get_props(vol.dataset, ("used", "encryption"))
         if props is None:
             return VolumeState(vol, 0, False, f"dataset {vol.dataset} is missing in ZFS")
         healthy, msg = self.exports.condition(vid, vol.dataset, vol.hosts)
         if vid in self.unrestored:
             healthy, msg = False, f"export not restored after the agent restarted ({self.unrestored[vid]}); retrying"
-        return VolumeState(vol, int(props.get("used") or 0), healthy, msg)
+        return VolumeState(vol, int(props.get("used") or 0), healthy, msg,
+                           encrypted=props.get("encryption", "off") not in ("off", "-", ""))
 
     def list_volumes(self, max_entries: int, token: str, published_only: bool = False) -> tuple[list[VolumeRec], str]:
         limit = page_size(max_entries)

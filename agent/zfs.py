@@ -44,7 +44,18 @@ READ_PROPS = (
     "zvolt:hidden",
     "zvolt:volume",
     "zvolt:size",
+    "zvolt:group",
 )
+
+
+# The one cipher zvolt creates, and how a key is handed to ZFS (hex on stdin: an operator can
+# load the same key by hand with the value kept in the Kubernetes Secret).
+ENCRYPTION = "aes-256-gcm"
+KEY_BYTES = 32
+ENCRYPTION_PROPS = {"encryption": ENCRYPTION, "keyformat": "hex", "keylocation": "prompt"}
+# ZFS's answer when a key is wrong (`zfs load-key`) or missing for a change that needs it
+# (`zfs set volsize`: "permission denied"). A clone or snapshot needs no key.
+EKEY = errno.EACCES
 
 
 class ZfsError(Exception):
@@ -66,7 +77,7 @@ class Zfs(Protocol):
 
     def exists(self, name: str) -> bool: ...
     def create_filesystem(self, name: str) -> None: ...
-    def create_volume(self, name: str, size: int, props: Mapping[str, int | str]) -> None: ...
+    def create_volume(self, name: str, size: int, props: Mapping[str, int | str], key: bytes = b"") -> None: ...
     def snapshot(self, snapshots: Sequence[str], user_props: Mapping[str, str]) -> None: ...
     def clone(self, name: str, origin: str, props: Mapping[str, int | str]) -> None: ...
     def destroy(self, name: str) -> None: ...
@@ -82,6 +93,10 @@ class Zfs(Protocol):
     def device_path(self, name: str) -> str: ...
     def device_ready(self, name: str) -> bool: ...
     def settle(self) -> None: ...
+    # Native encryption: `key` is the 32-byte wrapping key; it travels on stdin, never in argv.
+    def load_key(self, root: str, key: bytes, noop: bool = False) -> None: ...
+    def unload_key(self, root: str) -> None: ...
+    def change_key(self, root: str, key: bytes) -> None: ...
 
 
 @runtime_checkable
@@ -165,6 +180,13 @@ def _describe(exc: BaseException) -> str:
     return f"{_text(message)}: {_text(name)}" if name else _text(message)
 
 
+def _key_text(key: bytes) -> str:
+    if len(key) != KEY_BYTES:
+        # The length only: a key's bytes never go into a message.
+        raise ZfsError(errno.EINVAL, f"an encryption key must be {KEY_BYTES} bytes, not {len(key)}")
+    return key.hex()
+
+
 def _prop_args(props: Mapping[str, str]) -> list[str]:
     for key, value in props.items():
         if not key.replace(":", "").replace("-", "").replace("_", "").isalnum() or "\n" in value:
@@ -199,7 +221,14 @@ class LibZfs:
     def create_filesystem(self, name: str) -> None:
         self._call("lzc_create", check_full_name(name).encode(), ds_type="zfs", props={})
 
-    def create_volume(self, name: str, size: int, props: Mapping[str, int | str]) -> None:
+    def create_volume(self, name: str, size: int, props: Mapping[str, int | str], key: bytes = b"") -> None:
+        if key:
+            # pyzfs wants the encryption properties as enum numbers and cannot load a key from a
+            # pipe: an encrypted volume takes the CLI, with its key on stdin.
+            opts = _prop_args({k: str(v) for k, v in {**props, **ENCRYPTION_PROPS}.items()})
+            self._run(["create", "-s", "-V", str(size), *[a for o in opts for a in ("-o", o)], check_full_name(name)],
+                      stdin=_key_text(key))
+            return
         native = _native_props(props)
         native[b"volsize"] = size
         self._call("lzc_create", check_full_name(name).encode(), ds_type="zvol", props=native)
@@ -235,19 +264,25 @@ class LibZfs:
 
     # -- CLI: property changes and scoped reads ------------------------------------------
 
-    def _run(self, args: list[str], timeout: float | None = None) -> str:
+    def _run(self, args: list[str], timeout: float | None = None, stdin: str | None = None) -> str:
         timeout = self._timeout if timeout is None else timeout
         try:
-            proc = subprocess.run([self._zfs, *args], capture_output=True, text=True, timeout=timeout, check=False)
+            proc = subprocess.run([self._zfs, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                                  input=stdin)
         except subprocess.TimeoutExpired as exc:
             raise ZfsError(errno.ETIMEDOUT, f"zfs {args[0]} timed out after {timeout}s") from exc
         if proc.returncode != 0:
             msg = proc.stderr.strip()
             err = errno.EIO
-            if "does not exist" in msg:
+            if "already loaded" in msg or "already unloaded" in msg:
+                err = errno.EALREADY
+            elif "does not exist" in msg:
                 err = errno.ENOENT
             elif "busy" in msg:
                 err = errno.EBUSY
+            elif "Incorrect key" in msg or "permission denied" in msg:
+                # ZFS 2.3: a wrong key to load-key; a change (volsize) with the key unloaded.
+                err = EKEY
             elif "exists" in msg:
                 err = errno.EEXIST
             raise ZfsError(err, f"zfs {args[0]}: {msg}")
@@ -338,6 +373,20 @@ class LibZfs:
             proc.wait()
             if proc.returncode != 0 and proc.stderr is not None:
                 raise ZfsError(errno.EIO, f"zfs list: {proc.stderr.read().strip()}")
+
+    # -- encryption keys (CLI: the key goes to stdin; argv and logs only ever see the dataset) ----
+
+    def load_key(self, root: str, key: bytes, noop: bool = False) -> None:
+        """Load the wrapping key of encryption root `root`; `noop` only checks it is the right one."""
+        self._run(["load-key", *(["-n"] if noop else []), check_full_name(root)], stdin=_key_text(key))
+
+    def unload_key(self, root: str) -> None:
+        self._run(["unload-key", check_full_name(root)])
+
+    def change_key(self, root: str, key: bytes) -> None:
+        """Re-wrap the root's master key with `key` (its current key must be loaded): no data is copied."""
+        opts = [a for k, v in ENCRYPTION_PROPS.items() if k != "encryption" for a in ("-o", f"{k}={v}")]
+        self._run(["change-key", *opts, check_full_name(root)], stdin=_key_text(key))
 
     # -- devices ---------------------------------------------------------------------------
 

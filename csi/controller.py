@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
+from csi.capacityview import CapacityView
 from csi.locks import KeyLocks
 from csi.placements import PlacementRecords
 from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
@@ -45,8 +46,12 @@ INT64_MAX = 2**63 - 1
 STORAGE_NODE_CONTEXT = "zvolt.io/storage-node"
 # Entries per list page when the CO sets no max_entries (~200 bytes each: far below 4 MiB).
 DEFAULT_PAGE = 1000
-# Per-agent deadline of the lookups every CreateVolume makes on all agents (done in parallel).
+# Per-agent deadline of the calls that ask every agent at once (name lookup without a record, capacity).
 LOOKUP_TIMEOUT = 10.0
+# How long placement reuses the storage nodes' capacity figures (csi/capacityview.py), and the
+# deadline a node that did not answer the last time gets.
+CAPACITY_TTL = 5.0
+SILENT_RETRY_TIMEOUT = 2.0
 
 RPC = csi_pb2.ControllerServiceCapability.RPC
 STABLE_CAPABILITIES = (
@@ -172,6 +177,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         self.locks = locks or KeyLocks()
         self.capabilities = (*STABLE_CAPABILITIES, *alpha)
         self.records = records
+        self.capacity = CapacityView(CAPACITY_TTL)
 
     # ------------------------------------------------------------ conversions
 
@@ -220,10 +226,35 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 if found.code != grpc.StatusCode.NOT_FOUND:
                     silent[agent.name] = found.message
                 continue
-            if found.name and found.name != name:
-                raise already_exists(f"volume id {local_id} on {agent.name} belongs to another name {found.name!r}")
-            return (agent, found), silent
+            return (agent, self._same_name(agent, found, name)), silent
         return None, silent
+
+    def _lookup(self, name: str, pvc: tuple[str, str] | None
+                ) -> tuple[tuple[AgentClient, agent_pb2.Volume] | None, dict[str, str]]:
+        """_find_by_name, asking only the nodes that can hold the volume. The PVC's placement
+        record is written before every agent CreateVolume call, so it names the one node an
+        earlier attempt may have reached, and no record means no attempt was ever sent: a create
+        then costs one agent call or none, not one per storage node, and a silent node it does
+        not name costs it nothing. Without records (static discovery, no PVC) every agent is asked."""
+        record = self.records.get(*pvc) if self.records is not None and pvc is not None else None
+        if self.records is None or pvc is None or (record is not None and record[0] != name):
+            return self._find_by_name(name)
+        if record is None:
+            return None, {}
+        agent = self.pool.find(record[1])
+        if agent is None:
+            return None, {record[1]: f"storage node {record[1]} has no known agent"}
+        try:
+            found = self._get_volume(agent, id_for_name(name), LOOKUP_TIMEOUT)
+        except ZvoltError as err:
+            return None, ({} if err.code == grpc.StatusCode.NOT_FOUND else {agent.name: err.message})
+        return (agent, self._same_name(agent, found, name)), {}
+
+    @staticmethod
+    def _same_name(agent: AgentClient, found: agent_pb2.Volume, name: str) -> agent_pb2.Volume:
+        if found.name and found.name != name:
+            raise already_exists(f"volume id {found.id} on {agent.name} belongs to another name {found.name!r}")
+        return found
 
     def _check_silent(self, name: str, pvc: tuple[str, str] | None, silent: dict[str, str]) -> None:
         """Some storage nodes did not answer the lookup. Creating elsewhere is safe only if no
@@ -242,18 +273,39 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             self.records.put(*pvc, name, node)
 
     def _candidates(self) -> list[placement.Candidate]:
-        found = []
+        return self._ask_capacity(frozenset())[0]
+
+    def _ask_capacity(self, silent_before: frozenset[str]) -> tuple[list[placement.Candidate], frozenset[str]]:
+        """Every agent's GetCapacity at once; a node silent last time gets the short deadline."""
+        found, silent = [], set()
         agents = self.pool.all()
         request = agent_pb2.GetCapacityRequest()
-        answers = fan_out(agents, lambda a: a.call("GetCapacity", request, timeout=LOOKUP_TIMEOUT))
+        answers = fan_out(agents, lambda a: a.call(
+            "GetCapacity", request, timeout=SILENT_RETRY_TIMEOUT if a.name in silent_before else LOOKUP_TIMEOUT))
         for agent, cap in zip(agents, answers, strict=True):
             if isinstance(cap, ZvoltError):
                 _log.warning(
                     "storage node left out of placement", extra={"fields": {"node": agent.name, "error": cap.message}}
                 )
+                silent.add(agent.name)
                 continue
             found.append(self._candidate(agent, cap))
-        return found
+        return found, frozenset(silent)
+
+    def _place(self, size: int, par: params.VolumeParams, request: csi_pb2.CreateVolumeRequest) -> list[str]:
+        """Nodes to try for a new volume, from the shared capacity view (csi/capacityview.py); a
+        refusal on figures up to CAPACITY_TTL old is checked again on fresh ones."""
+        zones = self._zones(request)
+        for attempt in (1, 2):
+            known = {a.name for a in self.pool.all()}
+            view = [c for c in self.capacity.get(self._ask_capacity) if c.name in known]
+            try:
+                return placement.choose(view, size, par.thick, zones, par.commitment_ratio)
+            except ZvoltError:
+                if attempt == 2:
+                    raise
+                self.capacity.expire()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _candidate(agent: AgentClient, cap: agent_pb2.GetCapacityResponse) -> placement.Candidate:
@@ -284,7 +336,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if "pvc-namespace" in par.labels and "pvc-name" in par.labels else None
         with self.locks.hold(f"name:{name}"):
             # By name first: a retry must find the volume it made even if its source is gone since.
-            existing, silent = self._find_by_name(name)
+            existing, silent = self._lookup(name, pvc)
             if existing is not None:
                 return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source))
             if silent:
@@ -301,6 +353,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 labels=par.labels,
                 source_snapshot_id=source.get("source_snapshot_id", ""),
                 source_volume_id=source.get("source_volume_id", ""),
+                encryption_key=params.encryption_key(request.secrets, "provisioner") if par.encrypted else b"",
             )
             if source_agent is not None:
                 order = [source_agent.name]
@@ -309,8 +362,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 if par.commitment_ratio:
                     self._check_class_commitment(source_agent, size, par.commitment_ratio)
             else:
-                order = placement.choose(self._candidates(), size, par.thick, self._zones(request),
-                                         par.commitment_ratio)
+                order = self._place(size, par, request)
             last: ZvoltError | None = None
             for node in order:
                 agent = self._agent_for(node)
@@ -319,9 +371,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     vol = agent.call("CreateVolume", base).volume
                 except ZvoltError as err:
                     if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and source_agent is None:
+                        self.capacity.expire()
                         last = err
                         continue
                     raise
+                if source_agent is None:
+                    self.capacity.placed(node, vol.size_bytes, par.thick)
                 return csi_pb2.CreateVolumeResponse(volume=self._volume(agent, vol))
             assert last is not None
             raise last
@@ -458,7 +513,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"volume {request.volume_id} is published to node {others[0]}; its access mode allows one node",
                 )
-            resp = agent.call("PublishVolume", agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host))
+            key = params.optional_encryption_key(request.secrets, "controller-publish")
+            resp = agent.call("PublishVolume", agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host,
+                                                                              encryption_key=key))
         ctx = {"nqn": resp.nqn, "transport": resp.transport, "address": resp.address, "port": resp.port}
         if resp.dhchap_secret:
             ctx["dhchap_secret"] = resp.dhchap_secret
@@ -631,8 +688,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 size = vol.size_bytes
             else:
                 size = choose_size(rng, vol.volblocksize or CLONE_ALIGN)
+                key = params.optional_encryption_key(request.secrets, "controller-expand")
                 size = agent.call(
-                    "ExpandVolume", agent_pb2.ExpandVolumeRequest(volume_id=local, size_bytes=size)
+                    "ExpandVolume", agent_pb2.ExpandVolumeRequest(volume_id=local, size_bytes=size, encryption_key=key)
                 ).volume.size_bytes
         # Raw block needs no filesystem work; the agent revalidates the namespace size on the target.
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=size, node_expansion_required=not block)

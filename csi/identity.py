@@ -21,6 +21,7 @@ def plugin_capabilities() -> list[csi_pb2.PluginCapability]:
     return [
         csi_pb2.PluginCapability(service=Service(type=Service.CONTROLLER_SERVICE)),
         csi_pb2.PluginCapability(service=Service(type=Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)),
+        csi_pb2.PluginCapability(service=Service(type=Service.GROUP_CONTROLLER_SERVICE)),
         csi_pb2.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)),
     ]
 

@@ -15,6 +15,7 @@ from csi import DEFAULT_ZONE, DRIVER_NAME
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
+from csi.group_controller import GroupControllerService
 from csi.health import StorageHealth
 from csi.host_identity import load_or_create
 from csi.identity import IdentityService
@@ -189,10 +190,12 @@ def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
                         records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
     livenessprobe never restarts the controller for a storage outage."""
+    controller = ControllerService(pool, alpha=alpha, records=records)
     return Services(
         identity=IdentityService(controller=True, ready=lambda: True),
-        controller=ControllerService(pool, alpha=alpha, records=records),
+        controller=controller,
         health=StorageHealth(pool),
+        group_controller=GroupControllerService(pool, controller.locks),
     )
 
 

@@ -7,6 +7,7 @@ checks a StorageClass parameter: `parse_mutable` only narrows which keys are all
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,7 +37,14 @@ SIDECAR_KEY = re.compile(
     r"|node-expand)-secret-(name|namespace)$"
 )
 COMMITMENT_KEY = "commitmentRatio"
-DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, FSTYPE_KEY)
+ENCRYPTION_KEY = "encryption"
+# ZFS native encryption zvolt offers: the one cipher, and "off" (the default).
+ENCRYPTIONS = ("aes-256-gcm", "off")
+# The key in the CSI secrets (provisioner, controller-publish, controller-expand) holding a volume's
+# encryption key: 64 hex characters = 32 bytes (`openssl rand -hex 32`).
+SECRET_KEY = "encryptionKey"  # noqa: S105 - the name of a Secret's key, not a secret
+_KEY_BYTES = 32
+DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, FSTYPE_KEY)
 # What ZFS can change on a live zvol and zvolt offers to change (ControllerModifyVolume).
 MUTABLE_KEYS = ("compression",)
 # Why each other driver key stays as created: the refusal tells the user.
@@ -44,6 +52,7 @@ _FIXED_BECAUSE = {
     "volblocksize": "ZFS fixes a zvol's volblocksize when it is created",
     "thin": "zvolt does not add or drop a volume's space reservation after creation",
     COMMITMENT_KEY: "it decides placement, which is done once",
+    ENCRYPTION_KEY: "ZFS fixes a volume's encryption when it is created (its key can be rotated)",
     FSTYPE_KEY: "the filesystem is made once, on first use",
 }
 
@@ -58,6 +67,8 @@ class VolumeParams:
     # The class's own commitment limit (0: none): its volumes go only where the node's commitment
     # stays within it. Enforced by the controller from GetCapacity (see csi/placement.py).
     commitment_ratio: float = 0.0
+    # ZFS native encryption (aes-256-gcm) with the key from the provisioner secret.
+    encrypted: bool = False
 
 
 def _volblocksize(value: str) -> int:
@@ -80,6 +91,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     """Unknown keys are refused: a typo in a StorageClass should fail loudly, not be ignored."""
     volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, volprops.DEFAULT_COMPRESSION, False, ""
     ratio = 0.0
+    encrypted = False
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
@@ -90,6 +102,11 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             thick = not _bool(key, value)
         elif key == COMMITMENT_KEY:
             ratio = commitment.check_ratio(value, f"parameter {COMMITMENT_KEY}")
+        elif key == ENCRYPTION_KEY:
+            if value not in ENCRYPTIONS:
+                raise invalid(f"parameter {ENCRYPTION_KEY}={value!r} is not supported "
+                              f"(supported: {', '.join(ENCRYPTIONS)})")
+            encrypted = value != "off"
         elif key == FSTYPE_KEY:
             if value not in SUPPORTED_FS:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
@@ -99,7 +116,31 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
         else:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
-                        commitment_ratio=ratio)
+                        commitment_ratio=ratio, encrypted=encrypted)
+
+
+def encryption_key(secrets: Mapping[str, str], which: str) -> bytes:
+    """The volume key from a CSI secret (`which`: provisioner, controller-publish, ...). Messages
+    name the Secret's key and what is wrong with it, never its value."""
+    value = secrets.get(SECRET_KEY)
+    if value is None:
+        raise invalid(f"the volume is encrypted: the {which} secret (StorageClass "
+                      f"csi.storage.k8s.io/{which}-secret-name and -namespace) must hold its key in {SECRET_KEY!r}")
+    return _key(value.strip(), which)
+
+
+def optional_encryption_key(secrets: Mapping[str, str], which: str) -> bytes:
+    """The key if the secret holds one (publish and expand: the agent says when it needs one), else b""."""
+    return _key(secrets[SECRET_KEY].strip(), which) if SECRET_KEY in secrets else b""
+
+
+def _key(text: str, which: str) -> bytes:
+    hex_only = all(c in string.hexdigits for c in text)
+    if len(text) != 2 * _KEY_BYTES or not hex_only:
+        found = f"{len(text)} characters" + ("" if hex_only else ", not all hex")
+        raise invalid(f"{SECRET_KEY!r} in the {which} secret must be {2 * _KEY_BYTES} hex characters "
+                      f"({_KEY_BYTES} bytes; make one with: openssl rand -hex 32); it has {found}")
+    return bytes.fromhex(text)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class Services:
     controller: Any = None
     node: Any = None
     health: Any = None  # csi.health.StorageHealth in controller mode
+    group_controller: Any = None  # csi.group_controller.GroupControllerService in controller mode
 
     @property
     def workers(self) -> int:
@@ -45,6 +46,8 @@ def build_server(
     csi_pb2_grpc.add_IdentityServicer_to_server(services.identity, server)
     if services.controller is not None:
         csi_pb2_grpc.add_ControllerServicer_to_server(services.controller, server)
+    if services.group_controller is not None:
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(services.group_controller, server)
     if services.node is not None:
         csi_pb2_grpc.add_NodeServicer_to_server(services.node, server)
     if endpoint.scheme == "unix":

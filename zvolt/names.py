@@ -101,6 +101,30 @@ def split_snapshot_id(csi_id: str) -> tuple[str, str, str]:
     return node, vid, snap
 
 
+# A group snapshot's local id: "g" + the hash of its CSI name. It is also the ZFS snapshot name of
+# every member, so member i is the ordinary snapshot "<volume i>@<group id>".
+GROUP_PREFIX = "g"
+
+
+def group_snapshot_id(node: str, group: str) -> str:
+    """CSI group_snapshot_id "<node>/<group id>": like every zvolt id, it names its storage node."""
+    return f"{check_node(node)}/{check_group(group)}"
+
+
+def check_group(value: str) -> str:
+    if not value.startswith(GROUP_PREFIX):
+        raise invalid(f"group snapshot id {value!r} is not valid: expected {GROUP_PREFIX}<id>")
+    return check_id(value, "group snapshot id")
+
+
+def split_group_snapshot_id(csi_id: str) -> tuple[str, str]:
+    """CSI group_snapshot_id "<node>/<group id>" -> (node, group id), both validated."""
+    node, sep, local = (csi_id or "").partition("/")
+    if not sep:
+        raise invalid(f"group snapshot id {csi_id!r} is not of the form <storage-node>/<group id>")
+    return check_node(node), check_group(local)
+
+
 def subsystem_nqn(node: str, volume_id: str) -> str:
     return f"nqn.2026-11.io.zvolt:{check_node(node)}:{check_id(volume_id)}"
 

@@ -408,6 +408,8 @@ def start_snapshot_controller(cp: ControlPlane, binary: Path) -> Process:
         binary, f"--kubeconfig={kubeconfig}", "--v=2",
         "--leader-election=true", f"--leader-election-namespace={namespace}",
         "--retry-interval-start=500ms",
+        # v8.2 ships VolumeGroupSnapshot (beta) off; the chart's snapshotter turns it on too.
+        "--feature-gates=CSIVolumeGroupSnapshot=true",
     ])
     coordination = client.CoordinationV1Api(cp.api)
 

@@ -540,3 +540,79 @@ def test_a_pvc_over_the_commitment_limit_says_so(zvolt: Zvolt, ns: str) -> None:
     finally:
         z.core.delete_namespaced_persistent_volume_claim("over", ns)
         client.StorageV1Api(z.cp.api).delete_storage_class(sc)
+
+
+GROUPS = ("groupsnapshot.storage.k8s.io", "v1beta1")
+
+
+def test_volume_group_snapshot_is_one_zfs_transaction_and_each_member_restores(zvolt: Zvolt, ns: str) -> None:
+    """A VolumeGroupSnapshot of data + WAL claims (the CloudNativePG layout): snapshot-controller
+    and csi-snapshotter (both with the CSIVolumeGroupSnapshot gate the chart sets) call
+    CreateVolumeGroupSnapshot once; ZFS shows every member snapshot born in one transaction
+    group; each member is an ordinary VolumeSnapshot that restores on its own."""
+    z, t0 = zvolt, time.monotonic()
+    times: dict[str, float] = {}
+    claims = ("pgdata", "pgwal")
+    for name in claims:
+        claim = pvc(name)
+        claim.metadata.labels = {"cluster": "pg-1"}
+        z.core.create_namespaced_persistent_volume_claim(ns, claim)
+    pvs = {name: bound_pv(z, ns, name) for name in claims}
+    handles = {name: pv.spec.csi.volume_handle for name, pv in pvs.items()}
+    times["2 PVCs Bound"] = time.monotonic() - t0
+    z.snaps.create_namespaced_custom_object(*GROUPS, ns, "volumegroupsnapshots", {
+        "apiVersion": "/".join(GROUPS), "kind": "VolumeGroupSnapshot", "metadata": {"name": "pg-1-backup"},
+        "spec": {"volumeGroupSnapshotClassName": "zvolt",
+                 "source": {"selector": {"matchLabels": {"cluster": "pg-1"}}}}})
+
+    def group_ready() -> dict[str, Any] | None:
+        vgs = z.snaps.get_namespaced_custom_object(*GROUPS, ns, "volumegroupsnapshots", "pg-1-backup")
+        status = vgs.get("status") or {}
+        if status.get("error"):
+            raise AssertionError(f"VolumeGroupSnapshot: {status['error']}")
+        return vgs if status.get("readyToUse") else None
+
+    vgs = z.wait("VolumeGroupSnapshot readyToUse", group_ready)
+    times["group snapshot readyToUse"] = time.monotonic() - t0
+    content = z.snaps.get_cluster_custom_object(*GROUPS, "volumegroupsnapshotcontents",
+                                                vgs["status"]["boundVolumeGroupSnapshotContentName"])
+    pairs = {p["volumeHandle"]: p["snapshotHandle"] for p in content["status"]["volumeSnapshotHandlePairList"]}
+    assert set(pairs) == set(handles.values()), pairs
+    snap_ds = {name: f"{z.storage.zvol(h)}@{pairs[h].partition('@')[2]}" for name, h in handles.items()}
+    txgs = {name: z.storage.prop(ds, "createtxg") for name, ds in snap_ds.items()}
+    assert len(set(txgs.values())) == 1, f"member snapshots in different transaction groups: {txgs}"
+
+    # The members are VolumeSnapshots in the namespace, owned by the group; restore the WAL one.
+    members = {vs["status"]["boundVolumeSnapshotContentName"]: vs["metadata"]["name"]
+               for vs in z.snaps.list_namespaced_custom_object(*SNAPSHOTS, ns, "volumesnapshots")["items"]
+               if any(o["kind"] == "VolumeGroupSnapshot" for o in vs["metadata"].get("ownerReferences", []))
+               and (vs.get("status") or {}).get("boundVolumeSnapshotContentName")}
+    assert len(members) == 2, members
+    by_handle = {}
+    for content_name, vs_name in members.items():
+        vsc = z.snaps.get_cluster_custom_object(*SNAPSHOTS, "volumesnapshotcontents", content_name)
+        by_handle[vsc["status"]["snapshotHandle"]] = vs_name
+    wal_member = by_handle[pairs[handles["pgwal"]]]
+    ready_snapshot(z, ns, wal_member)
+    z.core.create_namespaced_persistent_volume_claim(
+        ns, pvc("wal-restored", source={"kind": "VolumeSnapshot", "name": wal_member}))
+    restored = bound_pv(z, ns, "wal-restored")
+    assert z.storage.prop(z.storage.zvol(restored.spec.csi.volume_handle), "origin") == snap_ds["pgwal"]
+    times["member restored Bound"] = time.monotonic() - t0
+
+    # Deleting the group deletes its members (class deletionPolicy Delete); the restored
+    # volume keeps its origin until it goes, then nothing of the family is left.
+    z.snaps.delete_namespaced_custom_object(*GROUPS, ns, "volumegroupsnapshots", "pg-1-backup")
+    z.wait("group snapshot content deleted", lambda: gone(lambda: z.snaps.get_cluster_custom_object(
+        *GROUPS, "volumegroupsnapshotcontents", content["metadata"]["name"])))
+    z.wait("the data member's ZFS snapshot destroyed",
+           lambda: None if snap_ds["pgdata"] in z.storage.datasets() else True)
+    for claim in (*claims, "wal-restored"):
+        z.core.delete_namespaced_persistent_volume_claim(claim, ns)
+    zvols = {z.storage.zvol(h) for h in (*handles.values(), restored.spec.csi.volume_handle)}
+    trash = tuple(f"{z.storage.lab.pool}/zvolt/trash/{d.rpartition('/')[2]}-" for d in zvols)
+    z.wait("every zvol and snapshot of the group destroyed, trash included", lambda: None if any(
+        d.partition("@")[0] in zvols or d.startswith(trash) for d in z.storage.datasets()) else True)
+    times["all deleted"] = time.monotonic() - t0
+    z.say("k8s scenario VolumeGroupSnapshot (2 members, one createtxg): " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))

@@ -8,13 +8,15 @@ and target paths csi-sanity creates, checks and removes are the ones the plugin 
 fixture checks this). It runs twice, for mount volumes (ext4, the default fs type) and for raw
 block, each with its own staging and mount dirs under one guest temp dir that is removed at the
 end; its JUnit report is read back and parsed on the host. Its ModifyVolume specs run with
-MUTABLE_PARAMETERS as the VolumeAttributesClass.
+MUTABLE_PARAMETERS as the VolumeAttributesClass. Its GroupController specs run because the plugin
+advertises GROUP_CONTROLLER_SERVICE; each run must pass all of them (GROUP_SPECS).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,6 +49,10 @@ GET_SNAPSHOT_SPEC = (
 # What csi-sanity's ModifyVolume specs (and its CreateVolume-with-a-VolumeAttributesClass spec)
 # send as mutable_parameters; without the file they run with an empty class.
 MUTABLE_PARAMETERS = "compression: zstd\n"
+
+# csi-test v5.4.0's GroupController specs: capabilities, CreateVolumeGroupSnapshot without a name,
+# GetVolumeGroupSnapshot without and with an unknown id, DeleteVolumeGroupSnapshot likewise.
+GROUP_SPECS = 6
 
 # The error text of csi-test's utils.Connect when a connection did not get READY within a minute.
 CONNECT_TIMEOUT = "Connection timed out"
@@ -134,6 +140,7 @@ class Run:
     seconds: float
     exit_code: int
     tail: str
+    xml: str
 
 
 def run_sanity(env: GuestSanity, access: str, attempt: int) -> Run:
@@ -151,7 +158,14 @@ def run_sanity(env: GuestSanity, access: str, attempt: int) -> Run:
                 lab.run(["rm", "-rf", "--one-file-system", "--", run_dir], check=False, timeout=120)
     tail = "\n".join(proc.stdout.splitlines()[-80:])
     assert xml.returncode == 0, f"csi-sanity wrote no JUnit report (exit {proc.returncode}):\n{tail}\n{proc.stderr}"
-    return Run(junit.parse(xml.stdout), seconds, proc.returncode, tail)
+    return Run(junit.parse(xml.stdout), seconds, proc.returncode, tail, xml.stdout)
+
+
+def group_specs_passed(xml: str) -> int:
+    """GroupController specs that ran and passed (neither skipped nor failed)."""
+    root = ET.fromstring(xml)
+    return sum(1 for case in root.iter("testcase") if "[GroupController" in case.get("name", "")
+               and not any(case.find(tag) is not None for tag in ("skipped", "failure", "error")))
 
 
 def only_connect_timeouts(report: junit.Report) -> bool:
@@ -180,3 +194,4 @@ def test_csi_sanity(sanity: GuestSanity, access: str, capsys: pytest.CaptureFixt
     problems = "\n".join(f"{f.kind}: {f.name}: {f.message[:600]}" for f in report.failures)
     assert report.failed == 0 and report.errors == 0, f"csi-sanity {access}: {report.summary()}\n{problems}"
     assert run.exit_code == 0, f"csi-sanity exited {run.exit_code} with a clean report:\n{run.tail}"
+    assert group_specs_passed(run.xml) == GROUP_SPECS, "csi-sanity's GroupController specs did not all run and pass"

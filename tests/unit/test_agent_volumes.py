@@ -83,7 +83,9 @@ def test_same_name_different_size_or_source_is_already_exists(node: FakeNode) ->
         (VolumeSpec(name="ok", size=-5), grpc.StatusCode.INVALID_ARGUMENT),
         (VolumeSpec(name="ok", size=GiB, volblocksize=3000), grpc.StatusCode.INVALID_ARGUMENT),
         (VolumeSpec(name="ok", size=GiB, compression="brotli"), grpc.StatusCode.INVALID_ARGUMENT),
-        (VolumeSpec(name="ok", size=GiB, encryption_key=b"k" * 32), grpc.StatusCode.INVALID_ARGUMENT),
+        (VolumeSpec(name="ok", size=GiB, encryption_key=b"k" * 31), grpc.StatusCode.INVALID_ARGUMENT),
+        # A node without a key wrapping file could not bring the volume back after a reboot.
+        (VolumeSpec(name="ok", size=GiB, encryption_key=b"k" * 32), grpc.StatusCode.FAILED_PRECONDITION),
         (VolumeSpec(name="ok", size=GiB, labels={"../x": "y"}), grpc.StatusCode.INVALID_ARGUMENT),
         (VolumeSpec(name="ok", size=1 << 60), grpc.StatusCode.OUT_OF_RANGE),
         (VolumeSpec(name="ok", size=GiB, source_volume="../etc"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -100,8 +102,8 @@ def test_create_errors(node: FakeNode, spec: VolumeSpec, code: grpc.StatusCode) 
     assert node.zfs.ds.keys() == before.keys()
 
 
-def test_encryption_message_is_honest(node: FakeNode) -> None:
-    with pytest.raises(ZvoltError, match="encryption is not supported yet"):
+def test_encryption_needs_a_key_wrapping_file(node: FakeNode) -> None:
+    with pytest.raises(ZvoltError, match="no key wrapping file"):
         node.volumes.create_volume(VolumeSpec(name="enc", size=GiB, encryption_key=b"x" * 32))
 
 

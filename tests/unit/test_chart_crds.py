@@ -73,6 +73,11 @@ CRD_SCHEMAS: dict[tuple[str, str], Schema] = {
         {"driver": {"type": "string", "minLength": 1}, "deletionPolicy": {"enum": ["Delete", "Retain"]},
          "parameters": STR_MAP},
         ["driver", "deletionPolicy"]),
+    **{(f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass"): _resource(
+        f"groupsnapshot.storage.k8s.io/{v}", "VolumeGroupSnapshotClass", False,
+        {"driver": {"type": "string", "minLength": 1}, "deletionPolicy": {"enum": ["Delete", "Retain"]},
+         "parameters": STR_MAP},
+        ["driver", "deletionPolicy"]) for v in ("v1", "v1beta2", "v1beta1")},
     ("monitoring.coreos.com/v1", "ServiceMonitor"): _resource(
         "monitoring.coreos.com/v1", "ServiceMonitor", True,
         {"spec": _obj({
@@ -142,6 +147,9 @@ def validate_crd(obj: dict[str, Any]) -> None:
 GOOD: dict[str, dict[str, Any]] = {
     "VolumeSnapshotClass": {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
                             "metadata": {"name": "zvolt"}, "driver": "csi.zvolt.io", "deletionPolicy": "Delete"},
+    "VolumeGroupSnapshotClass": {"apiVersion": "groupsnapshot.storage.k8s.io/v1beta1",
+                                 "kind": "VolumeGroupSnapshotClass", "metadata": {"name": "zvolt"},
+                                 "driver": "csi.zvolt.io", "deletionPolicy": "Delete"},
     "ServiceMonitor": {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
                        "metadata": {"name": "zv", "namespace": "storage"},
                        "spec": {"selector": {"matchLabels": {"a": "b"}},
@@ -156,6 +164,8 @@ GOOD: dict[str, dict[str, Any]] = {
 BAD: list[tuple[str, str, Any]] = [
     ("VolumeSnapshotClass", "spec", {"driver": "x"}),  # v1 has no spec: driver is top level
     ("VolumeSnapshotClass", "deletionPolicy", "Remove"),
+    ("VolumeGroupSnapshotClass", "deletionPolicy", "delete"),
+    ("VolumeGroupSnapshotClass", "volumeGroupSnapshotClassName", "x"),
     ("ServiceMonitor", "spec", {"endpoints": [{"port": "metrics"}]}),  # selector is required
     ("ServiceMonitor", "spec", {"selector": {}, "endpoints": [{"port": "m", "intervall": "30s"}]}),
     ("Issuer", "spec", {"ca": {"secretName": "x"}, "selfSigned": {}}),  # exactly one issuer type

@@ -148,12 +148,14 @@ class DeleteVolumeResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExpandVolumeRequest(_message.Message):
-    __slots__ = ("volume_id", "size_bytes")
+    __slots__ = ("volume_id", "size_bytes", "encryption_key")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     size_bytes: int
-    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    encryption_key: bytes
+    def __init__(self, volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., encryption_key: _Optional[bytes] = ...) -> None: ...
 
 class ExpandVolumeResponse(_message.Message):
     __slots__ = ("volume",)
@@ -258,6 +260,65 @@ class ListSnapshotsResponse(_message.Message):
     next_token: str
     def __init__(self, snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., next_token: _Optional[str] = ...) -> None: ...
 
+class SnapshotGroup(_message.Message):
+    __slots__ = ("id", "name", "snapshots", "created_unix")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    snapshots: _containers.RepeatedCompositeFieldContainer[Snapshot]
+    created_unix: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., created_unix: _Optional[int] = ...) -> None: ...
+
+class CreateSnapshotGroupRequest(_message.Message):
+    __slots__ = ("name", "source_volume_ids", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source_volume_ids: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., source_volume_ids: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateSnapshotGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: SnapshotGroup
+    def __init__(self, group: _Optional[_Union[SnapshotGroup, _Mapping]] = ...) -> None: ...
+
+class GetSnapshotGroupRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class GetSnapshotGroupResponse(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: SnapshotGroup
+    def __init__(self, group: _Optional[_Union[SnapshotGroup, _Mapping]] = ...) -> None: ...
+
+class DeleteSnapshotGroupRequest(_message.Message):
+    __slots__ = ("group_id", "snapshot_ids")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_IDS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    snapshot_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group_id: _Optional[str] = ..., snapshot_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteSnapshotGroupResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetCapacityRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -339,12 +400,14 @@ class GetUsageResponse(_message.Message):
     def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ..., next_token: _Optional[str] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., not_found_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishVolumeRequest(_message.Message):
-    __slots__ = ("volume_id", "host_nqn")
+    __slots__ = ("volume_id", "host_nqn", "encryption_key")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_NQN_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     host_nqn: str
-    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ...) -> None: ...
+    encryption_key: bytes
+    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ..., encryption_key: _Optional[bytes] = ...) -> None: ...
 
 class PublishVolumeResponse(_message.Message):
     __slots__ = ("nqn", "transport", "address", "port", "dhchap_secret", "dhchap_ctrl_secret")
@@ -373,3 +436,19 @@ class UnpublishVolumeRequest(_message.Message):
 class UnpublishVolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RotateKeyRequest(_message.Message):
+    __slots__ = ("volume_id", "old_key", "new_key")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    OLD_KEY_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEY_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    old_key: bytes
+    new_key: bytes
+    def __init__(self, volume_id: _Optional[str] = ..., old_key: _Optional[bytes] = ..., new_key: _Optional[bytes] = ...) -> None: ...
+
+class RotateKeyResponse(_message.Message):
+    __slots__ = ("encryption_root",)
+    ENCRYPTION_ROOT_FIELD_NUMBER: _ClassVar[int]
+    encryption_root: str
+    def __init__(self, encryption_root: _Optional[str] = ...) -> None: ...

@@ -84,6 +84,21 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshotGroup = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/CreateSnapshotGroup',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupResponse.FromString,
+                _registered_method=True)
+        self.GetSnapshotGroup = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/GetSnapshotGroup',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshotGroup = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/DeleteSnapshotGroup',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupResponse.FromString,
+                _registered_method=True)
         self.GetCapacity = channel.unary_unary(
                 '/zvolt.agent.v1.Agent/GetCapacity',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityRequest.SerializeToString,
@@ -103,6 +118,11 @@ class AgentStub:
                 '/zvolt.agent.v1.Agent/UnpublishVolume',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeResponse.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/RotateKey',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
 
 
@@ -172,6 +192,27 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshotGroup(self, request, context):
+        """Group snapshots: volumes of this node snapshotted in one ZFS call (one transaction group).
+        Member i is the ordinary snapshot "<volume i>@<group id>". Idempotent by name; the same name
+        with other volumes is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshotGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshotGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCapacity(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -196,6 +237,15 @@ class AgentServicer:
 
     def UnpublishVolume(self, request, context):
         """Remove one host NQN. The last unpublish deactivates the volume again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Re-wrap an encrypted volume's encryption root under a new key (`zfs change-key`: no data is
+        copied). Every volume sharing the root (its branches and restores) takes the new key. A repeat
+        with the same keys succeeds. Controller only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +304,21 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.ListSnapshotsResponse.SerializeToString,
             ),
+            'CreateSnapshotGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshotGroup,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupResponse.SerializeToString,
+            ),
+            'GetSnapshotGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshotGroup,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupResponse.SerializeToString,
+            ),
+            'DeleteSnapshotGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshotGroup,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupResponse.SerializeToString,
+            ),
             'GetCapacity': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapacity,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.GetCapacityRequest.FromString,
@@ -273,6 +338,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.UnpublishVolume,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -556,6 +626,87 @@ class Agent:
             _registered_method=True)
 
     @staticmethod
+    def CreateSnapshotGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/CreateSnapshotGroup',
+            zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.CreateSnapshotGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshotGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/GetSnapshotGroup',
+            zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.GetSnapshotGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshotGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/DeleteSnapshotGroup',
+            zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.DeleteSnapshotGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetCapacity(request,
             target,
             options=(),
@@ -653,6 +804,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/UnpublishVolume',
             zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.UnpublishVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/RotateKey',
+            zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

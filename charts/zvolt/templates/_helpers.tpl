@@ -100,3 +100,25 @@ securityContext:
   capabilities:
     drop: ["ALL"]
 {{- end -}}
+
+{{/*
+The VolumeGroupSnapshotClass API version to use, or "" for none. "auto" takes the newest one
+the cluster serves, so an install on a cluster without the group snapshot CRDs renders no class
+and leaves csi-snapshotter's CSIVolumeGroupSnapshot gate off (with the gate on, a v8.2
+snapshot-controller refuses to start without those CRDs).
+*/}}
+{{- define "zvolt.groupSnapshotApiVersion" -}}
+{{- $g := .Values.volumeGroupSnapshotClass -}}
+{{- if $g.enabled -}}
+{{- if ne $g.apiVersion "auto" -}}
+{{- $g.apiVersion -}}
+{{- else -}}
+{{- range list "v1" "v1beta2" "v1beta1" -}}
+{{- if $.Capabilities.APIVersions.Has (printf "groupsnapshot.storage.k8s.io/%s/VolumeGroupSnapshotClass" .) -}}
+groupsnapshot.storage.k8s.io/{{ . }}
+{{- break -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

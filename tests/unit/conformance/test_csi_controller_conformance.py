@@ -73,7 +73,7 @@ def test_identity_in_controller_mode(ctl: ControllerEnv) -> None:
     caps = ctl.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest()).capabilities
     services = {c.service.type for c in caps if c.HasField("service")}
     S = csi_pb2.PluginCapability.Service
-    assert services == {S.CONTROLLER_SERVICE, S.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    assert services == {S.CONTROLLER_SERVICE, S.VOLUME_ACCESSIBILITY_CONSTRAINTS, S.GROUP_CONTROLLER_SERVICE}
     assert [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")] == [
         csi_pb2.PluginCapability.VolumeExpansion.ONLINE
     ]

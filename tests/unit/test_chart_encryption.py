@@ -1,0 +1,46 @@
+"""The chart carries encryption: a class's secret references (which the driver then parses, less
+the sidecars' keys) and the agent's key wrapping Secret, mounted and named by its flag."""
+
+from __future__ import annotations
+
+import pytest
+from test_chart import RELEASE, by_kind, container, render  # type: ignore[import-not-found]
+
+from csi import params
+
+SC = {"name": "tenant", "volblocksize": "8K", "compression": "lz4", "thin": True, "fsType": "ext4",
+      "reclaimPolicy": "Delete", "encryptionSecret": {"name": "vol-key", "namespace": "${pvc.namespace}"}}
+
+
+def test_encrypted_class_names_its_secret_for_every_call_that_needs_the_key() -> None:
+    docs = render({"storageClasses": [SC]})
+    par = by_kind(docs, "StorageClass")["tenant"]["parameters"]
+    for use in ("provisioner", "controller-publish", "controller-expand"):
+        assert par[f"csi.storage.k8s.io/{use}-secret-name"] == "vol-key"
+        assert par[f"csi.storage.k8s.io/{use}-secret-namespace"] == "${pvc.namespace}"
+    driver_part = {k: v for k, v in par.items() if not params.SIDECAR_KEY.fullmatch(k)}
+    assert params.parse(driver_part).encrypted
+    plain = by_kind(render(), "StorageClass")["zvolt"]["parameters"]
+    assert "encryption" not in plain and not any("secret" in k for k in plain)
+
+
+def test_agent_mounts_the_key_wrapping_secret() -> None:
+    docs = render({"agent": {"keyWrappingSecret": "zvolt-keywrap"}})
+    spec = by_kind(docs, "DaemonSet")[f"{RELEASE}-zvolt-agent"]["spec"]["template"]["spec"]
+    agent = container(spec, "zvolt-agent")
+    assert "--key-wrapping-file=/etc/zvolt/keywrap/wrappingKey" in agent["args"]
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == "keywrap")
+    assert mount["mountPath"] == "/etc/zvolt/keywrap" and mount["readOnly"]
+    vol = next(v for v in spec["volumes"] if v["name"] == "keywrap")
+    assert vol["secret"] == {"secretName": "zvolt-keywrap", "defaultMode": 0o400}
+    plain = by_kind(render(), "DaemonSet")[f"{RELEASE}-zvolt-agent"]["spec"]["template"]["spec"]
+    assert not any(a.startswith("--key-wrapping-file") for a in container(plain, "zvolt-agent")["args"])
+
+
+@pytest.mark.parametrize("values", [
+    {"storageClasses": [{**SC, "encryptionSecret": {"name": "vol-key"}}]},
+    {"storageClasses": [{**SC, "encryptionSecret": {"name": "k", "namespace": "n", "cipher": "x"}}]},
+])
+def test_schema_refuses_a_half_named_secret(values: dict[str, object]) -> None:
+    with pytest.raises(Exception, match=r"encryptionSecret"):
+        render(values)
