@@ -7,7 +7,8 @@ from dataclasses import dataclass
 SUITES = ("branch", "scale", "datapath", "attach")
 # Suites run only when named (not by "all"): restore builds 1,000 published volumes in the lab
 # (tens of minutes under TCG).
-EXTRA_SUITES = ("restore",)
+# burst makes 1,000 clones in a row (tens of minutes under TCG).
+EXTRA_SUITES = ("restore", "burst")
 RESTORE_SIZES = (100, 1000)
 RESTORE_FAKE_SIZES = (100, 1000, 10000)
 DEFAULT_SIZES = (100, 1000, 10000, 100000)
@@ -40,6 +41,8 @@ class BenchConfig:
     restore_fake_samples: int = 30  # restore, fakes: publish/unpublish samples per size
     restore_cold: bool = True       # restore, lab: also restart with the device nodes gone
     fake_only: bool = False         # restore: the fake half only, no guest
+    burst_count: int = 1000         # burst: calls per burst
+    burst_in_flight: int = 32       # burst: calls at once
 
     @property
     def max_size(self) -> int:
@@ -88,6 +91,7 @@ def make_config(
             simulate=simulate, simulate_only=simulate_only, keep_fill=keep_fill,
             restore_sizes=restore_sizes or (10, 50), restore_fake_sizes=fake_sizes or (100, 1000),
             restore_samples=3, restore_fake_samples=10, restore_cold=restore_cold, fake_only=fake_only,
+            burst_count=24, burst_in_flight=8,
         )
     return BenchConfig(
         suites=suites, quick=False, sizes=sizes or DEFAULT_SIZES, samples=20, fio_runtime_s=20,

@@ -15,7 +15,7 @@ from bench.csiclient import Csi
 from bench.guest import Guest, LabLike
 from bench.progress import Progress
 from bench.results import Report, SuiteResult
-from bench.suites import attach, branch, datapath, restore, scale
+from bench.suites import attach, branch, burst, datapath, restore, scale
 from bench.suites.context import Context
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
@@ -28,6 +28,7 @@ SUITE_RUNNERS: dict[str, Callable[[Context], SuiteResult]] = {
     "datapath": datapath.run,
     "attach": attach.run,
     "restore": restore.run,
+    "burst": burst.run,
 }
 
 

@@ -95,6 +95,13 @@ def validate(doc: dict[str, Any], suites: Iterable[str]) -> list[str]:
                     c.positive(f"{d}.simulate.levels.{i}.volumes")
                     c.positive(f"{d}.simulate.levels.{i}.rss_bytes_per_volume")
                     c.positive(f"{d}.simulate.levels.{i}.restart_seconds")
+        elif suite == "burst":
+            data = s.get("data", {})
+            sides = ("bare", "csi") if data.get("csi") is not None else ("bare",)
+            for side in sides:
+                for phase in ("clone", "snapshot", "delete_snapshot", "delete_volume"):
+                    for k in ("calls", "wall_s", "per_s", "p50_ms", "p99_ms", "cpu_ms_per_call"):
+                        c.positive(f"{d}.{side}.{phase}.{k}")
         elif suite == "restore":
             data = s.get("data", {})
             levels = data.get("fake", {}).get("levels", [])
@@ -130,4 +137,20 @@ def validate(doc: dict[str, Any], suites: Iterable[str]) -> list[str]:
             if s.get("data", {}).get("csi"):
                 for k in ("node_stage", "node_unstage", "publish", "unpublish"):
                     c.latency(f"{d}.stats.{k}")
+        elif suite == "cluster":
+            for k in ("start_1", "start_n"):
+                c.positive(f"{d}.{k}.seconds")
+            for op in ("create", "clone"):
+                for side in ("one", "many"):
+                    c.latency(f"{d}.{op}.{side}")
+            for op in ("list_volumes", "list_snapshots"):
+                for side in ("one", "many"):
+                    for k in ("seconds", "pages", "entries", "largest_bytes", "controller_rss_after_kib"):
+                        c.positive(f"{d}.{op}.{side}.{k}")
+            for k in ("create_static", "create_records", "clone_records"):
+                c.positive(f"{d}.silent.during.{k}.p50_ms")
+            for k in ("list_first_page", "list_page_at_silent", "get_capacity"):
+                c.positive(f"{d}.silent.{k}.seconds")
+            for k in ("rss_kib_total", "pss_kib_total", "start_seconds"):
+                c.positive(f"{d}.agents.{k}")
     return c.problems
