@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE, DRIVER_NAME
+from csi import DEFAULT_ZONE, DRIVER_NAME, keyrotation
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -48,11 +48,13 @@ def _env_flag(flag: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage"], default=_env("mode"),
+    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key"], default=_env("mode"),
                    required=_env("mode") is None,
                    help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
                    "(run in the controller container: same settings); --clear unpublishes the stale ones. "
-                   "usage: space per volume and pool on every storage node (same settings)")
+                   "usage: space per volume and pool on every storage node (same settings). "
+                   "rotate-key: zfs change-key of encrypted volumes; one JSON line on stdin names them and "
+                   "holds the old and new keys (kubectl zvolt rotate-key runs it)")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
     p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
@@ -186,6 +188,14 @@ def usage(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     return 1 if failed else 0
 
 
+def rotate_key(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """`zvolt-csi --mode rotate-key` (docs: csi/README.md, "Encryption"): keys on stdin, never argv."""
+    request = keyrotation.read_request(sys.stdin)
+    outcome = keyrotation.rotate(_pool(args), request)
+    out(outcome.as_json())
+    return 1 if outcome.failed else 0
+
+
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
                         records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
@@ -245,9 +255,9 @@ def start_trimmer(args: argparse.Namespace, node: NodeService, metrics: Metrics)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.mode in ("attachments", "usage"):
+    if args.mode in ("attachments", "usage", "rotate-key"):
         try:
-            return attachments(args) if args.mode == "attachments" else usage(args)
+            return {"attachments": attachments, "usage": usage, "rotate-key": rotate_key}[args.mode](args)
         except ZvoltError as err:
             print(f"zvolt-csi: {err.message}", file=sys.stderr)
             return 2

@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from kubectl_zvolt import tree
 from kubectl_zvolt.attachments import attachments
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.format import age, dump, table
-from kubectl_zvolt.kube import Exec, Kube, Target, stream_exec
+from kubectl_zvolt.kube import Exec, ExecInput, Kube, Target, stream_exec
 from kubectl_zvolt.model import DRIVER
 from kubectl_zvolt.ops import Ops, Result
+from kubectl_zvolt.rotate import rotate_key
 from kubectl_zvolt.usage import size, usage
 
 Connect = Callable[[Target], Kube]
@@ -86,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
                        help="space per PVC and per namespace as the storage nodes count it (-n: zvolt's namespace)")
     u.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     u.add_argument("--pvc-namespace", metavar="NS", help="only the PVCs of this namespace (default: all)")
+    k = sub.add_parser("rotate-key", parents=[common],
+                       help="new key for an encrypted StorageClass: zfs change-key of every volume of the class "
+                       "(no data copied), then the class's Secret (-n: zvolt's namespace)")
+    k.add_argument("storage_class", metavar="STORAGECLASS")
+    k.add_argument("--new-key-file", required=True, metavar="FILE",
+                   help="the new key, 64 hex characters (openssl rand -hex 32 > FILE); never give it in argv")
     return p
 
 
@@ -96,7 +104,7 @@ def _print_result(res: Result, out: TextIO) -> None:
 
 
 def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec | None = None,
-        out: TextIO = sys.stdout) -> int:
+        execute_input: ExecInput | None = None, out: TextIO = sys.stdout) -> int:
     args = parser().parse_args(list(argv))
     kube = connect(Target(args.kubeconfig, args.context, args.namespace))
     ops = Ops(kube, driver=args.driver, execute=execute or stream_exec(kube))
@@ -149,6 +157,22 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
             for name, why in report.unreachable.items():
                 out.write(f"storage node {name} did not answer: {why}\n")
         return 1 if report.unreachable else 0
+    elif args.command == "rotate-key":
+        try:
+            new_key = Path(args.new_key_file).read_text()
+        except OSError as e:
+            raise PluginError(f"cannot read --new-key-file {args.new_key_file}: {e.strerror}") from None
+        res = rotate_key(kube, execute_input or stream_exec(kube), args.driver, args.storage_class, new_key)
+        for volume in res.rotated:
+            out.write(f"rotated {volume}\n")
+        for volume, why in res.failed.items():
+            out.write(f"failed  {volume}: {why}\n")
+        if res.failed:
+            out.write(f"{len(res.failed)} of {len(res.rotated) + len(res.failed)} volumes failed; Secret {res.secret} "
+                      "keeps the old key and records the new one: fix the cause and run the same command again\n")
+            return 1
+        out.write(f"StorageClass {res.storage_class}: {len(res.rotated)} volumes on the new key; "
+                  f"Secret {res.secret} updated\n")
     elif args.command == "tree":
         vols, snaps = ops.inventory()
         roots = tree.build(vols, snaps, args.pvc)

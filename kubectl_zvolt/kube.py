@@ -36,6 +36,13 @@ class Exec(Protocol):
     def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]: ...
 
 
+class ExecInput(Protocol):
+    """Exec that also writes `stdin` (one line, e.g. keys that must not be in argv) to the command."""
+
+    def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str],
+                 stdin: str | None = None) -> tuple[int, str]: ...
+
+
 class Kube:
     """Typed calls the plugin needs, over the official Python client."""
 
@@ -110,6 +117,27 @@ class Kube:
             return list(self._plain(self.storage.list_storage_class()).get("items") or [])
         except ApiException as e:
             raise _api_error(e, "listing StorageClasses") from e
+
+    def list_pvs(self) -> list[Obj]:
+        try:
+            return list(self._plain(self.core.list_persistent_volume()).get("items") or [])
+        except ApiException as e:
+            raise _api_error(e, "listing PersistentVolumes") from e
+
+    def get_secret(self, namespace: str, name: str) -> Obj | None:
+        try:
+            return self._plain(self.core.read_namespaced_secret(name, namespace))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(e, f"reading Secret {namespace}/{name}") from e
+
+    def patch_secret_data(self, namespace: str, name: str, data: dict[str, str | None]) -> None:
+        """Merge `data` (base64 values; None removes a key) into the Secret."""
+        try:
+            self.core.patch_namespaced_secret(name, namespace, {"data": data})
+        except ApiException as e:
+            raise _api_error(e, f"updating Secret {namespace}/{name}") from e
 
     def snapshot_api_present(self) -> bool:
         """Whether the VolumeSnapshot CRDs (snapshot.storage.k8s.io/v1) are installed."""
@@ -240,14 +268,17 @@ def _api_error(e: ApiException, doing: str) -> PluginError:
     return PluginError(f"{doing}: API error {e.status} {reason}{': ' + detail if detail else ''}")
 
 
-def stream_exec(kube: Kube) -> Exec:
+def stream_exec(kube: Kube) -> ExecInput:
     """Exec through the API server (the client's websocket stream), like `kubectl exec`."""
     from kubernetes.stream import stream
 
-    def run(namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
+    def run(namespace: str, pod: str, container: str, argv: Sequence[str],
+            stdin: str | None = None) -> tuple[int, str]:
         resp = stream(kube.core.connect_get_namespaced_pod_exec, pod, namespace, container=container,
-                      command=list(argv), stderr=True, stdin=False, stdout=True, tty=False,
+                      command=list(argv), stderr=True, stdin=stdin is not None, stdout=True, tty=False,
                       _preload_content=False)
+        if stdin is not None:
+            resp.write_stdin(stdin)  # one line: the command reads a line, not to EOF
         out: list[str] = []
         deadline = time.monotonic() + 120
         while resp.is_open() and time.monotonic() < deadline:

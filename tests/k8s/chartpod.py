@@ -37,7 +37,7 @@ from typing import Any
 import helm_python
 from kubernetes import client
 
-from kubectl_zvolt.kube import Exec
+from kubectl_zvolt.kube import ExecInput
 from lab.k8sbin import k8s_bin, k8s_bin_dir
 
 from .controlplane import ControlPlane, Obj
@@ -354,7 +354,7 @@ def run_container(cp: ControlPlane, pod: LocalPod, name: str, *, argv: list[str]
                           cwd=pod.root)
 
 
-def local_exec(pod: LocalPod, commands: Mapping[str, Path] | None = None) -> Exec:
+def local_exec(pod: LocalPod, commands: Mapping[str, Path] | None = None) -> ExecInput:
     """`kubectl exec` into a container of this pod as the harness runs it: the project command
     found locally, the container's environment, its paths and ports rewritten, in the pod's
     directory. (Exec through the API server needs a kubelet, which the harness does not run.)"""
@@ -362,14 +362,16 @@ def local_exec(pod: LocalPod, commands: Mapping[str, Path] | None = None) -> Exe
 
     local = pod
 
-    def run(namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
+    def run(namespace: str, pod: str, container: str, argv: Sequence[str],
+            stdin: str | None = None) -> tuple[int, str]:
         if (namespace, pod) != (local.identity.namespace, local.identity.name):
             raise HarnessError(f"exec into {namespace}/{pod}: only {local.identity.name} runs here")
         c = local.containers[container]
         if argv[0] not in commands:
             raise HarnessError(f"exec {argv[0]!r}: not a project command")
         proc = subprocess.run([str(commands[argv[0]]), *c.local_args(list(argv[1:]))], env=process_env(local, c),
-                              cwd=local.root, capture_output=True, text=True, timeout=300, check=False)
+                              cwd=local.root, capture_output=True, text=True, timeout=300, check=False,
+                              input=stdin)
         return proc.returncode, proc.stdout + proc.stderr
 
     return run

@@ -4,6 +4,7 @@ configfs that the scenarios check their end states against."""
 
 from __future__ import annotations
 
+import os
 from base64 import b64decode
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from zvolt.pb import csi_pb2, csi_pb2_grpc
 
 GUEST_TLS = "/etc/zvolt-k8s/tls"
 STORAGE_NODE = "storage-0"  # the lab agent's --node-name
+KEY_WRAPPING_FILE = "key-wrapping.hex"
 CONFIGFS = "/sys/kernel/config/nvmet/subsystems"
 # Deleted volumes kept for their branches are collected by a periodic sweep: short in tests.
 GC_INTERVAL = "3"
@@ -65,8 +67,12 @@ def start(lab: Lab, api: Any, namespace: str, agent_secret: str, controller_cn: 
         dest = f"{GUEST_TLS}/{key}"
         lab.run(["tee", dest], input=data.decode())
         lab.run(["chmod", "0600", dest])
+    # The node key that wraps the kept keys of attached encrypted volumes (chart: agent.keyWrappingSecret).
+    lab.run(["tee", f"{GUEST_TLS}/{KEY_WRAPPING_FILE}"], input=os.urandom(32).hex())
+    lab.run(["chmod", "0600", f"{GUEST_TLS}/{KEY_WRAPPING_FILE}"])
     lab.start_agent("--tls-cert", f"{GUEST_TLS}/tls.crt", "--tls-key", f"{GUEST_TLS}/tls.key",
-                    "--tls-ca", f"{GUEST_TLS}/ca.crt", "--controller-cn", controller_cn, "--gc-interval", GC_INTERVAL)
+                    "--tls-ca", f"{GUEST_TLS}/ca.crt", "--controller-cn", controller_cn, "--gc-interval", GC_INTERVAL,
+                    "--key-wrapping-file", f"{GUEST_TLS}/{KEY_WRAPPING_FILE}")
     lab.start_node()
     with grpc.insecure_channel(lab.grpc_target("node")) as channel:
         info = csi_pb2_grpc.NodeStub(channel).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60)

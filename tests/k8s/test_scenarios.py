@@ -13,6 +13,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -616,3 +617,76 @@ def test_volume_group_snapshot_is_one_zfs_transaction_and_each_member_restores(z
     times["all deleted"] = time.monotonic() - t0
     z.say("k8s scenario VolumeGroupSnapshot (2 members, one createtxg): " +
           ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+
+def test_encrypted_class_rotates_its_key_in_place_and_attaches_with_the_new_one(
+        zvolt: Zvolt, ns: str, tmp_path: Any) -> None:
+    """An encrypted StorageClass whose key lives in a tenant Secret, readable by the sidecars
+    through the chart's Role (controller.keySecrets): the provisioner's secret reaches
+    CreateVolume, `kubectl zvolt rotate-key` changes the key of every volume of the class in
+    place (zfs change-key, through the controller container, keys on stdin) and then the
+    Secret, and the attacher's ControllerPublish with the new Secret loads it."""
+    z, t0 = zvolt, time.monotonic()
+    old, new = os.urandom(32).hex(), os.urandom(32).hex()
+    # As an operator would: let the sidecars read key Secrets in this namespace (a Role, get only).
+    key_readers(z, [ns])
+    z.core.create_namespaced_secret(ns, client.V1Secret(metadata=client.V1ObjectMeta(name="db-key"),
+                                                        string_data={"encryptionKey": old}))
+    sc = f"enc-{ns}"
+    refs = {f"csi.storage.k8s.io/{w}-secret-{p}": v for w in ("provisioner", "controller-publish", "controller-expand")
+            for p, v in (("namespace", ns), ("name", "db-key"))}
+    client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=sc), provisioner="csi.zvolt.io",
+        parameters={"encryption": "aes-256-gcm", **refs}, volume_binding_mode="Immediate"))
+    try:
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("secret-db", sc=sc))
+        pv = bound_pv(z, ns, "secret-db")
+        handle = pv.spec.csi.volume_handle
+        ds = z.storage.zvol(handle)
+        assert z.storage.prop(ds, "encryption") == "aes-256-gcm"
+        used = z.storage.prop(ds, "used")
+        t_bound = time.monotonic() - t0
+
+        def opens(key: str) -> bool:  # a dry-run load-key: is this the key of the volume's root?
+            return z.storage.lab.run(["zfs", "load-key", "-n", "-L", "prompt", ds], input=key,
+                                     check=False).returncode == 0
+
+        assert opens(old) and not opens(new)
+        keyfile = tmp_path / "new.key"
+        keyfile.write_text(new + "\n")
+        if z.core.read_namespaced_pod(z.pod.identity.name, z.chart.namespace).status.phase != "Running":
+            z.kubelets.mark_running(z.chart.namespace, z.pod.identity.name, "127.0.0.1")
+        out = io.StringIO()
+        code = kubectl_zvolt.run(["--kubeconfig", str(z.cp.admin_kubeconfig), "-n", z.chart.namespace,
+                                  "rotate-key", sc, "--new-key-file", str(keyfile)],
+                                 execute_input=local_exec(z.pod), out=out)
+        assert code == 0, out.getvalue()
+        assert f"rotated {handle}" in out.getvalue()
+        t_rotated = time.monotonic() - t0
+        assert opens(new) and not opens(old)
+        assert z.storage.prop(ds, "used") == used, "change-key copies no data"
+        data = z.core.read_namespaced_secret("db-key", ns).data
+        assert set(data) == {"encryptionKey"} and base64.b64decode(data["encryptionKey"]).decode() == new
+
+        z.core.create_namespaced_pod(ns, consumer("db-0", "secret-db"))
+        z.wait("VolumeAttachment attached with the rotated key", lambda: attached(z, pv.metadata.name))
+        assert z.storage.allowed_hosts(handle) == [z.storage.node_id]
+        assert z.storage.prop(ds, "keystatus") == "available"
+        t_attached = time.monotonic() - t0
+        z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
+        z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
+        z.core.delete_namespaced_persistent_volume_claim("secret-db", ns)
+        z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+        z.say(f"k8s scenario encrypted class: Bound {t_bound:.1f} s, key rotated {t_rotated:.1f} s, "
+              f"attached with the new key {t_attached:.1f} s")
+    finally:
+        with contextlib.suppress(ApiException):
+            z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
+        client.StorageV1Api(z.cp.api).delete_storage_class(sc)
+        key_readers(z, [])
+
+
+def key_readers(z: Zvolt, namespaces: list[str]) -> None:
+    with helm_python.Config(kubeconfig_path=z.cp.admin_kubeconfig, namespace=z.chart.namespace) as cfg:
+        cfg.upgrade(CHART, z.chart.release, {"controller": {"keySecrets": {"namespaces": namespaces}}},
+                    namespace=z.chart.namespace, reuse_values=True, timeout=120)
