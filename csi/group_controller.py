@@ -121,16 +121,24 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):  # type: ign
             local.append(f"{vid}@{snap}")
         return local
 
+    @staticmethod
+    def _group_id(gsid: str) -> tuple[str, str] | None:
+        """(storage node, group id); None for an id zvolt never made (so no such group exists)."""
+        if not gsid:
+            raise invalid("group_snapshot_id is required")
+        try:
+            return split_group_snapshot_id(gsid)
+        except ZvoltError:
+            return None
+
     def GetVolumeGroupSnapshot(
         self, request: csi_pb2.GetVolumeGroupSnapshotRequest, context: grpc.ServicerContext
     ) -> Any:
         gsid = request.group_snapshot_id
-        if not gsid:
-            raise invalid("group_snapshot_id is required")
-        try:
-            node, gid = split_group_snapshot_id(gsid)
-        except ZvoltError:
-            raise not_found(f"group snapshot {gsid!r} does not exist") from None
+        ids = self._group_id(gsid)
+        if ids is None:
+            raise not_found(f"group snapshot {gsid!r} does not exist")
+        node, gid = ids
         self._members(node, gid, request.snapshot_ids, gsid)
         agent = self.pool.get(node)
         group = agent.call("GetSnapshotGroup", agent_pb2.GetSnapshotGroupRequest(group_id=gid)).group
@@ -140,12 +148,10 @@ class GroupControllerService(csi_pb2_grpc.GroupControllerServicer):  # type: ign
         self, request: csi_pb2.DeleteVolumeGroupSnapshotRequest, context: grpc.ServicerContext
     ) -> Any:
         gsid = request.group_snapshot_id
-        if not gsid:
-            raise invalid("group_snapshot_id is required")
-        try:
-            node, gid = split_group_snapshot_id(gsid)
-        except ZvoltError:
+        ids = self._group_id(gsid)
+        if ids is None:
             return csi_pb2.DeleteVolumeGroupSnapshotResponse()  # never ours: nothing to delete
+        node, gid = ids
         local = self._members(node, gid, request.snapshot_ids, gsid)
         agent = self.pool.get(node)
         with self.locks.hold(f"groupid:{gsid}"):
