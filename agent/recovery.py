@@ -167,7 +167,6 @@ class Recovery:
         return ready
 
     def _restore_one(self, vol: VolumeRec, activated: bool = False) -> None:
-        self.volumes.keys.restore(vol.id, vol.dataset)
         if not activated and not self.zfs.device_ready(vol.dataset):
             self.zfs.set_props(vol.dataset, {"volmode": "dev"})
         self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
@@ -230,6 +229,7 @@ class Recovery:
                     self.volumes.unrestored.pop(vid, None)  # deleted or unpublished meanwhile
                     continue
                 try:
+                    self.volumes.keys.restore(vol.id, vol.dataset)  # start-up did it in _load_keys
                     self._restore_one(vol)
                     self.exports.link_all([vid])
                 except Exception as exc:  # as above: this volume only

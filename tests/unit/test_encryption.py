@@ -187,6 +187,9 @@ def test_reboot_loads_keys_of_published_volumes_only(tmp_path: Path, node: FakeN
     state = after.volumes.get_volume(bad)
     assert not state.healthy and "unreadable" in state.message
     assert after.volumes.get_volume(published[0].rsplit("/", 1)[1]).healthy
+    store.put(bad, KEY)  # the entry mended: the background retry loads the key, then exports
+    assert after.recovery.retry_unrestored() == 0
+    assert published[1] in after.zfs.loaded and after.volumes.get_volume(bad).healthy
 
 
 def test_agent_restart_keeps_loaded_keys(tmp_path: Path, node: FakeNode) -> None:
