@@ -42,10 +42,15 @@ def controller(pods: Sequence[Obj]) -> tuple[str, list[str]]:
                       "(give -n with the namespace zvolt is installed in)")
 
 
-def argv(controller_args: Sequence[str], clear: bool) -> list[str]:
+def one_shot(controller_args: Sequence[str], mode: str, *extra: str) -> list[str]:
+    """`zvolt-csi` in a one-shot `mode`, with the serving controller's own settings (agents, TLS)."""
     kept = [a for a in controller_args if not a.startswith(_SERVING_ONLY)]
-    return ["zvolt-csi", *kept, "--mode=attachments", "--output=json", "--log-level=error",
-            *(["--clear"] if clear else [])]
+    return ["zvolt-csi", *kept, f"--mode={mode}", *extra]
+
+
+def argv(controller_args: Sequence[str], clear: bool) -> list[str]:
+    return one_shot(controller_args, "attachments", "--output=json", "--log-level=error",
+                    *(["--clear"] if clear else []))
 
 
 def parse(output: str) -> tuple[list[Attachment], dict[str, str]]:

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 
 from csi import params
-from kubectl_zvolt.attachments import _SERVING_ONLY, CONTAINER, controller
+from kubectl_zvolt.attachments import CONTAINER, controller, one_shot
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.kube import ExecInput, Kube, Obj
 
@@ -73,8 +73,7 @@ def _b64(text: str) -> str:
 
 
 def argv(controller_args: list[str]) -> list[str]:
-    kept = [a for a in controller_args if not a.startswith(_SERVING_ONLY)]
-    return ["zvolt-csi", *kept, "--mode=rotate-key", "--log-level=error"]
+    return one_shot(controller_args, "rotate-key", "--log-level=error")
 
 
 def parse(output: str) -> tuple[list[str], dict[str, str]]:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from kubectl_zvolt.attachments import _SERVING_ONLY, CONTAINER, controller
+from kubectl_zvolt.attachments import CONTAINER, controller, one_shot
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.kube import Exec, Kube
 
@@ -51,8 +51,7 @@ class Usage:
 
 
 def argv(controller_args: Sequence[str]) -> list[str]:
-    kept = [a for a in controller_args if not a.startswith(_SERVING_ONLY)]
-    return ["zvolt-csi", *kept, "--mode=usage", "--output=json", "--log-level=error"]
+    return one_shot(controller_args, "usage", "--output=json", "--log-level=error")
 
 
 def parse(output: str) -> tuple[list[PvcUsage], list[dict[str, object]], dict[str, str]]:
