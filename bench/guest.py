@@ -42,11 +42,12 @@ class Guest:
     def __init__(self, lab: LabLike) -> None:
         self.lab = lab
 
-    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600) -> Any:
-        proc = self.lab.run(
-            [self.lab.python, "-m", "bench.inguest", command, json.dumps(args)], netns=netns, timeout=timeout
-        )
+    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600,
+             module: str = "bench.inguest") -> Any:
+        """`python -m <module> <command> '<json>'` in the guest; its last JSON line is the result
+        (bench.inguest, or another in-guest module of the same shape: inguest_restore, inguest_burst)."""
+        proc = self.lab.run([self.lab.python, "-m", module, command, json.dumps(args)], netns=netns, timeout=timeout)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if not lines:
-            raise RuntimeError(f"bench.inguest {command} printed no result: {proc.stderr.strip()[-1000:]}")
+            raise RuntimeError(f"{module} {command} printed no result: {proc.stderr.strip()[-1000:]}")
         return json.loads(lines[-1])

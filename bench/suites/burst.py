@@ -10,7 +10,6 @@ fsync'd intents; the throughput ratio shows whether those serialize the node.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -82,13 +81,8 @@ def _csi_burst(progress: Progress, what: str, calls: Sequence[Callable[[], Any]]
 
 
 def _bare(ctx: Context, command: str, args: dict[str, Any], what: str) -> dict[str, Any]:
-    lab = ctx.guest.lab
     with _ticking(ctx.progress, what, lambda: ""):
-        proc = lab.run([lab.python, "-m", MODULE, command, json.dumps(args)], timeout=7200)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"{MODULE} {command} printed no result: {proc.stderr.strip()[-1000:]}")
-    out: dict[str, Any] = json.loads(lines[-1])
+        out: dict[str, Any] = ctx.guest.call(command, args, timeout=7200, module=MODULE)
     return out
 
 
@@ -103,9 +97,7 @@ def figures(burst: dict[str, Any]) -> dict[str, float]:
 
 
 def _service_cpu(ctx: Context) -> float:
-    out = ctx.guest.lab.run([ctx.guest.lab.python, "-m", MODULE, "cpu", json.dumps({"match": SERVICES})],
-                            timeout=120)
-    return float(sum(json.loads(out.stdout.strip().splitlines()[-1]).values()))
+    return float(sum(ctx.guest.call("cpu", {"match": SERVICES}, timeout=120, module=MODULE).values()))
 
 
 def run(ctx: Context) -> SuiteResult:

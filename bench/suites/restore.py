@@ -19,7 +19,6 @@ Every ratio compares with the smallest N of the same run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -212,12 +211,7 @@ def run(ctx: Context) -> SuiteResult:
 
 def _call(ctx: Context, command: str, args: dict[str, Any], timeout: float) -> Any:
     """Run a `bench.inguest_restore` command in the guest; its one JSON line is the result."""
-    lab = ctx.guest.lab
-    proc = lab.run([lab.python, "-m", MODULE, command, json.dumps(args)], timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"{MODULE} {command} printed no result: {proc.stderr.strip()[-1000:]}")
-    return json.loads(lines[-1])
+    return ctx.guest.call(command, args, timeout=timeout, module=MODULE)
 
 
 def _run_lab(ctx: Context, lab: dict[str, Any]) -> None:
