@@ -13,7 +13,8 @@ class RecordingGuest(Guest):
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.lab = type("L", (), {"pool": "tank"})()  # type: ignore[assignment]
 
-    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600) -> Any:
+    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600,
+             module: str = "bench.inguest") -> Any:
         self.calls.append((command, args))
         if command == "fill":
             return {"created_volumes": args["count"], "created_snapshots": args["count"] * args["snaps"]}
