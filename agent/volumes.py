@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from agent.coalesced import CoalescedReads
 from agent.commitment import Admissions
 from agent.exports import Exports
 from agent.gc import Collector
@@ -23,7 +24,7 @@ from agent.keys import Keys, check_key
 from agent.locks import VolumeLocks
 from agent.nvmet import NvmetError
 from agent.records import HIDDEN_PREFIX, Layout, hosts_value, is_hidden_snapshot, refresh
-from agent.zfs import EKEY, Space, Zfs, ZfsError, retry_busy
+from agent.zfs import EKEY, Space, Zfs, ZfsError, get_props_many, retry_busy
 from zvolt import commitment, names, volprops
 from zvolt.errors import (
     ZvoltError,
@@ -180,6 +181,8 @@ class Volumes:
         self._clock = clock
         self._space: tuple[float, Space] | None = None
         self._space_mu = threading.Lock()
+        # Snapshot charges taken at once share one `zfs get` (agent/coalesced.py).
+        self._referenced = CoalescedReads(lambda datasets: get_props_many(self.zfs, datasets, ("referenced",)))
         self.admissions = Admissions()
 
     # -- helpers --------------------------------------------------------------------------
@@ -626,7 +629,7 @@ class Volumes:
 
     def _snapshot_charge(self, ds: str, size: int) -> int:
         try:
-            props = self.zfs.get_props(ds, ("referenced",))
+            props = self._referenced.get(ds)
         except ZfsError:
             props = None
         return snapshot_charge(props, size)

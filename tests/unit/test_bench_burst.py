@@ -7,6 +7,7 @@ import threading
 import time
 from functools import partial
 
+import grpc
 import pytest
 
 from bench.config import make_config
@@ -70,3 +71,35 @@ def test_burst_is_named_only_and_quick_is_small() -> None:
     full = make_config(("burst",), False, None)
     assert (quick.burst_count, quick.burst_in_flight) == (24, 8)
     assert (full.burst_count, full.burst_in_flight) == (1000, 32)
+
+
+class _Rpc(grpc.RpcError):  # type: ignore[misc]
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def test_a_call_past_its_deadline_is_retried_like_a_sidecar_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.suites.burst.time.sleep", lambda s: None)
+    failures = {1: [grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE]}
+
+    def call(i: int) -> int:
+        if failures.get(i):
+            raise _Rpc(failures[i].pop(0))
+        return i
+
+    out, raw = burst._csi_burst(Progress(enabled=False), "t", [partial(call, i) for i in range(4)], 2)
+    assert out == [0, 1, 2, 3] and raw["retries"] == 2
+    assert burst.figures(raw)["retries"] == 2
+
+
+def test_an_error_a_sidecar_would_not_retry_fails_the_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bench.suites.burst.time.sleep", lambda s: None)
+
+    def call() -> None:
+        raise _Rpc(grpc.StatusCode.INVALID_ARGUMENT)
+
+    with pytest.raises(grpc.RpcError):
+        burst._csi_burst(Progress(enabled=False), "t", [call], 1)
