@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,17 @@ from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.capacityview import CapacityView
 from csi.locks import KeyLocks
-from csi.placements import PlacementRecords
-from zvolt.errors import ZvoltError, aborted, already_exists, invalid, not_found, out_of_range, unavailable
+from csi.placements import GroupRecords, PlacementRecords
+from zvolt.errors import (
+    ZvoltError,
+    aborted,
+    already_exists,
+    invalid,
+    not_found,
+    out_of_range,
+    precondition,
+    unavailable,
+)
 from zvolt.names import (
     check_csi_name,
     check_nqn,
@@ -292,20 +302,38 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             found.append(self._candidate(agent, cap))
         return found, frozenset(silent)
 
-    def _place(self, size: int, par: params.VolumeParams, request: csi_pb2.CreateVolumeRequest) -> list[str]:
+    def _place(self, size: int, par: params.VolumeParams, request: csi_pb2.CreateVolumeRequest,
+               pvc: tuple[str, str] | None) -> list[str]:
         """Nodes to try for a new volume, from the shared capacity view (csi/capacityview.py); a
         refusal on figures up to CAPACITY_TTL old is checked again on fresh ones."""
         zones = self._zones(request)
+        group = self._group_spread(par, pvc)
         for attempt in (1, 2):
             known = {a.name for a in self.pool.all()}
             view = [c for c in self.capacity.get(self._ask_capacity) if c.name in known]
             try:
-                return placement.choose(view, size, par.thick, zones, par.commitment_ratio)
+                return placement.choose(view, size, par.thick, zones, par.commitment_ratio, group)
             except ZvoltError:
                 if attempt == 2:
                     raise
                 self.capacity.expire()
         raise AssertionError("unreachable")
+
+    def _group_spread(self, par: params.VolumeParams, pvc: tuple[str, str] | None) -> placement.GroupSpread | None:
+        """Where the other volumes of this volume's group live: the placement records of the PVCs
+        labelled with the group (csi/placements.py), read for this group only."""
+        group = par.group()
+        if group is None or pvc is None:
+            return None
+        if not isinstance(self.records, GroupRecords):
+            if par.group_spread == "required":
+                raise precondition(f"{params.GROUP_SPREAD_KEY}=required needs placement records on PVCs: run the "
+                                   "controller with --agents-from-kubernetes")
+            return None
+        members = self.records.members(*group)
+        members.pop(pvc[1], None)  # a retry's own earlier record is not another member
+        return placement.GroupSpread(group="/".join(group), required=par.group_spread == "required",
+                                     members=Counter(members.values()))
 
     @staticmethod
     def _candidate(agent: AgentClient, cap: agent_pb2.GetCapacityResponse) -> placement.Candidate:
@@ -334,7 +362,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         source_node, source = self._source_ids(request)
         pvc = (par.labels["pvc-namespace"], par.labels["pvc-name"]) \
             if "pvc-namespace" in par.labels and "pvc-name" in par.labels else None
-        with self.locks.hold(f"name:{name}"):
+        group = par.group()
+        # One create per group at a time: each sees the records of those before it (ABORTED: the CO retries).
+        with self.locks.hold(f"name:{name}", *([f"group:{'/'.join(group)}"] if group else [])):
             # By name first: a retry must find the volume it made even if its source is gone since.
             existing, silent = self._lookup(name, pvc)
             if existing is not None:
@@ -362,7 +392,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 if par.commitment_ratio:
                     self._check_class_commitment(source_agent, size, par.commitment_ratio)
             else:
-                order = self._place(size, par, request)
+                order = self._place(size, par, request, pvc)
             last: ZvoltError | None = None
             for node in order:
                 agent = self._agent_for(node)

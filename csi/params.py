@@ -37,6 +37,13 @@ SIDECAR_KEY = re.compile(
     r"|node-expand)-secret-(name|namespace)$"
 )
 COMMITMENT_KEY = "commitmentRatio"
+# Keeps the volumes of one group on different storage nodes: "required" (refuse when no other
+# node fits), "preferred" (the node with the fewest of the group first), "off" (the default).
+GROUP_SPREAD_KEY = "groupSpread"
+GROUP_SPREADS = ("off", "preferred", "required")
+# The group rule: a PVC's group is its name with one trailing -<ordinal> removed, within its
+# namespace (a StatefulSet's claims data-pg-0, data-pg-1 -> "data-pg").
+_ORDINAL = re.compile(r"-[0-9]+$")
 ENCRYPTION_KEY = "encryption"
 # ZFS native encryption zvolt offers: the one cipher, and "off" (the default).
 ENCRYPTIONS = ("aes-256-gcm", "off")
@@ -44,7 +51,7 @@ ENCRYPTIONS = ("aes-256-gcm", "off")
 # encryption key: 64 hex characters = 32 bytes (`openssl rand -hex 32`).
 SECRET_KEY = "encryptionKey"  # noqa: S105 - the name of a Secret's key, not a secret
 _KEY_BYTES = 32
-DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, FSTYPE_KEY)
+DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, GROUP_SPREAD_KEY, FSTYPE_KEY)
 # What ZFS can change on a live zvol and zvolt offers to change (ControllerModifyVolume).
 MUTABLE_KEYS = ("compression",)
 # Why each other driver key stays as created: the refusal tells the user.
@@ -53,6 +60,7 @@ _FIXED_BECAUSE = {
     "thin": "zvolt does not add or drop a volume's space reservation after creation",
     COMMITMENT_KEY: "it decides placement, which is done once",
     ENCRYPTION_KEY: "ZFS fixes a volume's encryption when it is created (its key can be rotated)",
+    GROUP_SPREAD_KEY: "it decides placement, which is done once",
     FSTYPE_KEY: "the filesystem is made once, on first use",
 }
 
@@ -69,6 +77,24 @@ class VolumeParams:
     commitment_ratio: float = 0.0
     # ZFS native encryption (aes-256-gcm) with the key from the provisioner secret.
     encrypted: bool = False
+    # groupSpread: "off", "preferred" or "required" (see group_of for the group).
+    group_spread: str = "off"
+
+    def group(self) -> tuple[str, str] | None:
+        """(namespace, group) of the PVC this volume is made for, if its class spreads groups.
+        The PVC's name and namespace come from external-provisioner --extra-create-metadata."""
+        if self.group_spread == "off":
+            return None
+        if "pvc-name" not in self.labels or "pvc-namespace" not in self.labels:
+            raise invalid(f"{GROUP_SPREAD_KEY}={self.group_spread} needs the PVC's name and namespace: run "
+                          "external-provisioner with --extra-create-metadata (the chart does)")
+        return self.labels["pvc-namespace"], group_of(self.labels["pvc-name"])
+
+
+def group_of(pvc: str) -> str:
+    """The group rule: the PVC name with one trailing -<ordinal> removed ("data-pg-2" -> "data-pg";
+    a name without an ordinal is a group of its own name)."""
+    return _ORDINAL.sub("", pvc) or pvc
 
 
 def _volblocksize(value: str) -> int:
@@ -92,6 +118,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     volblocksize, compression, thick, fstype = DEFAULT_VOLBLOCKSIZE, volprops.DEFAULT_COMPRESSION, False, ""
     ratio = 0.0
     encrypted = False
+    spread = "off"
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
@@ -107,6 +134,10 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
                 raise invalid(f"parameter {ENCRYPTION_KEY}={value!r} is not supported "
                               f"(supported: {', '.join(ENCRYPTIONS)})")
             encrypted = value != "off"
+        elif key == GROUP_SPREAD_KEY:
+            if value not in GROUP_SPREADS:
+                raise invalid(f"parameter {GROUP_SPREAD_KEY}={value!r} is not one of {', '.join(GROUP_SPREADS)}")
+            spread = value
         elif key == FSTYPE_KEY:
             if value not in SUPPORTED_FS:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
@@ -116,7 +147,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
         else:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
-                        commitment_ratio=ratio, encrypted=encrypted)
+                        commitment_ratio=ratio, encrypted=encrypted, group_spread=spread)
 
 
 def encryption_key(secrets: Mapping[str, str], which: str) -> bytes:

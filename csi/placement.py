@@ -6,8 +6,8 @@ here: they must live on the node that holds their source (ZFS clones are node-lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from csi import TOPOLOGY_ZONE_KEY
 from zvolt import commitment
@@ -23,6 +23,31 @@ class Candidate:
     total_bytes: int = 0
     committed_bytes: int = 0
     commitment_ratio: float = 0.0  # the node's limit; 0 = none reported (an older agent)
+
+
+def room_after_promises(c: Candidate) -> int:
+    """The spread rule: free space minus what the node's thin volumes may still write.
+
+    A thin volume's size is a promise; the bytes it has written are already gone from the free
+    space, the rest may arrive any time. So a node's room for the future is its free space less
+    its unwritten commitment (committed - used, used = total - free). Between two equally free
+    nodes the one that has promised more ranks lower; a node that reports no totals (an older
+    agent) ranks by free space alone."""
+    if c.total_bytes <= 0:
+        return c.available_bytes
+    used = max(0, c.total_bytes - c.available_bytes)
+    return c.available_bytes - max(0, c.committed_bytes - used)
+
+
+@dataclass(frozen=True)
+class GroupSpread:
+    """The other volumes of the new volume's group (csi/params.py: GROUP_SPREAD_KEY) and where
+    they live. required: never on a node that holds one (refuse instead); preferred: the nodes
+    holding the fewest go first, then the usual order."""
+
+    group: str
+    required: bool
+    members: Mapping[str, int] = field(default_factory=dict)  # storage node -> volumes of the group on it
 
 
 def admits(c: Candidate, class_ratio: float = 0.0) -> int | None:
@@ -71,12 +96,13 @@ def zone_requirement(requisite: Sequence[dict[str, str]], preferred: Sequence[di
 
 
 def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneRequirement,
-           class_ratio: float = 0.0) -> list[str]:
+           class_ratio: float = 0.0, group: GroupSpread | None = None) -> list[str]:
     """Storage nodes to try, best first. Raises when no node can hold the volume.
 
     Thick volumes reserve their full size, so they need that much free space. Thin ones
     only need room to start; both need the commitment limits to admit their full size.
-    Among those that fit, the emptiest preferred node wins.
+    Among those that fit: a group's spread first (see GroupSpread), then preferred zones,
+    then the most room after promises (room_after_promises), then the most free space.
     """
     allowed = [c for c in candidates if req.requisite is None or c.zone in req.requisite]
     if not allowed:
@@ -94,8 +120,18 @@ def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneReq
     if not fits:
         closest = max(roomy, key=lambda c: admits(c, class_ratio) or 0)
         raise exhausted(refusal(closest, size, class_ratio))
+    held = dict(group.members) if group is not None else {}
+    if group is not None and group.required:
+        apart = [c for c in fits if not held.get(c.name)]
+        if not apart:
+            nodes = ", ".join(sorted(n for n, count in held.items() if count))
+            raise exhausted(f"volume group {group.group!r} keeps its volumes on different storage nodes "
+                            f"(groupSpread=required); storage nodes holding one already: {nodes}; no other storage "
+                            f"node can take a volume of {size} bytes: add a storage node or use groupSpread=preferred")
+        fits = apart
     rank = {zone: i for i, zone in enumerate(req.preferred)}
-    fits.sort(key=lambda c: (rank.get(c.zone, len(rank)), -c.available_bytes, c.name))
+    fits.sort(key=lambda c: (held.get(c.name, 0), rank.get(c.zone, len(rank)), -room_after_promises(c),
+                             -c.available_bytes, c.name))
     return [c.name for c in fits]
 
 

@@ -34,18 +34,21 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (or reuse) the cached guest image")
     b.add_argument("--force", action="store_true", help="rebuild the image even if it is cached")
     u = sub.add_parser("up", help="boot the guest (or reuse a running one), set it up, start services")
-    u.add_argument("--memory", type=int, default=4096, help="guest memory in MiB (default 4096)")
+    u.add_argument("--memory", type=int, help="guest memory in MiB (default 4096; 2048 per guest of a cluster)")
     u.add_argument("--pool-size", type=parse_size, default=control.DEFAULT_POOL_SIZE,
                    help="size of the fresh sparse pool disk (default 16G)")
     u.add_argument("--pool-disk", help="reuse this pool disk image: import its pool instead of creating one")
     u.add_argument("--no-services", action="store_true", help="do not start agent/controller/node")
     u.add_argument("--boot-timeout", type=float, default=control.BOOT_TIMEOUT)
+    u.add_argument("--storage-nodes", type=int, default=1, help="boot a cluster of this many storage guests "
+                   "(instances NAME, NAME2, NAME3), each with its own pool and agent, on one storage network")
     r = sub.add_parser("run", help="run a command in the guest: zvolt-lab run [--netns NS] -- CMD...")
     r.add_argument("--netns", help="run inside this network namespace (storage, worker)")
     r.add_argument("--timeout", type=float, default=600, help="seconds before the command is killed (default 600)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     d = sub.add_parser("down", help="power the guest off (hard-kill qemu if it does not stop in time)")
     d.add_argument("--timeout", type=float, default=30, help="seconds to wait for a clean poweroff")
+    d.add_argument("--cluster", action="store_true", help="also the other guests of a cluster (NAME2, NAME3)")
     sub.add_parser("status", help="what runs where")
     rb = sub.add_parser("reboot", help="hard-reset the guest (sysrq b, no sync), set it up again, start services")
     rb.add_argument("--no-services", action="store_true", help="do not start agent/controller/node afterwards")
@@ -84,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "up":
             from pathlib import Path
 
+            if args.storage_nodes != 1:
+                return up_cluster(cache, instance, args)
             opts = control.UpOptions(
-                memory_mb=args.memory, pool_size=args.pool_size,
+                memory_mb=args.memory or 4096, pool_size=args.pool_size,
                 pool_disk=Path(args.pool_disk) if args.pool_disk else None,
                 services=not args.no_services, boot_timeout=args.boot_timeout,
             )
@@ -98,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "run":
             return run(cache, instance, args.command, args.netns, args.timeout)
+        if args.cmd == "down" and args.cluster:
+            from lab import cluster
+
+            if not cluster.down_all(cache, instance, sys.stdout):
+                print(f"no guest of lab cluster {instance!r} was running")
+            return 0
         if args.cmd == "down":
             if not control.down(cache, instance, sys.stdout, timeout=args.timeout):
                 print(f"lab instance {instance!r} was not running")
@@ -118,6 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zvolt-lab: {exc}", file=sys.stderr)
         return 1
     return 2
+
+
+def up_cluster(cache: Cache, instance: str, args: argparse.Namespace) -> int:
+    from lab import cluster
+
+    if args.pool_disk:
+        raise ValueError("--pool-disk is for one guest; a cluster's guests each make their own pool")
+    opts = control.UpOptions(memory_mb=args.memory or cluster.CLUSTER_MEMORY_MB, pool_size=args.pool_size,
+                             services=not args.no_services, boot_timeout=args.boot_timeout)
+    t0 = time.monotonic()
+    members = cluster.up(cache, instance, args.storage_nodes, opts, sys.stdout)
+    print(f"cluster ready in {time.monotonic() - t0:.1f}s")
+    for m, (node, ip) in zip(members, cluster.storage_ips(members).items(), strict=True):
+        print(f"{m.instance:<10} storage node {node}, storage network {ip}, agent grpc "
+              f"{m.lab.grpc_target('agent')} (ZVOLT_LAB_NAME={m.instance} zvolt-lab run ...)")
+    return 0
 
 
 def oci_image(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ class UpOptions:
     services: bool = True
     boot_timeout: float = BOOT_TIMEOUT
     peer: qemu.PeerLink | None = None  # a link to another lab guest (storage side boots first)
+    storage_net: qemu.StorageNet | None = None  # a lab cluster's shared storage network (lab/cluster.py)
+    node_name: str = guest.NODE_NAME  # the agent's storage node name
 
 
 class LabError(RuntimeError):
@@ -60,7 +62,14 @@ def ssh_target(cache: Cache, st: RunState) -> SshTarget:
 
 
 def lab_for(cache: Cache, st: RunState) -> Lab:
-    return Lab(target=ssh_target(cache, st), forwards=dict(st.forwards), instance=st.instance)
+    return Lab(target=ssh_target(cache, st), forwards=dict(st.forwards), instance=st.instance,
+               node_name=st.extra.get("node_name", guest.NODE_NAME))
+
+
+def storage_net_of(st: RunState) -> qemu.StorageNet | None:
+    """The storage network this guest was booted on (kept in the state's extra fields)."""
+    port, index = st.extra.get("storage_net_port"), st.extra.get("storage_net_index")
+    return qemu.StorageNet(port=int(port), index=int(index)) if port and index else None
 
 
 def running_state(cache: Cache, instance: str) -> RunState | None:
@@ -151,7 +160,7 @@ def _boot(
         name=instance, kernel=image.kernel, initrd=image.initrd, overlay=overlay, pool_disk=pool_disk,
         src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
         forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
-        peer=opts.peer, guestfwds=(kubenode.apiserver_guestfwd(run_dir),),
+        peer=opts.peer, storage_net=opts.storage_net, guestfwds=(kubenode.apiserver_guestfwd(run_dir),),
     )
     pid = qemu.start(cfg)
     st = RunState(
@@ -160,6 +169,11 @@ def _boot(
         started=time.time(), peer_role=opts.peer.role if opts.peer else "",
         peer_port=opts.peer.port if opts.peer else 0,
     )
+    if opts.node_name != guest.NODE_NAME:
+        st.extra["node_name"] = opts.node_name
+    if opts.storage_net is not None:
+        st.extra["storage_net_port"] = str(opts.storage_net.port)
+        st.extra["storage_net_index"] = str(opts.storage_net.index)
     statefile.save(run_dir, st)
     _log(out, t0, f"qemu started (pid {pid}, image {image.dir.name})")
     return st
@@ -204,6 +218,14 @@ def peer_config(role: str) -> dict[str, Any] | None:
     return cfg
 
 
+def storage_net_config(net: qemu.StorageNet | None) -> dict[str, Any] | None:
+    """How guest setup wires the storage network NIC: into the storage netns, where the agent runs."""
+    if net is None:
+        return None
+    return {"mac": net.mac, "dev": guest.STORAGE_NET_DEV, "netns": guest.STORAGE_NS, "route": [],
+            "address": f"{guest.storage_net_ip(net.index)}/{guest.PREFIX_LEN}"}
+
+
 def setup_config(st: RunState) -> dict[str, Any]:
     return {
         "modules": list(MODULES),
@@ -212,6 +234,7 @@ def setup_config(st: RunState) -> dict[str, Any]:
         # Once set up, the disk holds our pool: after a guest reboot it is imported, never re-created.
         "pool_reused": st.pool_disk_reused or st.guest_ready,
         "peer": peer_config(st.peer_role),
+        "storage_net": storage_net_config(storage_net_of(st)),
         "storage_ns": guest.STORAGE_NS, "worker_ns": guest.WORKER_NS,
         "storage_dev": guest.VETH_STORAGE, "worker_dev": guest.VETH_WORKER,
         "storage_ip": guest.STORAGE_IP, "worker_ip": guest.WORKER_IP, "prefix_len": guest.PREFIX_LEN,
@@ -309,6 +332,10 @@ def describe(cache: Cache, st: RunState, lab: Lab) -> str:
         f"pool       {guest.POOL} on /dev/vdb = {st.pool_disk}{' (reused)' if st.pool_disk_reused else ''}",
         f"netns      {guest.STORAGE_NS} {guest.STORAGE_IP}  <->  {guest.WORKER_NS} {guest.WORKER_IP}",
     ]
+    net = storage_net_of(st)
+    if net is not None:
+        lines.append(f"storage    node {lab.node_name}, {guest.STORAGE_NET_DEV} {guest.storage_net_ip(net.index)} "
+                     f"in netns {guest.STORAGE_NS} (cluster segment {qemu.STORAGE_NET_GROUP}:{net.port})")
     for name, port in sorted(st.forwards.items()):
         lines.append(f"{name:<10} grpc 127.0.0.1:{port} -> guest {guest.SOCKETS[name]}"
                      f"  (log: zvolt-lab run -- journalctl -u {guest.unit_name(name)})")

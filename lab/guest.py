@@ -30,6 +30,12 @@ VETH_WORKER = "veth-w"
 # nvme-tcp reconnects from), with a route to STORAGE_IP across it.
 PEER_DEV = "zvpeer"
 PEER_IP = {"storage": "10.44.0.1", "worker": "10.44.0.2"}
+# A lab cluster's storage network (lab/cluster.py): guest i has STORAGE_NET_IP.format(i + 1) on
+# STORAGE_NET_DEV, in the storage netns where its agent runs (agents stream to each other on it).
+STORAGE_NET_DEV = "zvstore"
+STORAGE_NET_IP = "10.45.0.{host}"
+STORAGE_NET = f"10.45.0.0/{PREFIX_LEN}"
+NODE_NAME = "storage-0"
 PYTHON = "/opt/zvolt/venv/bin/python"
 RUN_DIR = "/run/zvolt"
 # Guest root-namespace TCP ports of the socat forwarders (qemu forwards host ports to these).
@@ -49,9 +55,13 @@ def unit_name(name: str) -> str:
     return f"zvolt-{check_service(name)}.service"
 
 
-def agent_argv() -> list[str]:
+def storage_net_ip(index: int) -> str:
+    return STORAGE_NET_IP.format(host=index + 1)
+
+
+def agent_argv(node_name: str = NODE_NAME) -> list[str]:
     return [
-        PYTHON, "-m", "agent.main", "--node-name", "storage-0", "--pool", POOL, "--parent", f"{POOL}/zvolt",
+        PYTHON, "-m", "agent.main", "--node-name", node_name, "--pool", POOL, "--parent", f"{POOL}/zvolt",
         "--listen", f"unix://{SOCKETS['agent']}", "--nvme-listen", f"{STORAGE_IP}:4420",
         "--metrics-listen", "127.0.0.1:9101", "--state-dir", "/var/lib/zvolt", "--insecure",
     ]
@@ -60,7 +70,7 @@ def agent_argv() -> list[str]:
 def controller_argv() -> list[str]:
     return [
         PYTHON, "-m", "csi.main", "--mode", "controller", "--endpoint", f"unix://{SOCKETS['controller']}",
-        "--agents", f"storage-0=unix://{SOCKETS['agent']}", "--insecure",
+        "--agents", f"{NODE_NAME}=unix://{SOCKETS['agent']}", "--insecure",
     ]
 
 
@@ -98,6 +108,7 @@ class Lab:
     storage_ip: str = STORAGE_IP
     worker_ip: str = WORKER_IP
     python: str = PYTHON
+    node_name: str = NODE_NAME  # the agent's storage node name (storage-<i> in a lab cluster)
 
     # -- commands -------------------------------------------------------------------------
     def run(
@@ -202,7 +213,7 @@ class Lab:
         raise GuestCommandError([name], None, f"{path} did not answer in {timeout:.0f}s:\n{self.service_log(name, 60)}")
 
     def start_agent(self, *extra: str) -> None:
-        self.start_service("agent", [*agent_argv(), *extra], netns=STORAGE_NS)
+        self.start_service("agent", [*agent_argv(self.node_name), *extra], netns=STORAGE_NS)
         self.wait_socket("agent", SOCKETS["agent"])
 
     def start_controller(self, *extra: str) -> None:

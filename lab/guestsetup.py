@@ -107,9 +107,10 @@ def _by_mac(mac: str) -> str:
     return ""
 
 
-def peer(cfg: dict[str, Any]) -> None:
-    """The NIC linking this guest to another lab guest: named, placed, addressed, routed."""
-    p = cfg.get("peer")
+def nic(cfg: dict[str, Any], what: str) -> None:
+    """A NIC joining this guest to other lab guests (`what`: the peer link or the storage
+    network): named, placed, addressed, routed."""
+    p = cfg.get(what)
     if not p:
         return
     dev, ns = p["dev"], p["netns"]
@@ -117,7 +118,7 @@ def peer(cfg: dict[str, Any]) -> None:
     if not ok([*ip, "link", "show", dev]):
         found = dev if ok(["ip", "link", "show", dev]) else _by_mac(p["mac"])
         if not found:
-            raise SetupError(f"no network interface with MAC {p['mac']} (peer link missing?)")
+            raise SetupError(f"no network interface with MAC {p['mac']} ({what} missing?)")
         if found != dev:
             sh(["ip", "link", "set", found, "down"])
             sh(["ip", "link", "set", found, "name", dev])
@@ -127,7 +128,15 @@ def peer(cfg: dict[str, Any]) -> None:
     sh([*ip, "link", "set", dev, "up"])
     if p["route"]:
         sh([*ip, "route", "replace", p["route"][0], "via", p["route"][1]])
-    report(f"peer link {dev} {p['address']} ({'netns ' + ns if ns else 'root netns'})")
+    report(f"{what} {dev} {p['address']} ({'netns ' + ns if ns else 'root netns'})")
+
+
+def peer(cfg: dict[str, Any]) -> None:
+    nic(cfg, "peer")
+
+
+def storage_net(cfg: dict[str, Any]) -> None:
+    nic(cfg, "storage_net")
 
 
 def forwarders(cfg: dict[str, Any]) -> None:
@@ -145,6 +154,7 @@ def main(cfg: dict[str, Any]) -> None:
     report(f"modules loaded, configfs and /src mounted, pool {cfg['pool']} online")
     network(cfg)
     peer(cfg)
+    storage_net(cfg)
     forwarders(cfg)
     report(f"namespaces {cfg['storage_ns']} ({cfg['storage_ip']}) <-> {cfg['worker_ns']} ({cfg['worker_ip']}), "
            "forwarders up")

@@ -45,6 +45,36 @@ class PeerLink:
                 "-device", f"virtio-net-pci,netdev=peer,mac={PEER_MAC[self.role]}"]
 
 
+# The storage network: one L2 segment shared by every storage guest of a lab cluster
+# (lab/cluster.py), carried by UDP multicast on 127.0.0.1 (qemu's socket netdev, mcast=): any
+# number of guests join it and none of them has to boot first. Multicast on the host's loopback
+# works here (shown 2026-12-06); the port, chosen per cluster, keeps clusters apart.
+STORAGE_NET_GROUP = "239.255.42.1"
+STORAGE_NET_MAC = "52:54:00:7a:20:{index:02x}"
+
+
+@dataclass(frozen=True)
+class StorageNet:
+    """This guest's NIC on the cluster's storage network (index = its place in the cluster)."""
+
+    port: int
+    index: int
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.port <= 65535:
+            raise ValueError(f"storage network port {self.port} is out of range")
+        if not 0 <= self.index < 200:
+            raise ValueError(f"storage network index {self.index} is out of range")
+
+    @property
+    def mac(self) -> str:
+        return STORAGE_NET_MAC.format(index=self.index + 1)
+
+    def argv(self) -> list[str]:
+        return ["-netdev", f"socket,id=storagenet,mcast={STORAGE_NET_GROUP}:{self.port},localaddr=127.0.0.1",
+                "-device", f"virtio-net-pci,netdev=storagenet,mac={self.mac}"]
+
+
 @dataclass(frozen=True)
 class GuestFwd:
     """A guest-to-host path through the restricted user network: a TCP connection the guest
@@ -83,6 +113,7 @@ class QemuConfig:
     memory_mb: int = 4096
     smp: int = 2
     peer: PeerLink | None = None
+    storage_net: StorageNet | None = None
     guestfwds: tuple[GuestFwd, ...] = ()
 
 
@@ -119,6 +150,7 @@ def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-drive", f"file={cfg.pool_disk},if=virtio,format=raw,cache=writeback,discard=unmap",
         "-nic", nic,
         *(cfg.peer.argv() if cfg.peer is not None else []),
+        *(cfg.storage_net.argv() if cfg.storage_net is not None else []),
         "-virtfs", f"local,path={cfg.src},mount_tag=src,security_model=none,readonly=on",
         "-device", "virtio-rng-pci",
         "-daemonize",
@@ -133,6 +165,13 @@ def overlay_argv(base: Path, overlay: Path) -> list[str]:
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (qemu binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    """A UDP port free on 127.0.0.1 right now (for a cluster's storage network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

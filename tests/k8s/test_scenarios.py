@@ -543,6 +543,37 @@ def test_a_pvc_over_the_commitment_limit_says_so(zvolt: Zvolt, ns: str) -> None:
         client.StorageV1Api(z.cp.api).delete_storage_class(sc)
 
 
+def test_group_spread_keeps_a_statefulsets_claims_apart(zvolt: Zvolt, ns: str) -> None:
+    """groupSpread=required through the real external-provisioner: the first claim of group
+    data-pg binds and its PVC carries the group label the controller lists by; with one storage
+    node the second claim is refused, naming the node that holds the first (csi/README.md)."""
+    z, t0 = zvolt, time.monotonic()
+    sc, pv_name = f"spread-{ns}", ""
+    client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=sc), provisioner="csi.zvolt.io",
+        parameters={"groupSpread": "required"}, volume_binding_mode="Immediate"))
+    try:
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("data-pg-0", sc=sc))
+        pv_name = bound_pv(z, ns, "data-pg-0").metadata.name
+        claim = z.core.read_namespaced_persistent_volume_claim("data-pg-0", ns)
+        assert (claim.metadata.labels or {}).get("csi.zvolt.io/group") == "data-pg", claim.metadata.labels
+        t_bound = time.monotonic() - t0
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("data-pg-1", sc=sc))
+        found = z.wait("an event naming the node that holds data-pg-0", lambda: [
+            e for e in events(z, ns, "data-pg-1") if f"holding one already: {storage.STORAGE_NODE};" in e] or None)
+        assert found[0].startswith("ProvisioningFailed") and f"'{ns}/data-pg'" in found[0], found
+        assert z.core.read_namespaced_persistent_volume_claim("data-pg-1", ns).status.phase == "Pending"
+        z.say(f"k8s scenario groupSpread: data-pg-0 Bound in {t_bound:.1f} s, data-pg-1 refused "
+              f"{time.monotonic() - t0 - t_bound:.1f} s later: {found[0][:200]}")
+    finally:
+        for name in ("data-pg-0", "data-pg-1"):
+            with contextlib.suppress(ApiException):
+                z.core.delete_namespaced_persistent_volume_claim(name, ns)
+        if pv_name:
+            z.wait("PV deleted", partial(pv_gone, z, pv_name))
+        client.StorageV1Api(z.cp.api).delete_storage_class(sc)
+
+
 GROUPS = ("groupsnapshot.storage.k8s.io", "v1beta1")
 
 

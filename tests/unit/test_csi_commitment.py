@@ -40,7 +40,8 @@ def test_placement_skips_nodes_whose_limit_does_not_admit_the_size() -> None:
     full = node("full", committed=29 * GiB)  # admits 1 GiB
     roomy = node("roomy", free=GiB, committed=0)  # emptier in committed, fuller on disk
     assert placement.choose([full, roomy], 2 * GiB, False, ANY) == ["roomy"]
-    assert placement.choose([full, roomy], GiB, False, ANY) == ["full", "roomy"]  # most free space first
+    # Most room after promises first (free less unwritten commitment): full has 29 GiB unwritten in 10 free.
+    assert placement.choose([full, roomy], GiB, False, ANY) == ["roomy", "full"]
 
 
 def test_placement_refusal_names_the_node_limit_with_numbers() -> None:
