@@ -6,6 +6,11 @@ server through a qemu guestfwd: a connection to APISERVER_IP:APISERVER_PORT in t
 relayed (lab/guestfwd_relay.py) to the host port written into the run directory by
 publish_apiserver(). The API server's serving certificate must name APISERVER_IP.
 
+Pods reach the API server at the `kubernetes` Service address (there is no kube-proxy): the
+guest DNATs it to the guestfwd address and masquerades pod sources (service_nat). The API
+server reaches the kubelet (exec, logs) through a host-side ssh forward to KUBELET_PORT
+(KubeletTunnel), which the test control plane's egress proxy routes NODE_IP:KUBELET_PORT to.
+
 One guest is storage and worker node at once: kubelet runs in the guest's root namespace, next
 to the lab's storage/worker network namespaces (a second guest would double the TCG cost on
 machines with two cores; the guest's 4 GiB hold kubelet, containerd and the pods).
@@ -14,16 +19,20 @@ machines with two cores; the guest's 4 GiB hold kubelet, containerd and the pods
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from lab import qemu, recipe
+from lab import guest, qemu, recipe, ssh
 from lab.guest import GuestCommandError, Lab
 
 # The address qemu's user network keeps for guestfwd rules (outside its DHCP range).
@@ -42,6 +51,9 @@ CONF_DIR = "/etc/zvolt-kube"
 KUBELET = "/usr/local/bin/kubelet"
 IMAGE_DIR = "/var/tmp/zvolt-images"
 KUBELET_SERVICE = "kubelet"  # lab.guest unit name: zvolt-kubelet.service
+KUBELET_PORT = 10250
+SERVICE_PORT = 443  # the `kubernetes` Service's port
+NAT_TABLE = "zvolt_lab_service"
 
 PORT_FILE = "apiserver.port"
 RELAY_LOG = "guestfwd-relay.log"
@@ -105,8 +117,10 @@ def kubelet_config() -> str:
         "kind": "KubeletConfiguration",
         "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
                            "x509": {"clientCAFile": f"{CONF_DIR}/ca.crt"}},
-        # Nothing outside the guest reaches the kubelet's port (no hostfwd for it).
+        # Only clients with a certificate of the cluster's CA get in (anonymous is off): the API
+        # server's kubelet client, through KubeletTunnel.
         "authorization": {"mode": "AlwaysAllow"},
+        "port": KUBELET_PORT,
         "cgroupDriver": "systemd",
         "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
         "readOnlyPort": 0,
@@ -120,6 +134,26 @@ def kubelet_config() -> str:
         "serializeImagePulls": False,
     }
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def service_nat_rules(service_ip: str) -> str:
+    """nft script: the `kubernetes` Service address to the API server's guestfwd, for pods
+    (prerouting) and the node itself (output); pod sources masqueraded to the node's address,
+    the only one qemu's user network answers. Replaces the table in one transaction."""
+    ip = ipaddress.IPv4Address(service_ip)
+    subnet = ipaddress.IPv4Network(POD_SUBNET)
+    dnat = f"ip daddr {ip} tcp dport {SERVICE_PORT} dnat to {APISERVER_IP}:{APISERVER_PORT}"
+    return "\n".join([
+        f"table ip {NAT_TABLE}",
+        f"delete table ip {NAT_TABLE}",
+        f"table ip {NAT_TABLE} {{",
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; {dnat}; }}",
+        f"  chain output {{ type nat hook output priority -100; {dnat}; }}",
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; "
+        f"ip saddr {subnet} ip daddr {APISERVER_IP} tcp dport {APISERVER_PORT} masquerade; }}",
+        "}",
+        "",
+    ])
 
 
 def kubeconfig() -> str:
@@ -172,8 +206,9 @@ def put_if_changed(lab: Lab, local: Path, dest: str, mode: int = 0o644) -> bool:
     return True
 
 
-def install(lab: Lab, files: NodeFiles) -> None:
-    """Binary, credentials and configs; containerd (re)started on its config. Idempotent."""
+def install(lab: Lab, files: NodeFiles, service_ip: str) -> None:
+    """Binary, credentials and configs; containerd (re)started on its config; pods' path to
+    the API server at service_ip. Idempotent."""
     put_if_changed(lab, files.kubelet, KUBELET, 0o755)
     write_file(lab, f"{CONF_DIR}/ca.crt", files.ca.read_text())
     write_file(lab, f"{CONF_DIR}/kubelet.crt", files.cert.read_text())
@@ -183,6 +218,12 @@ def install(lab: Lab, files: NodeFiles) -> None:
     write_file(lab, "/etc/cni/net.d/10-zvolt-lab.conflist", cni_conflist())
     write_file(lab, "/etc/containerd/config.toml", containerd_config())
     lab.run(["modprobe", "overlay"], timeout=60)
+    # The lab's own services are reached through socat forwarders on the guest's ports 7001-7003
+    # (lab.guest.GUEST_PORTS); on a node the chart's agent serves 7001 on the node's address.
+    for name in guest.GUEST_PORTS:
+        lab.run(["systemctl", "stop", guest.unit_name(f"fwd-{name}")], check=False, timeout=60)
+    lab.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], timeout=30)
+    lab.run(["nft", "-f", "-"], input=service_nat_rules(service_ip), timeout=60)
     lab.run(["systemctl", "restart", "containerd.service"], timeout=120)
     lab.run(["ctr", "--timeout", "60s", "version"], timeout=90)
 
@@ -222,3 +263,47 @@ def stop_kubelet(lab: Lab) -> None:
     """kubelet, then every container it started (they outlive kubelet in kubepods.slice)."""
     lab.stop_service(KUBELET_SERVICE)
     lab.run(["systemctl", "stop", "kubepods.slice"], check=False, timeout=120)
+
+
+# --- the API server's way to the kubelet --------------------------------------------------
+
+@dataclass
+class KubeletTunnel:
+    """127.0.0.1:port on the host reaches the guest kubelet's KUBELET_PORT (an ssh forward)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @classmethod
+    def open(cls, lab: Lab, timeout: float = 60) -> KubeletTunnel:
+        port = qemu.free_port()
+        argv = ssh.forward_argv(lab.target, port, KUBELET_PORT)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        tunnel = cls(proc, port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                raise GuestCommandError(argv, None, f"ssh forward to the kubelet exited {proc.returncode}: {err}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return tunnel
+            except OSError:
+                time.sleep(0.3)
+        tunnel.close()
+        raise GuestCommandError(argv, None, f"ssh forward to the kubelet: 127.0.0.1:{port} not open in {timeout:.0f}s")
+
+    @property
+    def local(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()

@@ -77,6 +77,17 @@ def command_argv(
     return ["ssh", *target.options(), "-o", "ControlMaster=no", f"{target.user}@{target.host}", "--", remote]
 
 
+def forward_argv(target: SshTarget, local_port: int, guest_port: int) -> list[str]:
+    """A dedicated ssh (no multiplexing: it lives exactly as long as its process) that forwards
+    127.0.0.1:local_port on the host to 127.0.0.1:guest_port in the guest."""
+    for port in (local_port, guest_port):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range")
+    # ssh takes the first value given for an option: ControlPath=none wins over options().
+    return ["ssh", "-o", "ControlPath=none", *target.options(), "-o", "ExitOnForwardFailure=yes", "-N",
+            "-L", f"127.0.0.1:{local_port}:127.0.0.1:{guest_port}", f"{target.user}@{target.host}"]
+
+
 def check_guest_path(path: str) -> str:
     if not path.startswith("/") or "\x00" in path or "\n" in path:
         raise ValueError(f"guest path {path!r} must be absolute, without NUL or newline")

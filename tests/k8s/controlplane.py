@@ -3,7 +3,9 @@
 etcd, kube-apiserver (RBAC on), kube-controller-manager, kube-scheduler, the snapshot CRDs and
 snapshot-controller (its own ServiceAccount and RBAC, snapshot-controller-rbac.yaml), all on
 free ports, with a CA and certificates made by openssl, in one temporary directory that
-`ControlPlane.close()` removes after stopping every process. Flags are the ones recorded in
+`ControlPlane.close()` removes after stopping every process. kube-apiserver reaches nodes
+(kubelet exec and logs) only through egress_proxy.py, along the routes a lab node adds
+(`ControlPlane.route`). Flags are the ones recorded in
 the project's k8s notes; binaries come from $ZVOLT_K8S_BIN (lab/k8sbin.py), CRDs from
 $ZVOLT_K8S_CRDS (default: the `crds` directory next to the binaries directory).
 """
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import atexit
 import http.client
+import ipaddress
 import json
 import os
 import shutil
 import ssl
+import sys
 import tempfile
 import time
 import urllib.request
@@ -57,6 +61,9 @@ SNAPSHOT_CONTROLLER_SA = ("kube-system", "snapshot-controller")
 SNAPSHOT_CONTROLLER_LEASE = "snapshot-controller-leader"
 
 SERVICE_CIDR = "10.96.0.0/24"
+# The `kubernetes` Service's address, where pods reach the API server (its serving cert names it).
+KUBERNETES_SERVICE_IP = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))
+EGRESS_PROXY = Path(__file__).with_name("egress_proxy.py")
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 # kube-system ServiceAccounts the tests rely on: kube-controller-manager creates one per
 # controller (--use-service-account-credentials) as it starts that controller.
@@ -140,6 +147,8 @@ class ControlPlane:
     server: str = ""
     admin_kubeconfig: Path = Path()
     timings: dict[str, float] = field(default_factory=dict)
+    # What kube-apiserver's "cluster" egress proxy (egress_proxy.py) dials per target address.
+    egress_routes: Path = Path()
     _api: Any = None
     _closed: bool = False
 
@@ -190,6 +199,18 @@ class ControlPlane:
             except utils.FailToCreateError as err:
                 if not all(status_of(e) == 409 for e in err.api_exceptions):
                     raise
+
+    def route(self, target: str, local: str) -> None:
+        """Let kube-apiserver reach `target` (a node's "IP:PORT", e.g. a lab kubelet's) at
+        `local` ("127.0.0.1:PORT") through its egress proxy; local "" removes the route."""
+        routes = json.loads(self.egress_routes.read_text()) if self.egress_routes.is_file() else {}
+        if local:
+            routes[target] = local
+        else:
+            routes.pop(target, None)
+        tmp = self.egress_routes.with_suffix(".tmp")
+        tmp.write_text(json.dumps(routes))
+        os.replace(tmp, self.egress_routes)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -281,7 +302,11 @@ def _start(cp: ControlPlane, bins: Mapping[str, Path], crds: Path) -> None:
                         server_sans=("IP:127.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
                                      "DNS:kubernetes.default.svc",
                                      # what a lab guest's kubelet dials (its guestfwd to this port)
-                                     f"IP:{GUEST_APISERVER_IP}"), client=False)
+                                     f"IP:{GUEST_APISERVER_IP}",
+                                     # what pods dial (a lab node DNATs it to the guestfwd)
+                                     f"IP:{KUBERNETES_SERVICE_IP}"), client=False)
+    # kube-apiserver -> kubelet (exec, logs): the kubelet authorizes any client of the CA.
+    kubelet_client = pki.issue("apiserver-kubelet-client", "/CN=kube-apiserver-kubelet-client")
     admin = pki.issue("admin", "/O=system:masters/CN=kubernetes-admin")
     kcm = pki.issue("kube-controller-manager", "/CN=system:kube-controller-manager")
     sched = pki.issue("kube-scheduler", "/CN=system:kube-scheduler")
@@ -293,8 +318,18 @@ def _start(cp: ControlPlane, bins: Mapping[str, Path], crds: Path) -> None:
              30, watch=[etcd])
     _timed(cp, "etcd ready", t0)
 
-    # kube-apiserver
+    # kube-apiserver, its traffic to nodes through the egress proxy
     t0 = time.monotonic()
+    cp.egress_routes = root / "egress-routes.json"
+    cp.egress_routes.write_text("{}")
+    egress_socket = root / "egress.sock"
+    cp.procs.start("egress-proxy", [sys.executable, "-I", "-S", EGRESS_PROXY, egress_socket, cp.egress_routes])
+    egress_config = root / "egress-selector.yaml"
+    egress_config.write_text(yaml.safe_dump({
+        "apiVersion": "apiserver.k8s.io/v1beta1", "kind": "EgressSelectorConfiguration",
+        "egressSelections": [{"name": "cluster", "connection": {
+            "proxyProtocol": "HTTPConnect", "transport": {"uds": {"udsName": str(egress_socket)}}}}],
+    }))
     api_port = ports.take()
     cp.server = f"https://127.0.0.1:{api_port}"
     apiserver = cp.procs.start("kube-apiserver", [
@@ -314,6 +349,10 @@ def _start(cp: ControlPlane, bins: Mapping[str, Path], crds: Path) -> None:
         "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={proxy.cert}", f"--proxy-client-key-file={proxy.key}",
+        f"--kubelet-client-certificate={kubelet_client.cert}", f"--kubelet-client-key={kubelet_client.key}",
+        # A node's address, as egress routes name it (the default prefers its host name).
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--egress-selector-config-file={egress_config}",
         "--v=1",
     ])
     kubeconfigs = cp.kubeconfig_dir()

@@ -10,141 +10,34 @@ without the binaries or the archives.
 from __future__ import annotations
 
 import ipaddress
-import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from lab import kubenode
-from lab.guest import Lab
-from lab.k8sbin import k8s_bin, missing
-from lab.oci_image import ImageCache, chart_image_ref
-from lab.paths import Cache, source_root
-from tests.k8s.conftest import cluster, k8s_bins, say  # noqa: F401  (the k8s suite's fixtures, reused)
-from tests.k8s.controlplane import ControlPlane, Say
+from tests.k8s.conftest import cluster, k8s_bins, say  # noqa: F401  (the k8s suite's fixtures)
+from tests.k8s.controlplane import Say
+
+# The shared fixtures are imported by name so pytest finds them here.
+from tests.lab.kubelab import (  # noqa: F401
+    POD_TIMEOUT,
+    Node,
+    inputs,
+    node,
+    wait,
+)
 
 # slow: ~25 min on a cold guest under TCG (most of it containerd unpacking zvolt's image), so it
 # stays out of scripts/test's default run: `python -m pytest tests/lab/test_kubelet_lab.py`.
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NAMESPACE = "default"
-READY_TIMEOUT = 300.0
-POD_TIMEOUT = 600.0
 
 
-@dataclass(frozen=True)
-class Node:
-    lab: Lab
-    cluster: ControlPlane
-    zvolt_image: str
-    timings: dict[str, float]
-
-    @property
-    def core(self) -> Any:
-        return client.CoreV1Api(self.cluster.api)
-
-
-def _archives() -> list[tuple[Path, list[str]]]:
-    """The pause image (every pod's sandbox) and zvolt's own image, as (archive, refs)."""
-    cache = ImageCache.from_env()
-    manifest = cache.node_images / "node-images.json"
-    if not (manifest.is_file() and cache.archive.is_file()):
-        pytest.skip(f"no OCI archives in {cache.root}: run `zvolt-lab oci-image --all` first")
-    images = {i["name"]: i for i in json.loads(manifest.read_text())["images"]}
-    if "pause" not in images:
-        pytest.skip(f"{manifest} lists no pause image: run `zvolt-lab oci-image --all` again")
-    return [(Path(images["pause"]["archive"]), list(images["pause"]["refs"])),
-            (cache.archive, [chart_image_ref(source_root())])]
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float, on_fail: Callable[[], str]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(2)
-    raise AssertionError(f"{what} not within {timeout:.0f}s\n{on_fail()}")
-
-
-def _node_ready(core: Any) -> Any:
-    try:
-        node = core.read_node(kubenode.NODE_NAME)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-    ready = [c for c in node.status.conditions or [] if c.type == "Ready"]
-    return node if ready and ready[0].status == "True" else None
-
-
-def _node_failure(lab: Lab, run_dir: Path) -> str:
-    relay_log = run_dir / kubenode.RELAY_LOG
-    relay = relay_log.read_text()[-2000:] if relay_log.exists() else "(no relay failures logged)"
-    # A guest booted by older lab code has no guestfwd at all: kubelet then times out dialing.
-    return f"guestfwd relay log:\n{relay}\nkubelet log:\n{lab.service_log(kubenode.KUBELET_SERVICE, 60)}"
-
-
-@dataclass(frozen=True)
-class Inputs:
-    kubelet: Path
-    archives: list[tuple[Path, list[str]]]
-
-
-@pytest.fixture(scope="module")
-def inputs(k8s_bins: dict[str, Path]) -> Inputs:  # noqa: F811
-    """Everything from outside the tree, checked before a guest boots or a control plane starts."""
-    kubelet = k8s_bin("kubelet")
-    if kubelet is None:
-        pytest.skip(missing("kubelet"))
-    return Inputs(kubelet=kubelet, archives=_archives())
-
-
-@pytest.fixture(scope="module")
-def node(inputs: Inputs, lab: Lab, cluster: ControlPlane, say: Say) -> Iterator[Node]:  # noqa: F811
-    kubelet, archives = inputs.kubelet, inputs.archives
-    timings: dict[str, float] = {}
-    port = urlsplit(cluster.server).port
-    assert port is not None
-    run_dir = Cache.from_env().run_dir(lab.instance)
-    kubenode.publish_apiserver(run_dir, port)
-    assert cluster.pki is not None
-    cert = cluster.pki.issue(f"kubelet-{kubenode.NODE_NAME}", kubenode.node_subject())
-
-    t0 = time.monotonic()
-    kubenode.install(lab, kubenode.NodeFiles(kubelet=kubelet, ca=cluster.ca, cert=cert.cert, key=cert.key))
-    timings["install"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    imported = kubenode.import_images(lab, archives)
-    timings["images"] = time.monotonic() - t0
-    say(f"kubelet lab: kubelet + containerd config in {timings['install']:.1f} s, images "
-        f"{', '.join(imported) or '(already there)'} imported in {timings['images']:.1f} s")
-    core = client.CoreV1Api(cluster.api)
-    t0 = time.monotonic()
-    kubenode.start_kubelet(lab)
-    try:
-        _wait(f"node {kubenode.NODE_NAME} Ready", lambda: _node_ready(core), READY_TIMEOUT,
-              lambda: _node_failure(lab, run_dir))
-        timings["node ready"] = time.monotonic() - t0
-        say(f"kubelet lab: node {kubenode.NODE_NAME} Ready {timings['node ready']:.1f} s after kubelet started")
-        yield Node(lab=lab, cluster=cluster, zvolt_image=archives[1][1][0], timings=timings)
-    finally:
-        kubenode.stop_kubelet(lab)
-        try:
-            core.delete_node(kubenode.NODE_NAME)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-
-
-def test_node_registers_ready_through_the_node_authorizer(node: Node) -> None:
+def test_node_registers_ready_through_the_node_authorizer(node: Node) -> None:  # noqa: F811
     got = node.core.read_node(kubenode.NODE_NAME)
     info = got.status.node_info
     assert info.container_runtime_version.startswith("containerd://1.6"), info.container_runtime_version
@@ -165,7 +58,7 @@ def test_node_registers_ready_through_the_node_authorizer(node: Node) -> None:
                 return None
             raise
 
-    got_lease = _wait("the node's Lease", lease, 120, lambda: node.lab.service_log(kubenode.KUBELET_SERVICE, 40))
+    got_lease = wait("the node's Lease", lease, 120, lambda: node.lab.service_log(kubenode.KUBELET_SERVICE, 40))
     assert got_lease.spec.holder_identity == kubenode.NODE_NAME
 
 
@@ -197,7 +90,7 @@ def test_pod_runs_on_the_cni_bridge_with_the_local_pause_image(node: Node, say: 
             return f"{p.status}\n" + "\n".join(f"{e.reason}: {e.message}" for e in events.items) + "\n" + \
                 node.lab.service_log(kubenode.KUBELET_SERVICE, 40)
 
-        got = _wait(f"pod {name} Running and Ready", running, POD_TIMEOUT, why)
+        got = wait(f"pod {name} Running and Ready", running, POD_TIMEOUT, why)
         seconds = time.monotonic() - t0
         say(f"kubelet lab: pod {name} Running and Ready {seconds:.1f} s after create, IP {got.status.pod_ip}")
         assert got.spec.node_name == kubenode.NODE_NAME
@@ -220,5 +113,5 @@ def test_pod_runs_on_the_cni_bridge_with_the_local_pause_image(node: Node, say: 
             return bool(err.status == 404)
         return False
 
-    _wait(f"pod {name} deleted by the kubelet", gone, 120, lambda: node.lab.service_log(kubenode.KUBELET_SERVICE, 40))
+    wait(f"pod {name} deleted by the kubelet", gone, 120, lambda: node.lab.service_log(kubenode.KUBELET_SERVICE, 40))
 
