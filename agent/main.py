@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from agent import nvmet
+from agent import certrequest, nvmet
 from agent.authz import Authorizer
 from agent.dhchap import AuthConfig, HostKeys
 from agent.exports import ExportConfig, Exports
@@ -67,6 +67,7 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "tls-cert": (None, "server certificate (PEM)"),
     "tls-key": (None, "server key (PEM)"),
     "tls-ca": (None, "CA that signs client certificates (mTLS)"),
+    "tls-request-hours": ("168", "with --tls-request: lifetime asked for this node's certificate (renewed at 2/3)"),
     "controller-cn": ("zvolt-controller", "Common Name of the controller's client certificate: the only caller "
                       "that may change anything (others from the CA may only call GetInfo)"),
     "configfs-root": (nvmet.DEFAULT_ROOT, "nvmet configfs root"),
@@ -82,7 +83,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
                           "kept keys of published encrypted volumes; without it encrypted volumes are refused"),
     "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
-_FLAGS = ("insecure", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard", "usage-volume-metrics")
+_FLAGS = ("insecure", "tls-request", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard",
+          "usage-volume-metrics")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class Settings:
     # Per-volume usage series (zvolt_agent_volume_*_bytes): one series per volume, so off by default.
     usage_volume_metrics: bool = False
     key_wrapping_file: str = ""  # agent/keystore.py; "" = no encrypted volumes on this node
+    # --tls-request: the serving certificate comes from the Kubernetes API (agent/certrequest.py),
+    # lifetime asked in seconds; 0 = --tls-cert/--tls-key files given by the operator.
+    tls_request_seconds: int = 0
 
 
 def _env_name(flag: str) -> str:
@@ -186,7 +191,21 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
     tls_parts = [get("tls-cert"), get("tls-key"), get("tls-ca")]
     insecure = _truthy(get("insecure"))
     tls: tuple[str, str, str] | None = None
-    if all(tls_parts):
+    tls_request_seconds = 0
+    if _truthy(get("tls-request")):
+        if tls_parts[0] or tls_parts[1] or not tls_parts[2]:
+            ap.error("--tls-request asks the Kubernetes API for this node's certificate: give --tls-ca, "
+                     "not --tls-cert/--tls-key")
+        try:
+            hours = float(str(get("tls-request-hours")))
+        except ValueError:
+            hours = 0.0
+        if not 1 <= hours <= 8760:
+            ap.error(f"--tls-request-hours must be 1 to 8760 hours, not {get('tls-request-hours')!r}")
+        tls_request_seconds = int(hours * 3600)
+        where = certrequest.paths(str(get("state-dir")))
+        tls = (str(where.cert), str(where.key), str(tls_parts[2]))
+    elif all(tls_parts):
         tls = (str(tls_parts[0]), str(tls_parts[1]), str(tls_parts[2]))
     elif any(tls_parts):
         ap.error("give all of --tls-cert, --tls-key and --tls-ca")
@@ -221,6 +240,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         commitment_ratio=ratio, growth_reserve=reserve,
         guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
         key_wrapping_file=str(get("key-wrapping-file") or ""),
+        tls_request_seconds=tls_request_seconds,
     )
 
 
@@ -341,6 +361,28 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     return Agent(settings, volumes, readiness, metrics, server, recovery, servicer, inflight)
 
 
+def node_certificate(settings: Settings, api: certrequest.CsrApi, stop: threading.Event | None = None,
+                     retry: float = certrequest.RETRY_SECONDS) -> threading.Thread:
+    """This node's serving certificate in <state-dir>/tls before the port opens (waiting for the
+    signer as long as it takes: without it nobody can call), then kept renewed in the background."""
+    assert settings.tls is not None
+    stop = stop or threading.Event()
+    keeper = certrequest.NodeCertificate(api, settings.node, settings.state_dir, settings.tls[2],
+                                         settings.tls_request_seconds)
+    while True:
+        try:
+            cert = keeper.ensure()
+            break
+        except Exception as exc:
+            _log.error("no serving certificate yet; retrying", extra={"fields": {
+                "node": settings.node, "error": str(exc), "retry_s": retry}})
+            if stop.wait(retry):
+                raise SystemExit("zvolt-agent: stopped before a serving certificate was issued") from None
+    thread = threading.Thread(target=keeper.keep, args=(cert, stop), name="certificate", daemon=True)
+    thread.start()
+    return thread
+
+
 def _print_progress(line: str) -> None:
     print(line, flush=True)
 
@@ -366,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = resolve_nvme_address(settings)
     except StorageNetworkError as exc:
         raise SystemExit(f"zvolt-agent: --storage-network: {exc}") from None
+    if settings.tls_request_seconds:
+        node_certificate(settings, certrequest.KubernetesCsrApi())
     agent = build(settings, zfs, root, index)
     try:
         start_guard(settings, agent.metrics)

@@ -156,29 +156,37 @@ class AgentPool:
         tls: TlsFiles | None,
         timeout: float = 30.0,
         ttl: float = 30.0,
+        per_node_names: bool = False,
     ) -> None:
         self._discover = discover
         self._tls = Watched(tls) if tls is not None else None
+        # Per-node agent certificates: each agent must present a certificate for its own storage-node
+        # name, so one storage node's certificate cannot answer for another (agent/certrequest.py).
+        self._per_node_names = per_node_names
         self._timeout = timeout
         self._ttl = ttl
         self._lock = threading.Lock()
         self._clients: dict[str, AgentClient] = {}
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._refreshed = -1.0e9
 
-    def _credentials(self) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
+    def _credentials(self, node: str) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
         assert self._tls is not None
-        return channel_credentials(self._tls)
+        creds, options = channel_credentials(self._tls)
+        if self._per_node_names:
+            options = [("grpc.ssl_target_name_override", node)]
+        return creds, options
 
-    def _channel(self, target: str) -> grpc.Channel:
-        channel = self._channels.get(target)
+    def _channel(self, ep: AgentEndpoint) -> grpc.Channel:
+        key = (ep.target, ep.name if self._per_node_names else "")
+        channel = self._channels.get(key)
         if channel is None:
-            if self._tls is None or target.startswith("unix:"):
-                channel = grpc.insecure_channel(target)
+            if self._tls is None or ep.target.startswith("unix:"):
+                channel = grpc.insecure_channel(ep.target)
             else:
-                creds, options = self._credentials()
-                channel = grpc.secure_channel(target, creds, options=options)
-            self._channels[target] = channel
+                creds, options = self._credentials(ep.name)
+                channel = grpc.secure_channel(ep.target, creds, options=options)
+            self._channels[key] = channel
         return channel
 
     def refresh(self, force: bool = False) -> None:
@@ -198,11 +206,11 @@ class AgentPool:
                 clients[ep.name] = (
                     old
                     if old is not None and old.endpoint == ep
-                    else AgentClient(ep, self._channel(ep.target), self._timeout)
+                    else AgentClient(ep, self._channel(ep), self._timeout)
                 )
-            live_targets = {ep.target for ep in endpoints}
-            for target in [t for t in self._channels if t not in live_targets]:
-                self._channels.pop(target).close()
+            live = {(ep.target, ep.name if self._per_node_names else "") for ep in endpoints}
+            for key in [k for k in self._channels if k not in live]:
+                self._channels.pop(key).close()
             self._clients = clients
             self._refreshed = time.monotonic()
 

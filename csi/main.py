@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE, DRIVER_NAME, keyrotation
+from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, keyrotation
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -73,7 +73,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=_env("tls-cert"))
     p.add_argument("--tls-key", default=_env("tls-key"))
     p.add_argument("--tls-ca", default=_env("tls-ca"))
-    p.add_argument("--tls-server-name", default=_env("tls-server-name", ""))
+    p.add_argument("--tls-server-name", default=_env("tls-server-name", ""),
+                   help="one name every agent's certificate must carry (shared agent certificate)")
+    p.add_argument("--tls-per-node-names", action="store_true", default=_env_flag("tls-per-node-names"),
+                   help="each agent's certificate must carry its own storage-node name (per-node certificates)")
+    p.add_argument("--sign-agent-certificates", action="store_true", default=_env_flag("sign-agent-certificates"),
+                   help="approve and sign agents' CertificateSigningRequests (signer zvolt.io/agent-serving): "
+                   "each agent only for the node its pod runs on (csi/agentsigner.py)")
+    p.add_argument("--agent-signer-ca-cert", default=_env("agent-signer-ca-cert"), help="CA certificate that signs")
+    p.add_argument("--agent-signer-ca-key", default=_env("agent-signer-ca-key"), help="its key (PEM)")
+    p.add_argument("--agent-service-account", default=_env("agent-service-account"),
+                   help="the agents' ServiceAccount in --agent-namespace: the only requester that is signed for")
+    p.add_argument("--agent-cert-hours", type=float, default=float(_env("agent-cert-hours", "168") or 168),
+                   help="longest lifetime of a signed agent certificate")
     p.add_argument("--insecure", action="store_true", default=_env_flag("insecure"))
     p.add_argument(
         "--alpha-capabilities", default=_env("alpha-capabilities", ""),
@@ -118,6 +130,8 @@ def _pool(args: argparse.Namespace) -> AgentPool:
     if not args.insecure:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
             raise SystemExit("controller needs --tls-cert, --tls-key and --tls-ca (or --insecure)")
+        if args.tls_per_node_names and args.tls_server_name:
+            raise SystemExit("give --tls-server-name (one name for all agents) or --tls-per-node-names, not both")
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
     discover: Callable[[], Iterable[AgentEndpoint]]
     if args.agents_from_kubernetes:
@@ -130,7 +144,26 @@ def _pool(args: argparse.Namespace) -> AgentPool:
         discover = lambda: static  # noqa: E731
     else:
         raise SystemExit("controller needs --agents name=addr,... or --agents-from-kubernetes")
-    return AgentPool(discover, tls)
+    return AgentPool(discover, tls, per_node_names=tls is not None and args.tls_per_node_names)
+
+
+def agent_signer(args: argparse.Namespace, api: agentsigner.CsrApi | None = None) -> agentsigner.Signer:
+    """The signer of per-node agent certificates; the CA is read again for each signature, so a
+    rotated CA Secret takes effect without a restart."""
+    if not (args.agent_signer_ca_cert and args.agent_signer_ca_key and args.agent_service_account):
+        raise SystemExit("--sign-agent-certificates needs --agent-signer-ca-cert, --agent-signer-ca-key and "
+                         "--agent-service-account")
+    if not 600 <= args.agent_cert_hours * 3600 <= 8760 * 3600:
+        raise SystemExit("--agent-cert-hours must be from 1/6 (10 minutes) to 8760")
+    cert, key = args.agent_signer_ca_cert, args.agent_signer_ca_key
+
+    def ca() -> agentsigner.CA:
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            return agentsigner.CA.load(c.read(), k.read())
+
+    ca()  # a missing or mismatched CA stops the start, not the first signature
+    policy = agentsigner.Policy(args.agent_namespace, args.agent_service_account, int(args.agent_cert_hours * 3600))
+    return agentsigner.Signer(api if api is not None else agentsigner.KubernetesCsrApi(), ca, policy)
 
 
 def _controller(args: argparse.Namespace) -> Services:
@@ -138,6 +171,9 @@ def _controller(args: argparse.Namespace) -> Services:
     # node that is down holds up only the creates that were sent to it (csi/placements.py).
     records = KubernetesRecords() if args.agents_from_kubernetes else None
     services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities), records)
+    if args.sign_agent_certificates:
+        signer = agent_signer(args)
+        threading.Thread(target=signer.run, args=(threading.Event(),), name="agent-signer", daemon=True).start()
     if args.reconcile_attachments > 0:
         reconciler = _reconciler(args, services)
         threading.Thread(target=reconciler.run, args=(threading.Event(), args.reconcile_attachments),

@@ -23,7 +23,10 @@ RELEASE = "zvolt"
 NAMESPACE = "zvolt-system"
 # One controller replica: the harness plays kubelet for one pod of it. The storage network has
 # no default (the render fails without one): the lab's, where this suite's agent and node run.
-CHART_VALUES: Obj = {"controller": {"replicas": 1}, "storageNetwork": {"cidr": STORAGE_NETWORK}}
+# The lab's agent runs outside the cluster with the chart's one agent certificate
+# (tls.agentCertificates=shared); per-node certificates: test_agent_certificates_k8s.py.
+CHART_VALUES: Obj = {"controller": {"replicas": 1}, "storageNetwork": {"cidr": STORAGE_NETWORK},
+                     "tls": {"agentCertificates": "shared"}}
 
 
 @pytest.fixture(scope="session")

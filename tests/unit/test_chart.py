@@ -43,7 +43,8 @@ NON_DEFAULT: Obj = {
     "controller": {"replicas": 3, "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
                    "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]},
     "agent": {"pool": "nvme", "parent": "nvme/k8s/zvolt", "nodeSelector": {"storage": "zfs"}, "port": 7443},
-    "tls": {"certManager": {"enabled": True}},
+    # cert-manager makes one shared agent certificate (per-node ones need the chart's own CA).
+    "tls": {"certManager": {"enabled": True}, "agentCertificates": "shared"},
     "storageClasses": [{"name": "fast", "isDefault": True, "volblocksize": "8K", "compression": "zstd",
                         "thin": False, "fsType": "xfs", "reclaimPolicy": "Retain",
                         "extraParameters": {"csi.storage.k8s.io/node-stage-secret-name": "zvolt-chap",
@@ -57,8 +58,9 @@ NON_DEFAULT: Obj = {
 VARIANTS: dict[str, Obj] = {
     "default": {},
     "non-default": NON_DEFAULT,
-    "cert-manager-external-issuer": {"tls": {"certManager": {
+    "cert-manager-external-issuer": {"tls": {"agentCertificates": "shared", "certManager": {
         "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
+    "shared-agent-certificate": {"tls": {"agentCertificates": "shared"}},
     "insecure-no-agent-no-snapshots": {"tls": {"enabled": False}, "agent": {"enabled": False},
                                        "volumeSnapshotClass": {"enabled": False}, "rbac": {"create": True}},
 }
@@ -190,8 +192,8 @@ def test_the_kinds_a_default_install_creates(default_docs: list[Obj]) -> None:
     kinds: dict[str, int] = {}
     for d in default_docs:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
-    assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 5,
-                     "ClusterRoleBinding": 5, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
+    assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 7,
+                     "ClusterRoleBinding": 7, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
                      "VolumeSnapshotClass": 1, "Service": 3, "Secret": 3}
 
 
@@ -314,7 +316,8 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
     ds = by_kind(default_docs, "DaemonSet")[f"{RELEASE}-zvolt-agent"]
     spec = ds["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"zvolt.io/storage-node": "true"}
-    assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is False
+    # Its pod-bound token asks for its own serving certificate (tls.agentCertificates=perNode).
+    assert spec["hostNetwork"] is True and spec["automountServiceAccountToken"] is True
     agent = container(spec, "zvolt-agent")
     assert agent["command"] == ["zvolt-agent"]
     assert agent["securityContext"]["privileged"] is True
@@ -325,7 +328,7 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
         f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420",
         "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
         "--shutdown-grace=20", "--commitment-ratio=3", "--growth-reserve=0.05",
-        "--tls-cert=/etc/zvolt/tls/tls.crt", "--tls-key=/etc/zvolt/tls/tls.key", "--tls-ca=/etc/zvolt/tls/ca.crt",
+        "--tls-request", "--tls-request-hours=168", "--tls-ca=/etc/zvolt/tls/ca.crt",
         f"--controller-cn={RELEASE}-zvolt-controller"]
     # Running calls get 20 s after SIGTERM; the kubelet waits 10 s longer before SIGKILL.
     assert spec["terminationGracePeriodSeconds"] == 30
@@ -434,6 +437,14 @@ EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
     "Role/leader-election": {"coordination.k8s.io/leases": {"get", "watch", "list", "delete", "update", "create"}},
     "Role/agent-discovery": {"core/pods": {"get", "list", "watch"}},
     "ClusterRole/agent-zones": {"core/nodes": {"get"}},
+    # tls.agentCertificates=perNode: agents ask, the controller signs (only its own signer name).
+    "ClusterRole/agent-csr": {"certificates.k8s.io/certificatesigningrequests": {"create", "get"}},
+    "ClusterRole/agent-signer": {
+        "certificates.k8s.io/certificatesigningrequests": {"get", "list", "watch"},
+        "certificates.k8s.io/certificatesigningrequests/approval": {"update"},
+        "certificates.k8s.io/certificatesigningrequests/status": {"update"},
+        "certificates.k8s.io/signers": {"approve", "sign"},
+    },
 }
 
 
@@ -450,7 +461,11 @@ def test_rbac_is_exactly_what_each_sidecar_needs(default_docs: list[Obj]) -> Non
 def test_only_the_controller_is_bound(default_docs: list[Obj]) -> None:
     bindings = [d for d in default_docs if d["kind"] in {"ClusterRoleBinding", "RoleBinding"}]
     subjects = {(s["kind"], s["name"], s["namespace"]) for b in bindings for s in b["subjects"]}
-    assert subjects == {("ServiceAccount", f"{RELEASE}-zvolt-controller", NAMESPACE)}
+    assert subjects == {("ServiceAccount", f"{RELEASE}-zvolt-controller", NAMESPACE),
+                        ("ServiceAccount", f"{RELEASE}-zvolt-agent", NAMESPACE)}
+    # The agent's one grant: asking for its own certificate.
+    assert [b["roleRef"]["name"] for b in bindings if b["subjects"][0]["name"] == f"{RELEASE}-zvolt-agent"] == [
+        f"{RELEASE}-zvolt-agent-csr"]
     bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in bindings}
     defined = {(d["kind"], d["metadata"]["name"]) for d in default_docs if d["kind"] in {"ClusterRole", "Role"}}
     assert bound == defined
@@ -523,11 +538,12 @@ def test_schema_allows_exactly_the_sidecar_keys_as_extra_parameters() -> None:
 
 
 def test_agent_certificate_names_are_unique() -> None:
-    for values in ({}, {"fullnameOverride": "zvolt"}, {"tls": {"certManager": {"enabled": True}}}):
+    for values in ({}, {"fullnameOverride": "zvolt"},
+                   {"tls": {"certManager": {"enabled": True}, "agentCertificates": "shared"}}):
         for cert in by_kind(render(values), "Certificate").values():
             names = cert["spec"].get("dnsNames", [])
             assert len(names) == len(set(names)), names
-    docs = render({"fullnameOverride": "zvolt"})
+    docs = render({"fullnameOverride": "zvolt", "tls": {"agentCertificates": "shared"}})
     crt = base64.b64decode(by_kind(docs, "Secret")["zvolt-agent-tls"]["data"]["tls.crt"])
     text = _openssl(["x509", "-noout", "-ext", "subjectAltName"], data=crt)
     sans = [part.strip() for part in text.splitlines()[-1].split(",")]
@@ -614,7 +630,9 @@ def _openssl(args: list[str], data: bytes | None = None, cwd: Path | None = None
     return proc.stdout.decode()
 
 
-def test_generated_certificates_form_a_working_mtls_pair(default_docs: list[Obj], tmp_path: Path) -> None:
+def test_generated_certificates_form_a_working_mtls_pair(tmp_path: Path) -> None:
+    """tls.agentCertificates=shared (per-node: tests/unit/test_chart_agent_certificates.py)."""
+    default_docs = render(VARIANTS["shared-agent-certificate"])
     secrets = by_kind(default_docs, "Secret")
     files: dict[str, Path] = {}
     for role in ("ca", "agent-tls", "controller-tls"):
@@ -708,7 +726,8 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     node_addrs = [LocalAddress("eth0", ipaddress.ip_address("10.1.2.3")),
                   LocalAddress("eth1", ipaddress.ip_address("10.42.0.7"))]
     assert resolve_nvme_address(settings, lambda version: node_addrs).nvme_address == "10.42.0.7"
-    assert settings.tls == ("/etc/zvolt/tls/tls.crt", "/etc/zvolt/tls/tls.key", "/etc/zvolt/tls/ca.crt")
+    assert settings.tls == ("/var/lib/zvolt/tls/current/tls.crt", "/var/lib/zvolt/tls/current/tls.key",
+                            "/etc/zvolt/tls/ca.crt") and settings.tls_request_seconds == 168 * 3600
 
     node = container(ds[f"{RELEASE}-zvolt-node"]["spec"]["template"]["spec"], "zvolt-node")
     nargs = csi_parser().parse_args(_expand(node["args"], pod_env))
@@ -721,7 +740,8 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     cargs = csi_parser().parse_args(_expand(ctrl["args"], pod_env))
     assert cargs.mode == "controller" and cargs.agents_from_kubernetes and not cargs.insecure
     assert cargs.agent_namespace == NAMESPACE and cargs.agent_port == 7001
-    assert cargs.tls_server_name == f"{RELEASE}-zvolt-agent.{NAMESPACE}.svc"
+    assert cargs.tls_per_node_names and not cargs.tls_server_name and cargs.sign_agent_certificates
+    assert cargs.agent_service_account == f"{RELEASE}-zvolt-agent"
 
 
 def _chart_with_lookup_seam(tmp_path: Path) -> Path:
@@ -751,21 +771,22 @@ def _render_at(chart_dir: Path, values: Obj) -> list[Obj]:
 
 def test_certificates_are_stable_across_upgrades_and_reinstalls(tmp_path: Path) -> None:
     chart_dir = _chart_with_lookup_seam(tmp_path)
-    first = by_kind(_render_at(chart_dir, {}), "Secret")
+    shared: Obj = {"tls": {"agentCertificates": "shared"}}
+    first = by_kind(_render_at(chart_dir, shared), "Secret")
     existing = {"ca": first[f"{RELEASE}-zvolt-ca"], "agent": first[f"{RELEASE}-zvolt-agent-tls"],
                 "controller": first[f"{RELEASE}-zvolt-controller-tls"]}
 
     # Upgrade: every Secret exists, nothing changes (and so the pods do not roll).
-    upgraded = _render_at(chart_dir, {"seam": existing})
+    upgraded = _render_at(chart_dir, {**shared, "seam": existing})
     assert {n: s["data"] for n, s in by_kind(upgraded, "Secret").items()} == \
         {n: s["data"] for n, s in first.items()}
-    again = _render_at(chart_dir, {"seam": existing})
+    again = _render_at(chart_dir, {**shared, "seam": existing})
     ann = [by_kind(d, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["metadata"]["annotations"]
            for d in (upgraded, again)]
     assert ann[0]["checksum/tls"] == ann[1]["checksum/tls"]
 
     # Reinstall after uninstall: only the kept CA survives; new leaves are signed by it.
-    reinstalled = by_kind(_render_at(chart_dir, {"seam": {"ca": existing["ca"]}}), "Secret")
+    reinstalled = by_kind(_render_at(chart_dir, {**shared, "seam": {"ca": existing["ca"]}}), "Secret")
     assert reinstalled[f"{RELEASE}-zvolt-ca"]["data"] == existing["ca"]["data"]
     agent = reinstalled[f"{RELEASE}-zvolt-agent-tls"]["data"]
     assert agent["tls.crt"] != existing["agent"]["data"]["tls.crt"]
