@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent import nvmet
 from agent.dhchap import HostKeys
@@ -49,6 +50,21 @@ def device_nguid(volume_id: str) -> str:
     return str(uuid.uuid5(_UUID_NS, "nguid:" + volume_id))
 
 
+class Homes(Protocol):
+    """Which node a volume's CSI id names (agent/index.py): moved volumes keep their first node's."""
+
+    def homes(self) -> dict[str, str]: ...
+    def moved_away(self) -> set[str]: ...
+
+
+class _OwnHomes:
+    def homes(self) -> dict[str, str]:
+        return {}
+
+    def moved_away(self) -> set[str]:
+        return set()
+
+
 class Exports:
     def __init__(self, zfs: Zfs, root: nvmet.Root, cfg: ExportConfig,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
@@ -66,12 +82,25 @@ class Exports:
         # Loaded from configfs once; other writers' later links are not tracked, which is safe:
         # configfs refuses to remove a host group that a subsystem still links to.
         self._refs: dict[str, set[str]] | None = None
+        self._index: Homes = _OwnHomes()
+        # Volume id -> the node its id names, for the few volumes that moved here: nqn() is on
+        # every request path and stays a dict lookup.
+        self._homes: dict[str, str] = {}
+
+    def attach(self, index: Homes) -> None:
+        self._index = index
+        self._homes = index.homes()
+
+    def set_home(self, volume_id: str, home: str) -> None:
+        """A volume moved here (home: the node its id names) or is gone ("")."""
+        if home and home != self.cfg.node:
+            self._homes[volume_id] = home
+        else:
+            self._homes.pop(volume_id, None)
 
     def nqn(self, volume_id: str) -> str:
-        return names.subsystem_nqn(self.cfg.node, volume_id)
-
-    def _prefix(self) -> str:
-        return f"nqn.2026-11.io.zvolt:{self.cfg.node}:"
+        """A moved volume keeps the NQN its first node gave it (hosts find it by that name)."""
+        return names.subsystem_nqn(self._homes.get(volume_id) or self.cfg.node, volume_id)
 
     def wait_device(self, dataset: str) -> None:
         """Poll for the zvol's device node with a deadline (udev adds /dev/zvol/... asynchronously)."""
@@ -213,9 +242,21 @@ class Exports:
             ns.set_attr("revalidate_size", "1")
 
     def exported_ids(self) -> set[str]:
-        """Volume ids of this node's subsystems present in configfs (only active volumes: small)."""
-        prefix = self._prefix()
-        return {s.nqn.removeprefix(prefix) for s in self.root.subsystems() if s.nqn.startswith(prefix)}
+        """Volume ids of this node's subsystems present in configfs (only active volumes: small).
+
+        Ours: an NQN under this node's name, unless the volume moved away (its subsystem, if one
+        exists, is the new holder's: nodes that share a configfs, as in the lab); and the NQN of
+        each volume that moved here under its first node's name. Reads the moved rows: start-up only."""
+        prefix = names.subsystem_nqn(self.cfg.node, "x")[:-1]
+        away = self._index.moved_away()
+        theirs = {names.subsystem_nqn(home, vid): vid for vid, home in self._homes.items()}
+        found = set()
+        for sub in self.root.subsystems():
+            if sub.nqn in theirs:
+                found.add(theirs[sub.nqn])
+            elif sub.nqn.startswith(prefix) and sub.nqn.removeprefix(prefix) not in away:
+                found.add(sub.nqn.removeprefix(prefix))
+        return found
 
     def condition(self, volume_id: str, dataset: str, hosts: list[str]) -> tuple[bool, str]:
         """Does configfs + the device match the stored publish state? (healthy, why not)."""

@@ -17,7 +17,8 @@ from typing import Any
 
 from agent.zfs import Zfs
 
-MUTATIONS = ("create_volume", "snapshot", "clone", "destroy", "destroy_snapshots", "rename", "set_props")
+MUTATIONS = ("create_volume", "snapshot", "clone", "destroy", "destroy_snapshots", "rename", "set_props", "send",
+             "receive")
 
 
 class FailpointZfs:

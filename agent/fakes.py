@@ -8,6 +8,8 @@ right after a chosen mutation to check that intents + recovery converge.
 from __future__ import annotations
 
 import errno
+import json
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from agent.exports import ExportConfig, Exports
 from agent.index import Index
 from agent.keys import Keys
 from agent.keystore import KeyStore
+from agent.moves import Moves
 from agent.recovery import Readiness, Recovery
 from agent.volumes import AgentConfig, Volumes
 from agent.zfs import EKEY, ENCRYPTION_PROPS, KEY_BYTES, READ_PROPS, Space, ZfsError, check_full_name
@@ -350,6 +353,58 @@ class FakeZfs:
                 raise ZfsError(EKEY, f"Key change error: Key must be loaded for '{root}'.")
             self.keys[root] = key
 
+    # -- streams: a JSON stand-in for `zfs send -R [-I base]` (properties and snapshots) ------
+
+    def send(self, snapshot: str, base: str, sink: int) -> None:
+        with self._lock:
+            self.calls.append(f"send {snapshot} from {base or '-'}")
+            self._hook("send", "before")
+            ds = check_full_name(snapshot).partition("@")[0]
+            vol = self._need(ds)
+            self._need(snapshot)
+            if base:
+                self._need(check_full_name(base))
+            snaps = [n for n, d in self.ds.items() if n.startswith(ds + "@") and not d.defer]
+            snaps = snaps[:snaps.index(snapshot) + 1]
+            if base:
+                snaps = snaps[snaps.index(base) + 1:]
+            payload = {"base": base.partition("@")[2], "props": vol.props,
+                       "snaps": [[n.partition("@")[2], self.ds[n].props] for n in snaps]}
+        data = json.dumps(payload).encode() + b"\nEND\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(sink, view):]
+
+    def receive(self, dataset: str, props: Mapping[str, str], exclude: Sequence[str], source: int) -> None:
+        chunks = []
+        while True:
+            chunk = os.read(source, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        with self._lock:
+            self.calls.append(f"receive {dataset}")
+            self._hook("receive", "before")
+            if not data.endswith(b"\nEND\n"):
+                raise ZfsError(errno.EIO, "cannot receive: incomplete stream")
+            payload = json.loads(data[:-5])
+            ds = check_full_name(dataset)
+            sent = {k: v for k, v in payload["props"].items() if k not in exclude}
+            if payload["base"]:
+                if f"{ds}@{payload['base']}" not in self.ds:
+                    raise ZfsError(errno.ENOENT, f"cannot receive incremental stream: {ds}@{payload['base']} "
+                                   "does not exist")
+                self.ds[ds].props.update({**sent, **props})
+            else:
+                if ds in self.ds:
+                    raise ZfsError(errno.EEXIST, f"cannot receive new filesystem stream: {ds} exists")
+                self._parent_must_exist(ds)
+                self.ds[ds] = _Ds("volume", {**sent, **props})
+            for snap, snap_props in payload["snaps"]:
+                self.ds[f"{ds}@{snap}"] = _Ds("snapshot", dict(snap_props))
+            self._hook("receive", "after")
+
     # -- test helpers ---------------------------------------------------------------------
 
     def volumes(self, under: str) -> list[str]:
@@ -366,17 +421,19 @@ class FakeNode:
     volumes: Volumes
     readiness: Readiness
     recovery: Recovery
+    moves: Moves
 
     def restart(self, state_dir: str) -> FakeNode:
         """A new agent process over the same ZFS and configfs (the old index handle is dropped)."""
         self.index.close()
         return make_node(state_dir, self.root.path, zfs=self.zfs, node=self.volumes.cfg.node, recover=True,
-                         keystore=self.volumes.keys.store)
+                         keystore=self.volumes.keys.store, pool=self.volumes.cfg.pool,
+                         move_address=self.moves.address)
 
 
 def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, node: str = "storage-0",
               pool: str = "tank", recover: bool = True, pool_size: int = 1 << 40,
-              keystore: KeyStore | None = None) -> FakeNode:
+              keystore: KeyStore | None = None, move_address: str = "127.0.0.1:0") -> FakeNode:
     zfs = zfs or FakeZfs(pool_size=pool_size)
     if pool not in zfs.ds:
         zfs.ds[pool] = _Ds("filesystem")
@@ -390,4 +447,4 @@ def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, 
     recovery = Recovery(zfs, index, exports, volumes, readiness)
     if recover:
         recovery.run()
-    return FakeNode(zfs, root, index, volumes, readiness, recovery)
+    return FakeNode(zfs, root, index, volumes, readiness, recovery, Moves(volumes, zfs, move_address))

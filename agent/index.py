@@ -101,6 +101,14 @@ CREATE TRIGGER IF NOT EXISTS charges_changed AFTER UPDATE OF id, bytes ON snapsh
     UPDATE commitment_total SET bytes = bytes + coalesce((SELECT size - OLD.bytes FROM snapshots WHERE id = OLD.id), 0)
                                               + coalesce((SELECT NEW.bytes - size FROM snapshots WHERE id = NEW.id), 0);
     END;
+-- Moves between storage nodes (agent/moves.py), apart from the volumes table so that no schema
+-- version changes. homes: a held volume whose CSI id names another node (it moved here); it
+-- lives as long as its volume row. moves: this node's side of a move out: 'moving' (the volume is
+-- still held here, the one true copy) or 'moved' (a tombstone: the target committed).
+CREATE TABLE IF NOT EXISTS homes(id TEXT PRIMARY KEY, node TEXT NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS homes_follow AFTER DELETE ON volumes BEGIN
+    DELETE FROM homes WHERE id = OLD.id; END;
+CREATE TABLE IF NOT EXISTS volume_moves(id TEXT PRIMARY KEY, state TEXT NOT NULL, peer TEXT NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS charges_deleted AFTER DELETE ON snapshot_charges BEGIN
     UPDATE commitment_total SET bytes = bytes + coalesce((SELECT size - OLD.bytes FROM snapshots WHERE id = OLD.id), 0);
     END;
@@ -124,6 +132,7 @@ class VolumeRec:
     origin: str = ""  # full ZFS name of the origin snapshot ("" if not a clone)
     hosts: list[str] = field(default_factory=list)
     created: int = 0
+    home: str = ""  # the node its CSI id names when that is not this node (it moved here)
 
 
 @dataclass
@@ -142,6 +151,13 @@ class TrashRec:
     dataset: str
     origin: str
     created: int
+
+
+@dataclass(frozen=True)
+class MoveRec:
+    id: str
+    state: str  # "moving" | "moved"
+    peer: str  # the target node
 
 
 @dataclass
@@ -183,6 +199,19 @@ class Tx:
             (v.id, v.name, v.dataset, v.size, v.volblocksize, v.compression, int(v.thick), v.source_snapshot,
              v.source_volume, v.origin, ",".join(v.hosts), v.created),
         )
+        # A record read back without its home (lists) must not drop the row: it goes with its
+        # volume row (homes_follow); a replace fires no delete trigger.
+        if v.home:
+            self._c.execute("INSERT OR REPLACE INTO homes VALUES(?,?)", (v.id, v.home))
+
+    def put_move(self, m: MoveRec) -> None:
+        self._c.execute("INSERT OR REPLACE INTO volume_moves VALUES(?,?,?)", (m.id, m.state, m.peer))
+
+    def del_move(self, vid: str) -> None:
+        self._c.execute("DELETE FROM volume_moves WHERE id=?", (vid,))
+
+    def del_move_unless_moved(self, vid: str) -> None:
+        self._c.execute("DELETE FROM volume_moves WHERE id=? AND state != 'moved'", (vid,))
 
     def del_volume(self, vid: str) -> None:
         self._c.execute("DELETE FROM volumes WHERE id=?", (vid,))
@@ -228,7 +257,8 @@ class Tx:
 
     def clear(self) -> None:
         """Drop every row (before a rebuild from ZFS)."""
-        for table in ("volumes", "snapshots", "snapshot_charges", "snapshot_groups", "trash", "intents"):
+        for table in ("volumes", "snapshots", "snapshot_charges", "snapshot_groups", "trash", "intents", "homes",
+                      "volume_moves"):
             self._c.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
 
     def done(self, seq: int) -> None:
@@ -335,7 +365,7 @@ class Index:
     def volume(self, vid: str) -> VolumeRec | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM volumes WHERE id=?", (vid,)).fetchone()
-        return None if row is None else _vol(row)
+        return None if row is None else replace(_vol(row), home=self.home(vid))
 
     def volume_by_dataset(self, dataset: str) -> VolumeRec | None:
         with self._lock:
@@ -404,6 +434,39 @@ class Index:
                 if row is not None:
                     return True
         return False
+
+    def clones_of(self, dataset: str) -> list[str]:
+        """Volume ids (or trash datasets) whose origin is a snapshot of `dataset`."""
+        out: list[str] = []
+        with self._lock:
+            for table, key in (("volumes", "id"), ("trash", "dataset")):
+                rows = self._db.execute(f"SELECT {key} FROM {table} WHERE origin >= ? AND origin < ?",  # noqa: S608
+                                        (dataset + "@", dataset + "A")).fetchall()
+                out += [str(r[0]) for r in rows]
+        return out
+
+    def home(self, vid: str) -> str:
+        """The node a held volume's CSI id names, "" when it is this node (one key lookup)."""
+        with self._lock:
+            row = self._db.execute("SELECT node FROM homes WHERE id=?", (vid,)).fetchone()
+        return "" if row is None else str(row[0])
+
+    def homes(self) -> dict[str, str]:
+        """Held volumes whose id names another node: only volumes that moved here."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, node FROM homes").fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def move(self, vid: str) -> MoveRec | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, state, peer FROM volume_moves WHERE id=?", (vid,)).fetchone()
+        return None if row is None else MoveRec(str(row[0]), str(row[1]), str(row[2]))
+
+    def moved_away(self) -> set[str]:
+        """Tombstones: ids this node created or held that now live on another node."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM volume_moves WHERE state='moved'").fetchall()
+        return {str(r[0]) for r in rows}
 
     def trash(self) -> list[TrashRec]:
         with self._lock:

@@ -33,12 +33,13 @@ from agent.keys import Keys
 from agent.keystore import KeyStore, KeyStoreError, read_wrapping_key
 from agent.locks import VolumeLocks
 from agent.metrics import Metrics
+from agent.moves import DEFAULT_MOVE_PORT, Moves, SendServer, tls_contexts
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
 from agent.shutdown import drain
 from agent.usage import Usage
 from agent.volumes import AgentConfig, Volumes
-from agent.zfs import LibZfs, Zfs
+from agent.zfs import LibZfs, Streams, Zfs
 from agent.zpool import Zpool
 from zvolt import commitment, guardkeeper, names
 from zvolt.errors import ZvoltError
@@ -81,6 +82,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
                        "to grow into"),
     "key-wrapping-file": (None, "file with 64 hex characters (openssl rand -hex 32): the node key that wraps the "
                           "kept keys of published encrypted volumes; without it encrypted volumes are refused"),
+    "move-listen": (None, "HOST:PORT of this node's move port, where a target agent fetches a moving volume's "
+                    f"stream (default: the NVMe/TCP address, port {DEFAULT_MOVE_PORT}; 'off' disables moves)"),
     "failpoint": (None, "crash tests only: SIGKILL self or stall at OP:WHEN (see agent/failpoints.py)"),
 }
 _FLAGS = ("insecure", "tls-request", "rebuild-index", "dhchap", "dhchap-bidirectional", "no-guard",
@@ -119,6 +122,7 @@ class Settings:
     # Per-volume usage series (zvolt_agent_volume_*_bytes): one series per volume, so off by default.
     usage_volume_metrics: bool = False
     key_wrapping_file: str = ""  # agent/keystore.py; "" = no encrypted volumes on this node
+    move_listen: str = ""  # agent/moves.py; "" = NVMe/TCP address:DEFAULT_MOVE_PORT, "off" = no moves
     # --tls-request: the serving certificate comes from the Kubernetes API (agent/certrequest.py),
     # lifetime asked in seconds; 0 = --tls-cert/--tls-key files given by the operator.
     tls_request_seconds: int = 0
@@ -239,7 +243,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         storage_network=storage_network, guard=bool(storage_network) and not _truthy(get("no-guard")),
         commitment_ratio=ratio, growth_reserve=reserve,
         guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
-        key_wrapping_file=str(get("key-wrapping-file") or ""),
+        key_wrapping_file=str(get("key-wrapping-file") or ""), move_listen=str(get("move-listen") or ""),
         tls_request_seconds=tls_request_seconds,
     )
 
@@ -324,6 +328,7 @@ class Agent:
     recovery: Recovery
     servicer: AgentServicer
     inflight: InFlight
+    send_server: SendServer | None = None
 
 
 def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent:
@@ -343,7 +348,8 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     readiness = Readiness()
     metrics = Metrics()
     usage = Usage(volumes, Zpool(), metrics, per_volume=settings.usage_volume_metrics)
-    servicer = AgentServicer(volumes, readiness, metrics, usage)
+    moves, send_server = _moves(settings, zfs, volumes)
+    servicer = AgentServicer(volumes, readiness, metrics, usage, moves)
     inflight = InFlight()
     server = make_server(servicer, metrics, inflight=inflight,
                          authz=Authorizer([settings.controller_cn]) if settings.tls else None)
@@ -358,7 +364,18 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
         raise SystemExit(f"cannot listen on {settings.listen}")
     recovery = Recovery(zfs, index, exports, volumes, readiness,
                         progress=lambda line: _log.info(line, extra={"fields": {"phase": "recovery"}}))
-    return Agent(settings, volumes, readiness, metrics, server, recovery, servicer, inflight)
+    return Agent(settings, volumes, readiness, metrics, server, recovery, servicer, inflight, send_server)
+
+
+def _moves(settings: Settings, zfs: Zfs, volumes: Volumes) -> tuple[Moves | None, SendServer | None]:
+    """The move port (agent/moves.py) on the storage network, TLS with the serving certificate when
+    the agent has one; a target checks it against the CA and needs no client certificate."""
+    if settings.move_listen == "off" or not isinstance(zfs, Streams):
+        return None, None
+    listen = settings.move_listen or f"{settings.nvme_address}:{DEFAULT_MOVE_PORT}"
+    tls_server, tls_client = tls_contexts(*settings.tls) if settings.tls else (None, None)
+    moves = Moves(volumes, zfs, listen, tls_server=tls_server, tls_client=tls_client)
+    return moves, SendServer(moves, listen)
 
 
 def node_certificate(settings: Settings, api: certrequest.CsrApi, stop: threading.Event | None = None,
@@ -426,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Metrics are not worth refusing service for; say so loudly instead.
             _log.error("cannot serve metrics on %s: %s", settings.metrics_listen, exc)
     agent.server.start()
+    if agent.send_server is not None:
+        try:
+            agent.send_server.start()
+        except (OSError, ZvoltError) as exc:
+            raise SystemExit(f"zvolt-agent: cannot listen for moves on {agent.send_server.listen}: {exc}") from None
     _log.info("agent serving", extra={"fields": {"listen": settings.listen, "node": settings.node}})
     stop = threading.Event()
 

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.index import SnapshotRec, TrashRec, Tx, VolumeRec
+from agent.index import MoveRec, SnapshotRec, TrashRec, Tx, VolumeRec
 from agent.zfs import Zfs
 from zvolt import names
 
 HIDDEN_PREFIX = "h"  # implicit snapshots made for clone-from-volume: "h<clone id>"
+# A move between nodes (agent/moves.py), in user properties so that recovery and a rebuilt index
+# know it. Target: HOME (the node its CSI id names), STATE = INCOMING until the one `zfs set` of
+# the commit makes it HELD. Source: MOVING_TO while it streams, MOVED_TO once the target committed.
+HOME = "zvolt:home"
+STATE = "zvolt:state"
+INCOMING = "incoming"
+HELD = "held"
+MOVE_FROM = "zvolt:move-from"
+MOVING_TO = "zvolt:moving-to"
+MOVED_TO = "zvolt:moved-to"
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ def from_props(layout: Layout, name: str, props: dict[str, str]) -> Record | Non
     if "@" in name:
         if props.get("defer_destroy") == "on" or is_hidden_snapshot(name) or _user(props, "zvolt:hidden"):
             return None
+        if _user(props, STATE) == INCOMING or _user(props, MOVED_TO):
+            return None  # its volume's (user properties are inherited): arriving, or left
         vid = _user(props, "zvolt:volume") or _user(props, "zvolt:id")
         sname = _user(props, "zvolt:name")
         if not vid or not sname:
@@ -85,14 +97,28 @@ def from_props(layout: Layout, name: str, props: dict[str, str]) -> Record | Non
     vid = name.rsplit("/", 1)[1]
     if _user(props, "zvolt:id") != vid:
         return None  # not made by zvolt (or a half-made dataset without its properties)
+    if _user(props, STATE) == INCOMING or _user(props, MOVED_TO):
+        return None  # not servable here: arriving, or left for another node
     hosts = [h for h in _user(props, "zvolt:hosts").split(",") if h]
     return VolumeRec(
         id=vid, name=_user(props, "zvolt:name"), dataset=name, size=_int(props.get("volsize")),
         volblocksize=_int(props.get("volblocksize"), 16384), compression=props.get("compression", "lz4"),
         thick=_user(props, "zvolt:thick") == "1", source_snapshot=_user(props, "zvolt:source-snapshot"),
         source_volume=_user(props, "zvolt:source-volume"), origin=origin, hosts=sorted(hosts),
-        created=_int(props.get("zvolt:created")),
+        created=_int(props.get("zvolt:created")), home=_user(props, HOME),
     )
+
+
+def move_of(layout: Layout, name: str, props: dict[str, str]) -> MoveRec | None:
+    """The source side of a move that a volume's properties record, if any."""
+    if "@" in name or not layout.is_volume(name):
+        return None
+    vid = name.rsplit("/", 1)[1]
+    if _user(props, MOVED_TO):
+        return MoveRec(vid, "moved", _user(props, MOVED_TO))
+    if _user(props, MOVING_TO):
+        return MoveRec(vid, "moving", _user(props, MOVING_TO))
+    return None
 
 
 def put(tx: Tx, rec: Record) -> None:
@@ -118,4 +144,11 @@ def refresh(tx: Tx, zfs: Zfs, layout: Layout, dataset: str) -> Record | None:
     rec = from_props(layout, dataset, props)
     if rec is not None:
         put(tx, rec)
+    move = move_of(layout, dataset, props)
+    if move is not None:
+        tx.put_move(move)
+    elif isinstance(rec, VolumeRec):
+        # Held here with no move under way; a stale "moving" row goes (an aborted move). A
+        # tombstone stays: the data it named may be destroyed, and then nothing else says so.
+        tx.del_move_unless_moved(rec.id)
     return rec

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from agent.exports import Exports
 from agent.index import Index, Intent, VolumeRec
-from agent.records import Layout, from_props, is_hidden_snapshot, put, refresh
+from agent.records import Layout, from_props, is_hidden_snapshot, move_of, put, refresh
 from agent.volumes import Volumes
 from agent.zfs import Zfs, ZfsError, set_props_many
 
@@ -73,6 +73,9 @@ def rebuild_index(zfs: Zfs, index: Index, layout: Layout, progress: Callable[[st
             if rec is not None:
                 put(tx, rec)
                 count += 1
+            move = move_of(layout, props["name"], props)
+            if move is not None:
+                tx.put_move(move)
             if seen % every == 0:
                 progress(f"rebuild: {seen} datasets read, {count} indexed, {time.monotonic() - start:.1f}s")
     index.set_meta("parent", layout.parent)
@@ -253,6 +256,7 @@ class Recovery:
                 raise RuntimeError(f"index belongs to parent {known}, not {self.layout.parent}")
             self.readiness.set(False, "settling in-flight operations")
             settled = self.settle_intents()
+            self.exports.attach(self.index)  # homes of volumes that moved here, as settled or rebuilt
             self.check_commitment()
             self.readiness.set(False, "restoring NVMe exports")
             restored, removed = self.restore_exports()

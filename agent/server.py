@@ -6,6 +6,7 @@ sees a half-restored node.
 
 from __future__ import annotations
 
+import time
 from concurrent import futures
 from typing import Any
 
@@ -15,15 +16,18 @@ from agent.authz import Authorizer
 from agent.group_snapshots import Group, GroupSnapshots
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
+from agent.moves import SOURCE, TARGET, Moves
 from agent.recovery import Readiness
 from agent.usage import Usage, VolumeUsage
 from agent.volumes import Volumes, VolumeSpec
-from zvolt.errors import unavailable
+from zvolt.errors import precondition, unavailable
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
 from zvolt.rpc import InFlight, RpcInterceptor
 
 VERSION = "0.1.0"
+_PLACEMENTS = {"held": pb.PLACEMENT_HELD, "moving": pb.PLACEMENT_MOVING, "moved": pb.PLACEMENT_MOVED,
+               "incoming": pb.PLACEMENT_INCOMING}
 
 
 def volume_pb(vol: VolumeRec, nqn: str) -> Any:
@@ -51,8 +55,10 @@ def group_pb(group: Group) -> Any:
 
 
 class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
-    def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics, usage: Usage | None = None) -> None:
+    def __init__(self, volumes: Volumes, readiness: Readiness, metrics: Metrics, usage: Usage | None = None,
+                 moves: Moves | None = None) -> None:
         self.v = volumes
+        self._moves = moves
         self.usage = usage or Usage(volumes)
         self.groups = GroupSnapshots(volumes)
         self.readiness = readiness
@@ -124,13 +130,59 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def GetVolume(self, request: Any, context: Any) -> Any:
         self._ready()
-        st = self.v.get_volume(request.volume_id)
+        if self._moves is None:
+            return pb.GetVolumeResponse(volume=self._volume_msg(request.volume_id), placement=pb.PLACEMENT_HELD,
+                                        home_node=self.v.cfg.node)
+        place = self._moves.placement(request.volume_id)
+        if place.state in ("moved", "incoming"):
+            return pb.GetVolumeResponse(
+                volume=pb.Volume(id=request.volume_id), placement=_PLACEMENTS[place.state], home_node=place.home,
+                moved_to=place.peer if place.state == "moved" else "",
+                move_from=place.peer if place.state == "incoming" else "",
+                move_snapshot=place.snapshot, move_final=place.final)
+        return pb.GetVolumeResponse(volume=self._volume_msg(request.volume_id), placement=_PLACEMENTS[place.state],
+                                    home_node=place.home, moving_to=place.peer)
+
+    def _volume_msg(self, vid: str) -> Any:
+        st = self.v.get_volume(vid)
         msg = volume_pb(st.volume, self._nqn(st.volume.id))
         msg.used_bytes = st.used_bytes
         msg.encrypted = st.encrypted
         msg.condition = pb.VOLUME_CONDITION_HEALTHY if st.healthy else pb.VOLUME_CONDITION_ABNORMAL
         msg.condition_message = st.message
-        return pb.GetVolumeResponse(volume=msg)
+        return msg
+
+    # -- moves (agent/moves.py) -----------------------------------------------------------
+
+    def _mover(self) -> Moves:
+        self._ready()
+        if self._moves is None:
+            raise precondition(f"storage node {self.v.cfg.node} has no move port: volumes cannot move to or from it")
+        return self._moves
+
+    def SendMove(self, request: Any, context: Any) -> Any:
+        plan = self._mover().send(request.volume_id, request.target_node, request.base_snapshot, request.final)
+        return pb.SendMoveResponse(token=plan.token, address=plan.address, snapshot=plan.snapshot,
+                                   base_snapshot=plan.base, home_node=plan.home)
+
+    def ReceiveMove(self, request: Any, context: Any) -> Any:
+        start = time.monotonic()
+        moved = self._mover().receive(request.volume_id, request.home_node, request.source_node, request.address,
+                                      request.token, request.snapshot, request.base_snapshot)
+        return pb.ReceiveMoveResponse(bytes=moved, seconds=time.monotonic() - start)
+
+    def CommitMove(self, request: Any, context: Any) -> Any:
+        vol = self._mover().commit(request.volume_id, request.source_node)
+        return pb.CommitMoveResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+
+    def FinishMove(self, request: Any, context: Any) -> Any:
+        self._mover().finish(request.volume_id, request.target_node)
+        return pb.FinishMoveResponse()
+
+    def AbortMove(self, request: Any, context: Any) -> Any:
+        role = {pb.MOVE_ROLE_SOURCE: SOURCE, pb.MOVE_ROLE_TARGET: TARGET}.get(request.role, "")
+        self._mover().abort(request.volume_id, role)
+        return pb.AbortMoveResponse()
 
     def ListVolumes(self, request: Any, context: Any) -> Any:
         self._ready()

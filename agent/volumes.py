@@ -175,6 +175,7 @@ class Volumes:
         self.keys = keys or Keys(zfs, None)
         self.layout = Layout(cfg.parent)
         self.gc = Collector(zfs, index, self.layout)
+        exports.attach(index)  # a volume that moved here keeps its first node's NQN
         # Published volumes whose export start-up could not restore: volume id -> why. Their
         # condition says so, and recovery retries them in the background (agent/recovery.py).
         self.unrestored: dict[str, str] = {}
@@ -267,6 +268,14 @@ class Volumes:
         if vol is None:
             raise not_found(f"volume {vid} does not exist")
         return vol
+
+    def not_moving(self, vid: str, what: str) -> None:
+        """A volume being moved keeps still until the move commits or is aborted (agent/moves.py):
+        a publish would make a second writer, a snapshot or growth could miss the final stream."""
+        move = self.index.move(vid)
+        if move is not None and move.state == "moving":
+            raise precondition(f"{what}: volume {vid} is being moved to storage node {move.peer}; retry when the "
+                               "move has finished or was aborted")
 
     # -- create ---------------------------------------------------------------------------
 
@@ -444,6 +453,7 @@ class Volumes:
                 return
             if vol.hosts:
                 raise precondition(f"volume {vid} is still published to {', '.join(vol.hosts)}; unpublish it first")
+            self.not_moving(vid, "deleting")
             visible = {s.dataset for s in self.index.snapshots_in(vol.dataset)}
             # Common case first: the index knows of no snapshot or clone, so one destroy with no
             # listing. Busy means children the index does not know (e.g. a leftover hidden
@@ -490,6 +500,7 @@ class Volumes:
             raise _zfs_error(exc, f"deleting volume {vol.id}") from exc
         with self.index.tx() as tx:
             tx.del_volume(vol.id)
+            self.exports.set_home(vol.id, "")
             if plan.trash:
                 tx.move_snapshots(vol.dataset, plan.trash)
                 tx.move_origins(vol.dataset, plan.trash)
@@ -505,6 +516,7 @@ class Volumes:
             raise invalid("size_bytes must be positive")
         with self.locks.hold([vid]):
             vol = self._volume(vid)
+            self.not_moving(vid, "expanding")
             new = volprops.round_up(size, vol.volblocksize)
             if new <= vol.size:
                 return vol  # never shrink: ZFS would accept it even on a connected volume
@@ -606,6 +618,7 @@ class Volumes:
                     raise already_exists(f"snapshot {name!r} exists for another volume ({existing.volume_id})")
                 return existing
             vol = self._volume(vid)
+            self.not_moving(vid, f"snapshot {name!r}")
             ds = f"{vol.dataset}@{snap}"
             created = self._now()
             seq = self.index.begin("snapshot", [ds])
@@ -663,6 +676,7 @@ class Volumes:
             vol = self._volume(vid)
             if host in vol.hosts and self.exports.condition(vid, vol.dataset, vol.hosts)[0]:
                 return self.exports.nqn(vid)
+            self.not_moving(vid, f"publishing to {host}")
             active = self.zfs.device_ready(vol.dataset)
             # An inactive volume may be encrypted with its key unloaded: one scoped read says so.
             root = self.keys.root_of(vol.dataset) if key or not active else ""

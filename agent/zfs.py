@@ -45,6 +45,10 @@ READ_PROPS = (
     "zvolt:volume",
     "zvolt:size",
     "zvolt:group",
+    "zvolt:home",
+    "zvolt:state",
+    "zvolt:moving-to",
+    "zvolt:moved-to",
 )
 
 
@@ -97,6 +101,15 @@ class Zfs(Protocol):
     def load_key(self, root: str, key: bytes, noop: bool = False) -> None: ...
     def unload_key(self, root: str) -> None: ...
     def change_key(self, root: str, key: bytes) -> None: ...
+
+
+@runtime_checkable
+class Streams(Protocol):
+    """`zfs send` / `zfs receive` between two file descriptors (a move: agent/moves.py). Both block
+    until the stream ends; a failure raises ZfsError with ZFS's own words."""
+
+    def send(self, snapshot: str, base: str, sink: int) -> None: ...
+    def receive(self, dataset: str, props: Mapping[str, str], exclude: Sequence[str], source: int) -> None: ...
 
 
 @runtime_checkable
@@ -387,6 +400,32 @@ class LibZfs:
         """Re-wrap the root's master key with `key` (its current key must be loaded): no data is copied."""
         opts = [a for k, v in ENCRYPTION_PROPS.items() if k != "encryption" for a in ("-o", f"{k}={v}")]
         self._run(["change-key", *opts, check_full_name(root)], stdin=_key_text(key))
+
+    # -- streams (a move between nodes) ----------------------------------------------------
+
+    def send(self, snapshot: str, base: str, sink: int) -> None:
+        """`zfs send -R` of the volume up to `snapshot` (its snapshots and properties with it),
+        from `base` on (-I: every snapshot in between) when given, written to fd `sink`."""
+        argv = [self._zfs, "send", "-R", *(["-I", check_full_name(base)] if base else []), check_full_name(snapshot)]
+        self._stream(argv, stdin=None, stdout=sink)
+
+    def receive(self, dataset: str, props: Mapping[str, str], exclude: Sequence[str], source: int) -> None:
+        """`zfs receive` of a stream from fd `source` into `dataset`, with `props` set (-o) and the
+        sender's `exclude` properties left out (-x)."""
+        opts = [a for o in _prop_args(props) for a in ("-o", o)]
+        _prop_args(dict.fromkeys(exclude, ""))  # the same check of each name
+        opts += [a for x in exclude for a in ("-x", x)]
+        self._stream([self._zfs, "receive", *opts, check_full_name(dataset)], stdin=source, stdout=None)
+
+    def _stream(self, argv: list[str], stdin: int | None, stdout: int | None) -> None:
+        # No time limit of its own: the socket at the other end has one (a dead peer ends it).
+        proc = subprocess.run(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                              stdout=stdout if stdout is not None else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            msg = proc.stderr.decode(errors="replace").strip()[-1000:]
+            err = errno.EEXIST if "exists" in msg else errno.ENOENT if "does not exist" in msg else errno.EIO
+            raise ZfsError(err, f"zfs {argv[1]}: {msg or f'exit {proc.returncode}'}")
 
     # -- devices ---------------------------------------------------------------------------
 

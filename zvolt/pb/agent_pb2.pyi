@@ -12,9 +12,31 @@ class VolumeCondition(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VOLUME_CONDITION_UNSPECIFIED: _ClassVar[VolumeCondition]
     VOLUME_CONDITION_HEALTHY: _ClassVar[VolumeCondition]
     VOLUME_CONDITION_ABNORMAL: _ClassVar[VolumeCondition]
+
+class Placement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_UNSPECIFIED: _ClassVar[Placement]
+    PLACEMENT_HELD: _ClassVar[Placement]
+    PLACEMENT_MOVING: _ClassVar[Placement]
+    PLACEMENT_MOVED: _ClassVar[Placement]
+    PLACEMENT_INCOMING: _ClassVar[Placement]
+
+class MoveRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MOVE_ROLE_UNSPECIFIED: _ClassVar[MoveRole]
+    MOVE_ROLE_SOURCE: _ClassVar[MoveRole]
+    MOVE_ROLE_TARGET: _ClassVar[MoveRole]
 VOLUME_CONDITION_UNSPECIFIED: VolumeCondition
 VOLUME_CONDITION_HEALTHY: VolumeCondition
 VOLUME_CONDITION_ABNORMAL: VolumeCondition
+PLACEMENT_UNSPECIFIED: Placement
+PLACEMENT_HELD: Placement
+PLACEMENT_MOVING: Placement
+PLACEMENT_MOVED: Placement
+PLACEMENT_INCOMING: Placement
+MOVE_ROLE_UNSPECIFIED: MoveRole
+MOVE_ROLE_SOURCE: MoveRole
+MOVE_ROLE_TARGET: MoveRole
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -184,10 +206,24 @@ class GetVolumeRequest(_message.Message):
     def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
 
 class GetVolumeResponse(_message.Message):
-    __slots__ = ("volume",)
+    __slots__ = ("volume", "placement", "home_node", "moving_to", "moved_to", "move_from", "move_snapshot", "move_final")
     VOLUME_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_FIELD_NUMBER: _ClassVar[int]
+    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FROM_FIELD_NUMBER: _ClassVar[int]
+    MOVE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FINAL_FIELD_NUMBER: _ClassVar[int]
     volume: Volume
-    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+    placement: Placement
+    home_node: str
+    moving_to: str
+    moved_to: str
+    move_from: str
+    move_snapshot: str
+    move_final: bool
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ..., placement: _Optional[_Union[Placement, str]] = ..., home_node: _Optional[str] = ..., moving_to: _Optional[str] = ..., moved_to: _Optional[str] = ..., move_from: _Optional[str] = ..., move_snapshot: _Optional[str] = ..., move_final: _Optional[bool] = ...) -> None: ...
 
 class ListVolumesRequest(_message.Message):
     __slots__ = ("max_entries", "starting_token", "published_only")
@@ -452,3 +488,93 @@ class RotateKeyResponse(_message.Message):
     ENCRYPTION_ROOT_FIELD_NUMBER: _ClassVar[int]
     encryption_root: str
     def __init__(self, encryption_root: _Optional[str] = ...) -> None: ...
+
+class SendMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "target_node", "base_snapshot", "final")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
+    BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    target_node: str
+    base_snapshot: str
+    final: bool
+    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class SendMoveResponse(_message.Message):
+    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    address: str
+    snapshot: str
+    base_snapshot: str
+    home_node: str
+    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ...) -> None: ...
+
+class ReceiveMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "home_node", "source_node", "address", "token", "snapshot", "base_snapshot")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    home_node: str
+    source_node: str
+    address: str
+    token: str
+    snapshot: str
+    base_snapshot: str
+    def __init__(self, volume_id: _Optional[str] = ..., home_node: _Optional[str] = ..., source_node: _Optional[str] = ..., address: _Optional[str] = ..., token: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ...) -> None: ...
+
+class ReceiveMoveResponse(_message.Message):
+    __slots__ = ("bytes", "seconds")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class CommitMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "source_node")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    source_node: str
+    def __init__(self, volume_id: _Optional[str] = ..., source_node: _Optional[str] = ...) -> None: ...
+
+class CommitMoveResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class FinishMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "target_node")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    target_node: str
+    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ...) -> None: ...
+
+class FinishMoveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AbortMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "role")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    role: MoveRole
+    def __init__(self, volume_id: _Optional[str] = ..., role: _Optional[_Union[MoveRole, str]] = ...) -> None: ...
+
+class AbortMoveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

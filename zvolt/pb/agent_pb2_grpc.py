@@ -124,6 +124,31 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
+        self.SendMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/SendMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.FromString,
+                _registered_method=True)
+        self.ReceiveMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/ReceiveMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.FromString,
+                _registered_method=True)
+        self.CommitMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/CommitMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.CommitMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.CommitMoveResponse.FromString,
+                _registered_method=True)
+        self.FinishMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/FinishMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.FinishMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.FinishMoveResponse.FromString,
+                _registered_method=True)
+        self.AbortMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/AbortMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -251,6 +276,45 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendMove(self, request, context):
+        """Moving an unpublished volume with its snapshots to another storage node (agent/moves.py;
+        csi/moves.py drives the steps). Its id keeps naming its first node; the target serves it
+        under the same NQN. Controller only; every step is idempotent.
+        Source: a move snapshot and a one-time token for its stream (final=true freezes it first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReceiveMove(self, request, context):
+        """Target: dial the source's move port with the token and receive the stream (not servable yet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitMove(self, request, context):
+        """Target: the commit point (refused until the final stream arrived). The volume is held here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishMove(self, request, context):
+        """Source, after the commit: a tombstone naming the target; its copy is destroyed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMove(self, request, context):
+        """Before the commit: the target (role TARGET) destroys its copy, THEN the source (role SOURCE)
+        is writable again. Refused by a target that committed and a source that finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -343,6 +407,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'SendMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.SerializeToString,
+            ),
+            'ReceiveMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReceiveMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.SerializeToString,
+            ),
+            'CommitMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.CommitMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.CommitMoveResponse.SerializeToString,
+            ),
+            'FinishMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.FinishMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.FinishMoveResponse.SerializeToString,
+            ),
+            'AbortMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -831,6 +920,141 @@ class Agent:
             '/zvolt.agent.v1.Agent/RotateKey',
             zvolt_dot_pb_dot_agent__pb2.RotateKeyRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/SendMove',
+            zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/ReceiveMove',
+            zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/CommitMove',
+            zvolt_dot_pb_dot_agent__pb2.CommitMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.CommitMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/FinishMove',
+            zvolt_dot_pb_dot_agent__pb2.FinishMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.FinishMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/AbortMove',
+            zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

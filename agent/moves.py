@@ -1,0 +1,668 @@
+"""Move an unpublished volume, with its snapshots, to another storage node (offline move).
+
+The steps (csi/moves.py drives them over the two agents' APIs; each is idempotent):
+1. source `send`: records MOVING_TO=<target> (intent, property, index row), takes a hidden move
+   snapshot and hands out a one-time token for the stream from the target's last move snapshot
+   (`zfs send -R -I`: the volume's CSI snapshots and properties go with it).
+   target `receive`: dials the source's move port with the token and pipes the stream into
+   `zfs receive` as an INCOMING dataset (readonly, not indexed, so never exported).
+2. source `send(final=True)`: readonly=on, then the final move snapshot (marked FINAL), streamed
+   the same way.
+3. target `commit`: refused unless its newest move snapshot is the FINAL one; then ONE `zfs set`
+   of state=held + readonly=off (a single sync task: atomic). This is the commit point.
+4. source `finish`: MOVED_TO=<target> (the tombstone), index rows gone, data destroyed.
+Abort before 3: the target destroys the incoming dataset, THEN the source clears readonly; the
+target refuses an abort after 3, the source after 4, so there are never two writable copies.
+
+The source is the only writable copy until 3 (it is unpublished and, from 2, readonly); a crash
+anywhere leaves properties that recovery reads back, and the orchestrator's retry goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.index import MoveRec, VolumeRec
+from agent.records import HELD, HOME, INCOMING, MOVE_FROM, MOVED_TO, MOVING_TO, STATE, refresh
+from agent.volumes import Volumes
+from agent.zfs import Streams, ZfsError, retry_busy
+from zvolt import names
+from zvolt.errors import ZvoltError, internal, not_found, precondition, unavailable
+
+_log = logging.getLogger("zvolt.agent.moves")
+
+MOVE_SNAP = "zmv"  # hidden move snapshots: zmv000001, zmv000002, ... (name order = age)
+FINAL = "zvolt:move-final"
+TOKEN_TTL = 600.0
+_HELLO = b"ZVMOVE1 "
+_BUF = 1 << 20
+PROGRESS_EVERY = 5.0
+DEFAULT_MOVE_PORT = 7011
+SOURCE, TARGET = "source", "target"
+
+
+def is_move_snapshot(snapshot: str) -> bool:
+    return snapshot.partition("@")[2].startswith(MOVE_SNAP)
+
+
+@dataclass(frozen=True)
+class Grant:
+    volume_id: str
+    target: str
+    snapshot: str  # full ZFS names
+    base: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    token: str
+    address: str
+    snapshot: str  # short names ("zmv000002")
+    base: str
+    home: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    state: str  # "held" | "moving" | "moved" | "incoming"
+    home: str = ""
+    peer: str = ""  # moving/moved: the target; incoming: the source
+    snapshot: str = ""  # incoming: newest move snapshot received
+    final: bool = False
+
+
+@dataclass
+class Grants:
+    """One-time, short-lived tokens for a stream of one volume to one target (in memory: a
+    restarted source simply issues new ones on the retry)."""
+
+    clock: Callable[[], float] = time.monotonic
+    ttl: float = TOKEN_TTL
+    _by_token: dict[str, Grant] = field(default_factory=dict)
+    _mu: threading.Lock = field(default_factory=threading.Lock)
+
+    def issue(self, volume_id: str, target: str, snapshot: str, base: str) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._mu:
+            now = self.clock()
+            for old in [t for t, g in self._by_token.items() if g.expires < now]:
+                del self._by_token[old]
+            self._by_token[token] = Grant(volume_id, target, snapshot, base, now + self.ttl)
+        return token
+
+    def take(self, token: str) -> Grant:
+        with self._mu:
+            grant = self._by_token.pop(token, None)
+        if grant is None or grant.expires < self.clock():
+            raise precondition("move token is unknown, used or expired: ask the source for a new one")
+        return grant
+
+
+class Moves:
+    def __init__(self, volumes: Volumes, streams: Streams, address: str, grants: Grants | None = None,
+                 tls_server: ssl.SSLContext | None = None, tls_client: ssl.SSLContext | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.v = volumes
+        self.zfs = volumes.zfs
+        self.index = volumes.index
+        self.streams = streams
+        self.address = address  # host:port of this node's move port (what a target dials)
+        self.grants = grants or Grants()
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        self._clock = clock
+
+    @property
+    def node(self) -> str:
+        return self.v.cfg.node
+
+    def _dataset(self, vid: str) -> str:
+        return self.v.layout.volume(names.check_id(vid))
+
+    def _move_snaps(self, ds: str) -> list[str]:
+        return sorted(s for s in self.zfs.snapshots_of(ds) if is_move_snapshot(s))
+
+    def _is_final(self, snapshot: str) -> bool:
+        return (self.zfs.get_props(snapshot, (FINAL,)) or {}).get(FINAL) == "1"
+
+    # -- where a volume is --------------------------------------------------------------------
+
+    def placement(self, vid: str) -> Placement:
+        """Held here, moving out, moved away (tombstone) or incoming; NOT_FOUND otherwise."""
+        names.check_id(vid)
+        move = self.index.move(vid)
+        vol = self.index.volume(vid)
+        if vol is not None:
+            home = vol.home or self.node
+            return Placement("moving", home, move.peer) if move is not None else Placement("held", home)
+        ds = self._dataset(vid)
+        props = self.zfs.get_props(ds, (STATE, HOME, MOVE_FROM))
+        if props is not None and props.get(STATE) == INCOMING:
+            snaps = self._move_snaps(ds)
+            last = snaps[-1] if snaps else ""
+            return Placement("incoming", props.get(HOME, ""), props.get(MOVE_FROM, ""),
+                             last.partition("@")[2], bool(last) and self._is_final(last))
+        if move is not None and move.state == "moved":
+            return Placement("moved", peer=move.peer)
+        raise not_found(f"volume {vid} does not exist on storage node {self.node}")
+
+    # -- source -------------------------------------------------------------------------------
+
+    def _check_movable(self, vol: VolumeRec) -> None:
+        """Refuse what this round cannot move, naming exactly what blocks it."""
+        if vol.hosts:
+            raise precondition(f"volume {vol.id} is published to {', '.join(vol.hosts)}: an offline move needs it "
+                               "unpublished (stop the pods using it)")
+        blockers = []
+        if vol.origin:
+            blockers.append(f"it is a clone of {vol.origin.rpartition('/')[2]}")
+        clones = self.index.clones_of(vol.dataset)
+        if clones:
+            blockers.append(f"clones of its snapshots exist: {', '.join(c.rpartition('/')[2] for c in clones)}")
+        props = self.zfs.get_props(vol.dataset, ("encryption",)) or {}
+        if props.get("encryption", "off") not in ("off", "-", ""):
+            blockers.append("it is encrypted (moving encrypted volumes is not supported yet)")
+        if blockers:
+            raise precondition(f"volume {vol.id} cannot move: {'; '.join(blockers)}. Branch families move as a "
+                               "unit in a later release: delete or move the dependents first")
+
+    def send(self, vid: str, target: str, base: str = "", final: bool = False) -> SendPlan:
+        """Step 1 (final=False) or 2 (final=True): a move snapshot and a token for its stream."""
+        names.check_id(vid)
+        names.check_node(target)
+        if base:
+            names.check_id(base, "move snapshot")
+        if target == self.node:
+            raise precondition(f"volume {vid} is already on storage node {target}")
+        with self.v.locks.hold([vid]):
+            move = self.index.move(vid)
+            if move is not None and move.state == "moved":
+                raise precondition(f"volume {vid} moved to storage node {move.peer} already")
+            vol = self.index.volume(vid)
+            if vol is None:
+                raise not_found(f"volume {vid} does not exist on storage node {self.node}")
+            if move is not None and move.peer != target:
+                raise precondition(f"volume {vid} is being moved to {move.peer}: abort that move first")
+            if move is None:
+                self._check_movable(vol)
+                self._start(vol, target)
+            elif vol.hosts:
+                self._check_movable(vol)  # published during the move is refused; say so if it happened
+            snaps = self._move_snaps(vol.dataset)
+            if base and f"{vol.dataset}@{base}" not in snaps:
+                raise precondition(f"the target holds move snapshot {base} of volume {vid}, which the source does "
+                                   "not have: abort the move and start again")
+            finals = [s for s in snaps if self._is_final(s)]
+            if finals:
+                snap = finals[-1]  # frozen already: nothing can have changed since
+            elif final:
+                self._freeze(vol)
+                snap = self._snapshot(vol, snaps, final=True)
+            else:
+                snap = self._snapshot(vol, snaps, final=False)
+            full_base = f"{vol.dataset}@{base}" if base else ""
+            token = self.grants.issue(vid, target, snap, full_base)
+            return SendPlan(token, self.address, snap.partition("@")[2], base, vol.home or self.node)
+
+    def _start(self, vol: VolumeRec, target: str) -> None:
+        seq = self.index.begin("move-start", [vol.dataset])
+        try:
+            self.zfs.set_props(vol.dataset, {MOVING_TO: target})
+        except ZfsError as exc:
+            self.v._settle(seq, [vol.dataset])
+            raise internal(f"starting the move of volume {vol.id}: {exc}") from exc
+        with self.index.tx() as tx:
+            tx.put_move(MoveRec(vol.id, "moving", target))
+            tx.done(seq)
+
+    def _freeze(self, vol: VolumeRec) -> None:
+        try:
+            self.zfs.set_props(vol.dataset, {"readonly": "on"})
+        except ZfsError as exc:
+            raise internal(f"freezing volume {vol.id} for its move: {exc}") from exc
+
+    def _snapshot(self, vol: VolumeRec, existing: list[str], final: bool) -> str:
+        last = int(existing[-1].partition("@")[2].removeprefix(MOVE_SNAP)) if existing else 0
+        snap = f"{vol.dataset}@{MOVE_SNAP}{last + 1:06d}"
+        props = {"zvolt:hidden": "1", "zvolt:created": str(int(self._clock())), **({FINAL: "1"} if final else {})}
+        try:
+            self.zfs.snapshot([snap], props)
+        except ZfsError as exc:
+            raise internal(f"move snapshot of volume {vol.id}: {exc}") from exc
+        return snap
+
+    def finish(self, vid: str, target: str) -> None:
+        """Step 4, after the target committed: the tombstone, then the data goes."""
+        names.check_id(vid)
+        names.check_node(target)
+        with self.v.locks.hold([vid]):
+            move = self.index.move(vid)
+            ds = self._dataset(vid)
+            if move is None:
+                raise precondition(f"volume {vid} is not being moved from storage node {self.node}")
+            if move.peer != target:
+                raise precondition(f"volume {vid} is being moved to {move.peer}, not {target}")
+            if move.state == "moving":
+                snaps = self._move_snaps(ds)
+                if not any(self._is_final(s) for s in snaps):
+                    raise precondition(f"volume {vid} was never frozen for its move: the target cannot have "
+                                       "committed it")
+                rows = self.index.snapshots_in(ds)
+                named = [ds, *[r.dataset for r in rows]]
+                seq = self.index.begin("move-finish", named)
+                try:
+                    self.zfs.set_props(ds, {MOVED_TO: target})
+                except ZfsError as exc:
+                    self.v._settle(seq, named)
+                    raise internal(f"recording that volume {vid} moved: {exc}") from exc
+                with self.index.tx() as tx:
+                    for snap in rows:
+                        tx.del_snapshot(snap.id)
+                    tx.del_volume(vid)
+                    tx.put_move(MoveRec(vid, "moved", target))
+                    tx.done(seq)
+            self._destroy(ds)
+
+    def _destroy(self, ds: str) -> None:
+        """Nothing depends on a moved volume (clones refuse the move): its data goes at once."""
+        if not self.zfs.exists(ds):
+            return
+        try:
+            snaps = self.zfs.snapshots_of(ds)
+            if snaps:
+                self.zfs.destroy_snapshots(snaps, defer=True)
+            retry_busy(lambda: self.zfs.destroy(ds), self.zfs)
+        except ZfsError as exc:
+            # The tombstone is recorded; a repeat of the call (or of the move's finish) retries this.
+            raise internal(f"destroying the moved copy {ds}: {exc}") from exc
+
+    def abort(self, vid: str, role: str) -> None:
+        """Undo a move before its commit: the target's copy first, then (a second call) the source."""
+        names.check_id(vid)
+        with self.v.locks.hold([vid]):
+            if role == TARGET:
+                self._abort_incoming(vid)
+            elif role == SOURCE:
+                self._abort_outgoing(vid)
+            else:
+                raise precondition(f"abort of a move needs the role {SOURCE!r} or {TARGET!r}")
+
+    def _abort_outgoing(self, vid: str) -> None:
+        move = self.index.move(vid)
+        if move is None:
+            return
+        if move.state == "moved":
+            raise precondition(f"volume {vid} moved to {move.peer} and was committed there: it cannot be aborted")
+        ds = self._dataset(vid)
+        seq = self.index.begin("move-abort", [ds])
+        try:
+            snaps = self._move_snaps(ds)
+            if snaps:
+                self.zfs.destroy_snapshots(snaps, defer=True)
+            self.zfs.set_props(ds, {"readonly": "off", MOVING_TO: "-"})
+        except ZfsError as exc:
+            self.v._settle(seq, [ds])
+            raise internal(f"aborting the move of volume {vid}: {exc}") from exc
+        with self.index.tx() as tx:
+            tx.del_move(vid)
+            tx.done(seq)
+
+    def _abort_incoming(self, vid: str) -> None:
+        if self.index.volume(vid) is not None:
+            raise precondition(f"volume {vid} is held by storage node {self.node} (committed): it cannot be aborted")
+        ds = self._dataset(vid)
+        props = self.zfs.get_props(ds, (STATE,))
+        if props is None:
+            return
+        if props.get(STATE) != INCOMING:
+            raise precondition(f"dataset {ds} is not an incoming move: refusing to destroy it")
+        seq = self.index.begin("move-abort", [ds])
+        try:
+            self._destroy(ds)
+        finally:
+            with self.index.tx() as tx:
+                tx.done(seq)
+
+    # -- target -------------------------------------------------------------------------------
+
+    def receive(self, vid: str, home: str, source: str, address: str, token: str, snapshot: str,
+                base: str = "") -> int:
+        """Step 1/2 on the target: fetch one stream into the incoming dataset. Returns bytes."""
+        names.check_id(vid)
+        names.check_node(home)
+        names.check_node(source)
+        names.check_id(snapshot, "move snapshot")
+        if base:
+            names.check_id(base, "move snapshot")
+        host, port = _split_address(address)
+        with self.v.locks.hold([vid]):
+            if self.index.volume(vid) is not None:
+                raise precondition(f"volume {vid} is held by storage node {self.node} already")
+            ds = self._dataset(vid)
+            props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
+            have = ""
+            if props is not None:
+                if props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
+                    raise precondition(f"dataset {ds} exists and is not an incoming move from {source}")
+                snaps = self._move_snaps(ds)
+                have = snaps[-1].partition("@")[2] if snaps else ""
+            if have == snapshot:
+                return 0  # a repeat: this stream arrived already
+            if props is not None and not have and not base:
+                # A full stream cut after its first snapshots (`zfs send -R` sends them one by one):
+                # only a copy in the making, so it goes and the stream starts again.
+                self._destroy(ds)
+            if have != base:
+                raise precondition(f"the stream starts at {base or 'nothing'} but storage node {self.node} holds "
+                                   f"{have or 'nothing'} of volume {vid}: ask the source again from there")
+            seq = self.index.begin("move-receive", [ds])
+            try:
+                moved = self._fetch(host, port, token, ds, {
+                    STATE: INCOMING, MOVE_FROM: source, HOME: home, "readonly": "on", "volmode": "none"})
+            finally:
+                with self.index.tx() as tx:
+                    tx.done(seq)
+            if not self.zfs.exists(f"{ds}@{snapshot}"):
+                raise internal(f"the stream of volume {vid} ended without snapshot {snapshot}")
+            return moved
+
+    def _fetch(self, host: str, port: int, token: str, ds: str, props: dict[str, str]) -> int:
+        try:
+            sock = socket.create_connection((host, port), timeout=30)
+        except OSError as exc:
+            raise unavailable(f"cannot reach the source's move port {host}:{port}: {exc}") from exc
+        _keepalive(sock)
+        if self.tls_client is not None:
+            try:
+                sock = self.tls_client.wrap_socket(sock)
+            except OSError as exc:  # ssl.SSLError included: a certificate this node's CA did not sign
+                sock.close()
+                raise unavailable(f"TLS to the source's move port {host}:{port} failed: {exc}") from exc
+        with sock:
+            sock.sendall(_HELLO + token.encode() + b"\n")
+            status = _read_line(sock)
+            if status != b"OK":
+                raise precondition(f"the source refused the stream: {status.decode(errors='replace')[:300]}")
+            read_fd, write_fd = os.pipe()
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(120)
+                counter = _Pump(sock.recv_into, write_fd, f"receiving {ds}")
+            else:
+                # Blocking (splice needs it); keepalive ends the wait for a peer that died.
+                sock.settimeout(None)
+                counter = _Pump(_spliced(sock.fileno(), write_fd), write_fd, f"receiving {ds}")
+            pump = threading.Thread(target=counter.run, name="move-recv", daemon=True)
+            pump.start()
+            try:
+                self.streams.receive(ds, props, [MOVING_TO, MOVED_TO], read_fd)
+            except ZfsError as exc:
+                raise internal(f"receiving into {ds}: {exc}" + (f" (stream: {counter.error})" if counter.error else "")
+                               ) from exc
+            finally:
+                os.close(read_fd)
+                pump.join(timeout=30)
+            if counter.error:
+                raise unavailable(f"the stream into {ds} broke: {counter.error}")
+            return counter.total
+
+    def commit(self, vid: str, source: str) -> VolumeRec:
+        """Step 3: THE commit point. Idempotent: a committed volume is returned as it is."""
+        names.check_id(vid)
+        names.check_node(source)
+        with self.v.locks.hold([vid]):
+            ds = self._dataset(vid)
+            held = self.index.volume(vid)
+            if held is not None:
+                # A repeat, maybe after a crash right after the commit: its move snapshots may be left.
+                self._drop_move_snaps(ds)
+                return held
+            props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
+            if props is None:
+                raise not_found(f"nothing of volume {vid} was received on storage node {self.node}")
+            if props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
+                raise precondition(f"dataset {ds} is not an incoming move from {source}")
+            snaps = self.zfs.snapshots_of(ds)
+            moves = sorted(s for s in snaps if is_move_snapshot(s))
+            if not moves or not self._is_final(moves[-1]):
+                raise precondition(f"the final stream of volume {vid} (taken after the source froze it) has not "
+                                   "arrived: commit refused, the source is still the one true copy")
+            seq = self.index.begin("move-commit", [ds, *[s for s in snaps if not is_move_snapshot(s)]])
+            try:
+                self.zfs.set_props(ds, {STATE: HELD, "readonly": "off"})  # the commit point
+            except ZfsError as exc:
+                self.v._settle(seq, [ds])
+                raise internal(f"committing volume {vid}: {exc}") from exc
+            with self.index.tx() as tx:
+                rec = refresh(tx, self.zfs, self.v.layout, ds)
+                for snap in snaps:
+                    if not is_move_snapshot(snap):
+                        refresh(tx, self.zfs, self.v.layout, snap)
+                tx.del_move(vid)  # this node's tombstone of an earlier move away, if any
+                tx.done(seq)
+            if isinstance(rec, VolumeRec):
+                self.v.exports.set_home(vid, rec.home)
+            self._drop_move_snaps(ds)
+            if not isinstance(rec, VolumeRec):
+                raise internal(f"volume {vid} was committed but its properties do not make a volume")
+            _log.info("move committed", extra={"fields": {"volume": vid, "from": source}})
+            return rec
+
+    def _drop_move_snaps(self, ds: str) -> None:
+        with contextlib.suppress(ZfsError):  # hidden and harmless if left; a repeat or a delete takes them
+            moves = self._move_snaps(ds)
+            if moves:
+                self.zfs.destroy_snapshots(moves, defer=True)
+
+    # -- the data channel (source side) -------------------------------------------------------
+
+    def serve_stream(self, conn: socket.socket) -> None:
+        """One target's connection: check its token, then `zfs send` straight into the socket."""
+        conn.settimeout(30)
+        try:
+            line = _read_line(conn)
+            if not line.startswith(_HELLO):
+                raise precondition("not a zvolt move stream request")
+            grant = self.grants.take(line.removeprefix(_HELLO).decode(errors="replace"))
+        except (ZvoltError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"ERR " + str(exc).encode()[:300] + b"\n")
+            return
+        conn.sendall(b"OK\n")
+        _keepalive(conn)
+        conn.settimeout(None)
+        start = time.monotonic()
+        fields = {"volume": grant.volume_id, "target": grant.target, "snapshot": grant.snapshot.partition("@")[2],
+                  "base": grant.base.partition("@")[2]}
+        _log.info("move stream started", extra={"fields": fields})
+        try:
+            if isinstance(conn, ssl.SSLSocket):
+                self._send_copied(grant, conn)
+            else:
+                self.streams.send(grant.snapshot, grant.base, conn.fileno())
+        except (ZfsError, OSError) as exc:
+            _log.error("move stream failed", extra={"fields": {**fields, "error": str(exc)}})
+            return
+        _log.info("move stream sent", extra={"fields": {**fields, "seconds": round(time.monotonic() - start, 3)}})
+
+    def _send_copied(self, grant: Grant, conn: ssl.SSLSocket) -> None:
+        """Under TLS the bytes pass through Python: `zfs send` into a pipe, the pipe into TLS."""
+        read_fd, write_fd = os.pipe()
+
+        def write_all(data: memoryview) -> None:
+            conn.sendall(data)
+
+        reader = _PipeToSocket(read_fd, write_all)
+        thread = threading.Thread(target=reader.run, name="move-send", daemon=True)
+        thread.start()
+        try:
+            self.streams.send(grant.snapshot, grant.base, write_fd)
+        finally:
+            os.close(write_fd)
+            thread.join()
+        if reader.error:
+            raise OSError(reader.error)
+
+
+def tls_contexts(cert: str, key: str, ca: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(serving, dialing): the move port serves with the agent's serving certificate; a target
+    checks it against the CA and needs no client certificate (agents hold none)."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=ca)
+    # Agents' serving certificates name the agent, not its storage-network address: the chain
+    # (this deployment's CA) is what is checked, and the one-time token what is authorised.
+    client.check_hostname = False
+    return server, client
+
+
+class SendServer:
+    """The source's move port: a TCP listener on the storage network, one thread per stream."""
+
+    def __init__(self, moves: Moves, listen: str) -> None:
+        self.moves = moves
+        self.listen = listen
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> int:
+        """Bind, tell `moves` the address targets dial, serve in the background. Returns the port."""
+        host, port = _split_address(self.listen)
+        self._sock = socket.create_server((host, port))
+        bound = int(self._sock.getsockname()[1])
+        self.moves.address = f"{host}:{bound}"
+        threading.Thread(target=self._loop, args=(self._sock,), name="move-listen", daemon=True).start()
+        return bound
+
+    def _loop(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if self.moves.tls_server is not None:
+                try:
+                    conn = self.moves.tls_server.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError):
+                    conn.close()
+                    continue
+            threading.Thread(target=self._one, args=(conn,), name="move-send", daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            self.moves.serve_stream(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise precondition(f"move address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _keepalive(sock: socket.socket) -> None:
+    # A peer that dies without a FIN (kill -9 of its machine, a cut link) must end the stream.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
+        # Idle 30 s, then 3 probes 10 s apart: a silent peer is given up on after about a minute.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def _read_line(sock: socket.socket, limit: int = 512) -> bytes:
+    """One short line, byte by byte: nothing of the stream after it may be read here."""
+    out = bytearray()
+    while len(out) < limit:
+        b = sock.recv(1)
+        if not b or b == b"\n":
+            return bytes(out)
+        out += b
+    raise precondition("move handshake line too long")
+
+
+def _spliced(sock_fd: int, pipe_fd: int) -> Callable[[memoryview], int]:
+    """A `recv_into` that moves the bytes socket -> pipe inside the kernel (splice) and returns
+    how many; the buffer is never touched. Marked so that _Pump does not write them again."""
+
+    def move(_: memoryview) -> int:
+        return -os.splice(sock_fd, pipe_fd, _BUF) or 0
+
+    return move
+
+
+class _Pump:
+    """Socket -> pipe (into `zfs receive`), a progress line every few seconds. Plain TCP: spliced
+    in the kernel (`recv` returns minus the count: already written); TLS: 1 MiB reads and writes."""
+
+    def __init__(self, recv_into: Callable[[memoryview], int], write_fd: int, what: str) -> None:
+        self.recv_into = recv_into
+        self.write_fd = write_fd
+        self.what = what
+        self.total = 0
+        self.error = ""
+
+    def run(self) -> None:
+        buf = memoryview(bytearray(_BUF))
+        start = last = time.monotonic()
+        try:
+            while True:
+                n = self.recv_into(buf)
+                if n == 0:
+                    break
+                if n < 0:
+                    n = -n  # spliced: in the pipe already
+                else:
+                    view = buf[:n]
+                    while view:
+                        view = view[os.write(self.write_fd, view):]
+                self.total += n
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY:
+                    last = now
+                    _log.info("move stream progress", extra={"fields": {
+                        "what": self.what, "bytes": self.total,
+                        "mib_per_s": round(self.total / (1 << 20) / max(now - start, 1e-6), 1)}})
+        except OSError as exc:
+            self.error = str(exc) or type(exc).__name__
+        finally:
+            os.close(self.write_fd)
+        seconds = time.monotonic() - start
+        _log.info("move stream received", extra={"fields": {
+            "what": self.what, "bytes": self.total, "seconds": round(seconds, 3),
+            "mib_per_s": round(self.total / (1 << 20) / max(seconds, 1e-6), 1)}})
+
+
+class _PipeToSocket:
+    def __init__(self, read_fd: int, write: Callable[[memoryview], None]) -> None:
+        self.read_fd = read_fd
+        self.write = write
+        self.error = ""
+
+    def run(self) -> None:
+        buf = bytearray(_BUF)
+        try:
+            while True:
+                n = os.readv(self.read_fd, [buf])
+                if n == 0:
+                    return
+                self.write(memoryview(buf)[:n])
+        except OSError as exc:
+            self.error = str(exc)
+        finally:
+            os.close(self.read_fd)

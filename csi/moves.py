@@ -1,0 +1,114 @@
+"""Drive an offline move of one volume between two agents (agent/moves.py has the protocol).
+
+`move` reads where the volume is on both nodes and carries on from there, so a call repeated
+after any crash (of either agent or of the caller) converges: streams the target already holds
+are not sent again, a commit already made is not made again, a finished move is a no-op.
+`abort` undoes a move that has not committed, target first, so that there are never two
+writable copies. Pure: no state of its own; the caller gives it the two agents' clients.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from zvolt import names
+from zvolt.errors import ZvoltError, precondition
+from zvolt.pb import agent_pb2 as pb
+
+# A bulk stream smaller than this is followed by the final one at once; a larger one by another
+# bulk stream first (a volume written meanwhile). Offline moves write nothing: one bulk stream.
+SMALL_DELTA = 64 << 20
+MAX_BULK = 3
+
+
+class AgentCaller(Protocol):
+    """What csi/agents.py's AgentClient offers: a node name and a unary call."""
+
+    name: str
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    volume_id: str  # local id (the CSI id stays "<home>/<id>")
+    source: str
+    target: str
+    home: str
+    bytes: int  # streamed by this call (0 for a repeat of a finished move)
+    streams: int
+    seconds: float
+
+
+def _placement(agent: AgentCaller, vid: str) -> Any | None:
+    try:
+        return agent.call("GetVolume", pb.GetVolumeRequest(volume_id=vid))
+    except ZvoltError as exc:
+        if exc.code == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: float = 3600.0) -> MoveResult:
+    names.check_id(vid)
+    start = time.monotonic()
+    if source.name == target.name:
+        raise precondition(f"volume {vid} is already on storage node {target.name}")
+    there = _placement(target, vid)
+    here = _placement(source, vid)
+    total = streams = 0
+    home = (here.home_node if here is not None else "") or (there.home_node if there is not None else "")
+    committed = there is not None and there.placement in (pb.PLACEMENT_HELD, pb.PLACEMENT_MOVING)
+    if committed and here is not None and here.placement == pb.PLACEMENT_HELD:
+        raise precondition(f"volume {vid} is held by both {source.name} and {target.name}: not a move of ours")
+    if not committed:
+        if here is None or here.placement == pb.PLACEMENT_MOVED:
+            where = f"moved to {here.moved_to}" if here is not None else "not found"
+            raise precondition(f"volume {vid} is {where} on storage node {source.name}, and {target.name} does "
+                               "not hold it")
+        if here.placement == pb.PLACEMENT_MOVING and here.moving_to != target.name:
+            raise precondition(f"volume {vid} is being moved to {here.moving_to}, not {target.name}: abort that first")
+        base = there.move_snapshot if there is not None else ""
+        # Offline, nothing writes to the volume: it is frozen at once and goes in one stream
+        # (bulk streams first are for a volume still written to: a live move).
+        offline = not here.volume.published_hosts  # the agent refuses a published one (for now)
+        if not (there is not None and there.move_final):
+            for final in [False] * (0 if offline else MAX_BULK) + [True]:
+                plan = source.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node=target.name,
+                                                                  base_snapshot=base, final=final))
+                got = _stream(source, target, vid, plan, stream_timeout)
+                total, streams, base = total + got, streams + (1 if got else 0), plan.snapshot
+                if final:
+                    break
+                if got < SMALL_DELTA:
+                    # The next stream is the final one: nothing much is left to send frozen.
+                    plan = source.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node=target.name,
+                                                                      base_snapshot=base, final=True))
+                    got = _stream(source, target, vid, plan, stream_timeout)
+                    total, streams = total + got, streams + (1 if got else 0)
+                    break
+    # Also when committed already: a repeat tidies what a crash right after the commit left.
+    target.call("CommitMove", pb.CommitMoveRequest(volume_id=vid, source_node=source.name))
+    source.call("FinishMove", pb.FinishMoveRequest(volume_id=vid, target_node=target.name))
+    return MoveResult(vid, source.name, target.name, home, total, streams, time.monotonic() - start)
+
+
+def _stream(source: AgentCaller, target: AgentCaller, vid: str, plan: Any, timeout: float) -> int:
+    if plan.snapshot == plan.base_snapshot:
+        return 0  # frozen before, and the target holds the final stream already
+    got = target.call("ReceiveMove", pb.ReceiveMoveRequest(
+        volume_id=vid, home_node=plan.home_node, source_node=source.name, address=plan.address, token=plan.token,
+        snapshot=plan.snapshot, base_snapshot=plan.base_snapshot), timeout=timeout)
+    return int(got.bytes)
+
+
+def abort(source: AgentCaller, target: AgentCaller, vid: str) -> None:
+    """Undo a move that has not committed: the target's copy goes first, then the source is
+    writable again. A target that committed refuses, and then the source is left frozen."""
+    names.check_id(vid)
+    target.call("AbortMove", pb.AbortMoveRequest(volume_id=vid, role=pb.MOVE_ROLE_TARGET))
+    source.call("AbortMove", pb.AbortMoveRequest(volume_id=vid, role=pb.MOVE_ROLE_SOURCE))

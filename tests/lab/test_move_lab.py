@@ -1,0 +1,268 @@
+"""Moving a volume between two agents on real ZFS (one guest, two pools, two agents).
+
+Until the multi-guest lab is used here, the two storage nodes are two agents in the one guest:
+node move-a on pool tank, node move-b on a second pool on a sparse file, each with its own
+NVMe/TCP port, move port, state dir and socket. They share the kernel's configfs, which a real
+deployment never does: the test also shows neither prunes the other's subsystems. The
+orchestrator (csi/moves.py) runs in the guest against the agents' sockets, as the controller would.
+
+Run: ZVOLT_LAB_NAME=move pytest tests/lab/test_move_lab.py -m lab -s
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from zvolt import names
+from zvolt.pb import agent_pb2 as pb
+
+pytestmark = pytest.mark.lab
+
+A, B = "move-a", "move-b"
+PARENT = {A: "tank/zvmove", B: "tankm/zvolt"}
+PORTS = {A: ("4421", "7011"), B: ("4422", "7012")}
+POOL_B_FILE = "/var/tmp/tankm.img"
+HOST = "nqn.2014-08.org.nvmexpress:uuid:6d6f7665-0000-4000-8000-000000000001"
+MiB = 1 << 20
+SIZE = 512 * MiB
+DATA_MIB = 160  # written in three parts, a CSI snapshot after each of the first two
+BENCH_MIB = 256
+
+# Prepended to every in-guest script: clients of both agents, the orchestrator, one JSON line out.
+PRELUDE = """
+import hashlib, json, mmap, os, random, sys, time
+import grpc
+from csi import moves
+from csi.agents import AgentClient, AgentEndpoint
+from zvolt.pb import agent_pb2 as pb
+
+def client(name):
+    target = f"unix:///run/zvolt/{name}.sock"
+    return AgentClient(AgentEndpoint(name=name, target=target), grpc.insecure_channel(target), 600.0)
+
+a, b = client("move-a"), client("move-b")
+
+def io(dev, seed, offset_mib, mib, write):
+    fd = os.open(dev, (os.O_RDWR if write else os.O_RDONLY) | os.O_DIRECT)
+    buf = mmap.mmap(-1, 1 << 20)
+    h = hashlib.sha256()
+    rnd = random.Random(seed)
+    for i in range(offset_mib, offset_mib + mib):
+        if write:
+            buf.seek(0); buf.write(rnd.randbytes(1 << 20))
+            assert os.pwritev(fd, [buf], i << 20) == 1 << 20
+        else:
+            assert os.preadv(fd, [buf], i << 20) == 1 << 20
+        h.update(buf[:])
+    if write:
+        os.fsync(fd)
+    os.close(fd)
+    return h.hexdigest()
+
+def wait_dev(path):
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, path
+        time.sleep(0.1)
+    return path
+
+def out(value):
+    print(json.dumps(value))
+"""
+
+
+def guest(lab: Any, code: str, timeout: float = 900) -> Any:
+    proc = lab.py(PRELUDE + code, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"guest script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agent_argv(lab: Any, node: str, *extra: str) -> list[str]:
+    nvme, move = PORTS[node]
+    return [lab.python, "-m", "agent.main", "--node-name", node, "--pool", PARENT[node].split("/")[0],
+            "--parent", PARENT[node], "--listen", f"unix:///run/zvolt/{node}.sock",
+            "--nvme-listen", f"{lab.storage_ip}:{nvme}", "--metrics-listen", "", "--state-dir",
+            f"/var/lib/zvolt-{node}", "--insecure", "--move-listen", f"{lab.storage_ip}:{move}", *extra]
+
+
+def start(lab: Any, node: str, *extra: str) -> None:
+    lab.start_service(node, agent_argv(lab, node, *extra), netns="storage")
+    lab.wait_socket(node, f"/run/zvolt/{node}.sock")
+    guest(lab, f"""
+deadline = time.monotonic() + 300
+while not client({node!r}).call("GetInfo", pb.GetInfoRequest(), 10).ready:
+    assert time.monotonic() < deadline, "agent {node} not ready"
+    time.sleep(0.5)
+out(True)
+""")
+
+
+def kill(lab: Any, node: str) -> None:
+    lab.stop_service(node, kill=True)  # SIGKILL to every process of the unit (its `zfs send` too)
+
+
+@pytest.fixture(scope="module")
+def agents(lab: Any) -> Iterator[Any]:
+    if lab.run(["zpool", "list", "tankm"], check=False).returncode != 0:
+        lab.run(["truncate", "-s", "4G", POOL_B_FILE])
+        lab.run(["zpool", "create", "-f", "tankm", POOL_B_FILE], timeout=120)
+    for node in (A, B):
+        start(lab, node)
+    yield lab
+    for node in (A, B):
+        lab.stop_service(node)
+
+
+def state_of(lab: Any, vid: str) -> dict[str, Any]:
+    """What ZFS says on both pools: (readonly, zvolt:state, move props) of each copy, or None."""
+    found = {}
+    for node in (A, B):
+        ds = f"{PARENT[node]}/v/{vid}"
+        proc = lab.run(["zfs", "get", "-H", "-o", "property,value",
+                        "readonly,zvolt:state,zvolt:moving-to,zvolt:moved-to", ds], check=False)
+        found[node] = dict(line.split("\t") for line in proc.stdout.splitlines()) if proc.returncode == 0 else None
+    return found
+
+
+def writable_copies(lab: Any, vid: str) -> list[str]:
+    return [n for n, p in state_of(lab, vid).items()
+            if p is not None and p["readonly"] == "off" and p["zvolt:state"] != "incoming"
+            and p["zvolt:moved-to"] == "-"]
+
+
+def make_volume(lab: Any, name: str, with_snapshots: bool) -> dict[str, Any]:
+    """A volume on move-a written with a pattern, two CSI snapshots between writes (or none)."""
+    made: dict[str, Any] = guest(lab, f"""
+vol = a.call("CreateVolume", pb.CreateVolumeRequest(name={name!r}, size_bytes={SIZE})).volume
+a.call("PublishVolume", pb.PublishVolumeRequest(volume_id=vol.id, host_nqn={HOST!r}))
+dev = wait_dev("/dev/zvol/{PARENT[A]}/v/" + vol.id)
+hashes, snaps = [], []
+plan = [(1, 0, 64), (2, 64, 48), (3, 112, 48)] if {with_snapshots} else [(1, 0, {BENCH_MIB})]
+for i, (seed, off, mib) in enumerate(plan):
+    io(dev, seed, off, mib, True)
+    hashes.append(io(dev, 0, 0, {DATA_MIB} if {with_snapshots} else {BENCH_MIB}, False))
+    if {with_snapshots} and i < 2:
+        snaps.append(a.call("CreateSnapshot", pb.CreateSnapshotRequest(name={name!r} + f"-s{{i}}",
+                                                                        source_volume_id=vol.id)).snapshot.id)
+a.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id=vol.id, host_nqn={HOST!r}))
+out({{"id": vol.id, "hashes": hashes, "snaps": snaps}})
+""")
+    return made
+
+
+def run_move(lab: Any, vid: str) -> dict[str, Any]:
+    result: dict[str, Any] = guest(lab, f"""
+try:
+    r = moves.move(a, b, {vid!r})
+    out({{"ok": True, "bytes": r.bytes, "streams": r.streams, "seconds": r.seconds}})
+except Exception as exc:
+    out({{"ok": False, "error": str(exc)}})
+""")
+    return result
+
+
+def test_offline_move_with_snapshots_survives_kill9_of_both_agents(agents: Any) -> None:
+    lab = agents
+    vol = make_volume(lab, f"pvc-move-{int(time.time())}", with_snapshots=True)
+    vid = vol["id"]
+
+    # 1. kill -9 of the source mid-stream: the move fails, the source stays the one true copy.
+    result: dict[str, Any] = {}
+    mover = threading.Thread(target=lambda: result.update(run_move(lab, vid)))
+    mover.start()
+    deadline = time.monotonic() + 300
+    # Killed once the target has logged progress (5 s into the data): the stream is under way.
+    while not [line for line in lab.service_log(B, 30).splitlines() if "move stream progress" in line and vid in line]:
+        assert time.monotonic() < deadline and mover.is_alive(), f"the stream never got going: {result}"
+        time.sleep(0.2)
+    kill(lab, A)
+    mover.join(timeout=600)
+    received = [line for line in lab.service_log(B, 100).splitlines() if "move stream received" in line
+                and vid in line]
+    print(f"\nMOVE kill -9 source mid-stream: move -> {result}; target log: {received[-1:]}", flush=True)
+    assert not result["ok"]
+    st = state_of(lab, vid)  # offline: frozen before its one stream, so no copy is writable until commit or abort
+    assert st[A] is not None and st[A]["zvolt:moving-to"] == B and st[B] is None, st
+    assert writable_copies(lab, vid) == []
+    start(lab, A)
+
+    # 2. kill -9 of the target at its commit (its first `zfs set` of the move is the commit).
+    start(lab, B, "--failpoint", "set_props:before")
+    result = run_move(lab, vid)
+    print(f"MOVE kill -9 target before commit: move -> {result}; zfs: {state_of(lab, vid)}", flush=True)
+    assert not result["ok"]
+    st = state_of(lab, vid)
+    assert st[A] is not None and st[A]["readonly"] == "on" and st[A]["zvolt:moving-to"] == B  # frozen, not gone
+    assert st[B] is not None and st[B]["zvolt:state"] == "incoming" and st[B]["readonly"] == "on"
+    assert writable_copies(lab, vid) == []
+    start(lab, B)
+
+    # 3. The retry converges.
+    result = run_move(lab, vid)
+    print(f"MOVE retry: {result}", flush=True)
+    assert result["ok"], result
+    assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
+
+    # On the target: data, both snapshots with their content, the original NQN; on the source a tombstone.
+    nqn = names.subsystem_nqn(A, vid)
+    seen = guest(lab, f"""
+got = b.call("GetVolume", pb.GetVolumeRequest(volume_id={vid!r}))
+gone = a.call("GetVolume", pb.GetVolumeRequest(volume_id={vid!r}))
+pub = b.call("PublishVolume", pb.PublishVolumeRequest(volume_id={vid!r}, host_nqn={HOST!r}))
+exported = os.path.isdir("/sys/kernel/config/nvmet/subsystems/" + pub.nqn)
+data = io(wait_dev("/dev/zvol/{PARENT[B]}/v/{vid}"), 0, 0, {DATA_MIB}, False)
+b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id={vid!r}, host_nqn={HOST!r}))
+listed = sorted(s.id for s in b.call("ListSnapshots", pb.ListSnapshotsRequest(source_volume_id={vid!r})).snapshots)
+snap_data = []
+for i, sid in enumerate({vol["snaps"]!r}):
+    clone = b.call("CreateVolume", pb.CreateVolumeRequest(name=f"restore-{{i}}-{vid}", size_bytes={SIZE},
+                                                           source_snapshot_id=sid)).volume
+    b.call("PublishVolume", pb.PublishVolumeRequest(volume_id=clone.id, host_nqn={HOST!r}))
+    snap_data.append(io(wait_dev("/dev/zvol/{PARENT[B]}/v/" + clone.id), 0, 0, {DATA_MIB}, False))
+    b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id=clone.id, host_nqn={HOST!r}))
+    b.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=clone.id))
+out({{"placement": got.placement, "home": got.home_node, "nqn": pub.nqn, "exported": exported, "data": data,
+      "snaps": listed, "snap_data": snap_data, "source": gone.placement, "moved_to": gone.moved_to}})
+""")
+    print(f"MOVE target: {seen}", flush=True)
+    assert seen["home"] == A and seen["nqn"] == nqn and seen["exported"]
+    assert seen["data"] == vol["hashes"][2]
+    assert seen["snaps"] == sorted(vol["snaps"]) and seen["snap_data"] == vol["hashes"][:2]
+    assert seen["source"] == pb.PLACEMENT_MOVED and seen["moved_to"] == B
+
+
+def test_move_throughput_against_a_raw_send_receive(agents: Any) -> None:
+    """The bar: a move of incompressible data >= 0.8x a raw `zfs send | zfs receive` of it."""
+    lab = agents
+    vol = make_volume(lab, f"pvc-bench-{int(time.time())}", with_snapshots=False)
+    vid = vol["id"]
+    src = f"{PARENT[A]}/v/{vid}"
+    lab.run(["zfs", "snapshot", f"{src}@raw"])
+    start_raw = time.monotonic()
+    lab.run(["sh", "-c", f"zfs send -R {src}@raw | zfs receive tankm/rawcopy"], timeout=900)
+    raw = time.monotonic() - start_raw
+    used = int(lab.run(["zfs", "get", "-Hp", "-o", "value", "referenced", src]).stdout.strip())
+    lab.run(["zfs", "destroy", "-r", "tankm/rawcopy"])
+    lab.run(["zfs", "destroy", f"{src}@raw"])
+    result = run_move(lab, vid)
+    assert result["ok"], result
+    ratio = raw / result["seconds"]
+    # The stream alone (the target's log: first byte to end of stream), apart from the fixed
+    # per-move steps (freeze, snapshot, commit, tombstone: a few `zfs` processes each).
+    lines = [line for line in lab.service_log(B, 60).splitlines() if "move stream received" in line and vid in line]
+    stream = max(json.loads(line)["seconds"] for line in lines)
+    print(f"\nMOVE throughput: {used / MiB:.0f} MiB referenced; raw send|receive {raw:.2f} s "
+          f"({used / MiB / raw:.1f} MiB/s); move {result['seconds']:.2f} s for {result['bytes'] / MiB:.0f} MiB "
+          f"in {result['streams']} stream(s), of which streaming {stream:.2f} s; throughput vs raw: whole move "
+          f"{ratio:.2f}, stream {raw / stream:.2f} (bar >= 0.8)", flush=True)
+    guest(lab, f"""
+b.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id={vid!r}))
+out(True)
+""")
