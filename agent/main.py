@@ -287,6 +287,15 @@ def resolve_nvme_address(settings: Settings, lister: Callable[[int], list[Any]] 
     return dataclasses.replace(settings, nvme_address=str(address))
 
 
+def move_port(settings: Settings) -> int | None:
+    """The move port (agent/moves.py), None when moves are off. The guard keeps it to the storage
+    network like the NVMe/TCP port: a move stream needs a one-time token, and nothing else on the
+    node needs to reach it."""
+    if settings.move_listen == "off":
+        return None
+    return parse_port(settings.move_listen.rpartition(":")[2]) if settings.move_listen else DEFAULT_MOVE_PORT
+
+
 def start_guard(settings: Settings, metrics: Metrics) -> None:
     """Install the storage-node guard before any export is linked to the port, and keep it."""
     if not settings.guard:
@@ -294,7 +303,8 @@ def start_guard(settings: Settings, metrics: Metrics) -> None:
         _log.warning("NVMe/TCP port %s is not guarded (%s): any host that routes to %s can connect",
                      settings.nvme_port, why, settings.nvme_address)
         return
-    spec = guard_spec(Role.STORAGE, settings.storage_network, [settings.nvme_port])
+    move = move_port(settings)
+    spec = guard_spec(Role.STORAGE, settings.storage_network, [settings.nvme_port, *([move] if move else [])])
     guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_agent", interval=settings.guard_interval)
 
 

@@ -37,6 +37,7 @@ from agent.volumes import Volumes
 from agent.zfs import Streams, ZfsError, retry_busy
 from zvolt import names
 from zvolt.errors import ZvoltError, internal, not_found, precondition, unavailable
+from zvolt.storagenet import MOVE_PORT
 
 _log = logging.getLogger("zvolt.agent.moves")
 
@@ -46,7 +47,7 @@ TOKEN_TTL = 600.0
 _HELLO = b"ZVMOVE1 "
 _BUF = 1 << 20
 PROGRESS_EVERY = 5.0
-DEFAULT_MOVE_PORT = 7011
+DEFAULT_MOVE_PORT = MOVE_PORT
 SOURCE, TARGET = "source", "target"
 
 

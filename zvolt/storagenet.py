@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 from zvolt.commands import Runner, subprocess_runner
 
+# The agents' move port (agent/moves.py): target agents fetch a moving volume's stream there.
+# Both guards keep it to the storage network like the NVMe/TCP port (zvolt/nftguard.py).
+MOVE_PORT = 7011
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -401,7 +401,7 @@ def test_node_plugin_installs_the_worker_guard(monkeypatch: pytest.MonkeyPatch) 
     csi_main.node_guard(node_args("--storage-network", NET, "--nvme-port", "4420,8009", "--guard-interval", "5"),
                         Metrics("node"))
     [(spec, kw)] = calls
-    assert spec == GuardSpec(Role.WORKER, ipaddress.ip_network(NET), (4420, 8009))
+    assert spec == GuardSpec(Role.WORKER, ipaddress.ip_network(NET), (4420, 7011, 8009))
     assert kw["prefix"] == "zvolt_csi_node" and kw["interval"] == 5
 
     calls.clear()
@@ -425,8 +425,14 @@ def test_agent_installs_the_storage_guard(monkeypatch: pytest.MonkeyPatch) -> No
     settings = agent_main.parse_settings([*base, "--storage-network", NET, "--nvme-port", "4421"], env={})
     agent_main.start_guard(settings, Metrics())
     [(spec, kw)] = calls
-    assert spec == GuardSpec(Role.STORAGE, ipaddress.ip_network(NET), (4421,))
+    # The move port (agent/moves.py, default 7011) is kept to the storage network as well.
+    assert spec == GuardSpec(Role.STORAGE, ipaddress.ip_network(NET), (4421, 7011))
     assert kw["prefix"] == "zvolt_agent" and kw["interval"] == 30
+    calls.clear()
+    for moves, ports in (("off", (4421,)), ("10.42.0.1:7100", (4421, 7100))):
+        argv = [*base, "--storage-network", NET, "--nvme-port", "4421", "--move-listen", moves]
+        agent_main.start_guard(agent_main.parse_settings(argv, env={}), Metrics())
+        assert calls.pop()[0].ports == ports
     calls.clear()
     for argv in ([*base, "--storage-network", NET, "--no-guard"], [*base, "--nvme-listen", "10.42.0.1:4420"]):
         agent_main.start_guard(agent_main.parse_settings(argv, env={}), Metrics())
