@@ -34,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from zvolt import kubeconfig
+
 SIGNER_NAME = "zvolt.io/agent-serving"
 USAGES = ["digital signature", "key encipherment", "server auth"]
 RENEW_AT = 2 / 3  # of the lifetime
@@ -248,13 +250,10 @@ class KubernetesCsrApi:  # pragma: no cover - exercised by tests/k8s against a r
     it); elsewhere $KUBECONFIG."""
 
     def __init__(self, api_client: Any = None) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
+            kubeconfig.load()
             api_client = client.ApiClient()
         self._client = api_client
         self._certs = client.CertificatesV1Api(api_client)

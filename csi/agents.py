@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from csi import DEFAULT_ZONE
+from zvolt import kubeconfig
 from zvolt.errors import ZvoltError, invalid, unavailable
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2_grpc
@@ -67,12 +68,9 @@ def kubernetes_pod_lister(  # pragma: no cover - needs a cluster
     """Agent pods as (node, ip, zone). Zones come from the node label only when asked: node
     plugins report the zone they were given (--zone), and a storage node in a zone no worker
     reports would match no topology requirement."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
+    kubeconfig.load()
     api = client.CoreV1Api()
 
     def list_pods(namespace: str, selector: str) -> list[tuple[str, str, str]]:

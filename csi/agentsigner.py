@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from zvolt import kubeconfig
 from zvolt.errors import ZvoltError
 from zvolt.names import check_node
 
@@ -253,13 +254,10 @@ class ConflictError(Exception):
 
 class KubernetesCsrApi:  # pragma: no cover - exercised by tests/k8s against a real API server
     def __init__(self, api_client: Any = None) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
         if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
+            kubeconfig.load()
             api_client = client.ApiClient()
         self._client = api_client
         self._certs = client.CertificatesV1Api(api_client)

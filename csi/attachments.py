@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from csi.agents import AgentClient, AgentPool, fan_out
+from zvolt import kubeconfig
 from zvolt.errors import ZvoltError
 from zvolt.names import node_of_host_nqn
 from zvolt.pb import agent_pb2
@@ -167,12 +168,9 @@ def lease_identity(hostname: str) -> str:
 def kubernetes_attachments(driver: str, namespace: str, hostname: str,
                            now: Callable[[], float] = time.time) -> tuple[AttachmentLister, Callable[[], bool]]:
     """(lister of what Kubernetes attaches for `driver`, "is this pod's attacher the leader")."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
+    kubeconfig.load()
     storage = client.StorageV1Api()
     core = client.CoreV1Api()
     coordination = client.CoordinationV1Api()

@@ -22,6 +22,7 @@ import re
 from typing import Protocol, runtime_checkable
 
 from csi.params import group_of
+from zvolt import kubeconfig
 from zvolt.errors import unavailable
 
 ANNOTATION = "csi.zvolt.io/placement"
@@ -64,12 +65,9 @@ def decode(value: str) -> tuple[str, str] | None:
 
 class KubernetesRecords:  # pragma: no cover - needs an API server (tests/k8s covers it)
     def __init__(self) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        kubeconfig.load()
         self._core = client.CoreV1Api()
         self._error = client.ApiException
 
