@@ -224,6 +224,11 @@ def install(lab: Lab, files: NodeFiles, service_ip: str) -> None:
         lab.run(["systemctl", "stop", guest.unit_name(f"fwd-{name}")], check=False, timeout=60)
     lab.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], timeout=30)
     lab.run(["nft", "-f", "-"], input=service_nat_rules(service_ip), timeout=60)
+    # The node's own processes (host-network pods: the agent asks the API for its certificate)
+    # need a route to the Service address before the output hook can rewrite it: the guest has
+    # no default route, so without this connect() fails with ENETUNREACH.
+    lab.run(["ip", "route", "replace", f"{ipaddress.IPv4Address(service_ip)}/32", "dev", "eth0", "src", NODE_IP],
+            timeout=30)
     lab.run(["systemctl", "restart", "containerd.service"], timeout=120)
     lab.run(["ctr", "--timeout", "60s", "version"], timeout=90)
 
