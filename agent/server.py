@@ -7,6 +7,7 @@ sees a half-restored node.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -30,11 +31,14 @@ _PLACEMENTS = {"held": pb.PLACEMENT_HELD, "moving": pb.PLACEMENT_MOVING, "moved"
                "incoming": pb.PLACEMENT_INCOMING}
 
 
-def volume_pb(vol: VolumeRec, nqn: str) -> Any:
+def volume_pb(vol: VolumeRec, nqn: str, home_of: Callable[[str], str]) -> Any:
+    """`home_of(vid)`: the node a volume id names (Volumes.home_of); the controller builds CSI ids from it."""
+    source = vol.source_snapshot.partition("@")[0] or vol.source_volume
     return pb.Volume(
         id=vol.id, name=vol.name, size_bytes=vol.size, volblocksize=vol.volblocksize, compression=vol.compression,
         thick=vol.thick, encrypted=False, source_snapshot_id=vol.source_snapshot, source_volume_id=vol.source_volume,
-        published_hosts=vol.hosts, nqn=nqn, created_unix=vol.created,
+        published_hosts=vol.hosts, nqn=nqn, created_unix=vol.created, home_node=home_of(vol.id),
+        source_home_node=home_of(source) if source else "",
     )
 
 
@@ -44,14 +48,15 @@ def usage_pb(u: VolumeUsage) -> Any:
                           written_bytes=u.written, compress_ratio=u.compress_ratio)
 
 
-def snapshot_pb(snap: SnapshotRec, used: int = 0) -> Any:
+def snapshot_pb(snap: SnapshotRec, home_of: Callable[[str], str], used: int = 0) -> Any:
     return pb.Snapshot(id=snap.id, name=snap.name, source_volume_id=snap.volume_id, size_bytes=snap.size,
-                       created_unix=snap.created, ready_to_use=True, used_bytes=used)
+                       created_unix=snap.created, ready_to_use=True, used_bytes=used,
+                       home_node=home_of(snap.volume_id))
 
 
-def group_pb(group: Group) -> Any:
-    return pb.SnapshotGroup(id=group.id, name=group.name, snapshots=[snapshot_pb(m) for m in group.members],
-                            created_unix=group.created)
+def group_pb(group: Group, home_of: Callable[[str], str]) -> Any:
+    return pb.SnapshotGroup(id=group.id, name=group.name,
+                            snapshots=[snapshot_pb(m, home_of) for m in group.members], created_unix=group.created)
 
 
 class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
@@ -111,7 +116,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
             labels=dict(request.labels),
         )
         vol = self.v.create_volume(spec)
-        return pb.CreateVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+        return pb.CreateVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id), self.v.home_of))
 
     def DeleteVolume(self, request: Any, context: Any) -> Any:
         self._ready()
@@ -121,12 +126,12 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def ExpandVolume(self, request: Any, context: Any) -> Any:
         self._ready()
         vol = self.v.expand_volume(request.volume_id, request.size_bytes, key=request.encryption_key)
-        return pb.ExpandVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+        return pb.ExpandVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id), self.v.home_of))
 
     def ModifyVolume(self, request: Any, context: Any) -> Any:
         self._ready()
         vol = self.v.modify_volume(request.volume_id, compression=request.compression)
-        return pb.ModifyVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+        return pb.ModifyVolumeResponse(volume=volume_pb(vol, self._nqn(vol.id), self.v.home_of))
 
     def GetVolume(self, request: Any, context: Any) -> Any:
         self._ready()
@@ -145,7 +150,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def _volume_msg(self, vid: str) -> Any:
         st = self.v.get_volume(vid)
-        msg = volume_pb(st.volume, self._nqn(st.volume.id))
+        msg = volume_pb(st.volume, self._nqn(st.volume.id), self.v.home_of)
         msg.used_bytes = st.used_bytes
         msg.encrypted = st.encrypted
         msg.condition = pb.VOLUME_CONDITION_HEALTHY if st.healthy else pb.VOLUME_CONDITION_ABNORMAL
@@ -173,7 +178,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def CommitMove(self, request: Any, context: Any) -> Any:
         vol = self._mover().commit(request.volume_id, request.source_node)
-        return pb.CommitMoveResponse(volume=volume_pb(vol, self._nqn(vol.id)))
+        return pb.CommitMoveResponse(volume=volume_pb(vol, self._nqn(vol.id), self.v.home_of))
 
     def FinishMove(self, request: Any, context: Any) -> Any:
         self._mover().finish(request.volume_id, request.target_node)
@@ -187,12 +192,13 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def ListVolumes(self, request: Any, context: Any) -> Any:
         self._ready()
         rows, token = self.v.list_volumes(request.max_entries, request.starting_token, request.published_only)
-        return pb.ListVolumesResponse(volumes=[volume_pb(r, self._nqn(r.id)) for r in rows], next_token=token)
+        return pb.ListVolumesResponse(volumes=[volume_pb(r, self._nqn(r.id), self.v.home_of) for r in rows],
+                                      next_token=token)
 
     def CreateSnapshot(self, request: Any, context: Any) -> Any:
         self._ready()
         snap = self.v.create_snapshot(request.name, request.source_volume_id, dict(request.labels))
-        return pb.CreateSnapshotResponse(snapshot=snapshot_pb(snap))
+        return pb.CreateSnapshotResponse(snapshot=snapshot_pb(snap, self.v.home_of))
 
     def DeleteSnapshot(self, request: Any, context: Any) -> Any:
         self._ready()
@@ -203,16 +209,16 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self._ready()
         rows, token = self.v.list_snapshots(request.max_entries, request.starting_token,
                                             request.source_volume_id, request.snapshot_id)
-        return pb.ListSnapshotsResponse(snapshots=[snapshot_pb(r) for r in rows], next_token=token)
+        return pb.ListSnapshotsResponse(snapshots=[snapshot_pb(r, self.v.home_of) for r in rows], next_token=token)
 
     def CreateSnapshotGroup(self, request: Any, context: Any) -> Any:
         self._ready()
         group = self.groups.create(request.name, list(request.source_volume_ids), dict(request.labels))
-        return pb.CreateSnapshotGroupResponse(group=group_pb(group))
+        return pb.CreateSnapshotGroupResponse(group=group_pb(group, self.v.home_of))
 
     def GetSnapshotGroup(self, request: Any, context: Any) -> Any:
         self._ready()
-        return pb.GetSnapshotGroupResponse(group=group_pb(self.groups.get(request.group_id)))
+        return pb.GetSnapshotGroupResponse(group=group_pb(self.groups.get(request.group_id), self.v.home_of))
 
     def DeleteSnapshotGroup(self, request: Any, context: Any) -> Any:
         self._ready()

@@ -33,6 +33,7 @@ from zvolt.errors import (
     exhausted,
     internal,
     invalid,
+    moved,
     not_found,
     out_of_range,
     precondition,
@@ -266,8 +267,22 @@ class Volumes:
     def _volume(self, vid: str) -> VolumeRec:
         vol = self.index.volume(names.check_id(vid))
         if vol is None:
+            self.not_moved_away(vid)
             raise not_found(f"volume {vid} does not exist")
         return vol
+
+    def not_moved_away(self, vid: str) -> None:
+        """Moved (NOT_FOUND naming the node) for an id this node keeps only a tombstone of
+        (agent/moves.py `finish`). Checked where a call finds no volume: a silent NOT_FOUND or OK
+        there would let a delete orphan the moved copy, or a create make a second volume of the id.
+        One key lookup, and only on a miss."""
+        move = self.index.move(vid)
+        if move is not None and move.state == "moved":
+            raise moved(vid, move.peer)
+
+    def home_of(self, vid: str) -> str:
+        """The node volume `vid`'s CSI id names, as far as this node knows: itself unless it moved here."""
+        return self.index.home(vid) or self.cfg.node
 
     def not_moving(self, vid: str, what: str) -> None:
         """A volume being moved keeps still until the move commits or is aborted (agent/moves.py):
@@ -320,6 +335,7 @@ class Volumes:
             existing = self.index.volume(vid)
             if existing is not None:
                 return self._same(existing, spec, size)
+            self.not_moved_away(vid)
             ds = self.layout.volume(vid)
             user = {
                 "zvolt:id": vid, "zvolt:name": spec.name, "zvolt:created": str(self._now()),
@@ -369,6 +385,7 @@ class Volumes:
         if spec.source_snapshot:
             snap = self.index.snapshot(spec.source_snapshot)
             if snap is None:
+                self.not_moved_away(names.split_local_snapshot_id(spec.source_snapshot)[0])
                 raise not_found(f"source snapshot {spec.source_snapshot} does not exist")
             origin, base_size = snap.dataset, snap.size
             user["zvolt:source-snapshot"] = spec.source_snapshot
@@ -378,6 +395,7 @@ class Volumes:
         else:
             src = self.index.volume(spec.source_volume)
             if src is None:
+                self.not_moved_away(spec.source_volume)
                 raise not_found(f"source volume {spec.source_volume} does not exist")
             hidden = f"{src.dataset}@{HIDDEN_PREFIX}{vid}"
             origin, base_size = hidden, src.size
@@ -450,6 +468,7 @@ class Volumes:
         with self.locks.hold([vid]):
             vol = self.index.volume(vid)
             if vol is None:
+                self.not_moved_away(vid)
                 return
             if vol.hosts:
                 raise precondition(f"volume {vid} is still published to {', '.join(vol.hosts)}; unpublish it first")
@@ -652,6 +671,7 @@ class Volumes:
         with self.locks.hold([sid], shared=[vid]):
             rec = self.index.snapshot(sid)
             if rec is None:
+                self.not_moved_away(vid)
                 return
             seq = self.index.begin("delete-snapshot", [rec.dataset])
             try:
@@ -717,6 +737,7 @@ class Volumes:
         with self.locks.hold([vid]):
             vol = self.index.volume(vid)
             if vol is None:
+                self.not_moved_away(vid)
                 return
             if host not in vol.hosts:
                 self.exports.set_hosts(vid, vol.hosts)
@@ -770,13 +791,17 @@ class Volumes:
         after = decode_token(token)
         if snapshot_id:
             try:
-                names.split_local_snapshot_id(snapshot_id)
+                snap_vid = names.split_local_snapshot_id(snapshot_id)[0]
             except ZvoltError:
                 return [], ""
             rec = self.index.snapshot(snapshot_id)
+            if rec is None:
+                self.not_moved_away(snap_vid)
             ok = rec is not None and (not source_volume or rec.volume_id == source_volume) and rec.id > after
             return ([rec] if ok and rec else []), ""
         rows = self.index.snapshots(after=after, limit=limit + 1, volume_id=source_volume)
+        if source_volume and not rows and self.index.volume(source_volume) is None:
+            self.not_moved_away(source_volume)
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, encode_token(rows[-1].id) if more else ""

@@ -18,7 +18,7 @@ import grpc
 
 from csi import DEFAULT_ZONE
 from zvolt import kubeconfig
-from zvolt.errors import ZvoltError, invalid, unavailable
+from zvolt.errors import MOVED_TO_KEY, Moved, ZvoltError, invalid, unavailable
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2_grpc
 from zvolt.rpc import parse_endpoint
@@ -108,6 +108,10 @@ class KubernetesDiscovery:
 def _translate(name: str, err: grpc.RpcError) -> ZvoltError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+    moved_to = trailing.get(MOVED_TO_KEY, "")
+    if code == grpc.StatusCode.NOT_FOUND and isinstance(moved_to, str) and moved_to:
+        return Moved(moved_to, f"storage node {name}: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not details:
         details = "unreachable"
     return ZvoltError(code, f"storage node {name}: {details}")

@@ -84,7 +84,9 @@ def list_publishes(pool: AgentPool) -> tuple[list[Publish], dict[str, str]]:
         while True:
             resp = agent.call("ListVolumes", agent_pb2.ListVolumesRequest(
                 max_entries=PAGE, starting_token=token, published_only=True))
-            found += [Publish(f"{agent.name}/{v.id}", h) for v in resp.volumes for h in v.published_hosts]
+            # The CSI id names the volume's home, which a moved volume left (csi/locator.py).
+            found += [Publish(f"{v.home_node or agent.name}/{v.id}", h)
+                      for v in resp.volumes for h in v.published_hosts]
             token = resp.next_token
             if not token:
                 return found

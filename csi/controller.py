@@ -1,7 +1,9 @@
 """CSI Controller service: validates per the spec, places volumes, and calls agents.
 
 The controller never touches a disk. Ids: volume_id "<storage-node>/<id>", snapshot_id
-"<storage-node>/<id>@<snap>", node_id = the node's host NQN (see csi/README.md).
+"<storage-node>/<id>@<snap>", node_id = the node's host NQN (see csi/README.md). The node in an
+id is the volume's home for ever; every call on an id goes to the node holding it now
+(csi/locator.py), and ids built from agent answers name the home the agent reports.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from google.protobuf import timestamp_pb2
 from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.capacityview import CapacityView
+from csi.locator import Locator
 from csi.locks import KeyLocks
 from csi.placements import GroupRecords, PlacementRecords
 from zvolt.errors import (
@@ -182,8 +185,9 @@ def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(self, pool: AgentPool, locks: KeyLocks | None = None, alpha: tuple[RPC.Type, ...] = (),
-                 records: PlacementRecords | None = None) -> None:
+                 records: PlacementRecords | None = None, locator: Locator | None = None) -> None:
         self.pool = pool
+        self.locator = locator or Locator(pool, fan_out, LOOKUP_TIMEOUT)
         self.locks = locks or KeyLocks()
         self.capabilities = (*STABLE_CAPABILITIES, *alpha)
         self.records = records
@@ -194,22 +198,24 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def _volume(self, agent: AgentClient, vol: agent_pb2.Volume) -> csi_pb2.Volume:
         out = csi_pb2.Volume(
             capacity_bytes=vol.size_bytes,
-            volume_id=f"{agent.name}/{vol.id}",
+            volume_id=f"{vol.home_node or agent.name}/{vol.id}",
             volume_context={STORAGE_NODE_CONTEXT: agent.name},
             accessible_topology=[csi_pb2.Topology(segments={TOPOLOGY_ZONE_KEY: agent.zone})],
         )
+        source_home = vol.source_home_node or agent.name
         if vol.source_snapshot_id:
-            out.content_source.snapshot.snapshot_id = f"{agent.name}/{vol.source_snapshot_id}"
+            out.content_source.snapshot.snapshot_id = f"{source_home}/{vol.source_snapshot_id}"
         elif vol.source_volume_id:
-            out.content_source.volume.volume_id = f"{agent.name}/{vol.source_volume_id}"
+            out.content_source.volume.volume_id = f"{source_home}/{vol.source_volume_id}"
         return out
 
     @staticmethod
     def _snapshot(agent: AgentClient, snap: agent_pb2.Snapshot) -> csi_pb2.Snapshot:
+        home = snap.home_node or agent.name
         return csi_pb2.Snapshot(
             size_bytes=snap.size_bytes,
-            snapshot_id=f"{agent.name}/{snap.id}",
-            source_volume_id=f"{agent.name}/{snap.source_volume_id}",
+            snapshot_id=f"{home}/{snap.id}",
+            source_volume_id=f"{home}/{snap.source_volume_id}",
             creation_time=_timestamp(snap.created_unix),
             ready_to_use=snap.ready_to_use,
         )
@@ -217,26 +223,35 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     # --------------------------------------------------------------- lookups
 
     def _agent_for(self, node: str) -> AgentClient:
+        """For placing a new volume only: a call on an existing id goes through the locator."""
         return self.pool.get(node)
 
-    def _get_volume(self, agent: AgentClient, local_id: str, timeout: float | None = None) -> agent_pb2.Volume:
-        req = agent_pb2.GetVolumeRequest(volume_id=local_id)
-        vol: agent_pb2.Volume = agent.call("GetVolume", req, timeout=timeout).volume
-        return vol
+    def _held(self, node: str, local: str) -> tuple[AgentClient, agent_pb2.Volume]:
+        """(the agent holding volume `node`/`local` now, its agent Volume)."""
+        agent, vol = self.locator.get_volume(node, local)
+        return agent, vol
+
+    def _call(self, node: str, local: str, method: str, request: Any) -> Any:
+        """`method` on the agent holding volume `node`/`local` now (snapshot calls: their volume's)."""
+        return self.locator.call(node, local, method, request)[1]
 
     def _find_by_name(self, name: str) -> tuple[tuple[AgentClient, agent_pb2.Volume] | None, dict[str, str]]:
         """Idempotency across nodes: the id is derived from the name, so ask every agent, all at
-        once. Returns (where it is, if found; the agents that could not answer: node -> why)."""
+        once. Returns (where it is, if found; the agents that could not answer: node -> why).
+        Only a held copy counts: the node a volume left (tombstone) and a target still receiving
+        it answer too, with a placement that says so."""
         local_id = id_for_name(name)
         agents = self.pool.all()
         silent: dict[str, str] = {}
-        for agent, found in zip(agents, fan_out(agents, lambda a: self._get_volume(a, local_id, LOOKUP_TIMEOUT)),
-                                strict=True):
+        req = agent_pb2.GetVolumeRequest(volume_id=local_id)
+        answers = fan_out(agents, lambda a: a.call("GetVolume", req, timeout=LOOKUP_TIMEOUT))
+        for agent, found in zip(agents, answers, strict=True):
             if isinstance(found, ZvoltError):
                 if found.code != grpc.StatusCode.NOT_FOUND:
                     silent[agent.name] = found.message
                 continue
-            return (agent, self._same_name(agent, found, name)), silent
+            if found.placement not in (agent_pb2.PLACEMENT_MOVED, agent_pb2.PLACEMENT_INCOMING):
+                return (agent, self._same_name(agent, found.volume, name)), silent
         return None, silent
 
     def _lookup(self, name: str, pvc: tuple[str, str] | None
@@ -251,13 +266,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             return self._find_by_name(name)
         if record is None:
             return None, {}
-        agent = self.pool.find(record[1])
-        if agent is None:
-            return None, {record[1]: f"storage node {record[1]} has no known agent"}
         try:
-            found = self._get_volume(agent, id_for_name(name), LOOKUP_TIMEOUT)
+            agent, found = self.locator.get_volume(record[1], id_for_name(name), LOOKUP_TIMEOUT)
         except ZvoltError as err:
-            return None, ({} if err.code == grpc.StatusCode.NOT_FOUND else {agent.name: err.message})
+            return None, ({} if err.code == grpc.StatusCode.NOT_FOUND else {record[1]: err.message})
         return (agent, self._same_name(agent, found, name)), {}
 
     @staticmethod
@@ -457,14 +469,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         """The agent holding the source and the source's size (the clone's minimum)."""
         if not source:
             return None, 0
-        agent = self._agent_for(node)  # UNAVAILABLE, not NOT_FOUND, for a node not discovered yet
+        # A node not discovered yet: UNAVAILABLE (retried), not NOT_FOUND (csi/locator.py).
         if "source_snapshot_id" in source:
             local = source["source_snapshot_id"]
-            found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=local)).snapshots
-            if not found:
+            agent, resp = self.locator.call(node, local.partition("@")[0], "ListSnapshots",
+                                            agent_pb2.ListSnapshotsRequest(snapshot_id=local))
+            if not resp.snapshots:
                 raise not_found(f"source snapshot {node}/{local} does not exist")
-            return agent, found[0].size_bytes
-        return agent, self._get_volume(agent, source["source_volume_id"]).size_bytes
+            return agent, resp.snapshots[0].size_bytes
+        agent, vol = self._held(node, source["source_volume_id"])
+        return agent, vol.size_bytes
 
     def _check_same(
         self,
@@ -502,10 +516,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             return csi_pb2.DeleteVolumeResponse()  # could never have existed: already deleted
-        agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
             try:
-                agent.call("DeleteVolume", agent_pb2.DeleteVolumeRequest(volume_id=local))
+                self._call(node, local, "DeleteVolume", agent_pb2.DeleteVolumeRequest(volume_id=local))
             except ZvoltError as err:
                 if err.code != grpc.StatusCode.NOT_FOUND:
                     raise
@@ -529,9 +542,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             host = check_nqn(request.node_id)
         except ZvoltError:
             raise not_found(f"node {request.node_id!r} does not exist (zvolt node ids are host NQNs)") from None
-        agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
-            vol = self._get_volume(agent, local)
+            agent, vol = self._held(node, local)
             # An older identity of this same node (reimaged, state wiped) is dead: revoke it
             # rather than refuse the node for ever as "published elsewhere".
             stale = [h for h in vol.published_hosts if h != host and same_node(h, host)]
@@ -569,10 +581,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                 target = check_nqn(request.node_id)
             except ZvoltError:
                 return done  # never a valid node: nothing was published to it
-        agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
             try:
-                published = self._get_volume(agent, local).published_hosts
+                agent, vol = self._held(node, local)
+                published = vol.published_hosts
                 # Whatever NQN the node reports now, what was published to that node goes.
                 hosts = [h for h in published if not target or h == target or same_node(h, target)]
                 for host in hosts:
@@ -586,11 +598,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         """Unpublish one host if `still_stale()` says so when checked under the volume lock, the
         lock every ControllerPublish of this volume takes (csi/attachments.py). True if done."""
         node, local = split_volume_id(volume_id)
-        agent = self._agent_for(node)
         with self.locks.hold(f"vol:{volume_id}"):
             if not still_stale():
                 return False
-            agent.call("UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=host))
+            self._call(node, local, "UnpublishVolume", agent_pb2.UnpublishVolumeRequest(volume_id=local, host_nqn=host))
         return True
 
     def ValidateVolumeCapabilities(
@@ -606,8 +617,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             raise not_found(f"volume {request.volume_id!r} does not exist") from None
-        agent = self._agent_for(node)
-        self._get_volume(agent, local)
+        self._held(node, local)
         reasons = [r for r in (volcaps.unsupported(c) for c in request.volume_capabilities) if r]
         try:
             params.parse_create(request.parameters, request.mutable_parameters)
@@ -645,8 +655,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             raise not_found(f"volume {request.volume_id!r} does not exist") from None
-        agent = self._agent_for(node)
-        vol = self._get_volume(agent, local)
+        agent, vol = self._held(node, local)
         abnormal = vol.condition == agent_pb2.VOLUME_CONDITION_ABNORMAL
         condition = csi_pb2.VolumeCondition(
             abnormal=abnormal, message=vol.condition_message or ("abnormal" if abnormal else "healthy")
@@ -705,10 +714,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             raise not_found(f"volume {request.volume_id!r} does not exist") from None
-        agent = self._agent_for(node)
         block = request.HasField("volume_capability") and request.volume_capability.HasField("block")
         with self.locks.hold(f"vol:{request.volume_id}"):
-            vol = self._get_volume(agent, local)
+            agent, vol = self._held(node, local)
             rng = request.capacity_range
             if rng.limit_bytes and vol.size_bytes > rng.limit_bytes:
                 raise out_of_range(
@@ -735,11 +743,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, local = split_volume_id(request.volume_id)
         except ZvoltError:
             raise not_found(f"volume {request.volume_id!r} does not exist") from None
-        agent = self._agent_for(node)
         with self.locks.hold(f"vol:{request.volume_id}"):
             # The agent looks the volume up (NOT_FOUND) and sets only what differs, so an empty
             # class (nothing to change) still answers for a volume that does not exist.
-            agent.call("ModifyVolume", agent_pb2.ModifyVolumeRequest(volume_id=local, compression=changes.compression))
+            self._call(node, local, "ModifyVolume",
+                       agent_pb2.ModifyVolumeRequest(volume_id=local, compression=changes.compression))
         return csi_pb2.ControllerModifyVolumeResponse()
 
     # ----------------------------------------------------------- snapshots
@@ -753,11 +761,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         except ZvoltError:
             raise not_found(f"source volume {request.source_volume_id!r} does not exist") from None
         labels = params.parse_snapshot(request.parameters)
-        agent = self._agent_for(node)  # a node not discovered yet: UNAVAILABLE (retried), not NOT_FOUND
         with self.locks.hold(f"snap:{name}"):
-            snap = agent.call(
-                "CreateSnapshot", agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local, labels=labels)
-            ).snapshot
+            # A node not discovered yet: UNAVAILABLE (retried), not NOT_FOUND (csi/locator.py).
+            agent, resp = self.locator.call(
+                node, local, "CreateSnapshot",
+                agent_pb2.CreateSnapshotRequest(name=name, source_volume_id=local, labels=labels))
+            snap = resp.snapshot
         return csi_pb2.CreateSnapshotResponse(snapshot=self._snapshot(agent, snap))
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext) -> Any:
@@ -767,33 +776,37 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, vol, snap = split_snapshot_id(request.snapshot_id)
         except ZvoltError:
             return csi_pb2.DeleteSnapshotResponse()
-        agent = self._agent_for(node)
         with self.locks.hold(f"snapid:{request.snapshot_id}"):
             try:
-                agent.call("DeleteSnapshot", agent_pb2.DeleteSnapshotRequest(snapshot_id=f"{vol}@{snap}"))
+                self._call(node, vol, "DeleteSnapshot", agent_pb2.DeleteSnapshotRequest(snapshot_id=f"{vol}@{snap}"))
             except ZvoltError as err:
                 if err.code != grpc.StatusCode.NOT_FOUND:
                     raise
         return csi_pb2.DeleteSnapshotResponse()
 
-    def _snapshot_scope(self, request: csi_pb2.ListSnapshotsRequest) -> tuple[list[AgentClient], str, str] | None:
-        """Which agents to ask and with which local filters; None when nothing can match."""
-        snap_filter, vol_filter, node = "", "", None
+    def _snapshot_scope(self, request: csi_pb2.ListSnapshotsRequest
+                        ) -> tuple[list[AgentClient], str, str, tuple[str, str] | None] | None:
+        """Which agents to ask, with which local filters, and for a filtered listing the
+        (home node, volume id) whose holder answers; None when nothing can match."""
+        snap_filter, vol_filter, node, vid = "", "", None, ""
         try:
             if request.snapshot_id:
-                node, vol, snap = split_snapshot_id(request.snapshot_id)
-                snap_filter = f"{vol}@{snap}"
+                node, vid, snap = split_snapshot_id(request.snapshot_id)
+                snap_filter = f"{vid}@{snap}"
             if request.source_volume_id:
                 vnode, vol_filter = split_volume_id(request.source_volume_id)
-                if node is not None and vnode != node:
+                if node is not None and (vnode, vol_filter) != (node, vid):
                     return None
-                node = vnode
+                node, vid = vnode, vol_filter
         except ZvoltError:
             return None
         if node is None:
-            return self.pool.all(), snap_filter, vol_filter
-        agent = self.pool.find(node)
-        return ([agent], snap_filter, vol_filter) if agent is not None else None
+            return self.pool.all(), snap_filter, vol_filter, None
+        try:
+            agent = self.locator.holder(node, vid)
+        except ZvoltError:
+            return None  # neither its home nor any other node holds it
+        return [agent], snap_filter, vol_filter, (node, vid)
 
     def ListSnapshots(self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext) -> Any:
         scope = self._snapshot_scope(request)
@@ -801,15 +814,21 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             if request.starting_token:
                 PageToken.decode(request.starting_token)
             return csi_pb2.ListSnapshotsResponse()
-        agents, snap_filter, vol_filter = scope
+        agents, snap_filter, vol_filter, of = scope
 
         def fetch(agent: AgentClient, want: int, token: str) -> tuple[list[Any], str]:
-            resp = agent.call(
-                "ListSnapshots",
-                agent_pb2.ListSnapshotsRequest(
-                    max_entries=want, starting_token=token, snapshot_id=snap_filter, source_volume_id=vol_filter
-                ),
+            req = agent_pb2.ListSnapshotsRequest(
+                max_entries=want, starting_token=token, snapshot_id=snap_filter, source_volume_id=vol_filter
             )
+            if of is None:
+                resp = agent.call("ListSnapshots", req)
+            else:
+                try:
+                    agent, resp = self.locator.call(*of, "ListSnapshots", req)
+                except ZvoltError as err:
+                    if err.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    return [], ""
             return [
                 csi_pb2.ListSnapshotsResponse.Entry(snapshot=self._snapshot(agent, s)) for s in resp.snapshots
             ], resp.next_token
@@ -824,10 +843,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             node, vol, snap = split_snapshot_id(request.snapshot_id)
         except ZvoltError:
             raise not_found(f"snapshot {request.snapshot_id!r} does not exist") from None
-        agent = self.pool.find(node)
-        if agent is None:
-            raise unavailable(f"storage node {node} has no known agent; retry later")
-        found = agent.call("ListSnapshots", agent_pb2.ListSnapshotsRequest(snapshot_id=f"{vol}@{snap}")).snapshots
+        agent, resp = self.locator.call(node, vol, "ListSnapshots",
+                                        agent_pb2.ListSnapshotsRequest(snapshot_id=f"{vol}@{snap}"))
+        found = resp.snapshots
         if not found:
             raise not_found(f"snapshot {request.snapshot_id!r} does not exist")
         return csi_pb2.GetSnapshotResponse(snapshot=self._snapshot(agent, found[0]))

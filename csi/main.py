@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, keyrotation
+from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, keyrotation, volmove
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -49,13 +49,15 @@ def _env_flag(flag: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key"], default=_env("mode"),
-                   required=_env("mode") is None,
+    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key", "move"],
+                   default=_env("mode"), required=_env("mode") is None,
                    help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
                    "(run in the controller container: same settings); --clear unpublishes the stale ones. "
                    "usage: space per volume and pool on every storage node (same settings). "
                    "rotate-key: zfs change-key of encrypted volumes; one JSON line on stdin names them and "
-                   "holds the old and new keys (kubectl zvolt rotate-key runs it)")
+                   "holds the old and new keys (kubectl zvolt rotate-key runs it). "
+                   "move: move --volume-id, unpublished, with its snapshots to storage node --to "
+                   "(kubectl zvolt move runs it)")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
     p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
@@ -99,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
         "row, only where this pod's csi-attacher leads; needs --agents-from-kubernetes); 0: off",
     )
     p.add_argument("--clear", action="store_true", help="attachments mode: unpublish the stale ones")
+    p.add_argument("--volume-id", help="move mode: the CSI volume id (a PV's volumeHandle)")
+    p.add_argument("--to", metavar="NODE", help="move mode: the storage node to move it to")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table",
                    help="attachments and usage mode output")
     # node
@@ -233,6 +237,14 @@ def rotate_key(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     return 1 if outcome.failed else 0
 
 
+def move(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """`zvolt-csi --mode move --volume-id ID --to NODE` (csi/volmove.py; kubectl zvolt move runs it)."""
+    if not args.volume_id or not args.to:
+        raise SystemExit("move mode needs --volume-id and --to")
+    volmove.move(_pool(args), args.volume_id, args.to, say=out)
+    return 0
+
+
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
                         records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
@@ -242,7 +254,7 @@ def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
         identity=IdentityService(controller=True, ready=lambda: True),
         controller=controller,
         health=StorageHealth(pool),
-        group_controller=GroupControllerService(pool, controller.locks),
+        group_controller=GroupControllerService(pool, controller.locks, controller.locator),
     )
 
 
@@ -293,9 +305,9 @@ def start_trimmer(args: argparse.Namespace, node: NodeService, metrics: Metrics)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.mode in ("attachments", "usage", "rotate-key"):
+    if args.mode in ("attachments", "usage", "rotate-key", "move"):
         try:
-            return {"attachments": attachments, "usage": usage, "rotate-key": rotate_key}[args.mode](args)
+            return {"attachments": attachments, "usage": usage, "rotate-key": rotate_key, "move": move}[args.mode](args)
         except ZvoltError as err:
             print(f"zvolt-csi: {err.message}", file=sys.stderr)
             return 2

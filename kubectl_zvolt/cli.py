@@ -14,6 +14,7 @@ from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.format import age, dump, table
 from kubectl_zvolt.kube import Exec, ExecInput, Kube, Target, stream_exec
 from kubectl_zvolt.model import DRIVER
+from kubectl_zvolt.move import move
 from kubectl_zvolt.ops import Ops, Result
 from kubectl_zvolt.rotate import rotate_key
 from kubectl_zvolt.usage import size, usage
@@ -94,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("storage_class", metavar="STORAGECLASS")
     k.add_argument("--new-key-file", required=True, metavar="FILE",
                    help="the new key, 64 hex characters (openssl rand -hex 32 > FILE); never give it in argv")
+    m = sub.add_parser("move", parents=[common],
+                       help="move a PVC's volume with its snapshots to another storage node; the volume must not "
+                       "be attached (-n: zvolt's namespace)")
+    m.add_argument("pvc", metavar="PVC")
+    m.add_argument("--to", required=True, metavar="STORAGE-NODE", help="the storage node to move it to")
+    m.add_argument("--pvc-namespace", default="default", metavar="NS", help="the PVC's namespace (default: default)")
+    m.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the move (default 3600)")
     return p
 
 
@@ -173,6 +181,14 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
             return 1
         out.write(f"StorageClass {res.storage_class}: {len(res.rotated)} volumes on the new key; "
                   f"Secret {res.secret} updated\n")
+    elif args.command == "move":
+        moved = move(kube, execute or stream_exec(kube, timeout=args.timeout), args.driver, args.pvc_namespace,
+                   args.pvc, args.to)
+        out.write(moved.output if moved.output.endswith("\n") or not moved.output else moved.output + "\n")
+        if moved.code != 0:
+            out.write(f"PVC {moved.pvc} (volume {moved.volume_id}) was not moved; after fixing the cause, the same "
+                      "command carries on where it stopped\n")
+            return 1
     elif args.command == "tree":
         vols, snaps = ops.inventory()
         roots = tree.build(vols, snaps, args.pvc)

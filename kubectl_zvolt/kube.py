@@ -82,13 +82,21 @@ class Kube:
         result: Obj = self.api.sanitize_for_serialization(obj)
         return result
 
-    def get_pvc(self, name: str) -> Obj | None:
+    def get_pvc(self, name: str, namespace: str | None = None) -> Obj | None:
         try:
-            return self._plain(self.core.read_namespaced_persistent_volume_claim(name, self.namespace))
+            return self._plain(self.core.read_namespaced_persistent_volume_claim(name, namespace or self.namespace))
         except ApiException as e:
             if e.status == 404:
                 return None
             raise _api_error(e, f"reading PVC {name}") from e
+
+    def get_pv(self, name: str) -> Obj | None:
+        try:
+            return self._plain(self.core.read_persistent_volume(name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _api_error(e, f"reading PersistentVolume {name}") from e
 
     def list_pvcs(self) -> list[Obj]:
         try:
@@ -268,8 +276,9 @@ def _api_error(e: ApiException, doing: str) -> PluginError:
     return PluginError(f"{doing}: API error {e.status} {reason}{': ' + detail if detail else ''}")
 
 
-def stream_exec(kube: Kube) -> ExecInput:
-    """Exec through the API server (the client's websocket stream), like `kubectl exec`."""
+def stream_exec(kube: Kube, timeout: float = 120.0) -> ExecInput:
+    """Exec through the API server (the client's websocket stream), like `kubectl exec`; its
+    output is read for at most `timeout` seconds."""
     from kubernetes.stream import stream
 
     def run(namespace: str, pod: str, container: str, argv: Sequence[str],
@@ -280,7 +289,7 @@ def stream_exec(kube: Kube) -> ExecInput:
         if stdin is not None:
             resp.write_stdin(stdin)  # one line: the command reads a line, not to EOF
         out: list[str] = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while resp.is_open() and time.monotonic() < deadline:
             resp.update(timeout=1)
             if resp.peek_stdout():

@@ -17,6 +17,23 @@ class ZvoltError(Exception):
         return f"{self.code.name}: {self.message}"
 
 
+# Trailing metadata that carries Moved.to across gRPC (set by zvolt/rpc.py, read by csi/agents.py).
+MOVED_TO_KEY = "zvolt-moved-to"
+
+
+class Moved(ZvoltError):
+    """The volume moved to storage node `to` (a tombstone here, agent/moves.py). NOT_FOUND for a
+    caller that knows nothing of moves; the controller follows it (csi/locator.py)."""
+
+    def __init__(self, to: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, message)
+        self.to = to
+
+
+def moved(volume_id: str, to: str) -> Moved:
+    return Moved(to, f"volume {volume_id} moved to storage node {to}")
+
+
 def invalid(message: str) -> ZvoltError:
     return ZvoltError(grpc.StatusCode.INVALID_ARGUMENT, message)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from zvolt.errors import ZvoltError
+from zvolt.errors import MOVED_TO_KEY, Moved, ZvoltError
 
 # Request fields worth a place in the log line. Secrets and keys are never among them.
 _ID_FIELDS = (
@@ -116,6 +116,8 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 return inner(request, context)
             except ZvoltError as err:
                 code, message = err.code, err.message
+                if isinstance(err, Moved):
+                    context.set_trailing_metadata(((MOVED_TO_KEY, err.to),))
                 context.abort(err.code, err.message)
             except Exception as err:
                 # grpc's own abort() raises; let it through with the code it set.

@@ -73,7 +73,7 @@ class GetInfoResponse(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., ready: _Optional[bool] = ..., version: _Optional[str] = ..., pool: _Optional[str] = ..., parent_dataset: _Optional[str] = ..., nvme_transport: _Optional[str] = ..., nvme_address: _Optional[str] = ..., nvme_port: _Optional[str] = ..., volumes: _Optional[int] = ..., snapshots: _Optional[int] = ..., exports: _Optional[int] = ..., startup_seconds: _Optional[float] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
 
 class Volume(_message.Message):
-    __slots__ = ("id", "name", "size_bytes", "volblocksize", "compression", "thick", "encrypted", "source_snapshot_id", "source_volume_id", "published_hosts", "nqn", "created_unix", "used_bytes", "condition", "condition_message")
+    __slots__ = ("id", "name", "size_bytes", "volblocksize", "compression", "thick", "encrypted", "source_snapshot_id", "source_volume_id", "published_hosts", "nqn", "created_unix", "used_bytes", "condition", "condition_message", "home_node", "source_home_node")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,8 @@ class Volume(_message.Message):
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONDITION_FIELD_NUMBER: _ClassVar[int]
     CONDITION_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HOME_NODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     size_bytes: int
@@ -104,10 +106,12 @@ class Volume(_message.Message):
     used_bytes: int
     condition: VolumeCondition
     condition_message: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., volblocksize: _Optional[int] = ..., compression: _Optional[str] = ..., thick: _Optional[bool] = ..., encrypted: _Optional[bool] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., published_hosts: _Optional[_Iterable[str]] = ..., nqn: _Optional[str] = ..., created_unix: _Optional[int] = ..., used_bytes: _Optional[int] = ..., condition: _Optional[_Union[VolumeCondition, str]] = ..., condition_message: _Optional[str] = ...) -> None: ...
+    home_node: str
+    source_home_node: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., volblocksize: _Optional[int] = ..., compression: _Optional[str] = ..., thick: _Optional[bool] = ..., encrypted: _Optional[bool] = ..., source_snapshot_id: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., published_hosts: _Optional[_Iterable[str]] = ..., nqn: _Optional[str] = ..., created_unix: _Optional[int] = ..., used_bytes: _Optional[int] = ..., condition: _Optional[_Union[VolumeCondition, str]] = ..., condition_message: _Optional[str] = ..., home_node: _Optional[str] = ..., source_home_node: _Optional[str] = ...) -> None: ...
 
 class Snapshot(_message.Message):
-    __slots__ = ("id", "name", "source_volume_id", "size_bytes", "created_unix", "ready_to_use", "used_bytes")
+    __slots__ = ("id", "name", "source_volume_id", "size_bytes", "created_unix", "ready_to_use", "used_bytes", "home_node")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +119,7 @@ class Snapshot(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     READY_TO_USE_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOME_NODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     source_volume_id: str
@@ -122,7 +127,8 @@ class Snapshot(_message.Message):
     created_unix: int
     ready_to_use: bool
     used_bytes: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready_to_use: _Optional[bool] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    home_node: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., source_volume_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[int] = ..., ready_to_use: _Optional[bool] = ..., used_bytes: _Optional[int] = ..., home_node: _Optional[str] = ...) -> None: ...
 
 class CreateVolumeRequest(_message.Message):
     __slots__ = ("name", "size_bytes", "volblocksize", "compression", "thick", "source_snapshot_id", "source_volume_id", "encryption_key", "labels")

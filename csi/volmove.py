@@ -1,0 +1,80 @@
+"""`zvolt-csi --mode move --volume-id <id> --to <node>`: what `kubectl zvolt move` runs.
+
+Like `rotate-key`, only the controller reaches the agents, so the plugin runs this mode in the
+controller container with its settings. The volume is found where it is now (csi/locator.py: its
+id names its home, which it may have left), then csi/moves.py moves it, one progress line per
+step. A rerun after any interruption carries on from where the two nodes are. The CSI ids stay
+as they are: the serving controller follows the volume by the tombstone the source keeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from csi import moves
+from csi.agents import AgentPool, fan_out
+from csi.locator import Locator
+from zvolt.errors import precondition
+from zvolt.names import check_node, split_volume_id
+
+# What a step of csi/moves.py does, in the words of a progress line.
+_STEPS = {
+    "SendMove": "source snapshots it",
+    "ReceiveMove": "target receives",
+    "CommitMove": "target commits (the one true copy from now on)",
+    "FinishMove": "source drops its copy, keeps a tombstone",
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    volume_id: str
+    source: str
+    target: str
+    bytes: int
+    streams: int
+    seconds: float
+    already: bool = False  # held by the target before this call: nothing done
+
+
+class _Narrated:
+    """An agent client that reports each move step (its time, and what a stream carried)."""
+
+    def __init__(self, agent: Any, say: Callable[[str], None]) -> None:
+        self._agent = agent
+        self._say = say
+        self.name: str = agent.name
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        start = time.monotonic()
+        got = self._agent.call(method, request, timeout=timeout)
+        if method in _STEPS:
+            carried = f", {got.bytes} bytes" if method == "ReceiveMove" else ""
+            self._say(f"  {self.name}: {_STEPS[method]} ({time.monotonic() - start:.1f}s{carried})")
+        return got
+
+
+def move(pool: AgentPool, volume_id: str, to: str, say: Callable[[str], None] = print) -> Outcome:
+    home, local = split_volume_id(volume_id)
+    check_node(to)
+    target = pool.find(to)
+    if target is None:
+        known = ", ".join(a.name for a in pool.all()) or "none"
+        raise precondition(f"storage node {to} is unknown to the controller (storage nodes: {known})")
+    source, vol = Locator(pool, fan_out).get_volume(home, local)
+    if source.name == to:
+        say(f"volume {volume_id} is on storage node {to} already")
+        return Outcome(volume_id, to, to, 0, 0, 0.0, already=True)
+    # The agent refuses what cannot move and names it (published, clones, encrypted); published,
+    # the common one, is said before anything changes on either node.
+    if vol.published_hosts:
+        raise precondition(f"volume {volume_id} is published to {', '.join(vol.published_hosts)}: an offline move "
+                           "needs it unpublished (stop the pods using it)")
+    say(f"moving volume {volume_id} ({vol.size_bytes} bytes) from storage node {source.name} to {to}")
+    result = moves.move(_Narrated(source, say), _Narrated(target, say), local)
+    say(f"moved volume {volume_id} to storage node {to}: {result.bytes} bytes in {result.streams} stream(s), "
+        f"{result.seconds:.1f}s")
+    return Outcome(volume_id, source.name, to, result.bytes, result.streams, result.seconds)
