@@ -25,6 +25,7 @@ from csi import moves as orchestrator
 from csi.agents import AgentPool, parse_static
 from csi.controller import ControllerService
 from csi.group_controller import GroupControllerService
+from tests.unit.directagent import Direct
 from zvolt.errors import Moved, ZvoltError
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import csi_pb2
@@ -40,15 +41,6 @@ CAP = csi_pb2.VolumeCapability(
 
 
 # -- the agent: a tombstone answers Moved -----------------------------------------------------
-
-
-class Direct:
-    def __init__(self, node: FakeNode) -> None:
-        self.name = node.volumes.cfg.node
-        self.servicer = AgentServicer(node.volumes, node.readiness, Metrics(), moves=node.moves)
-
-    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        return getattr(self.servicer, method)(request, None)
 
 
 @dataclass

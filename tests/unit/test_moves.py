@@ -17,28 +17,16 @@ import grpc
 import pytest
 
 from agent.fakes import Crash, FakeNode, make_node
-from agent.metrics import Metrics
 from agent.moves import SendServer, tls_contexts
-from agent.server import AgentServicer
 from agent.volumes import VolumeSpec
 from csi import moves as orchestrator
+from tests.unit.directagent import Direct
 from zvolt import names
 from zvolt.errors import ZvoltError
 from zvolt.pb import agent_pb2 as pb
 
 MiB = 1 << 20
 HOST = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001"
-
-
-class Direct:
-    """An agent client that calls the servicer in process (what csi/agents.AgentClient does over gRPC)."""
-
-    def __init__(self, node: FakeNode) -> None:
-        self.name = node.volumes.cfg.node
-        self.servicer = AgentServicer(node.volumes, node.readiness, Metrics(), moves=node.moves)
-
-    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        return getattr(self.servicer, method)(request, None)
 
 
 @dataclass
