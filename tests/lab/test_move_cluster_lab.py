@@ -28,7 +28,10 @@ from tests.lab.test_multinode_lab import storage_cluster  # noqa: F401 - the fix
 from zvolt.names import split_volume_id
 from zvolt.pb import csi_pb2
 
-pytestmark = pytest.mark.lab
+# slow: two or three guests at once (7-12 min with boots under TCG); kept out of the default run
+# after its first CI run here, beside other guests, failed (closing note of 2026-12-06).
+# Run: python -m pytest tests/lab/test_move_cluster_lab.py
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 MiB = 1 << 20
 GiB = 1 << 30

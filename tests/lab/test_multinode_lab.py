@@ -32,7 +32,10 @@ from zvolt.errors import ZvoltError
 from zvolt.names import split_volume_id
 from zvolt.pb import agent_pb2, agent_pb2_grpc, csi_pb2
 
-pytestmark = pytest.mark.lab
+# slow: two or three guests at once (7-12 min with boots under TCG); kept out of the default run
+# after its first CI run here, beside other guests, failed (closing note of 2026-12-06).
+# Run: python -m pytest tests/lab/test_multinode_lab.py
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 GiB = 1 << 30
 MiB = 1 << 20
