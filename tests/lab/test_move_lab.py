@@ -29,7 +29,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 A, B = "move-a", "move-b"
 PARENT = {A: "tank/zvmove", B: "tankm/zvolt"}
-PORTS = {A: ("4421", "7011"), B: ("4422", "7012")}
+# Not 7011: the lab's own agent holds its default move port there (zvolt/storagenet.py MOVE_PORT).
+PORTS = {A: ("4421", "7013"), B: ("4422", "7012")}
 POOL_B_FILE = "/var/tmp/tankm.img"
 HOST = "nqn.2014-08.org.nvmexpress:uuid:6d6f7665-0000-4000-8000-000000000001"
 MiB = 1 << 20
