@@ -193,7 +193,9 @@ def test_offline_move_with_snapshots_survives_kill9_of_both_agents(agents: Any) 
     print(f"\nMOVE kill -9 source mid-stream: move -> {result}; target log: {received[-1:]}", flush=True)
     assert not result["ok"]
     st = state_of(lab, vid)  # offline: frozen before its one stream, so no copy is writable until commit or abort
-    assert st[A] is not None and st[A]["zvolt:moving-to"] == B and st[B] is None, st
+    # The target may hold the snapshots that arrived before the cut: never as a servable copy.
+    partial = st[B] is None or (st[B]["zvolt:state"] == "incoming" and st[B]["readonly"] == "on")
+    assert st[A] is not None and st[A]["zvolt:moving-to"] == B and partial, st
     assert writable_copies(lab, vid) == []
     start(lab, A)
 
