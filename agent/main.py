@@ -45,7 +45,7 @@ from zvolt import commitment, guardkeeper, names
 from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
-from zvolt.nftguard import GuardConfigError, Role, guard_spec, parse_port
+from zvolt.nftguard import GuardConfigError, Role, guard_spec, guarded_ports, parse_port
 from zvolt.rpc import InFlight, parse_endpoint, prepare_unix_socket
 from zvolt.storagenet import StorageNetworkError, node_addresses, parse_network, pick_address
 from zvolt.tlsfiles import TlsFiles, Watched, server_credentials
@@ -303,8 +303,7 @@ def start_guard(settings: Settings, metrics: Metrics) -> None:
         _log.warning("NVMe/TCP port %s is not guarded (%s): any host that routes to %s can connect",
                      settings.nvme_port, why, settings.nvme_address)
         return
-    move = move_port(settings)
-    spec = guard_spec(Role.STORAGE, settings.storage_network, [settings.nvme_port, *([move] if move else [])])
+    spec = guard_spec(Role.STORAGE, settings.storage_network, guarded_ports(settings.nvme_port, move_port(settings)))
     guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_agent", interval=settings.guard_interval)
 
 

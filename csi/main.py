@@ -32,9 +32,8 @@ from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
 from zvolt.names import check_node
-from zvolt.nftguard import GuardConfigError, Role, guard_spec, parse_ports
+from zvolt.nftguard import GuardConfigError, Role, guard_spec, guarded_ports
 from zvolt.rpc import parse_endpoint
-from zvolt.storagenet import MOVE_PORT
 
 _log = logging.getLogger("zvolt.csi")
 
@@ -285,8 +284,7 @@ def node_guard(args: argparse.Namespace, metrics: Metrics) -> None:
         raise SystemExit("zvolt-csi: node mode needs --storage-network CIDR for its NVMe/TCP guard "
                          "(or --no-guard, unsafe: pods could then reach NVMe/TCP targets)")
     try:
-        # The agents' move port too: a pod must not reach it any more than a target.
-        spec = guard_spec(Role.WORKER, args.storage_network, [*parse_ports(args.nvme_port), MOVE_PORT])
+        spec = guard_spec(Role.WORKER, args.storage_network, guarded_ports(args.nvme_port))
         guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_csi_node", interval=args.guard_interval)
     except (GuardConfigError, GuardError) as exc:
         raise SystemExit(f"zvolt-csi: NVMe/TCP guard: {exc} (--no-guard disables it, unsafe)") from None

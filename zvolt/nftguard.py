@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from zvolt.storagenet import Network, StorageNetworkError, parse_network
+from zvolt.storagenet import MOVE_PORT, Network, StorageNetworkError, parse_network
 
 FAMILY = "inet"
 TABLES = {"worker": "zvolt_guard_worker", "storage": "zvolt_guard_storage"}
@@ -68,6 +68,13 @@ def parse_ports(value: str | Iterable[object]) -> tuple[int, ...]:
     if len(ports) > MAX_PORTS:
         raise GuardConfigError(f"at most {MAX_PORTS} NVMe/TCP ports, not {len(ports)}")
     return ports
+
+
+def guarded_ports(nvme_ports: str | Iterable[object], move_port: int | None = MOVE_PORT) -> tuple[int, ...]:
+    """Every port a guard keeps to the storage network: the NVMe/TCP ports and the agents' move
+    port (a pod must not reach a move stream any more than a target). The agent, the node plugin
+    and the lab tests that check what they installed all take it from here."""
+    return parse_ports([*parse_ports(nvme_ports), *([move_port] if move_port else [])])
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ from agent.dhchap import generate_secret
 from lab.guest import SOCKETS, STORAGE_NETWORK, STORAGE_NS, WORKER_NS, agent_argv
 from zvolt.commands import Result, Runner
 from zvolt.nft import Nft
-from zvolt.nftguard import Observed, Role, guard_spec, observe, ruleset
+from zvolt.nftguard import Observed, Role, guard_spec, guarded_ports, observe, ruleset
+from zvolt.storagenet import MOVE_PORT
 
 pytestmark = pytest.mark.lab
 
@@ -71,8 +72,8 @@ UNPRIVILEGED = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-gr
 BLOCK = 4096
 T = 120
 # What the lab's node plugin and a `--storage-network` agent write (the module's own rules).
-WORKER_RULES = ruleset(guard_spec(Role.WORKER, STORAGE_NETWORK, PORT))
-STORAGE_RULES = ruleset(guard_spec(Role.STORAGE, STORAGE_NETWORK, PORT))
+WORKER_RULES = ruleset(guard_spec(Role.WORKER, STORAGE_NETWORK, guarded_ports(PORT)))
+STORAGE_RULES = ruleset(guard_spec(Role.STORAGE, STORAGE_NETWORK, guarded_ports(PORT)))
 # A dropped SYN is retried until the client gives up: the pod's tool waits this long.
 BLOCKED_TIMEOUT = 8.0
 GUARD_INTERVAL = "2"  # seconds between the keeper's checks (30 in production)
@@ -518,6 +519,32 @@ def test_guard_on_the_pod_cannot_connect_in_any_auth_mode(env: Env, attacker: At
     res = attacker.read(v.pub.nqn, stolen_host, stolen_id, secret=secret)
     report(f"e {v.mode} guard removed, same attack", {k: res.get(k) for k in ("ok", "cntlid", "error")})
     assert res["ok"] is True and bytes.fromhex(res["data"]) == v.data, res
+
+
+def pod_tcp_connect(lab: Any, port: int, timeout: float) -> str:
+    """A bare TCP connect from the pod, as nobody: 'connected', 'refused' or 'timed out'."""
+    code = (f"import socket\n"
+            f"try:\n    socket.create_connection(('10.42.0.1', {port}), timeout={timeout}).close()\n"
+            f"    print('connected')\n"
+            f"except ConnectionRefusedError:\n    print('refused')\n"
+            f"except TimeoutError:\n    print('timed out')\n")
+    proc = lab.run([*UNPRIVILEGED, lab.python, "-c", code], netns=POD_NS, check=False, timeout=timeout + 60)
+    return str(proc.stdout.strip() or proc.stderr.strip())
+
+
+def test_guard_keeps_the_pod_off_the_agents_move_port(env: Env, attacker: Attacker, guard: Guard) -> None:
+    """The agents' move port streams whole volumes between storage nodes. A one-time token and TLS
+    guard the stream; the port itself is the guard's to keep from pods, like NVMe/TCP. With the
+    worker's guard on the pod's SYN is dropped; with it off the same connect reaches the agent."""
+    guard.on()
+    t0 = time.monotonic()
+    outcome = pod_tcp_connect(env.lab, MOVE_PORT, BLOCKED_TIMEOUT)  # type: ignore[attr-defined]
+    report("move port, guard on", f"{outcome} ({time.monotonic() - t0:.1f} s)")
+    assert outcome == "timed out"
+    guard.off()
+    outcome = pod_tcp_connect(env.lab, MOVE_PORT, 30.0)  # type: ignore[attr-defined]
+    report("move port, guard removed", outcome)
+    assert outcome == "connected"
 
 
 def test_guard_is_put_back_after_a_flush(env: Env, attacker: Attacker, guard: Guard) -> None:
