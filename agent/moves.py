@@ -177,6 +177,28 @@ class Moves:
             raise precondition(f"volume {vol.id} cannot move: {'; '.join(blockers)}. Branch families move as a "
                                "unit in a later release: delete or move the dependents first")
 
+    def check(self, vid: str) -> str:
+        """Whether `send` would start a move of this volume now (a drain's plan asks first).
+        Raises what blocks it; a volume already moving passes (its move carries on): returns
+        that move's target, else ""."""
+        names.check_id(vid)
+        with self.v.locks.hold([vid]):
+            vol, move = self._outgoing(vid)
+            if move is None:
+                self._check_movable(vol)
+                return ""
+            return move.peer
+
+    def _outgoing(self, vid: str) -> tuple[VolumeRec, MoveRec | None]:
+        """The volume a move from here would send, and its move under way (under its lock)."""
+        move = self.index.move(vid)
+        if move is not None and move.state == "moved":
+            raise precondition(f"volume {vid} moved to storage node {move.peer} already")
+        vol = self.index.volume(vid)
+        if vol is None:
+            raise not_found(f"volume {vid} does not exist on storage node {self.node}")
+        return vol, move
+
     def send(self, vid: str, target: str, base: str = "", final: bool = False) -> SendPlan:
         """Step 1 (final=False) or 2 (final=True): a move snapshot and a token for its stream."""
         names.check_id(vid)
@@ -186,12 +208,7 @@ class Moves:
         if target == self.node:
             raise precondition(f"volume {vid} is already on storage node {target}")
         with self.v.locks.hold([vid]):
-            move = self.index.move(vid)
-            if move is not None and move.state == "moved":
-                raise precondition(f"volume {vid} moved to storage node {move.peer} already")
-            vol = self.index.volume(vid)
-            if vol is None:
-                raise not_found(f"volume {vid} does not exist on storage node {self.node}")
+            vol, move = self._outgoing(vid)
             if move is not None and move.peer != target:
                 raise precondition(f"volume {vid} is being moved to {move.peer}: abort that move first")
             if move is None:
@@ -337,8 +354,9 @@ class Moves:
     # -- target -------------------------------------------------------------------------------
 
     def receive(self, vid: str, home: str, source: str, address: str, token: str, snapshot: str,
-                base: str = "") -> int:
-        """Step 1/2 on the target: fetch one stream into the incoming dataset. Returns bytes."""
+                base: str = "", rate: int = 0) -> int:
+        """Step 1/2 on the target: fetch one stream into the incoming dataset. Returns bytes.
+        rate: bytes per second the stream may take (0: as fast as it comes)."""
         names.check_id(vid)
         names.check_node(home)
         names.check_node(source)
@@ -352,6 +370,8 @@ class Moves:
             ds = self._dataset(vid)
             props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
             have = ""
+            if props is None and (refused := self.v.cordon.refusal()):
+                raise precondition(refused)  # a move in places a volume; one under way may finish
             if props is not None:
                 if props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
                     raise precondition(f"dataset {ds} exists and is not an incoming move from {source}")
@@ -369,7 +389,7 @@ class Moves:
             seq = self.index.begin("move-receive", [ds])
             try:
                 moved = self._fetch(host, port, token, ds, {
-                    STATE: INCOMING, MOVE_FROM: source, HOME: home, "readonly": "on", "volmode": "none"})
+                    STATE: INCOMING, MOVE_FROM: source, HOME: home, "readonly": "on", "volmode": "none"}, rate)
             finally:
                 with self.index.tx() as tx:
                     tx.done(seq)
@@ -377,7 +397,7 @@ class Moves:
                 raise internal(f"the stream of volume {vid} ended without snapshot {snapshot}")
             return moved
 
-    def _fetch(self, host: str, port: int, token: str, ds: str, props: dict[str, str]) -> int:
+    def _fetch(self, host: str, port: int, token: str, ds: str, props: dict[str, str], rate: int = 0) -> int:
         try:
             sock = socket.create_connection((host, port), timeout=30)
         except OSError as exc:
@@ -397,11 +417,11 @@ class Moves:
             read_fd, write_fd = os.pipe()
             if isinstance(sock, ssl.SSLSocket):
                 sock.settimeout(120)
-                counter = _Pump(sock.recv_into, write_fd, f"receiving {ds}")
+                counter = _Pump(sock.recv_into, write_fd, f"receiving {ds}", rate)
             else:
                 # Blocking (splice needs it); keepalive ends the wait for a peer that died.
                 sock.settimeout(None)
-                counter = _Pump(_spliced(sock.fileno(), write_fd), write_fd, f"receiving {ds}")
+                counter = _Pump(_spliced(sock.fileno(), write_fd), write_fd, f"receiving {ds}", rate)
             pump = threading.Thread(target=counter.run, name="move-recv", daemon=True)
             pump.start()
             try:
@@ -609,12 +629,15 @@ def _spliced(sock_fd: int, pipe_fd: int) -> Callable[[memoryview], int]:
 
 class _Pump:
     """Socket -> pipe (into `zfs receive`), a progress line every few seconds. Plain TCP: spliced
-    in the kernel (`recv` returns minus the count: already written); TLS: 1 MiB reads and writes."""
+    in the kernel (`recv` returns minus the count: already written); TLS: 1 MiB reads and writes.
+    With a rate, the pump sleeps whenever it is ahead of it: the socket's window fills and TCP
+    slows the sender, so `zfs send` on the source waits too (no buffering grows anywhere)."""
 
-    def __init__(self, recv_into: Callable[[memoryview], int], write_fd: int, what: str) -> None:
+    def __init__(self, recv_into: Callable[[memoryview], int], write_fd: int, what: str, rate: int = 0) -> None:
         self.recv_into = recv_into
         self.write_fd = write_fd
         self.what = what
+        self.rate = max(0, rate)
         self.total = 0
         self.error = ""
 
@@ -634,6 +657,9 @@ class _Pump:
                         view = view[os.write(self.write_fd, view):]
                 self.total += n
                 now = time.monotonic()
+                if self.rate and (ahead := self.total / self.rate - (now - start)) > 0:
+                    time.sleep(ahead)
+                    now = time.monotonic()
                 if now - last >= PROGRESS_EVERY:
                     last = now
                     _log.info("move stream progress", extra={"fields": {

@@ -166,6 +166,8 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         return self._moves
 
     def SendMove(self, request: Any, context: Any) -> Any:
+        if request.check_only:
+            return pb.SendMoveResponse(moving_to=self._mover().check(request.volume_id))
         plan = self._mover().send(request.volume_id, request.target_node, request.base_snapshot, request.final)
         return pb.SendMoveResponse(token=plan.token, address=plan.address, snapshot=plan.snapshot,
                                    base_snapshot=plan.base, home_node=plan.home)
@@ -173,7 +175,8 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def ReceiveMove(self, request: Any, context: Any) -> Any:
         start = time.monotonic()
         moved = self._mover().receive(request.volume_id, request.home_node, request.source_node, request.address,
-                                      request.token, request.snapshot, request.base_snapshot)
+                                      request.token, request.snapshot, request.base_snapshot,
+                                      rate=request.max_bytes_per_second)
         return pb.ReceiveMoveResponse(bytes=moved, seconds=time.monotonic() - start)
 
     def CommitMove(self, request: Any, context: Any) -> Any:
@@ -228,12 +231,19 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def GetCapacity(self, request: Any, context: Any) -> Any:
         self._ready()
         cap = self.v.capacity()
+        cordon = self.v.cordon.state()
         self.metrics.set_space(cap.available, cap.used)
         self.metrics.set_commitment(cap.committed, cap.total, cap.commitment_ratio)
         return pb.GetCapacityResponse(available_bytes=cap.available, total_bytes=cap.total, used_bytes=cap.used,
                                       maximum_volume_size=cap.maximum_volume_size, committed_bytes=cap.committed,
                                       commitment_limit_ratio=cap.commitment_ratio,
-                                      commitment_available_bytes=cap.commitment_available, reserve_bytes=cap.reserve)
+                                      commitment_available_bytes=cap.commitment_available, reserve_bytes=cap.reserve,
+                                      cordoned=cordon.cordoned, cordon_reason=cordon.reason)
+
+    def SetCordon(self, request: Any, context: Any) -> Any:
+        self._ready()
+        st = self.v.cordon.set(request.cordoned, request.reason)
+        return pb.SetCordonResponse(cordoned=st.cordoned, reason=st.reason)
 
     def GetUsage(self, request: Any, context: Any) -> Any:
         self._ready()

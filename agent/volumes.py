@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from agent.coalesced import CoalescedReads
 from agent.commitment import Admissions
+from agent.cordon import Cordon
 from agent.exports import Exports
 from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
@@ -175,6 +176,7 @@ class Volumes:
         self.locks = locks or VolumeLocks()
         self.keys = keys or Keys(zfs, None)
         self.layout = Layout(cfg.parent)
+        self.cordon = Cordon(zfs, cfg.parent, cfg.node)
         self.gc = Collector(zfs, index, self.layout)
         exports.attach(index)  # a volume that moved here keeps its first node's NQN
         # Published volumes whose export start-up could not restore: volume id -> why. Their
@@ -343,7 +345,9 @@ class Volumes:
             }
             user.update(label_props)
             if spec.source_snapshot or spec.source_volume:
-                return self._clone(spec, vid, ds, size, user)
+                return self._clone(spec, vid, ds, size, user)  # a clone must live by its source, cordoned or not
+            if refused := self.cordon.refusal():
+                raise exhausted(refused)  # the controller then tries the next node
             self._check_fits(size, spec.thick)
             with self._commit(size, f"volume {spec.name!r}"):
                 return self._create(spec, vid, ds, size, vbs, compression, user)

@@ -17,12 +17,12 @@ again with a short deadline.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
 
+from csi import placement
 from csi.placement import Candidate
 
 _log = logging.getLogger("zvolt.csi.capacity")
@@ -87,9 +87,7 @@ class CapacityView:
         with self._lock:
             c = self._candidates.get(node)
             if c is not None:
-                self._candidates[node] = dataclasses.replace(
-                    c, committed_bytes=c.committed_bytes + size,
-                    available_bytes=c.available_bytes - size if thick else c.available_bytes)
+                self._candidates[node] = placement.with_volume(c, size, thick)
 
     def expire(self) -> None:
         """The view was wrong about a node (it refused): the next create asks every node again."""

@@ -349,9 +349,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
 
     @staticmethod
     def _candidate(agent: AgentClient, cap: agent_pb2.GetCapacityResponse) -> placement.Candidate:
-        return placement.Candidate(agent.name, agent.zone, cap.available_bytes, cap.maximum_volume_size,
-                                   total_bytes=cap.total_bytes, committed_bytes=cap.committed_bytes,
-                                   commitment_ratio=cap.commitment_limit_ratio)
+        return placement.from_capacity(agent.name, agent.zone, cap)
 
     def _check_class_commitment(self, agent: AgentClient, size: int, class_ratio: float) -> None:
         """A clone or restore lands on its source's node: the class's limit is checked there

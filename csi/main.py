@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, keyrotation, volmove
+from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, drain, keyrotation, volmove
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -48,7 +48,8 @@ def _env_flag(flag: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key", "move"],
+    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key", "move", "drain",
+                                      "rebalance", "uncordon"],
                    default=_env("mode"), required=_env("mode") is None,
                    help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
                    "(run in the controller container: same settings); --clear unpublishes the stale ones. "
@@ -56,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    "rotate-key: zfs change-key of encrypted volumes; one JSON line on stdin names them and "
                    "holds the old and new keys (kubectl zvolt rotate-key runs it). "
                    "move: move --volume-id, unpublished, with its snapshots to storage node --to "
-                   "(kubectl zvolt move runs it)")
+                   "(kubectl zvolt move runs it). drain: cordon storage node --from and move every volume off it; "
+                   "rebalance: even committed space across storage nodes; uncordon: --storage-node takes new "
+                   "volumes again (kubectl zvolt drain-storage, rebalance, uncordon-storage run them)")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
     p.add_argument("--metrics-listen", default=_env("metrics-listen"), help="HOST:PORT for Prometheus (9102/9103)")
     p.add_argument("--log-level", default=_env("log-level", "info"))
@@ -102,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true", help="attachments mode: unpublish the stale ones")
     p.add_argument("--volume-id", help="move mode: the CSI volume id (a PV's volumeHandle)")
     p.add_argument("--to", metavar="NODE", help="move mode: the storage node to move it to")
+    p.add_argument("--from", dest="from_node", metavar="NODE", help="drain mode: the storage node to empty")
+    p.add_argument("--storage-node", metavar="NODE", help="uncordon mode: the storage node")
+    p.add_argument("--parallel", type=int, default=2, help="drain and rebalance: moves at once (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="drain and rebalance: print the plan, change nothing")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="MIB_PER_S",
+                   help="drain and rebalance: MiB/s each move's stream may take (default 0: no limit)")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table",
                    help="attachments and usage mode output")
     # node
@@ -244,6 +253,40 @@ def move(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # a drain runs for long: each line as it comes, also through a pipe
+
+
+def drain_mode(args: argparse.Namespace, out: Callable[[str], None] = _say) -> int:
+    """`zvolt-csi --mode drain --from NODE` (csi/drain.py; kubectl zvolt drain-storage runs it)."""
+    if not args.from_node:
+        raise SystemExit("drain mode needs --from NODE")
+    return drain.drain(_pool(args), args.from_node, _parallel(args), args.dry_run, out, _rate(args))
+
+
+def rebalance_mode(args: argparse.Namespace, out: Callable[[str], None] = _say) -> int:
+    """`zvolt-csi --mode rebalance` (csi/rebalance.py plans, csi/drain.py moves)."""
+    return drain.rebalance_run(_pool(args), _parallel(args), args.dry_run, out, _rate(args))
+
+
+def uncordon_mode(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    if not args.storage_node:
+        raise SystemExit("uncordon mode needs --storage-node NODE")
+    return drain.uncordon(_pool(args), args.storage_node, out)
+
+
+def _parallel(args: argparse.Namespace) -> int:
+    if not 1 <= args.parallel <= 64:
+        raise SystemExit("--parallel must be from 1 to 64")
+    return int(args.parallel)
+
+
+def _rate(args: argparse.Namespace) -> int:
+    if args.rate_limit < 0:
+        raise SystemExit("--rate-limit must be 0 (no limit) or more MiB/s")
+    return int(args.rate_limit * (1 << 20))
+
+
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
                         records: PlacementRecords | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
@@ -303,9 +346,11 @@ def start_trimmer(args: argparse.Namespace, node: NodeService, metrics: Metrics)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.mode in ("attachments", "usage", "rotate-key", "move"):
+    one_shot = {"attachments": attachments, "usage": usage, "rotate-key": rotate_key, "move": move,
+                "drain": drain_mode, "rebalance": rebalance_mode, "uncordon": uncordon_mode}
+    if args.mode in one_shot:
         try:
-            return {"attachments": attachments, "usage": usage, "rotate-key": rotate_key, "move": move}[args.mode](args)
+            return one_shot[args.mode](args)
         except ZvoltError as err:
             print(f"zvolt-csi: {err.message}", file=sys.stderr)
             return 2

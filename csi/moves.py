@@ -53,7 +53,9 @@ def _placement(agent: AgentCaller, vid: str) -> Any | None:
         raise
 
 
-def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: float = 3600.0) -> MoveResult:
+def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: float = 3600.0,
+         rate: int = 0) -> MoveResult:
+    """rate: bytes per second each stream may take on the target (0: no limit)."""
     names.check_id(vid)
     start = time.monotonic()
     if source.name == target.name:
@@ -80,7 +82,7 @@ def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: flo
             for final in [False] * (0 if offline else MAX_BULK) + [True]:
                 plan = source.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node=target.name,
                                                                   base_snapshot=base, final=final))
-                got = _stream(source, target, vid, plan, stream_timeout)
+                got = _stream(source, target, vid, plan, stream_timeout, rate)
                 total, streams, base = total + got, streams + (1 if got else 0), plan.snapshot
                 if final:
                     break
@@ -88,7 +90,7 @@ def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: flo
                     # The next stream is the final one: nothing much is left to send frozen.
                     plan = source.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node=target.name,
                                                                       base_snapshot=base, final=True))
-                    got = _stream(source, target, vid, plan, stream_timeout)
+                    got = _stream(source, target, vid, plan, stream_timeout, rate)
                     total, streams = total + got, streams + (1 if got else 0)
                     break
     # Also when committed already: a repeat tidies what a crash right after the commit left.
@@ -97,12 +99,12 @@ def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: flo
     return MoveResult(vid, source.name, target.name, home, total, streams, time.monotonic() - start)
 
 
-def _stream(source: AgentCaller, target: AgentCaller, vid: str, plan: Any, timeout: float) -> int:
+def _stream(source: AgentCaller, target: AgentCaller, vid: str, plan: Any, timeout: float, rate: int = 0) -> int:
     if plan.snapshot == plan.base_snapshot:
         return 0  # frozen before, and the target holds the final stream already
     got = target.call("ReceiveMove", pb.ReceiveMoveRequest(
         volume_id=vid, home_node=plan.home_node, source_node=source.name, address=plan.address, token=plan.token,
-        snapshot=plan.snapshot, base_snapshot=plan.base_snapshot), timeout=timeout)
+        snapshot=plan.snapshot, base_snapshot=plan.base_snapshot, max_bytes_per_second=rate), timeout=timeout)
     return int(got.bytes)
 
 

@@ -7,7 +7,8 @@ here: they must live on the node that holds their source (ZFS clones are node-lo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from csi import TOPOLOGY_ZONE_KEY
 from zvolt import commitment
@@ -23,6 +24,23 @@ class Candidate:
     total_bytes: int = 0
     committed_bytes: int = 0
     commitment_ratio: float = 0.0  # the node's limit; 0 = none reported (an older agent)
+    cordoned: bool = False  # takes no new volumes (SetCordon; a drain starts with it)
+
+
+def from_capacity(name: str, zone: str, cap: Any) -> Candidate:
+    """A node as its agent's GetCapacity answer describes it."""
+    return Candidate(name, zone, cap.available_bytes, cap.maximum_volume_size, total_bytes=cap.total_bytes,
+                     committed_bytes=cap.committed_bytes, commitment_ratio=cap.commitment_limit_ratio,
+                     cordoned=cap.cordoned)
+
+
+def with_volume(c: Candidate, size: int, thick: bool) -> Candidate:
+    """The node as it will be once a volume of `size` bytes lands on it (a planned move); a negative
+    size: once it has left. Its size is promised; what it has written needs no counting, since room
+    after promises is the same whether a promised byte is written or not. A thick volume takes its
+    whole size from the free space."""
+    return replace(c, committed_bytes=max(0, c.committed_bytes + size),
+                   available_bytes=c.available_bytes - (size if thick else 0))
 
 
 def room_after_promises(c: Candidate) -> int:
@@ -99,14 +117,19 @@ def choose(candidates: Sequence[Candidate], size: int, thick: bool, req: ZoneReq
            class_ratio: float = 0.0, group: GroupSpread | None = None) -> list[str]:
     """Storage nodes to try, best first. Raises when no node can hold the volume.
 
-    Thick volumes reserve their full size, so they need that much free space. Thin ones
+    Cordoned nodes take nothing. Thick volumes reserve their full size, so they need that much free space. Thin ones
     only need room to start; both need the commitment limits to admit their full size.
     Among those that fit: a group's spread first (see GroupSpread), then preferred zones,
     then the most room after promises (room_after_promises), then the most free space.
     """
-    allowed = [c for c in candidates if req.requisite is None or c.zone in req.requisite]
-    if not allowed:
+    zoned = [c for c in candidates if req.requisite is None or c.zone in req.requisite]
+    if not zoned:
         raise exhausted(f"no storage node is reachable in the requested topology ({sorted(req.requisite or [])})")
+    allowed = [c for c in zoned if not c.cordoned]
+    if not allowed:
+        cordoned = ", ".join(sorted(c.name for c in zoned))
+        raise exhausted(f"every storage node that could take it is cordoned ({cordoned}): "
+                        "`kubectl zvolt uncordon-storage NODE` when one may take volumes again")
     sized = [c for c in allowed if c.max_volume_bytes == 0 or size <= c.max_volume_bytes]
     if not sized:
         biggest = max(c.max_volume_bytes for c in allowed)
@@ -140,6 +163,8 @@ def largest_volume(c: Candidate, thick: bool, class_ratio: float = 0.0) -> int:
     kube-scheduler prefers over the capacity). Thick needs the space; thin only needs the node
     to take volumes at all, so a thin branch of a volume bigger than the free space schedules
     as long as the commitment limits admit its size."""
+    if c.cordoned:
+        return 0
     bounds = [b for b in (c.max_volume_bytes or None, admits(c, class_ratio)) if b is not None]
     if thick:
         bounds.append(c.available_bytes)
@@ -152,7 +177,7 @@ def admissible(c: Candidate, thick: bool, class_ratio: float = 0.0) -> int:
     """What this node would still take in all (GetCapacity's available_capacity): logical bytes
     under the commitment limits; for thick volumes, no more than the free space either."""
     limit = admits(c, class_ratio)
-    if c.available_bytes <= 0:
+    if c.available_bytes <= 0 or c.cordoned:
         return 0
     if limit is None:
         return c.available_bytes

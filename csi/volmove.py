@@ -21,7 +21,7 @@ from zvolt.errors import precondition
 from zvolt.names import check_node, split_volume_id
 
 # What a step of csi/moves.py does, in the words of a progress line.
-_STEPS = {
+STEPS = {
     "SendMove": "source snapshots it",
     "ReceiveMove": "target receives",
     "CommitMove": "target commits (the one true copy from now on)",
@@ -51,9 +51,9 @@ class _Narrated:
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         start = time.monotonic()
         got = self._agent.call(method, request, timeout=timeout)
-        if method in _STEPS:
+        if method in STEPS:
             carried = f", {got.bytes} bytes" if method == "ReceiveMove" else ""
-            self._say(f"  {self.name}: {_STEPS[method]} ({time.monotonic() - start:.1f}s{carried})")
+            self._say(f"  {self.name}: {STEPS[method]} ({time.monotonic() - start:.1f}s{carried})")
         return got
 
 

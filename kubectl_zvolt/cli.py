@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from kubectl_zvolt import tree
+from kubectl_zvolt import drain, tree
 from kubectl_zvolt.attachments import attachments
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.format import age, dump, table
@@ -102,6 +102,21 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--to", required=True, metavar="STORAGE-NODE", help="the storage node to move it to")
     m.add_argument("--pvc-namespace", default="default", metavar="NS", help="the PVC's namespace (default: default)")
     m.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the move (default 3600)")
+    moving = argparse.ArgumentParser(add_help=False)
+    moving.add_argument("--parallel", type=int, default=2, help="moves at once (default 2)")
+    moving.add_argument("--dry-run", action="store_true", help="print the plan; move nothing")
+    moving.add_argument("--rate-limit", type=float, default=0.0, metavar="MIB_PER_S",
+                        help="MiB/s each move's stream may take (default 0: no limit)")
+    moving.add_argument("--timeout", type=float, default=86400.0, help="seconds to wait (default 86400)")
+    ds = sub.add_parser("drain-storage", parents=[common, moving],
+                        help="cordon a storage node (no new volumes) and move every volume off it, idle ones first; "
+                        "prints the plan first, rerun to carry on (-n: zvolt's namespace)")
+    ds.add_argument("node", metavar="STORAGE-NODE")
+    us = sub.add_parser("uncordon-storage", parents=[common],
+                        help="a cordoned (drained) storage node takes new volumes again (-n: zvolt's namespace)")
+    us.add_argument("node", metavar="STORAGE-NODE")
+    sub.add_parser("rebalance", parents=[common, moving],
+                   help="even committed space across storage nodes by moving idle volumes (-n: zvolt's namespace)")
     return p
 
 
@@ -189,6 +204,8 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
             out.write(f"PVC {moved.pvc} (volume {moved.volume_id}) was not moved; after fixing the cause, the same "
                       "command carries on where it stopped\n")
             return 1
+    elif args.command in ("drain-storage", "uncordon-storage", "rebalance"):
+        return _drain(args, kube, execute, out)
     elif args.command == "tree":
         vols, snaps = ops.inventory()
         roots = tree.build(vols, snaps, args.pvc)
@@ -199,6 +216,26 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
         else:
             out.write(f"no zvolt volumes in namespace {kube.namespace}\n")
     return 0
+
+
+def _drain(args: argparse.Namespace, kube: Kube, execute: Exec | None, out: TextIO) -> int:
+    """The controller's lines are shown as they come (a drain runs for long), else at the end."""
+    def echo(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    run = execute or stream_exec(kube, timeout=getattr(args, "timeout", 120.0), echo=echo)
+    if args.command == "drain-storage":
+        done = drain.drain_storage(kube, run, args.node, args.parallel, args.dry_run, args.rate_limit)
+    elif args.command == "uncordon-storage":
+        done = drain.uncordon_storage(kube, run, args.node)
+    else:
+        done = drain.rebalance(kube, run, args.parallel, args.dry_run, args.rate_limit)
+    if execute is not None:
+        out.write(done.output if done.output.endswith("\n") or not done.output else done.output + "\n")
+    if done.code != 0 and args.command != "uncordon-storage" and not args.dry_run:
+        out.write("not everything moved; after fixing the cause, the same command carries on where it stopped\n")
+    return 0 if done.code == 0 else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -276,9 +276,9 @@ def _api_error(e: ApiException, doing: str) -> PluginError:
     return PluginError(f"{doing}: API error {e.status} {reason}{': ' + detail if detail else ''}")
 
 
-def stream_exec(kube: Kube, timeout: float = 120.0) -> ExecInput:
+def stream_exec(kube: Kube, timeout: float = 120.0, echo: Callable[[str], None] | None = None) -> ExecInput:
     """Exec through the API server (the client's websocket stream), like `kubectl exec`; its
-    output is read for at most `timeout` seconds."""
+    output is read for at most `timeout` seconds, and handed to `echo` as it comes (long runs)."""
     from kubernetes.stream import stream
 
     def run(namespace: str, pod: str, container: str, argv: Sequence[str],
@@ -292,10 +292,11 @@ def stream_exec(kube: Kube, timeout: float = 120.0) -> ExecInput:
         deadline = time.monotonic() + timeout
         while resp.is_open() and time.monotonic() < deadline:
             resp.update(timeout=1)
-            if resp.peek_stdout():
-                out.append(resp.read_stdout())
-            if resp.peek_stderr():
-                out.append(resp.read_stderr())
+            for peek, read in ((resp.peek_stdout, resp.read_stdout), (resp.peek_stderr, resp.read_stderr)):
+                if peek():
+                    out.append(read())
+                    if echo is not None:
+                        echo(out[-1])
         resp.close()
         code = resp.returncode
         return (code if code is not None else 1), "".join(out)

@@ -366,7 +366,7 @@ class GetCapacityRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetCapacityResponse(_message.Message):
-    __slots__ = ("available_bytes", "total_bytes", "used_bytes", "maximum_volume_size", "committed_bytes", "commitment_limit_ratio", "commitment_available_bytes", "reserve_bytes")
+    __slots__ = ("available_bytes", "total_bytes", "used_bytes", "maximum_volume_size", "committed_bytes", "commitment_limit_ratio", "commitment_available_bytes", "reserve_bytes", "cordoned", "cordon_reason")
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +375,8 @@ class GetCapacityResponse(_message.Message):
     COMMITMENT_LIMIT_RATIO_FIELD_NUMBER: _ClassVar[int]
     COMMITMENT_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    CORDON_REASON_FIELD_NUMBER: _ClassVar[int]
     available_bytes: int
     total_bytes: int
     used_bytes: int
@@ -383,7 +385,9 @@ class GetCapacityResponse(_message.Message):
     commitment_limit_ratio: float
     commitment_available_bytes: int
     reserve_bytes: int
-    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., maximum_volume_size: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., commitment_limit_ratio: _Optional[float] = ..., commitment_available_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ...) -> None: ...
+    cordoned: bool
+    cordon_reason: str
+    def __init__(self, available_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., maximum_volume_size: _Optional[int] = ..., committed_bytes: _Optional[int] = ..., commitment_limit_ratio: _Optional[float] = ..., commitment_available_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ..., cordoned: _Optional[bool] = ..., cordon_reason: _Optional[str] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("volume_ids", "max_entries", "starting_token")
@@ -496,33 +500,37 @@ class RotateKeyResponse(_message.Message):
     def __init__(self, encryption_root: _Optional[str] = ...) -> None: ...
 
 class SendMoveRequest(_message.Message):
-    __slots__ = ("volume_id", "target_node", "base_snapshot", "final")
+    __slots__ = ("volume_id", "target_node", "base_snapshot", "final", "check_only")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     target_node: str
     base_snapshot: str
     final: bool
-    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
+    check_only: bool
+    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ..., check_only: _Optional[bool] = ...) -> None: ...
 
 class SendMoveResponse(_message.Message):
-    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node")
+    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node", "moving_to")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     HOME_NODE_FIELD_NUMBER: _ClassVar[int]
+    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
     token: str
     address: str
     snapshot: str
     base_snapshot: str
     home_node: str
-    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ...) -> None: ...
+    moving_to: str
+    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ..., moving_to: _Optional[str] = ...) -> None: ...
 
 class ReceiveMoveRequest(_message.Message):
-    __slots__ = ("volume_id", "home_node", "source_node", "address", "token", "snapshot", "base_snapshot")
+    __slots__ = ("volume_id", "home_node", "source_node", "address", "token", "snapshot", "base_snapshot", "max_bytes_per_second")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     HOME_NODE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
@@ -530,6 +538,7 @@ class ReceiveMoveRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     home_node: str
     source_node: str
@@ -537,7 +546,8 @@ class ReceiveMoveRequest(_message.Message):
     token: str
     snapshot: str
     base_snapshot: str
-    def __init__(self, volume_id: _Optional[str] = ..., home_node: _Optional[str] = ..., source_node: _Optional[str] = ..., address: _Optional[str] = ..., token: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ...) -> None: ...
+    max_bytes_per_second: int
+    def __init__(self, volume_id: _Optional[str] = ..., home_node: _Optional[str] = ..., source_node: _Optional[str] = ..., address: _Optional[str] = ..., token: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., max_bytes_per_second: _Optional[int] = ...) -> None: ...
 
 class ReceiveMoveResponse(_message.Message):
     __slots__ = ("bytes", "seconds")
@@ -584,3 +594,19 @@ class AbortMoveRequest(_message.Message):
 class AbortMoveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SetCordonRequest(_message.Message):
+    __slots__ = ("cordoned", "reason")
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    cordoned: bool
+    reason: str
+    def __init__(self, cordoned: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetCordonResponse(_message.Message):
+    __slots__ = ("cordoned", "reason")
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    cordoned: bool
+    reason: str
+    def __init__(self, cordoned: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

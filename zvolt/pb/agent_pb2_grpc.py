@@ -149,6 +149,11 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.FromString,
                 _registered_method=True)
+        self.SetCordon = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/SetCordon',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.SetCordonRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.SetCordonResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -315,6 +320,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCordon(self, request, context):
+        """Cordon: no new volume is placed here (fresh creates are refused with RESOURCE_EXHAUSTED, a
+        move in is refused) until uncordoned; clones of what it holds and moves out go on. Kept in
+        ZFS (a user property of the parent dataset), so it survives restarts and an index rebuild.
+        GetCapacity reports it. A repeat is a no-op. Controller only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -432,6 +447,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.AbortMove,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.SerializeToString,
+            ),
+            'SetCordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCordon,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.SetCordonRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.SetCordonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1055,6 +1075,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/AbortMove',
             zvolt_dot_pb_dot_agent__pb2.AbortMoveRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.AbortMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/SetCordon',
+            zvolt_dot_pb_dot_agent__pb2.SetCordonRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.SetCordonResponse.FromString,
             options,
             channel_credentials,
             insecure,
