@@ -427,13 +427,17 @@ class Moves:
             try:
                 self.streams.receive(ds, props, [MOVING_TO, MOVED_TO], read_fd)
             except ZfsError as exc:
+                if counter.error and not counter.sink_closed:
+                    # The network, not ZFS: `zfs receive` failed because the stream stopped coming
+                    # (a cut link ends here once TCP keepalive gives up on the silent source).
+                    raise _broken(host, port, ds, f"{counter.error}; zfs receive: {exc}") from exc
                 raise internal(f"receiving into {ds}: {exc}" + (f" (stream: {counter.error})" if counter.error else "")
                                ) from exc
             finally:
                 os.close(read_fd)
                 pump.join(timeout=30)
             if counter.error:
-                raise unavailable(f"the stream into {ds} broke: {counter.error}")
+                raise _broken(host, port, ds, counter.error)
             return counter.total
 
     def commit(self, vid: str, source: str) -> VolumeRec:
@@ -588,6 +592,11 @@ class SendServer:
             self._sock.close()
 
 
+def _broken(host: str, port: int, ds: str, why: str) -> ZvoltError:
+    return unavailable(f"the stream from {host}:{port} into {ds} broke ({why}); the source still holds the "
+                       "volume: run the move again")
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = (address or "").rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -640,6 +649,7 @@ class _Pump:
         self.rate = max(0, rate)
         self.total = 0
         self.error = ""
+        self.sink_closed = False  # the error was `zfs receive` going away, not the network
 
     def run(self) -> None:
         buf = memoryview(bytearray(_BUF))
@@ -667,6 +677,7 @@ class _Pump:
                         "mib_per_s": round(self.total / (1 << 20) / max(now - start, 1e-6), 1)}})
         except OSError as exc:
             self.error = str(exc) or type(exc).__name__
+            self.sink_closed = isinstance(exc, BrokenPipeError)
         finally:
             os.close(self.write_fd)
         seconds = time.monotonic() - start

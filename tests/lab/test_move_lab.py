@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -272,3 +273,169 @@ def test_move_throughput_against_a_raw_send_receive(agents: Any) -> None:
 b.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id={vid!r}))
 out(True)
 """)
+
+
+# -- faults (issue 17, item 5): the controller killed at each step, the link cut mid-stream --
+
+CTL_PID = "/run/zvolt-move-ctl.pid"
+CUT_TABLE = "zvolt_test_cut"
+
+
+def move_dying(lab: Any, vid: str, after: str) -> str:
+    """The orchestrator in its own guest process, killed with SIGKILL right after the agent call
+    `after` returned: a controller dying between two steps (it keeps no state of its own)."""
+    proc = lab.py(PRELUDE + f"""
+import signal
+
+class Dying:
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def call(self, method, request, timeout=None):
+        resp = self.inner.call(method, request, timeout)
+        if method == {after!r}:
+            print("died after " + method, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return resp
+
+from zvolt.errors import ZvoltError
+# ABORTED: the target still runs the receive that an earlier, killed orchestrator started (it
+# finishes it); a controller retries that, as the CO retries ABORTED.
+for attempt in range(60):
+    try:
+        moves.move(Dying(a), Dying(b), {vid!r})
+        break
+    except ZvoltError as exc:
+        if exc.code != grpc.StatusCode.ABORTED:
+            raise
+        time.sleep(5)
+out("finished without dying")
+""", timeout=900, check=False)
+    assert proc.returncode != 0 and f"died after {after}" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
+    return f"killed after {after}"
+
+
+def move_killed_mid_stream(lab: Any, vid: str) -> str:
+    """The orchestrator killed with SIGKILL while the target's ReceiveMove is streaming."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        proc = lab.py(PRELUDE + f"""
+open({CTL_PID!r}, "w").write(str(os.getpid()))
+moves.move(a, b, {vid!r})
+out("finished")
+""", timeout=900, check=False)
+        done.update(rc=proc.returncode, out=proc.stdout)
+
+    mover = threading.Thread(target=run)
+    mover.start()
+    deadline = time.monotonic() + 300
+    while not [line for line in lab.service_log(B, 30).splitlines() if "move stream progress" in line and vid in line]:
+        assert time.monotonic() < deadline and mover.is_alive(), f"the stream never got going: {done}"
+        time.sleep(0.2)
+    lab.run(["sh", "-c", f"kill -9 $(cat {CTL_PID})"])
+    mover.join(timeout=600)
+    assert done.get("rc") not in (None, 0) and "finished" not in done.get("out", ""), done
+    return "killed mid-stream"
+
+
+def converge(lab: Any, vid: str, tries: int = 4) -> dict[str, Any]:
+    """What a user (or drain) does after a failure: run the move again. A receive the killed
+    orchestrator left running may still hold the volume for a moment; the retry waits it out."""
+    result: dict[str, Any] = {}
+    for attempt in range(1, tries + 1):
+        result = run_move(lab, vid) | {"attempt": attempt}
+        if result["ok"]:
+            return result
+        time.sleep(10)
+    return result
+
+
+def target_hash(lab: Any, vid: str, mib: int) -> str:
+    digest: str = guest(lab, f"""
+b.call("PublishVolume", pb.PublishVolumeRequest(volume_id={vid!r}, host_nqn={HOST!r}))
+h = io(wait_dev("/dev/zvol/{PARENT[B]}/v/{vid}"), 0, 0, {mib}, False)
+b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id={vid!r}, host_nqn={HOST!r}))
+out(h)
+""")
+    return digest
+
+
+def test_controller_killed_at_every_step_never_leaves_two_writable_copies(agents: Any) -> None:
+    """kill -9 of the orchestrating controller after SendMove, after ReceiveMove and after
+    CommitMove, one after the other on one move; then on a second volume in the middle of the
+    stream. After each kill at most one copy is writable (none before the commit: an offline move
+    freezes the source first; only the target's after it), and a plain rerun finishes the move
+    with the data intact."""
+    lab = agents
+    vol = make_volume(lab, f"pvc-ctl-{int(time.time())}", with_snapshots=True)
+    other = make_volume(lab, f"pvc-ctl2-{int(time.time())}", with_snapshots=True)
+    steps: list[tuple[str, Callable[[], str], list[str]]] = [
+        (vol["id"], partial(move_dying, lab, vol["id"], "SendMove"), []),
+        (vol["id"], partial(move_dying, lab, vol["id"], "ReceiveMove"), []),
+        (vol["id"], partial(move_dying, lab, vol["id"], "CommitMove"), [B]),
+        (other["id"], partial(move_killed_mid_stream, lab, other["id"]), []),
+    ]
+    for vid, kill_at, expect in steps:
+        t0 = time.monotonic()
+        what = kill_at()
+        st = state_of(lab, vid)
+        print(f"\nMOVE controller {what} ({time.monotonic() - t0:.1f} s): writable {writable_copies(lab, vid)}; "
+              f"zfs {st}", flush=True)
+        assert writable_copies(lab, vid) == expect, st
+        assert st[A] is not None and st[A]["zvolt:moving-to"] == B, st  # the source keeps its copy until Finish
+    for made in (vol, other):
+        vid = made["id"]
+        t0 = time.monotonic()
+        result = converge(lab, vid)
+        print(f"MOVE controller rerun {vid}: {result} ({time.monotonic() - t0:.1f} s)", flush=True)
+        assert result["ok"], result
+        assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
+        assert target_hash(lab, vid, DATA_MIB) == made["hashes"][2]
+
+
+def test_link_cut_mid_stream_fails_the_move_and_a_retry_converges(agents: Any) -> None:
+    """The move port's traffic dropped both ways in the middle of the stream (a cut link, not a
+    closed connection): the target gives up on the silent source (TCP keepalive), the move fails
+    with the source the one true copy, and once the link is back a rerun finishes it."""
+    lab = agents
+    vol = make_volume(lab, f"pvc-cut-{int(time.time())}", with_snapshots=True)
+    vid = vol["id"]
+    move_port = PORTS[A][1]
+    result: dict[str, Any] = {}
+    mover = threading.Thread(target=lambda: result.update(run_move(lab, vid)))
+    t0 = time.monotonic()
+    mover.start()
+    deadline = time.monotonic() + 300
+    while not [line for line in lab.service_log(B, 30).splitlines() if "move stream progress" in line and vid in line]:
+        assert time.monotonic() < deadline and mover.is_alive(), f"the stream never got going: {result}"
+        time.sleep(0.2)
+    # Both agents share the storage netns here, so the stream runs over its loopback: `output` sees both ways.
+    cut = (f"table inet {CUT_TABLE} {{\n chain out {{\n  type filter hook output priority -20; policy accept;\n"
+           f"  tcp dport {move_port} drop\n  tcp sport {move_port} drop\n }}\n}}\n")
+    lab.run(["nft", "-f", "-"], netns="storage", input=cut)
+    cut_at = time.monotonic()
+    try:
+        mover.join(timeout=900)
+        failed_after = time.monotonic() - cut_at
+        st = state_of(lab, vid)
+        print(f"\nMOVE link cut {cut_at - t0:.1f} s into the move: move -> {result} after {failed_after:.1f} s; "
+              f"zfs {st}", flush=True)
+        assert not mover.is_alive() and result and not result["ok"], result
+        assert "UNAVAILABLE" in result["error"] and "run the move again" in result["error"], result
+        assert writable_copies(lab, vid) == [] and st[A] is not None and st[A]["zvolt:moving-to"] == B, st
+        # The source's sender, holding unacknowledged data, gives up too (TCP_USER_TIMEOUT): no
+        # `zfs send` is left hanging on a dead link.
+        while not [ln for ln in lab.service_log(A, 200).splitlines() if "move stream failed" in ln and vid in ln]:
+            assert time.monotonic() - cut_at < 300, "the source still sends into the cut link after 300 s"
+            time.sleep(1)
+        print(f"MOVE link cut: the source gave up its stream {time.monotonic() - cut_at:.1f} s after the cut",
+              flush=True)
+    finally:
+        lab.run(["nft", "delete", "table", "inet", CUT_TABLE], netns="storage", check=False)
+    t0 = time.monotonic()
+    result = converge(lab, vid)
+    print(f"MOVE after the link came back: {result} ({time.monotonic() - t0:.1f} s)", flush=True)
+    assert result["ok"], result
+    assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
+    assert target_hash(lab, vid, DATA_MIB) == vol["hashes"][2]

@@ -338,3 +338,36 @@ def test_a_full_stream_cut_after_its_first_snapshots_starts_again(pair: tuple[Si
     assert place(b, vid).placement == pb.PLACEMENT_INCOMING and not place(b, vid).move_snapshot
     orchestrator.move(a.client, b.client, vid)
     assert_moved(a, b, vid, snaps)
+
+
+def test_a_stream_the_network_cuts_is_unavailable_and_the_retry_converges(pair: tuple[Side, Side],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cut link ends the target's read with a socket error (ETIMEDOUT once keepalive gives up),
+    and `zfs receive` then fails on the incomplete stream. That is the network, not ZFS: the move
+    answers UNAVAILABLE (retryable) and says the source still holds the volume. (Lab:
+    tests/lab/test_move_lab.py cuts the real link.)"""
+    from agent import moves as agent_moves
+
+    a, b = pair
+    vid, snaps = volume_with_snapshots(a)
+
+    def cut_after_first_read(sock_fd: int, pipe_fd: int) -> Any:
+        reads: list[int] = []
+
+        def once(view: memoryview) -> int:
+            if reads:
+                raise TimeoutError(110, "Connection timed out")
+            reads.append(1)
+            return -os.splice(sock_fd, pipe_fd, 16)  # the first 16 bytes: an incomplete stream
+        return once
+
+    monkeypatch.setattr(agent_moves, "_spliced", cut_after_first_read)
+    with pytest.raises(ZvoltError) as err:
+        orchestrator.move(a.client, b.client, vid)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+    assert "Connection timed out" in err.value.message and "incomplete stream" in err.value.message
+    assert "source still holds the volume" in err.value.message
+    assert place(a, vid).placement == pb.PLACEMENT_MOVING
+    monkeypatch.undo()
+    orchestrator.move(a.client, b.client, vid)
+    assert_moved(a, b, vid, snaps)
