@@ -7,9 +7,11 @@ narrow charset), so no flag can smuggle in extra options or paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,9 +101,12 @@ def _abs(path: str, what: str) -> str:
 
 
 class SystemMounter:
-    def __init__(self, runner: Runner = subprocess_runner, timeout: float = 300.0) -> None:
+    def __init__(
+        self, runner: Runner = subprocess_runner, timeout: float = 300.0, scratch_dir: str | None = None
+    ) -> None:
         self.run = runner
         self.timeout = timeout
+        self.scratch_dir = scratch_dir  # for read-only binds; None: the temporary directory
 
     def _do(self, argv: list[str], what: str) -> str:
         return check(self.run(argv, self.timeout), argv, what).stdout
@@ -127,10 +132,32 @@ class SystemMounter:
         self._do([*argv, "--", _abs(device, "device"), _abs(target, "target")], "mount")
 
     def bind(self, source: str, target: str, readonly: bool) -> None:
-        argv = ["mount", "--bind"]
-        if readonly:
-            argv += ["-o", "ro"]  # util-linux turns bind+ro into bind then remount,ro
-        self._do([*argv, "--", _abs(source, "source"), _abs(target, "target")], "bind mount")
+        source, target = _abs(source, "source"), _abs(target, "target")
+        if not readonly:
+            self._do(["mount", "--bind", "--", source, target], "bind mount")
+            return
+        # `mount --bind -o ro` is a bind, then a remount read-only (util-linux < 2.39, as in the
+        # image): the remount changes this mount namespace's copy only. Run in the node plugin's
+        # container, the copy that mount propagation puts into the host's namespace, which
+        # kubelet hands to the pod, stayed read-write (seen on a real kubelet). A bind copies
+        # the flags of the mount it binds from, into every propagated copy too: so bind a
+        # scratch point read-only first, then the target from it.
+        scratch = tempfile.mkdtemp(prefix="zvolt-ro-", dir=self.scratch_dir) if os.path.isdir(source) else None
+        if scratch is None:  # a raw block device: a file to bind it onto
+            fd, scratch = tempfile.mkstemp(prefix="zvolt-ro-", dir=self.scratch_dir)
+            os.close(fd)
+        try:
+            self._do(["mount", "--bind", "-o", "ro", "--", source, scratch], "bind mount")
+            try:
+                self._do(["mount", "--bind", "--", scratch, target], "bind mount")
+            finally:
+                self._do(["umount", "--", scratch], "umount")
+        finally:
+            with contextlib.suppress(OSError):  # still mounted after a failed umount: the error says so
+                if os.path.isdir(scratch):
+                    os.rmdir(scratch)
+                else:
+                    os.unlink(scratch)
 
     def unmount(self, target: str) -> None:
         self._do(["umount", "--", _abs(target, "target")], "umount")

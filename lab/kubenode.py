@@ -264,10 +264,12 @@ def start_kubelet(lab: Lab) -> None:
     lab.start_service(KUBELET_SERVICE, kubelet_argv())
 
 
-def stop_kubelet(lab: Lab) -> None:
-    """kubelet, then every container it started (they outlive kubelet in kubepods.slice)."""
+def stop_kubelet(lab: Lab, *, pods: bool = True) -> None:
+    """kubelet, then every container it started (they outlive kubelet in kubepods.slice);
+    pods=False leaves them running, as a kubelet restart on a real node does."""
     lab.stop_service(KUBELET_SERVICE)
-    lab.run(["systemctl", "stop", "kubepods.slice"], check=False, timeout=120)
+    if pods:
+        lab.run(["systemctl", "stop", "kubepods.slice"], check=False, timeout=120)
 
 
 # --- the API server's way to the kubelet --------------------------------------------------

@@ -1,7 +1,9 @@
 """The user's path on a real kubelet (issue 15, item 3): `helm install` of charts/zvolt with the
 local images, Postgres on a zvolt PVC, `kubectl zvolt branch --checkpoint`, a second Postgres on
 the branch, a pod deleted and started again, and `helm uninstall` leaving nothing behind in the
-guest.
+guest. Between install and uninstall, on the same release, what only a kubelet does with a
+volume (item 4): fsGroup, a read-only mount, online expansion, a kubelet restart and a node
+plugin restart under a writing pod, a raw block volume.
 
 The lab guest is storage node and worker at once (lab/kubenode.py). Its one address,
 10.0.2.15 (qemu's user network), is the storage network: agent and node plugin run on the host
@@ -14,7 +16,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,29 @@ DATA_DIR = "/var/lib/postgresql/data"  # the image's PGDATA is a subdirectory of
 SIZE = "1Gi"
 KUBECTL_ZVOLT = Path(sys.executable).with_name("kubectl-zvolt")
 GONE_TIMEOUT = 300.0
+
+# The node behaviours of item 4: pods of the Postgres image running a shell script.
+TEST_LABEL = "zvolt.io/lab=helm"
+FS_CLASS = "zvolt"  # ext4
+WRITER_UID = 1000  # not the owner of the volume root: the pod writes there through fsGroup only
+FS_GROUP = 2345
+MOUNT = "/data"
+BEAT = 9  # bytes of one heartbeat record, "%08d\n"
+# The writer appends one record every half second with O_DSYNC (each reaches the device, not
+# only the page cache) and never exits: a failed write leaves it asleep, so a restart of the
+# container cannot hide the failure and restartCount stays a fact about the pod.
+WRITER_SCRIPT = (
+    f'i=$(( $(stat -c %s {MOUNT}/beat 2>/dev/null || echo 0) / {BEAT} )); '
+    f'while printf "%08d\\n" "$i" | dd of={MOUNT}/beat bs={BEAT} seek="$i" oflag=dsync conv=notrunc status=none; '
+    'do i=$((i + 1)); sleep 0.5; done; '
+    'echo "zvolt lab: heartbeat write $i failed" >&2; exec sleep 1000000'
+)
+IDLE_SCRIPT = "exec sleep 1000000"
+BLOCK_DEVICE = "/dev/zvolt-data"
+BLOCK_OFFSET_MIB = 5  # where the pattern goes: past what a stray filesystem superblock would use
+CONTAINER = "main"
+READY_AGAIN = 180.0  # kubelet restarted: until exec answers again
+RECONCILE_SECONDS = 30  # then the new kubelet's volume manager has had several passes
 
 
 def nested(dotted: dict[str, str]) -> Obj:
@@ -209,11 +235,7 @@ def delete_claims(kn: Node) -> None:
     for name in ("pg-branch", "pg-0"):
         delete_pod(kn, name)
     for name in ("pg-branch", "pg-0"):
-        try:
-            kn.core.delete_namespaced_persistent_volume_claim(name, NS)
-        except ApiException as err:
-            if err.status != 404:
-                raise
+        delete_claim(kn, name)
 
 
 def settle(what: str, check: Callable[[], bool], timeout: float = GONE_TIMEOUT) -> bool:
@@ -227,12 +249,34 @@ def settle(what: str, check: Callable[[], bool], timeout: float = GONE_TIMEOUT) 
     return True
 
 
-def test_helm_install_postgres_branch_reattach_uninstall(node: Node, say: Say) -> None:  # noqa: F811
-    core, lab, cp = node.core, node.lab, node.cluster
-    storage = client.StorageV1Api(cp.api)
+# --- the shared release ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Release:
+    """The chart installed once for the module; every test below runs against it."""
+
+    node: Node
+    installed_at: float  # time.monotonic() at `helm install`
+
+    @property
+    def storage(self) -> Any:
+        return client.StorageV1Api(self.node.cluster.api)
+
+
+def remove_test_objects(kn: Node) -> None:
+    """Every pod and claim this module made; what is already gone is fine."""
+    delete_claims(kn)
+    for pod in kn.core.list_namespaced_pod(NS, label_selector=TEST_LABEL).items:
+        delete_pod(kn, pod.metadata.name)
+    for got in kn.core.list_namespaced_persistent_volume_claim(NS, label_selector=TEST_LABEL).items:
+        delete_claim(kn, got.metadata.name)
+
+
+@pytest.fixture(scope="module")
+def release(node: Node, say: Say) -> Iterator[Release]:  # noqa: F811
+    core, cp = node.core, node.cluster
     # The operator's step before the install (README): the storage node carries the label.
     core.patch_node(kubenode.NODE_NAME, {"metadata": {"labels": {STORAGE_LABEL[0]: STORAGE_LABEL[1]}}})
-
     t_install = time.monotonic()
     helm_install(cp, RELEASE, SYSTEM_NS, chart_values(node), timeout=300)
     say(f"helm lab: helm install in {time.monotonic() - t_install:.1f} s")
@@ -242,69 +286,408 @@ def test_helm_install_postgres_branch_reattach_uninstall(node: Node, say: Say) -
                 pods_ready, core, SYSTEM_NS, f"app.kubernetes.io/component={component}", 1), POD_TIMEOUT,
                 explain(node, SYSTEM_NS))
             say(f"helm lab: {component} pod Ready {time.monotonic() - t_install:.1f} s after helm install")
-        images = {c.image for p in core.list_namespaced_pod(SYSTEM_NS).items for c in p.spec.containers}
-        assert images <= {ref for i in node.images.values() for ref in i.refs}, images
-        sc = storage.read_storage_class(STORAGE_CLASS)
-        assert sc.provisioner == "csi.zvolt.io" and sc.parameters["volblocksize"] == "8K", sc
-
-        # Postgres on a zvolt claim, and rows in it.
-        core.create_namespaced_persistent_volume_claim(NS, pvc("pg-0"))
-        start_postgres(node, "pg-0", "pg-0")
-        first_ready = time.monotonic() - t_install
-        say(f"helm lab: helm install -> first Postgres pod Ready: {first_ready:.1f} s")
-        psql(node, "pg-0", "CREATE TABLE t (n int, origin text); "
-                           "INSERT INTO t SELECT g, 'main' FROM generate_series(1, 1000) g")
-
-        # The plugin, as a user runs it, against the cluster's admin kubeconfig.
-        t_branch = time.monotonic()
-        branch = subprocess.run([str(KUBECTL_ZVOLT), "branch", "--kubeconfig", str(cp.admin_kubeconfig), "-n", NS,
-                                 "pg-0", "pg-branch", "--checkpoint", "--wait", "--timeout", "600"],
-                                capture_output=True, text=True, timeout=700, check=False)
-        assert branch.returncode == 0, branch.stdout + branch.stderr
-        assert "checkpointed pg-0/postgres" in branch.stdout, branch.stdout
-        start_postgres(node, "pg-branch", "pg-branch")
-        branch_ready = time.monotonic() - t_branch
-        say(f"helm lab: kubectl zvolt branch -> branch pod Ready: {branch_ready:.1f} s ({branch.stdout.strip()})")
-        assert psql(node, "pg-branch", "SELECT count(*) FROM t WHERE origin = 'main'") == "1000"
-        psql(node, "pg-branch", "INSERT INTO t SELECT g, 'branch' FROM generate_series(1, 10) g")
-        assert psql(node, "pg-branch", "SELECT count(*) FROM t") == "1010"
-        assert psql(node, "pg-0", "SELECT count(*) FROM t") == "1000"  # the source does not see the branch
-
-        # Delete the pod: its volume is detached (VolumeAttachment gone, no NVMe controller to
-        # its subsystem, no subsystem exported), then a new pod attaches it again.
-        nqn = volume_nqn(node, "pg-0")
-        assert nqn in connected_nqns(lab)
-        t_detach = time.monotonic()
-        delete_pod(node, "pg-0")
-        pv_name = core.read_namespaced_persistent_volume_claim("pg-0", NS).spec.volume_name
-
-        def detached() -> bool:
-            attachments = storage.list_volume_attachment().items
-            return (not any(a.spec.source.persistent_volume_name == pv_name for a in attachments)
-                    and nqn not in connected_nqns(lab) and nqn not in exported_nqns(lab))
-
-        wait(f"volume of pg-0 ({nqn}) detached", detached, GONE_TIMEOUT, explain(node, NS))
-        say(f"helm lab: pg-0 deleted and its volume detached in {time.monotonic() - t_detach:.1f} s")
-        t_again = time.monotonic()
-        start_postgres(node, "pg-0", "pg-0")
-        assert nqn in connected_nqns(lab)
-        say(f"helm lab: pg-0 started again and Ready in {time.monotonic() - t_again:.1f} s")
-        assert psql(node, "pg-0", "SELECT count(*) FROM t") == "1000"
-        psql(node, "pg-0", "INSERT INTO t VALUES (1001, 'main')")
-
-        # Claims first (the controller deletes their volumes), then the release.
-        delete_claims(node)
-        wait("every PV deleted", lambda: not core.list_persistent_volume().items, GONE_TIMEOUT,
-             explain(node, SYSTEM_NS))
-        wait("every zvol destroyed", lambda: not zvols(lab), GONE_TIMEOUT, lambda: "\n".join(zvols(lab)))
+        yield Release(node=node, installed_at=t_install)
     finally:
-        # Also after a failure: what the test made goes while the driver still runs.
-        delete_claims(node)
+        # Also after a failure: what the tests made goes while the driver still runs. After
+        # test_helm_uninstall_leaves_nothing_behind this finds nothing to do.
+        remove_test_objects(node)
         settle("PVs deleted", lambda: not core.list_persistent_volume().items)
-        t_uninstall = time.monotonic()
         helm_uninstall(cp, RELEASE, SYSTEM_NS)
         settle("the release's pods gone", lambda: not core.list_namespaced_pod(SYSTEM_NS).items)
-        say(f"helm lab: helm uninstall, pods gone in {time.monotonic() - t_uninstall:.1f} s")
+
+
+def test_helm_install_postgres_branch_reattach(release: Release, say: Say) -> None:  # noqa: F811
+    kn = release.node
+    core, lab = kn.core, kn.lab
+    storage = release.storage
+    images = {c.image for p in core.list_namespaced_pod(SYSTEM_NS).items for c in p.spec.containers}
+    assert images <= {ref for i in kn.images.values() for ref in i.refs}, images
+    sc = storage.read_storage_class(STORAGE_CLASS)
+    assert sc.provisioner == "csi.zvolt.io" and sc.parameters["volblocksize"] == "8K", sc
+
+    # Postgres on a zvolt claim, and rows in it.
+    core.create_namespaced_persistent_volume_claim(NS, pvc("pg-0"))
+    start_postgres(kn, "pg-0", "pg-0")
+    first_ready = time.monotonic() - release.installed_at
+    say(f"helm lab: helm install -> first Postgres pod Ready: {first_ready:.1f} s")
+    psql(kn, "pg-0", "CREATE TABLE t (n int, origin text); "
+                     "INSERT INTO t SELECT g, 'main' FROM generate_series(1, 1000) g")
+
+    # The plugin, as a user runs it, against the cluster's admin kubeconfig.
+    cp = kn.cluster
+    t_branch = time.monotonic()
+    branch = subprocess.run([str(KUBECTL_ZVOLT), "branch", "--kubeconfig", str(cp.admin_kubeconfig), "-n", NS,
+                             "pg-0", "pg-branch", "--checkpoint", "--wait", "--timeout", "600"],
+                            capture_output=True, text=True, timeout=700, check=False)
+    assert branch.returncode == 0, branch.stdout + branch.stderr
+    assert "checkpointed pg-0/postgres" in branch.stdout, branch.stdout
+    start_postgres(kn, "pg-branch", "pg-branch")
+    branch_ready = time.monotonic() - t_branch
+    say(f"helm lab: kubectl zvolt branch -> branch pod Ready: {branch_ready:.1f} s ({branch.stdout.strip()})")
+    assert psql(kn, "pg-branch", "SELECT count(*) FROM t WHERE origin = 'main'") == "1000"
+    psql(kn, "pg-branch", "INSERT INTO t SELECT g, 'branch' FROM generate_series(1, 10) g")
+    assert psql(kn, "pg-branch", "SELECT count(*) FROM t") == "1010"
+    assert psql(kn, "pg-0", "SELECT count(*) FROM t") == "1000"  # the source does not see the branch
+
+    # Delete the pod: its volume is detached (VolumeAttachment gone, no NVMe controller to
+    # its subsystem, no subsystem exported), then a new pod attaches it again.
+    nqn = volume_nqn(kn, "pg-0")
+    assert nqn in connected_nqns(lab)
+    t_detach = time.monotonic()
+    delete_pod(kn, "pg-0")
+    pv_name = core.read_namespaced_persistent_volume_claim("pg-0", NS).spec.volume_name
+
+    def detached() -> bool:
+        return (not attachments_of(release, pv_name)
+                and nqn not in connected_nqns(lab) and nqn not in exported_nqns(lab))
+
+    wait(f"volume of pg-0 ({nqn}) detached", detached, GONE_TIMEOUT, explain(kn, NS))
+    say(f"helm lab: pg-0 deleted and its volume detached in {time.monotonic() - t_detach:.1f} s")
+    t_again = time.monotonic()
+    start_postgres(kn, "pg-0", "pg-0")
+    assert nqn in connected_nqns(lab)
+    say(f"helm lab: pg-0 started again and Ready in {time.monotonic() - t_again:.1f} s")
+    assert psql(kn, "pg-0", "SELECT count(*) FROM t") == "1000"
+    psql(kn, "pg-0", "INSERT INTO t VALUES (1001, 'main')")
+
+    # Claims first (the controller deletes their volumes): their zvols go too. This test runs
+    # first in the module: no other claim exists yet.
+    delete_claims(kn)
+    wait("every PV deleted", lambda: not core.list_persistent_volume().items, GONE_TIMEOUT,
+         explain(kn, SYSTEM_NS))
+    wait("every zvol destroyed", lambda: not zvols(lab), GONE_TIMEOUT, lambda: "\n".join(zvols(lab)))
+
+
+# --- node behaviour only a kubelet shows (issue 15, item 4) ------------------------------------
+
+
+
+def labelled(name: str) -> Any:
+    key, value = TEST_LABEL.split("=")
+    return client.V1ObjectMeta(name=name, namespace=NS, labels={key: value, "app": name})
+
+
+def claim(name: str, *, block: bool = False, size: str = SIZE) -> Any:
+    return client.V1PersistentVolumeClaim(
+        metadata=labelled(name),
+        spec=client.V1PersistentVolumeClaimSpec(
+            access_modes=["ReadWriteOnce"], storage_class_name=FS_CLASS,
+            volume_mode="Block" if block else "Filesystem",
+            resources=client.V1VolumeResourceRequirements(requests={"storage": size})),
+    )
+
+
+def shell_pod(kn: Node, name: str, claim_name: str, script: str, *, block: bool = False,
+              read_only: bool = False) -> Any:
+    """A pod of the Postgres image running `sh -c script` with the claim at MOUNT (or, block,
+    the device at BLOCK_DEVICE, as root: the device node is root's)."""
+    security = (client.V1PodSecurityContext(run_as_user=0, run_as_group=0) if block else
+                client.V1PodSecurityContext(run_as_user=WRITER_UID, run_as_group=WRITER_UID, fs_group=FS_GROUP))
+    container = client.V1Container(
+        name=CONTAINER, image=kn.images["postgres"].refs[0], image_pull_policy="Never", command=["sh", "-c", script])
+    if block:
+        container.volume_devices = [client.V1VolumeDevice(name="data", device_path=BLOCK_DEVICE)]
+    else:
+        container.volume_mounts = [client.V1VolumeMount(name="data", mount_path=MOUNT)]
+    return client.V1Pod(
+        metadata=labelled(name),
+        spec=client.V1PodSpec(
+            automount_service_account_token=False, termination_grace_period_seconds=2,
+            security_context=security, containers=[container],
+            volumes=[client.V1Volume(name="data", persistent_volume_claim=client.V1PersistentVolumeClaimVolumeSource(
+                claim_name=claim_name, read_only=read_only))],
+        ),
+    )
+
+
+def start_pod(kn: Node, pod: Any) -> tuple[Any, float]:
+    """Create, wait Running and Ready; the pod and the seconds that took."""
+    name = pod.metadata.name
+    t0 = time.monotonic()
+    kn.core.create_namespaced_pod(NS, pod)
+    got = wait(f"pod {name} Ready", lambda: pods_ready(kn.core, NS, f"app={name}", 1), POD_TIMEOUT,
+               explain(kn, NS, f"app={name}"))[0]
+    return got, time.monotonic() - t0
+
+
+def pod_exec(kn: Node, pod: str, argv: list[str]) -> tuple[int, str]:
+    return stream_exec(Kube(kn.cluster.api, NS))(NS, pod, CONTAINER, argv)
+
+
+def delete_claim(kn: Node, name: str) -> None:
+    try:
+        kn.core.delete_namespaced_persistent_volume_claim(name, NS)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+def attachments_of(release: Release, pv: str) -> list[Any]:
+    return [a for a in release.storage.list_volume_attachment().items if a.spec.source.persistent_volume_name == pv]
+
+
+def publish_dir(pod_uid: str, pv: str) -> str:
+    """Where kubelet has the node plugin publish a filesystem volume for a pod."""
+    return f"/var/lib/kubelet/pods/{pod_uid}/volumes/kubernetes.io~csi/{pv}/mount"
+
+
+def mount_of(lab: Lab, target: str) -> list[str] | None:
+    """The /proc/mounts fields of the mount at target in the guest, None if nothing is mounted there."""
+    found = [line.split() for line in guest_lines(lab, ["cat", "/proc/mounts"])]
+    return next((f for f in found if len(f) > 3 and f[1] == target), None)
+
+
+def mounts_of_volume(lab: Lab, pv: str, device: str) -> list[str]:
+    """Its publish mounts (their paths name the PV) and its staging mount (named by a hash of
+    the volume handle: found by its device)."""
+    return [line for line in guest_lines(lab, ["cat", "/proc/mounts"]) if pv in line or line.split()[0] == device]
+
+
+def container_state(kn: Node, pod: str) -> tuple[str, str, int, str]:
+    """(pod uid, container id, restart count, phase): what a restart of the pod would change."""
+    got = kn.core.read_namespaced_pod(pod, NS)
+    status = got.status.container_statuses[0]
+    return got.metadata.uid, status.container_id, status.restart_count, got.status.phase
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A pod that keeps writing to a filesystem claim (WRITER_SCRIPT), as fsGroup's user."""
+
+    pod: str
+    claim: str
+    pv: str
+    nqn: str
+    uid: str
+    ready_seconds: float
+
+    @property
+    def target(self) -> str:
+        return publish_dir(self.uid, self.pv)
+
+
+@pytest.fixture(scope="module")
+def writer(release: Release) -> Iterator[Writer]:
+    kn = release.node
+    kn.core.create_namespaced_persistent_volume_claim(NS, claim("kl-fs"))
+    try:
+        pod, seconds = start_pod(kn, shell_pod(kn, "kl-writer", "kl-fs", WRITER_SCRIPT))
+        pv = kn.core.read_namespaced_persistent_volume_claim("kl-fs", NS).spec.volume_name
+        yield Writer(pod="kl-writer", claim="kl-fs", pv=pv, nqn=volume_nqn(kn, "kl-fs"), uid=pod.metadata.uid,
+                     ready_seconds=seconds)
+    finally:
+        for name in ("kl-reader", "kl-writer"):
+            delete_pod(kn, name)
+        delete_claim(kn, "kl-fs")
+
+
+def beats(lab: Lab, w: Writer) -> int:
+    """Heartbeats the writer has written, read in the guest from the published mount (works
+    while kubelet is down: no exec)."""
+    out = lab.run(["stat", "-c", "%s", f"{w.target}/beat"], check=False, timeout=60)
+    return int(out.stdout) // BEAT if out.returncode == 0 and out.stdout.strip().isdigit() else 0
+
+
+def beats_grow(lab: Lab, w: Writer, what: str, timeout: float = 60) -> int:
+    before = beats(lab, w)
+    return int(wait(f"the writer's heartbeat advancing {what}", lambda: (n := beats(lab, w)) > before and n,
+                    timeout, lambda: f"stuck at {before} records; writer log:\n" + log_of(lab, w.pod)))
+
+
+def log_of(lab: Lab, pod: str) -> str:
+    return "\n".join(guest_lines(lab, ["sh", "-c", f"tail -n 20 /var/log/pods/{NS}_{pod}_*/*/*.log 2>&1 || true"]))
+
+
+def df_total(kn: Node, pod: str) -> int:
+    code, out = pod_exec(kn, pod, ["df", "-P", "-B1", MOUNT])
+    assert code == 0, out
+    return int(out.strip().splitlines()[-1].split()[1])
+
+
+def test_fs_group_applied_by_kubelet(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    """CSIDriver fsGroupPolicy File: kubelet gives the volume to the pod's fsGroup."""
+    kn = release.node
+    code, out = pod_exec(kn, writer.pod, ["stat", "-c", "%n %u %g %a", MOUNT, f"{MOUNT}/lost+found"])
+    assert code == 0, out
+    got = {name: (int(uid), int(gid), int(mode, 8)) for name, uid, gid, mode in (line.split() for line in
+                                                                               out.strip().splitlines())}
+    root, lost = got[MOUNT], got[f"{MOUNT}/lost+found"]
+    # mkfs made both root:root, 0755 and 0700: kubelet's pass turned them to the group, with
+    # group rwx and setgid (so what the pod creates joins the group too).
+    assert root[1] == FS_GROUP and root[2] & 0o2070 == 0o2070, f"volume root {root} (uid, gid, mode): {out}"
+    assert lost[1] == FS_GROUP and lost[2] & 0o2070 == 0o2070, f"lost+found {lost}: {out}"
+    assert root[0] != WRITER_UID  # the pod writes there through its group, nothing else
+    beats_grow(kn.lab, writer, "(the non-root pod writes to the volume root)")
+    code, out = pod_exec(kn, writer.pod, ["stat", "-c", "%u %g", f"{MOUNT}/beat"])
+    assert code == 0 and out.split() == [str(WRITER_UID), str(FS_GROUP)], out
+    say(f"helm lab: fsGroup: writer pod (uid {WRITER_UID}, fsGroup {FS_GROUP}) Ready in {writer.ready_seconds:.1f} s;"
+        f" volume root gid {root[1]} mode {root[2]:o}, lost+found gid {lost[1]} mode {lost[2]:o}")
+
+
+def test_read_only_mount(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    """A second pod with the claim readOnly: it reads what the writer wrote, its writes fail
+    with EROFS, while the writer's own mount stays writable."""
+    kn = release.node
+    reader, seconds = start_pod(kn, shell_pod(kn, "kl-reader", writer.claim, IDLE_SCRIPT, read_only=True))
+    try:
+        code, out = pod_exec(kn, "kl-reader", ["head", "-c", str(BEAT), f"{MOUNT}/beat"])
+        assert (code, out) == (0, "00000000\n"), (code, out)
+        code, out = pod_exec(kn, "kl-reader", ["sh", "-c", f"echo x > {MOUNT}/ro-probe"])
+        assert code != 0 and "Read-only file system" in out, (code, out)
+        mount = mount_of(kn.lab, publish_dir(reader.metadata.uid, writer.pv))
+        assert mount is not None and "ro" in mount[3].split(","), mount
+        beats_grow(kn.lab, writer, "beside the read-only pod")
+    finally:
+        t_delete = time.monotonic()
+        delete_pod(kn, "kl-reader")
+    say(f"helm lab: read-only: reader pod Ready in {seconds:.1f} s (same node, volume already staged); write "
+        f"failed with EROFS, read worked; deleted in {time.monotonic() - t_delete:.1f} s")
+
+
+def test_online_expansion_seen_by_the_pod(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    kn = release.node
+    before_state = container_state(kn, writer.pod)
+    before = df_total(kn, writer.pod)
+    t0 = time.monotonic()
+    kn.core.patch_namespaced_persistent_volume_claim(writer.claim, NS, {"spec": {"resources": {"requests": {
+        "storage": "2Gi"}}}})
+    after = wait("the pod's filesystem grown", lambda: (t := df_total(kn, writer.pod)) > before + 2**29 and t,
+                 POD_TIMEOUT, explain(kn, NS))
+    t_fs = time.monotonic() - t0
+
+    def capacity() -> Any:
+        got = kn.core.read_namespaced_persistent_volume_claim(writer.claim, NS).status.capacity or {}
+        return got.get("storage") == "2Gi"
+
+    wait("the PVC's status.capacity 2Gi", capacity, POD_TIMEOUT, explain(kn, NS))
+    t_cap = time.monotonic() - t0
+    assert container_state(kn, writer.pod) == before_state  # same pod, same container, no restart
+    beats_grow(kn.lab, writer, "after the expansion")
+    say(f"helm lab: online expansion: df {before / 2**30:.2f} -> {after / 2**30:.2f} GiB in the running pod "
+        f"{t_fs:.1f} s after the PVC patch, PVC status.capacity 2Gi after {t_cap:.1f} s, no restart")
+
+
+def test_kubelet_restart_keeps_volumes_mounted(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    kn = release.node
+    lab = kn.lab
+    before_state = container_state(kn, writer.pod)
+    assert mount_of(lab, writer.target) is not None
+    t0 = time.monotonic()
+    kubenode.stop_kubelet(lab, pods=False)
+    t_stopped = time.monotonic() - t0
+    try:
+        assert not lab.service_running(kubenode.KUBELET_SERVICE)
+        beats_grow(lab, writer, "while kubelet is stopped")
+        assert mount_of(lab, writer.target) is not None
+    finally:
+        t_start = time.monotonic()
+        kubenode.start_kubelet(lab)
+    def exec_answers() -> bool:
+        try:
+            return pod_exec(kn, writer.pod, ["true"])[0] == 0
+        except (ApiException, OSError, ValueError):  # the stream's handshake while kubelet starts
+            return False
+
+    wait("exec through the restarted kubelet", exec_answers, READY_AGAIN,
+         lambda: lab.service_log(kubenode.KUBELET_SERVICE, 40))
+    t_exec = time.monotonic() - t_start
+    # Give the new kubelet's volume manager time to reconstruct and reconcile: a volume it did
+    # not recognise would be unmounted (or the pod restarted) within this window.
+    time.sleep(RECONCILE_SECONDS)
+    assert mount_of(lab, writer.target) is not None
+    assert container_state(kn, writer.pod) == before_state
+    count = beats_grow(lab, writer, "after kubelet restarted")
+    code, out = pod_exec(kn, writer.pod, ["head", "-c", str(BEAT), f"{MOUNT}/beat"])
+    assert (code, out) == (0, "00000000\n"), (code, out)
+    say(f"helm lab: kubelet restart: stopped in {t_stopped:.1f} s, pod kept writing while it was down; exec "
+        f"answered {t_exec:.1f} s after start; {RECONCILE_SECONDS} s later still mounted, same container, "
+        f"restartCount {before_state[2]}, {count} heartbeats")
+
+
+def test_node_plugin_restart_keeps_io_then_unstages(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    """Last of the writer's tests: it deletes the writer."""
+    kn = release.node
+    lab = kn.lab
+    selector = "app.kubernetes.io/component=node"
+    old = pods_ready(kn.core, SYSTEM_NS, selector, 1)
+    assert old, explain(kn, SYSTEM_NS, selector)()
+    before_state = container_state(kn, writer.pod)
+    t0 = time.monotonic()
+    kn.core.delete_namespaced_pod(old[0].metadata.name, SYSTEM_NS)
+    during = beats(lab, writer)
+
+    def replaced() -> Any:
+        ready = pods_ready(kn.core, SYSTEM_NS, selector, 1)
+        return ready if ready and ready[0].metadata.uid != old[0].metadata.uid else None
+
+    wait("a new node plugin pod Ready", replaced, POD_TIMEOUT, explain(kn, SYSTEM_NS, selector))
+    t_new = time.monotonic() - t0
+    at_ready = beats(lab, writer)
+    assert at_ready > during, f"no heartbeat while the node plugin was replaced ({during} -> {at_ready})"
+    beats_grow(lab, writer, "after the node plugin came back")
+    assert container_state(kn, writer.pod) == before_state
+
+    # The new plugin unpublishes and unstages what the old one staged.
+    published = mount_of(lab, writer.target)
+    assert published is not None and published[0].startswith("/dev/nvme"), published
+    device = published[0]
+    t_del = time.monotonic()
+    delete_pod(kn, writer.pod)
+
+    def unstaged() -> bool:
+        return (not mounts_of_volume(lab, writer.pv, device) and writer.nqn not in connected_nqns(lab)
+                and not attachments_of(release, writer.pv))
+
+    wait(f"volume {writer.pv} unmounted, disconnected and detached", unstaged, GONE_TIMEOUT,
+         lambda: "\n".join([*mounts_of_volume(lab, writer.pv, device), *connected_nqns(lab),
+                            explain(kn, SYSTEM_NS)()]))
+    say(f"helm lab: node plugin restart: new plugin pod Ready {t_new:.1f} s after delete, writer kept writing "
+        f"({during} -> {at_ready} heartbeats meanwhile); writer deleted -> unstaged and detached in "
+        f"{time.monotonic() - t_del:.1f} s")
+
+
+def test_raw_block_volume_keeps_its_data(release: Release, say: Say) -> None:  # noqa: F811
+    kn = release.node
+    kn.core.create_namespaced_persistent_volume_claim(NS, claim("kl-block", block=True))
+    dd_at = f"bs=1M seek={BLOCK_OFFSET_MIB} count=1"
+    try:
+        _, first = start_pod(kn, shell_pod(kn, "kl-block", "kl-block", IDLE_SCRIPT, block=True))
+        code, out = pod_exec(kn, "kl-block", ["sh", "-c", f"test -b {BLOCK_DEVICE} && blockdev --getsize64 "
+                                                          f"{BLOCK_DEVICE}"])
+        assert (code, out.strip()) == (0, str(2**30)), (code, out)
+        code, out = pod_exec(kn, "kl-block", ["sh", "-c", (
+            f"head -c {2**20} /dev/urandom > /tmp/pattern && "
+            f"dd if=/tmp/pattern of={BLOCK_DEVICE} {dd_at} oflag=direct conv=fsync status=none && "
+            f"sha256sum < /tmp/pattern && "
+            f"dd if={BLOCK_DEVICE} bs=1M skip={BLOCK_OFFSET_MIB} count=1 iflag=direct status=none | sha256sum")])
+        sums = out.split()
+        assert code == 0 and len(sums) == 4 and sums[0] == sums[2], (code, out)
+        t_delete = time.monotonic()
+        delete_pod(kn, "kl-block")
+        deleted = time.monotonic() - t_delete
+        _, again = start_pod(kn, shell_pod(kn, "kl-block", "kl-block", IDLE_SCRIPT, block=True))
+        code, out = pod_exec(kn, "kl-block", ["sh", "-c", f"dd if={BLOCK_DEVICE} bs=1M skip={BLOCK_OFFSET_MIB} "
+                                                          "count=1 iflag=direct status=none | sha256sum"])
+        assert code == 0 and out.split()[0] == sums[0], f"pattern {sums[0]} written, {out!r} read after a new pod"
+    finally:
+        delete_pod(kn, "kl-block")
+        delete_claim(kn, "kl-block")
+    say(f"helm lab: raw block: pod Ready in {first:.1f} s, 1 MiB pattern written and read back; pod deleted in "
+        f"{deleted:.1f} s, new pod Ready in {again:.1f} s reads the same sha256")
+
+
+def test_helm_uninstall_leaves_nothing_behind(release: Release, say: Say) -> None:  # noqa: F811
+    """Last in the module: claims first (the controller deletes their volumes), then the release."""
+    kn = release.node
+    core, lab = kn.core, kn.lab
+    remove_test_objects(kn)
+    wait("every PV deleted", lambda: not core.list_persistent_volume().items, GONE_TIMEOUT,
+         explain(kn, SYSTEM_NS))
+    wait("every zvol destroyed", lambda: not zvols(lab), GONE_TIMEOUT, lambda: "\n".join(zvols(lab)))
+    t_uninstall = time.monotonic()
+    helm_uninstall(kn.cluster, RELEASE, SYSTEM_NS)
+    settle("the release's pods gone", lambda: not core.list_namespaced_pod(SYSTEM_NS).items)
+    say(f"helm lab: helm uninstall, pods gone in {time.monotonic() - t_uninstall:.1f} s")
     assert not core.list_namespaced_pod(SYSTEM_NS).items
     assert zvols(lab) == []
     assert exported_nqns(lab) == []
