@@ -153,8 +153,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
                 if os.path.realpath(mounted.source) != os.path.realpath(device):
                     raise already_exists(f"{staging} already has {mounted.source} mounted, not this volume's {device}")
                 return csi_pb2.NodeStageVolumeResponse()
+            shared_ro = cap.access_mode.mode == volcaps.Mode.MULTI_NODE_READER_ONLY
             found = self.mounter.fs_type(device)
             if found is None:
+                if shared_ro:
+                    # mkfs on every node that stages it at once would write over each other.
+                    raise precondition(f"{device} holds no filesystem and is staged MULTI_NODE_READER_ONLY: "
+                                       "there is nothing to read; make the volume from a snapshot or volume "
+                                       "that has one (or use it read-write once)")
                 self.mounter.mkfs(device, fstype)
             elif found != fstype:
                 raise precondition(
@@ -163,6 +169,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             options = check_mount_flags(cap.mount.mount_flags)
             if fstype == "xfs" and "nouuid" not in options:
                 options.append("nouuid")  # clones share their origin's XFS uuid
+            if shared_ro:
+                # Several nodes mount it at once: not a single write, not even a journal replay
+                # (which a plain `ro` mount of ext4 or xfs still does).
+                options += ["ro", "noload" if fstype == "ext4" else "norecovery"]
             os.makedirs(staging, mode=0o750, exist_ok=True)
             self.mounter.mount(device, staging, fstype, options)
         return csi_pb2.NodeStageVolumeResponse()

@@ -250,6 +250,42 @@ def test_filesystem_snapshot_clone_same_bytes(csi: Csi, fs: str, size: int) -> N
         csi.assert_clean(a)
 
 
+@pytest.mark.parametrize(("fs", "size"), FS_SIZES)
+def test_multi_node_reader_only_stage_is_read_only_without_replay(csi: Csi, fs: str, size: int) -> None:
+    """MULTI_NODE_READER_ONLY is staged on several nodes at once: the plugin mounts it read-only
+    without a journal replay (ext4 noload, xfs norecovery); the pod reads, its writes are refused."""
+    vol = csi.create(uniq("rox"), size=size)
+    att = csi.attach(vol, mount_cap(fs))
+    digest = csi.py(WRITE.format(path=f"{att.target}/data.bin"))
+    csi.detach(att)
+    snap = csi.ctl.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name=uniq("rox-snap"), source_volume_id=vol.volume_id), timeout=T
+    ).snapshot
+    csi.snapshots.append(snap.snapshot_id)
+    cap = mount_cap(fs)
+    cap.access_mode.mode = Mode.MULTI_NODE_READER_ONLY
+    ratt = csi.attach(vol, cap)
+    options = csi.lab.run(["findmnt", "-n", "-o", "OPTIONS", "--mountpoint", ratt.staging]).stdout.strip()
+    assert "ro" in options.split(",") and {"norecovery", "noload"} & set(options.split(",")), options
+    assert csi.py(READ.format(path=f"{ratt.target}/data.bin")) == digest
+    refused = csi.py(f"""
+import errno
+try:
+    open({ratt.target + "/new"!r}, "w").write("x")
+    print("written")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+""")
+    assert refused == "EROFS"
+    csi.detach(ratt)
+    csi.assert_clean(ratt)
+    dataset = f"{csi.lab.pool}/zvolt/v/{split_volume_id(vol.volume_id)[1]}"
+    written = csi.lab.run(["zfs", "get", "-Hp", "-o", "value", "written", dataset]).stdout.strip()
+    # Measured, not asserted: 8 KiB changed on the zvol on the lab kernel with either filesystem
+    # (not yet explained; the mount itself is read-only, as asserted above).
+    print(f"\nROX {fs}: staging mounted {options}; zvol written since the snapshot: {written} B", flush=True)
+
+
 def test_raw_block_volume(csi: Csi) -> None:
     vol = csi.create(uniq("blk"))
     att = csi.attach(vol, block_cap())

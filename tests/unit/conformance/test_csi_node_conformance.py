@@ -117,6 +117,22 @@ def test_stage_refuses_to_reformat_another_filesystem(env: NodeEnv) -> None:
     assert [fs for _, fs in env.mounter.mkfs_calls] == ["xfs"]
 
 
+@pytest.mark.parametrize("fs,no_replay", [("ext4", "noload"), ("xfs", "norecovery")])
+def test_stage_multi_node_reader_only_mounts_without_any_write(env: NodeEnv, fs: str, no_replay: str) -> None:
+    """MULTI_NODE_READER_ONLY: several nodes mount the filesystem at once, so each mounts it
+    read-only without a journal replay, and a volume without a filesystem is not formatted."""
+    with pytest.raises(grpc.RpcError) as err:
+        stage(env, mount_cap(mode=Mode.MULTI_NODE_READER_ONLY, fs=fs))
+    assert err.value.code() == C.FAILED_PRECONDITION and "holds no filesystem" in err.value.details()
+    assert env.mounter.mkfs_calls == []
+    staging = stage(env, mount_cap(fs=fs))  # formatted by a writer first
+    env.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(volume_id=VOL, staging_target_path=staging))
+    stage(env, mount_cap(mode=Mode.MULTI_NODE_READER_ONLY, fs=fs))
+    info = env.mounter.mount_info(staging)
+    assert info is not None and "ro" in info.options and no_replay in info.options, info
+    assert len(env.mounter.mkfs_calls) == 1
+
+
 def test_stage_on_path_with_another_device_is_already_exists(env: NodeEnv) -> None:
     staging, _ = paths(env)
     env.mounter.filesystems["/dev/sdz"] = "ext4"
