@@ -444,8 +444,13 @@ def test_guard_off_borrowed_hostnqn_with_dhchap_is_refused(attacker: Attacker, g
     wrong = attacker.read(v.pub.nqn, v.host, v.hostid, secret=generate_secret())
     report(f"d {v.mode} borrowed NQN, wrong secret", {k: wrong.get(k) for k in ("ok", "kind", "step", "error")})
     refused_without_data(wrong)
-    assert wrong["kind"] == "AuthenticationFailed" and "authentication failed (reason 0x1, explanation 0x1)" in (
+    # The target answers AUTH_Failure1 (reason 0x1, explanation 0x1); under load it was once seen
+    # to close the connection at that step instead (CI here, 2026-12-06). Refused either way.
+    failed = wrong["kind"] == "AuthenticationFailed" and "authentication failed (reason 0x1, explanation 0x1)" in (
         wrong["error"])
+    dropped = wrong["kind"] == "TransportError" and wrong["step"] == "DH-HMAC-CHAP qid 0 Success1" and (
+        "closed the connection" in wrong["error"])
+    assert failed or dropped, wrong
 
 
 @pytest.mark.parametrize("auth_volume", DHCHAP_MODES, indirect=True)
