@@ -361,6 +361,17 @@ out(h)
     return digest
 
 
+def rerun_lands_intact(lab: Any, made: dict[str, Any], what: str) -> None:
+    """The move run again converges: only the target's copy, the source's gone, the data the same."""
+    vid = made["id"]
+    t0 = time.monotonic()
+    result = converge(lab, vid)
+    print(f"MOVE {what} {vid}: {result} ({time.monotonic() - t0:.1f} s)", flush=True)
+    assert result["ok"], result
+    assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
+    assert target_hash(lab, vid, DATA_MIB) == made["hashes"][2]
+
+
 def test_controller_killed_at_every_step_never_leaves_two_writable_copies(agents: Any) -> None:
     """kill -9 of the orchestrating controller after SendMove, after ReceiveMove and after
     CommitMove, one after the other on one move; then on a second volume in the middle of the
@@ -385,13 +396,7 @@ def test_controller_killed_at_every_step_never_leaves_two_writable_copies(agents
         assert writable_copies(lab, vid) == expect, st
         assert st[A] is not None and st[A]["zvolt:moving-to"] == B, st  # the source keeps its copy until Finish
     for made in (vol, other):
-        vid = made["id"]
-        t0 = time.monotonic()
-        result = converge(lab, vid)
-        print(f"MOVE controller rerun {vid}: {result} ({time.monotonic() - t0:.1f} s)", flush=True)
-        assert result["ok"], result
-        assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
-        assert target_hash(lab, vid, DATA_MIB) == made["hashes"][2]
+        rerun_lands_intact(lab, made, "controller rerun")
 
 
 def test_link_cut_mid_stream_fails_the_move_and_a_retry_converges(agents: Any) -> None:
@@ -433,9 +438,4 @@ def test_link_cut_mid_stream_fails_the_move_and_a_retry_converges(agents: Any) -
               flush=True)
     finally:
         lab.run(["nft", "delete", "table", "inet", CUT_TABLE], netns="storage", check=False)
-    t0 = time.monotonic()
-    result = converge(lab, vid)
-    print(f"MOVE after the link came back: {result} ({time.monotonic() - t0:.1f} s)", flush=True)
-    assert result["ok"], result
-    assert writable_copies(lab, vid) == [B] and state_of(lab, vid)[A] is None
-    assert target_hash(lab, vid, DATA_MIB) == vol["hashes"][2]
+    rerun_lands_intact(lab, vol, "after the link came back")

@@ -5,12 +5,11 @@ point against agents served over gRPC."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 
-import csi.main
 from agent.fakes import FakeNode, make_node
 from agent.keystore import KeyStore
 from agent.metrics import Metrics
@@ -28,6 +26,7 @@ from agent.volumes import VolumeSpec
 from csi import drain
 from kubectl_zvolt import cli
 from tests.unit.directagent import Direct
+from tests.unit.kubectlfakes import FakeKube, InProcess
 from zvolt.errors import ZvoltError, unavailable
 from zvolt.pb import agent_pb2 as pb
 
@@ -383,33 +382,9 @@ def served(cluster: Cluster) -> Iterator[str]:
         s.stop(None)
 
 
-class Kube:
-    namespace = "zvolt"
-
-    def __init__(self, agents: str) -> None:
-        self.agents = agents
-
-    def list_pods(self) -> list[dict[str, Any]]:
-        args = ["--mode=controller", "--endpoint=unix:///csi/csi.sock", f"--agents={self.agents}", "--insecure"]
-        return [{"metadata": {"name": "ctrl-1"}, "status": {"phase": "Running"},
-                 "spec": {"containers": [{"name": "zvolt-controller", "args": args}]}}]
-
-
-class InProcess:
-    def __init__(self) -> None:
-        self.argvs: list[list[str]] = []
-
-    def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
-        self.argvs.append(list(argv))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = csi.main.main(list(argv[1:]))
-        return code, out.getvalue()
-
-
 def kubectl(agents: str, *argv: str) -> tuple[int, str, list[list[str]]]:
     out, execute = io.StringIO(), InProcess()
-    code = cli.run([*argv, "-n", "zvolt"], connect=lambda t: Kube(agents),  # type: ignore[arg-type,return-value]
+    code = cli.run([*argv, "-n", "zvolt"], connect=lambda t: FakeKube(agents),  # type: ignore[arg-type,return-value]
                    execute=execute, out=out)
     return code, out.getvalue(), execute.argvs
 

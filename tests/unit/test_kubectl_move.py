@@ -5,18 +5,15 @@ over a real localhost stream."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
-import csi.main
 from agent.fakes import FakeNode, make_node
 from agent.keystore import KeyStore
 from agent.metrics import Metrics
@@ -25,6 +22,7 @@ from agent.server import AgentServicer, make_server
 from agent.volumes import VolumeSpec
 from kubectl_zvolt import cli
 from kubectl_zvolt.errors import PluginError
+from tests.unit.kubectlfakes import FakeKube, InProcess
 
 MiB = 1 << 20
 KEY = bytes(range(32))
@@ -62,41 +60,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     yield Cluster(nodes, ",".join(agents))
     for stop in stops:
         stop()
-
-
-class FakeKube:
-    namespace = "zvolt"
-
-    def __init__(self, agents: str, handles: dict[str, str]) -> None:
-        self.agents = agents
-        self.handles = handles  # PVC name (namespace "team-a") -> volume handle
-
-    def get_pvc(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        if namespace != "team-a" or name not in self.handles:
-            return None
-        return {"metadata": {"name": name}, "spec": {"volumeName": f"pv-{name}"}}
-
-    def get_pv(self, name: str) -> dict[str, Any] | None:
-        pvc = name.removeprefix("pv-")
-        return {"spec": {"csi": {"driver": "csi.zvolt.io", "volumeHandle": self.handles[pvc]}}}
-
-    def list_pods(self) -> list[dict[str, Any]]:
-        args = ["--mode=controller", "--endpoint=unix:///csi/csi.sock", f"--agents={self.agents}", "--insecure"]
-        return [{"metadata": {"name": "ctrl-1"}, "status": {"phase": "Running"},
-                 "spec": {"containers": [{"name": "zvolt-controller", "args": args}]}}]
-
-
-class InProcess:
-    def __init__(self) -> None:
-        self.argvs: list[list[str]] = []
-
-    def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str]) -> tuple[int, str]:
-        assert (namespace, pod, container) == ("zvolt", "ctrl-1", "zvolt-controller")
-        self.argvs.append(list(argv))
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            code = csi.main.main(list(argv[1:]))
-        return code, out.getvalue()
 
 
 def run(kube: FakeKube, pvc: str, to: str) -> tuple[int, str]:
