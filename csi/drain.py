@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import grpc
 
 from csi import moves, placement, rebalance
 from csi.placement import Candidate, ZoneRequirement
-from csi.volmove import STEPS
+from csi.volmove import Narrated
 from zvolt.errors import ZvoltError, precondition
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2 as pb
@@ -198,31 +199,6 @@ class _Progress:
         self._done.set()
 
 
-class _Narrated:
-    """An agent client that reports each move step of one volume."""
-
-    def __init__(self, agent: Agent, vid: str, progress: _Progress) -> None:
-        self._agent = agent
-        self._vid = vid
-        self._progress = progress
-        self.name = agent.name
-
-    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        start = time.monotonic()
-        if method == "ReceiveMove":
-            self._progress.streaming(self._vid, self.name)
-        try:
-            got = self._agent.call(method, request, timeout=timeout)
-        finally:
-            if method == "ReceiveMove":
-                self._progress.streaming(self._vid, None)
-        if method in STEPS:
-            carried = f", {got.bytes} bytes" if method == "ReceiveMove" else ""
-            self._progress.say(f"  {self._vid}: {self.name}: {STEPS[method]} ({time.monotonic() - start:.1f}s"
-                               f"{carried})")
-        return got
-
-
 def execute(pool: Pool, planned: Sequence[Move], parallel: int, say: Say, rate: int = 0,
             heartbeat: float = HEARTBEAT) -> Summary:
     """At most `parallel` moves at once; a failed move is reported and the others go on."""
@@ -235,8 +211,9 @@ def execute(pool: Pool, planned: Sequence[Move], parallel: int, say: Say, rate: 
         try:
             source, target = _agent(pool, m.volume.node), _agent(pool, m.target)
             progress.say(f"{vid}: moving ({m.volume.size} bytes) from {source.name} to {target.name}")
-            result = moves.move(_Narrated(source, vid, progress), _Narrated(target, vid, progress), m.volume.local,
-                                rate=rate)
+            narrate = partial(Narrated, say=progress.say, prefix=f"{vid}: ",
+                              streaming=partial(progress.streaming, vid))
+            result = moves.move(narrate(source), narrate(target), m.volume.local, rate=rate)
         except ZvoltError as err:
             summary.failed[vid] = err.message
             progress.say(f"{vid}: NOT moved: {err.message}")

@@ -40,20 +40,31 @@ class Outcome:
     already: bool = False  # held by the target before this call: nothing done
 
 
-class _Narrated:
-    """An agent client that reports each move step (its time, and what a stream carried)."""
+class Narrated:
+    """An agent client that reports each move step (its time, and what a stream carried), each
+    line after `prefix`; `streaming(target or None)` is told when a stream starts and ends."""
 
-    def __init__(self, agent: Any, say: Callable[[str], None]) -> None:
+    def __init__(self, agent: Any, say: Callable[[str], None], prefix: str = "",
+                 streaming: Callable[[str | None], None] | None = None) -> None:
         self._agent = agent
         self._say = say
+        self._prefix = prefix
+        self._streaming = streaming
         self.name: str = agent.name
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         start = time.monotonic()
-        got = self._agent.call(method, request, timeout=timeout)
+        streaming = self._streaming if method == "ReceiveMove" else None
+        if streaming is not None:
+            streaming(self.name)
+        try:
+            got = self._agent.call(method, request, timeout=timeout)
+        finally:
+            if streaming is not None:
+                streaming(None)
         if method in STEPS:
             carried = f", {got.bytes} bytes" if method == "ReceiveMove" else ""
-            self._say(f"  {self.name}: {STEPS[method]} ({time.monotonic() - start:.1f}s{carried})")
+            self._say(f"  {self._prefix}{self.name}: {STEPS[method]} ({time.monotonic() - start:.1f}s{carried})")
         return got
 
 
@@ -74,7 +85,7 @@ def move(pool: AgentPool, volume_id: str, to: str, say: Callable[[str], None] = 
         raise precondition(f"volume {volume_id} is published to {', '.join(vol.published_hosts)}: an offline move "
                            "needs it unpublished (stop the pods using it)")
     say(f"moving volume {volume_id} ({vol.size_bytes} bytes) from storage node {source.name} to {to}")
-    result = moves.move(_Narrated(source, say), _Narrated(target, say), local)
+    result = moves.move(Narrated(source, say), Narrated(target, say), local)
     say(f"moved volume {volume_id} to storage node {to}: {result.bytes} bytes in {result.streams} stream(s), "
         f"{result.seconds:.1f}s")
     return Outcome(volume_id, source.name, to, result.bytes, result.streams, result.seconds)
