@@ -30,7 +30,7 @@ import grpc
 from csi import moves, placement, rebalance
 from csi.placement import Candidate, ZoneRequirement
 from csi.volmove import Narrated
-from zvolt.errors import ZvoltError, precondition
+from zvolt.errors import ZvoltError, invalid, precondition
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2 as pb
 
@@ -39,6 +39,15 @@ HEARTBEAT = 30.0
 ATTACHED = "live move not built yet: detach it (scale the workload to 0) and rerun"
 
 Say = Callable[[str], None]
+MAX_PARALLEL = 64
+
+
+def check_options(parallel: int, rate_mib_per_s: float) -> None:
+    """The drain's and rebalance's knobs, for zvolt-csi and the kubectl plugin alike."""
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise invalid(f"--parallel must be from 1 to {MAX_PARALLEL}")
+    if rate_mib_per_s < 0:
+        raise invalid("--rate-limit must be 0 (no limit) or more MiB/s")
 
 
 class Agent(Protocol):

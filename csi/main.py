@@ -276,15 +276,20 @@ def uncordon_mode(args: argparse.Namespace, out: Callable[[str], None] = print) 
 
 
 def _parallel(args: argparse.Namespace) -> int:
-    if not 1 <= args.parallel <= 64:
-        raise SystemExit("--parallel must be from 1 to 64")
+    _check_drain_options(args)
     return int(args.parallel)
 
 
 def _rate(args: argparse.Namespace) -> int:
-    if args.rate_limit < 0:
-        raise SystemExit("--rate-limit must be 0 (no limit) or more MiB/s")
+    _check_drain_options(args)
     return int(args.rate_limit * (1 << 20))
+
+
+def _check_drain_options(args: argparse.Namespace) -> None:
+    try:
+        drain.check_options(args.parallel, args.rate_limit)
+    except ZvoltError as err:
+        raise SystemExit(err.message) from None
 
 
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),

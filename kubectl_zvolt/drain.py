@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from csi.drain import check_options
 from kubectl_zvolt.attachments import CONTAINER, controller, one_shot
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.kube import Exec, Kube
@@ -31,10 +32,10 @@ def _node(node: str) -> str:
 
 
 def _options(parallel: int, dry_run: bool, rate_limit: float) -> list[str]:
-    if not 1 <= parallel <= 64:
-        raise PluginError("--parallel must be from 1 to 64")
-    if rate_limit < 0:
-        raise PluginError("--rate-limit must be 0 (no limit) or more MiB/s")
+    try:
+        check_options(parallel, rate_limit)
+    except ZvoltError as err:
+        raise PluginError(err.message) from None
     return [f"--parallel={parallel}", f"--rate-limit={rate_limit:g}", *(["--dry-run"] if dry_run else [])]
 
 
