@@ -460,16 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log.info("agent serving", extra={"fields": {"listen": settings.listen, "node": settings.node}})
     stop = threading.Event()
 
-    def recover() -> None:
-        try:
-            agent.recovery.run(rebuild=corrupt)
-            agent.metrics.startup.set(agent.readiness.startup_seconds)
-            agent.metrics.ready.set(1)
-            agent.servicer.refresh_metrics()
-        except Exception:
-            stop.set()
-
-    threading.Thread(target=recover, name="recovery", daemon=True).start()
+    threading.Thread(target=recover, args=(agent, corrupt, stop), name="recovery", daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     tick = min(settings.gc_interval, 15.0)
@@ -498,6 +489,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception:
                 _log.exception("periodic garbage collection failed")
     return _shut_down(agent, index)
+
+
+def recover(agent: Agent, rebuild: bool, stop: threading.Event) -> None:
+    """Start-up recovery (the recovery thread): sets `stop` only when the agent's state cannot be settled."""
+    try:
+        agent.recovery.run(rebuild=rebuild)
+    except Exception:
+        # recovery.run logged why; an agent that cannot settle its state must not serve.
+        stop.set()
+        return
+    agent.metrics.startup.set(agent.readiness.startup_seconds)
+    agent.metrics.ready.set(1)
+    try:
+        agent.servicer.refresh_metrics()
+    except Exception:
+        # A ready agent that stopped here would take its socket with it, for a gauge: the
+        # periodic loop refreshes them again.
+        _log.exception("metrics refresh after start-up failed")
 
 
 def _shut_down(agent: Agent, index: Index, hard_exit: Callable[[int], object] = os._exit) -> int:

@@ -106,6 +106,7 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_p
                 result = SUITE_RUNNERS[name](ctx)
             except Exception as e:
                 progress.say(f"suite {name} failed:\n{traceback.format_exc()}")
+                _say_service_logs(lab, progress)
                 detail = e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
                 result = SuiteResult(name, error=f"{type(e).__name__}: {' '.join(str(detail).split())[:400]}")
             result.seconds = time.perf_counter() - t0
@@ -121,6 +122,17 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_p
             csi.close()
         _cleanup(ctx)
     return report
+
+
+def _say_service_logs(lab: LabLike | None, progress: Progress) -> None:
+    """A failed suite's cause is often in a service's journal (a CI log is all there is to read)."""
+    for service in ("agent", "controller"):
+        try:
+            tail = lab.service_log(service, 25) if lab is not None else ""
+        except Exception as e:
+            tail = f"(journal not readable: {e})"
+        if tail:
+            progress.say(f"last lines of the {service}'s journal:\n{tail.rstrip()}")
 
 
 def _cleanup(ctx: Context) -> None:

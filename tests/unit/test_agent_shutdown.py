@@ -13,7 +13,7 @@ import pytest
 from agent import nvmet
 from agent.fakes import FakeZfs
 from agent.index import Index
-from agent.main import Agent, _shut_down, build, parse_settings
+from agent.main import Agent, _shut_down, build, parse_settings, recover
 from agent.shutdown import drain
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
@@ -108,3 +108,41 @@ def test_a_call_stuck_past_the_grace_is_reported_not_waited_for(tmp_path: Path) 
 def test_bad_shutdown_grace_is_refused(bad: str) -> None:
     with pytest.raises(SystemExit):
         parse_settings([*BASE, "--shutdown-grace", bad], env={})
+
+
+def _unstarted_agent(tmp_path: Path) -> Agent:
+    s = parse_settings([*BASE, "--listen", f"unix://{tmp_path / 'agent.sock'}", "--state-dir", str(tmp_path / "st")],
+                       env={})
+    zfs = FakeZfs()
+    zfs.create_filesystem("tank")
+    root = nvmet.Root(str(tmp_path / "cfs"), emulate=True)
+    root.init_tree()
+    return build(s, zfs, root, Index(s.state_dir))
+
+
+def test_a_failed_metrics_refresh_after_start_up_keeps_the_ready_agent_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopping here took the agent's unix socket away seconds after it said ready (a CI run's
+    # bench saw "agent.sock: No such file or directory"), and logged nothing.
+    agent = _unstarted_agent(tmp_path)
+
+    def broken() -> None:
+        raise OSError("pool busy")
+
+    monkeypatch.setattr(agent.servicer, "refresh_metrics", broken)
+    stop = threading.Event()
+    recover(agent, False, stop)
+    assert agent.readiness.ready and not stop.is_set()
+
+
+def test_a_failed_start_up_recovery_stops_the_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = _unstarted_agent(tmp_path)
+
+    def broken(rebuild: bool = False) -> None:
+        raise RuntimeError("index belongs to another parent")
+
+    monkeypatch.setattr(agent.recovery, "run", broken)
+    stop = threading.Event()
+    recover(agent, False, stop)
+    assert stop.is_set() and not agent.readiness.ready
