@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from csi import placement
 from zvolt import names
 from zvolt.errors import ZvoltError, precondition
 from zvolt.pb import agent_pb2 as pb
@@ -53,6 +54,18 @@ def _placement(agent: AgentCaller, vid: str) -> Any | None:
         raise
 
 
+def _check_room(target: AgentCaller, vid: str, vol: Any) -> None:
+    """Before anything changes: the target has the space and the commitment room for the volume."""
+    cap = target.call("GetCapacity", pb.GetCapacityRequest())
+    if cap.cordoned:
+        raise precondition(f"storage node {target.name} is cordoned ({cap.cordon_reason}): it takes no volumes "
+                           f"until `kubectl zvolt uncordon-storage {target.name}`. Nothing was changed")
+    node = placement.from_capacity(target.name, "", cap)
+    why = placement.move_in_refusal(node, vid, vol.size_bytes, vol.used_bytes)
+    if why is not None:
+        raise ZvoltError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}. Nothing was changed: the volume stays put")
+
+
 def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: float = 3600.0,
          rate: int = 0) -> MoveResult:
     """rate: bytes per second each stream may take on the target (0: no limit)."""
@@ -75,6 +88,8 @@ def move(source: AgentCaller, target: AgentCaller, vid: str, stream_timeout: flo
         if here.placement == pb.PLACEMENT_MOVING and here.moving_to != target.name:
             raise precondition(f"volume {vid} is being moved to {here.moving_to}, not {target.name}: abort that first")
         base = there.move_snapshot if there is not None else ""
+        if there is None:
+            _check_room(target, vid, here.volume)
         # Offline, nothing writes to the volume: it is frozen at once and goes in one stream
         # (bulk streams first are for a volume still written to: a live move).
         offline = not here.volume.published_hosts  # the agent refuses a published one (for now)

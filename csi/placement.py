@@ -89,6 +89,19 @@ def refusal(c: Candidate, size: int, class_ratio: float) -> str:
     return commitment.refusal(who, f"a volume of {size} bytes", size, c.committed_bytes, c.total_bytes, ratio)
 
 
+def move_in_refusal(c: Candidate, volume: str, size: int, used: int) -> str | None:
+    """Why node `c` has no room for volume `volume` (`size` bytes promised, `used` bytes with its
+    snapshots: about what its stream writes there), or None. Asked before a move starts, so a
+    refused move changes nothing; a full target would otherwise fail at the end of a long stream."""
+    if used > c.available_bytes:
+        return (f"volume {volume} takes {used} bytes with its snapshots, and storage node {c.name} has "
+                f"{c.available_bytes} bytes free above its growth reserve: free space there or choose another node")
+    room = admits(c)
+    if room is not None and size > room:
+        return refusal(c, size, 0.0).replace(f"a volume of {size} bytes", f"volume {volume} ({size} bytes)", 1)
+    return None
+
+
 @dataclass(frozen=True)
 class ZoneRequirement:
     requisite: frozenset[str] | None  # None: anywhere

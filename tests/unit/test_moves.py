@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -371,3 +371,55 @@ def test_a_stream_the_network_cuts_is_unavailable_and_the_retry_converges(pair: 
     monkeypatch.undo()
     orchestrator.move(a.client, b.client, vid)
     assert_moved(a, b, vid, snaps)
+
+
+def _untouched(a: Side, b: Side, vid: str) -> None:
+    here = place(a, vid)
+    assert here.placement == pb.PLACEMENT_HELD and not here.moving_to
+    assert not [s for s in a.node.zfs.snapshots_of(a.node.volumes.layout.volume(vid)) if "@zmv" in s]
+    assert not [n for n in b.node.zfs.ds if vid in n]
+
+
+def test_a_target_without_the_space_is_refused_before_anything_changes(tmp_path: Any) -> None:
+    a_node = make_node(str(tmp_path / "a"), str(tmp_path / "a-cfs"), node="storage-a", pool="tanka")
+    b_node = make_node(str(tmp_path / "b"), str(tmp_path / "b-cfs"), node="storage-b", pool="tankb",
+                       pool_size=256 * MiB)
+    a, b = (Side(n, str(tmp_path / n.volumes.cfg.node), SendServer(n.moves, "127.0.0.1:0")) for n in (a_node, b_node))
+    for side in (a, b):
+        side.server.start()
+    try:
+        vid, _ = volume_with_snapshots(a)
+        a.node.zfs.ds[a.node.volumes.layout.volume(vid)].props["used"] = str(300 * MiB)  # written data
+        with pytest.raises(ZvoltError) as err:
+            orchestrator.move(a.client, b.client, vid)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"takes {300 * MiB} bytes" in err.value.message and "storage node storage-b has" in err.value.message
+        assert "Nothing was changed" in err.value.message
+        _untouched(a, b, vid)  # not even started: the volume may be published and written as before
+        b.node.zfs.pool_size = 1 << 40  # space freed on the target: the same call goes through
+        b.node.volumes.refresh_space()  # (the agent does so every 15 s)
+        assert orchestrator.move(a.client, b.client, vid).streams == 1
+        assert place(b, vid).placement == pb.PLACEMENT_HELD
+    finally:
+        for side in (a, b):
+            side.server.close()
+
+
+def test_a_cordoned_or_overcommitted_target_is_refused_before_anything_changes(pair: tuple[Side, Side]) -> None:
+    a, b = pair
+    vid, _ = volume_with_snapshots(a)
+    b.client.call("SetCordon", pb.SetCordonRequest(cordoned=True, reason="kernel upgrade"))
+    with pytest.raises(ZvoltError) as err:
+        orchestrator.move(a.client, b.client, vid)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "cordoned (kernel upgrade)" in err.value.message
+    _untouched(a, b, vid)
+    b.client.call("SetCordon", pb.SetCordonRequest(cordoned=False))
+    # Promises on the target up to its commitment limit: the volume's 64 MiB do not fit under it.
+    cap = b.client.call("GetCapacity", pb.GetCapacityRequest())
+    ratio = (cap.committed_bytes + 32 * MiB) / cap.total_bytes
+    b.node.volumes.cfg = replace(b.node.volumes.cfg, commitment_ratio=ratio)
+    with pytest.raises(ZvoltError) as err:
+        orchestrator.move(a.client, b.client, vid)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "commitment limit" in err.value.message
+    assert f"volume {vid} ({64 * MiB} bytes)" in err.value.message
+    _untouched(a, b, vid)
