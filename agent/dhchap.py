@@ -1,10 +1,12 @@
-"""Per-host DH-HMAC-CHAP secrets (NVMe in-band authentication) for the nvmet host entries.
+"""DH-HMAC-CHAP (NVMe in-band authentication): the secret format, and the keys of the nvmet host entries.
 
-One secret per host NQN per storage node (not per volume): nvmet keeps the key on the
-`hosts/<hostnqn>/` group, which every subsystem that allows that host links to. Secrets are
-generated here, persisted under `<state-dir>/dhchap/` (0700 folder, 0600 files, written
-atomically) so that a restart or reboot restores the same keys with the exports, and written
-into configfs through the nvmet adapter before the host is linked into `allowed_hosts`.
+Keys are per volume: the controller makes them with the volume and keeps them in a Kubernetes
+Secret, hands them to the agent with each publish and kubelet hands them to the node plugin
+(node-stage secrets). nvmet keeps a key on the `hosts/<hostnqn>/` group, which every subsystem
+allowing that host shares, so a node reaches an authenticated volume under a host NQN of its own
+for that volume (zvolt.names.volume_host_nqn). The agent persists the keys it was given under
+`<state-dir>/dhchap/` (0700 folder, 0600 files, written atomically) so that a restart or reboot
+restores them with the exports, and writes them into configfs before the host is linked.
 
 Secret format (NVMe base spec, "DH-HMAC-CHAP secret representation"; what `nvme
 gen-dhchap-key` prints and what the kernel parses): ``DHHC-1:<hh>:<base64(key || crc32(key)
@@ -111,7 +113,12 @@ class AuthConfig:
 
 
 class HostKeys:
-    """The persistent per-host secrets of one agent, and their application to configfs."""
+    """The DH-HMAC-CHAP keys of the hosts allowed on this node's authenticated exports, kept so
+    that a restart or reboot restores them with the exports, and their application to configfs.
+
+    Keys come from the caller (the controller reads them from the volume's Secret): each belongs
+    to one host NQN, which is per volume (zvolt.names.volume_host_nqn), so a key opens one volume.
+    """
 
     def __init__(self, state_dir: str, cfg: AuthConfig | None = None) -> None:
         self.cfg = cfg or AuthConfig()
@@ -124,7 +131,7 @@ class HostKeys:
         # NQNs may hold ':' and '.', never '/': safe as a file name once validated.
         return os.path.join(self.dir, names.check_nqn(host) + ".json")
 
-    def _load(self, host: str) -> HostSecrets | None:
+    def load(self, host: str) -> HostSecrets | None:
         try:
             with open(self._file(host)) as f:
                 data = json.load(f)
@@ -137,39 +144,26 @@ class HostKeys:
             return None
         except (ValueError, KeyError, TypeError, SecretError) as exc:
             # A damaged file must not silently lock the host out with an unknown key: say so.
-            raise invalid(f"DH-HMAC-CHAP secret file for {host} is damaged; remove it to rotate: {exc}") from exc
+            raise invalid(f"DH-HMAC-CHAP key file for {host} is damaged; publish the volume again to rewrite it: "
+                          f"{exc}") from exc
 
-    def _store(self, found: HostSecrets) -> None:
-        write_private_json(self._file(found.host), {"secret": found.secret, "ctrl_secret": found.ctrl_secret})
-
-    def secrets_for(self, host: str) -> HostSecrets:
-        """The host's secrets, generated and persisted on first use (idempotent)."""
+    def put(self, found: HostSecrets) -> None:
+        """Keep the host's keys (0600, atomic): written before the host entry is, so a crash
+        between the two leaves a key that the next restore or publish applies."""
         with self._mu:
-            found = self._load(host)
-            want_ctrl = self.cfg.bidirectional
-            if found is not None and bool(found.ctrl_secret) == want_ctrl:
-                return found
-            secret = found.secret if found is not None else generate_secret(self.cfg.transform)
-            ctrl = generate_secret(self.cfg.transform) if want_ctrl else ""
-            fresh = HostSecrets(host, secret, ctrl)
-            self._store(fresh)
-            return fresh
+            if self.load(found.host) != found:
+                write_private_json(self._file(found.host), {"secret": found.secret, "ctrl_secret": found.ctrl_secret})
 
-    def rotate(self, host: str) -> HostSecrets:
-        """New secrets for the host (the old ones stop working at the next connect)."""
+    def forget(self, host: str) -> None:
         with self._mu, contextlib.suppress(FileNotFoundError):
             os.unlink(self._file(host))
-        return self.secrets_for(host)
 
-    def apply(self, host: HostAttrs) -> None:
-        """Write the host's key (+ controller key, hash, group) into its nvmet host entry.
-
-        Called before the host is linked into a subsystem's allowed_hosts, so there is no
-        window in which the host may connect without authenticating.
-        """
-        found = self.secrets_for(host.nqn)
+    def apply(self, host: HostAttrs, found: HostSecrets) -> None:
+        """Write the keys (+ controller key, hash, group) into the host's nvmet entry; called
+        before the host is linked into allowed_hosts, so it can never connect unauthenticated."""
+        transform = decode_secret(found.secret)[0] or 1
         want = {
-            "dhchap_hash": HASHES[self.cfg.transform],
+            "dhchap_hash": HASHES[transform],
             "dhchap_dhgroup": self.cfg.dhgroup,
             "dhchap_key": found.secret,
             "dhchap_ctrl_key": found.ctrl_secret,
@@ -179,3 +173,19 @@ class HostKeys:
                 continue
             if host.attr(attr) != value:
                 host.set_attr(attr, value)
+
+
+def check_keys(key: str, ctrl_key: str, where: str) -> None:
+    """A key (and controller key) from outside, checked (format and CRC); INVALID_ARGUMENT
+    naming `where`, never repeating the key."""
+    try:
+        decode_secret(key)
+        if ctrl_key:
+            decode_secret(ctrl_key)
+    except SecretError as exc:
+        raise invalid(f"{where} holds a DH-HMAC-CHAP key that is not a valid DHHC-1 secret: {exc}") from None
+
+
+def host_secrets(host: str, key: str, ctrl_key: str = "") -> HostSecrets:
+    check_keys(key, ctrl_key, f"the publish request for {host}")
+    return HostSecrets(host, key, ctrl_key)

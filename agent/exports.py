@@ -68,9 +68,10 @@ class _OwnHomes:
 class Exports:
     def __init__(self, zfs: Zfs, root: nvmet.Root, cfg: ExportConfig,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 auth: HostKeys | None = None) -> None:
+                 auth: HostKeys | None = None, require_auth: bool = False) -> None:
         self.zfs = zfs
-        self.auth = auth  # DH-HMAC-CHAP on: every allowed host gets its key first
+        self.auth = auth  # the keys of authenticated hosts: each is applied before its host is linked
+        self.require_auth = require_auth  # --dhchap: no host without a key
         self.root = root
         self.cfg = cfg
         self._clock = clock
@@ -191,9 +192,11 @@ class Exports:
         if self.auth is not None:
             # Key before link: an allowed host must never be able to connect unauthenticated.
             for h in sorted(set(hosts)):
-                host = self.root.host(h)
-                host.create()
-                self.auth.apply(host)
+                found = self.auth.load(h)
+                if found is not None:
+                    host = self.root.host(h)
+                    host.create()
+                    self.auth.apply(host, found)
         refs = self._host_refs()
         for h in sorted(set(hosts) - have):
             sub.allow_host(self.root.host(h))
@@ -270,7 +273,8 @@ class Exports:
         if sub.attr("allow_any_host") != "0":
             return False, "NVMe subsystem allows any host (allow_any_host is not 0): access control is off"
         if self.auth is not None:
-            keyless = [h for h in hosts if not self.root.host(h).attr("dhchap_key")]
+            keyless = [h for h in hosts if (self.require_auth or self.auth.load(h) is not None)
+                       and not self.root.host(h).attr("dhchap_key")]
             if keyless:
                 return False, f"allowed host {keyless[0]} has no DH-HMAC-CHAP key on the target"
         ns = sub.namespace(1)

@@ -109,8 +109,8 @@ class Settings:
     failpoint: str = ""
     controller_cn: str = "zvolt-controller"
     shutdown_grace: float = 20.0
-    dhchap: bool = False  # per-host DH-HMAC-CHAP secrets on every allowed host (agent/dhchap.py)
-    dhchap_bidirectional: bool = False  # + a controller secret: the host authenticates the target too
+    dhchap: bool = False  # every publish must bring DH-HMAC-CHAP keys (agent/dhchap.py)
+    dhchap_bidirectional: bool = False  # ... and a controller key: the host authenticates the target too
     # The operator's storage network (CIDR) or "": then nvme_address came from --nvme-listen and
     # nothing guards the port. With it, nvme_address is "" until resolve_nvme_address() picks
     # the node's own address inside it (a host lookup, so not done while parsing).
@@ -344,10 +344,10 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     cfg = AgentConfig(node=settings.node, pool=settings.pool, parent=settings.parent,
                       nvme_address=settings.nvme_address, nvme_port=settings.nvme_port,
                       commitment_ratio=settings.commitment_ratio, reserve_fraction=settings.growth_reserve)
-    auth = HostKeys(settings.state_dir, AuthConfig(bidirectional=settings.dhchap_bidirectional)) \
-        if settings.dhchap else None
+    # Keys of authenticated volumes are taken whenever a publish brings them; --dhchap refuses one without.
+    auth = HostKeys(settings.state_dir, AuthConfig(bidirectional=settings.dhchap_bidirectional))
     exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
-                                              settings.device_timeout), auth=auth)
+                                              settings.device_timeout), auth=auth, require_auth=settings.dhchap)
     try:
         store = KeyStore(settings.state_dir, read_wrapping_key(settings.key_wrapping_file)) \
             if settings.key_wrapping_file else None

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from agent.authz import Authorizer
+from agent.dhchap import host_secrets
 from agent.group_snapshots import Group, GroupSnapshots
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
@@ -21,7 +22,8 @@ from agent.moves import SOURCE, TARGET, Moves
 from agent.recovery import Readiness
 from agent.usage import Usage, VolumeUsage
 from agent.volumes import Volumes, VolumeSpec
-from zvolt.errors import precondition, unavailable
+from zvolt import names
+from zvolt.errors import invalid, precondition, unavailable
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
 from zvolt.rpc import InFlight, RpcInterceptor
@@ -37,7 +39,9 @@ def volume_pb(vol: VolumeRec, nqn: str, home_of: Callable[[str], str]) -> Any:
     return pb.Volume(
         id=vol.id, name=vol.name, size_bytes=vol.size, volblocksize=vol.volblocksize, compression=vol.compression,
         thick=vol.thick, encrypted=False, source_snapshot_id=vol.source_snapshot, source_volume_id=vol.source_volume,
-        published_hosts=vol.hosts, nqn=nqn, created_unix=vol.created, home_node=home_of(vol.id),
+        # The nodes' own NQNs: an authenticated volume's per-volume ones are the agent's business.
+        published_hosts=[names.node_host_nqn(h, vol.id) for h in vol.hosts], nqn=nqn, created_unix=vol.created,
+        home_node=home_of(vol.id),
         source_home_node=home_of(source) if source else "",
     )
 
@@ -262,16 +266,16 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def PublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()
-        nqn = self.v.publish(request.volume_id, request.host_nqn, key=request.encryption_key)
+        keys = None
+        if request.dhchap_key:
+            keys = host_secrets(request.host_nqn, request.dhchap_key, request.dhchap_ctrl_key)
+        elif request.dhchap_ctrl_key:
+            raise invalid("dhchap_ctrl_key needs a dhchap_key")
+        nqn = self.v.publish(request.volume_id, request.host_nqn, key=request.encryption_key, auth=keys)
         cfg = self.v.cfg
-        resp = pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port)
-        auth = self.v.exports.auth
-        if auth is not None:
-            # The same secrets publish() just wrote into the host entry (persisted per host).
-            found = auth.secrets_for(request.host_nqn)
-            resp.dhchap_secret = found.secret
-            resp.dhchap_ctrl_secret = found.ctrl_secret
-        return resp
+        host = names.volume_host_nqn(request.host_nqn, request.volume_id) if keys is not None else request.host_nqn
+        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port,
+                                        host_nqn=host)
 
     def UnpublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()

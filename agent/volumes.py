@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.coalesced import CoalescedReads
 from agent.commitment import Admissions
 from agent.cordon import Cordon
+from agent.dhchap import HostSecrets
 from agent.exports import Exports
 from agent.gc import Collector
 from agent.index import Index, SnapshotRec, TrashRec, VolumeRec
@@ -693,12 +694,25 @@ class Volumes:
 
     # -- publish --------------------------------------------------------------------------
 
-    def publish(self, vid: str, host: str, key: bytes = b"") -> str:
+    def publish(self, vid: str, host: str, key: bytes = b"", auth: HostSecrets | None = None) -> str:
+        """Allow node `host` on the volume; with `auth` (DH-HMAC-CHAP keys) under its host NQN for
+        this volume (names.volume_host_nqn), whose host entry holds them. Returns the subsystem NQN."""
         names.check_id(vid)
         names.check_nqn(host)
+        store = self.exports.auth
+        if auth is None and self.exports.require_auth:
+            raise precondition(f"storage node {self.cfg.node} requires DH-HMAC-CHAP (--dhchap): the volume's "
+                               "StorageClass must set the parameter dhchap and its node-stage secret (see the chart)")
+        if auth is not None and store is None:
+            raise precondition(f"storage node {self.cfg.node} keeps no DH-HMAC-CHAP keys")
+        if auth is not None and store is not None and store.cfg.bidirectional and not auth.ctrl_secret:
+            raise precondition(f"storage node {self.cfg.node} requires bidirectional DH-HMAC-CHAP "
+                               "(--dhchap-bidirectional): the volume's Secret has no dhchapCtrlKey")
+        allowed = names.volume_host_nqn(host, vid) if auth is not None else host
         with self.locks.hold([vid]):
             vol = self._volume(vid)
-            if host in vol.hosts and self.exports.condition(vid, vol.dataset, vol.hosts)[0]:
+            same = store is None or auth is None or store.load(allowed) == replace(auth, host=allowed)
+            if allowed in vol.hosts and same and self.exports.condition(vid, vol.dataset, vol.hosts)[0]:
                 return self.exports.nqn(vid)
             self.not_moving(vid, f"publishing to {host}")
             active = self.zfs.device_ready(vol.dataset)
@@ -710,12 +724,16 @@ class Volumes:
             with self.keys.using(root, key, f"publishing volume {vid}") if root else nullcontext():
                 if root:
                     self.keys.keep(vid, key, f"publishing volume {vid}")
-                return self._publish(vol, vid, host, active, root)
+                return self._publish(vol, vid, host, allowed, auth, active, root)
 
-    def _publish(self, vol: VolumeRec, vid: str, host: str, active: bool, root: str) -> str:
-        hosts = sorted({*vol.hosts, host})
+    def _publish(self, vol: VolumeRec, vid: str, host: str, allowed: str, auth: HostSecrets | None,
+                 active: bool, root: str) -> str:
+        # The node's other form goes (a class that turned DH-HMAC-CHAP on or off since).
+        hosts = sorted({*(h for h in vol.hosts if names.node_host_nqn(h, vid) != host), allowed})
         seq = self.index.begin("publish", [vol.dataset])
         try:
+            if auth is not None and self.exports.auth is not None:
+                self.exports.auth.put(replace(auth, host=allowed))
             props = {"zvolt:hosts": hosts_value(hosts)}
             if not active:
                 props["volmode"] = "dev"
@@ -736,6 +754,7 @@ class Volumes:
         return self.exports.nqn(vid)
 
     def unpublish(self, vid: str, host: str) -> None:
+        """Revoke node `host` (its NQN, or its per-volume NQN of an authenticated publish)."""
         names.check_id(vid)
         names.check_nqn(host)
         with self.locks.hold([vid]):
@@ -743,10 +762,11 @@ class Volumes:
             if vol is None:
                 self.not_moved_away(vid)
                 return
-            if host not in vol.hosts:
+            gone = [h for h in vol.hosts if names.node_host_nqn(h, vid) == names.node_host_nqn(host, vid)]
+            if not gone:
                 self.exports.set_hosts(vid, vol.hosts)
                 return
-            hosts = [h for h in vol.hosts if h != host]
+            hosts = [h for h in vol.hosts if h not in gone]
             seq = self.index.begin("unpublish", [vol.dataset])
             try:
                 if hosts:
@@ -766,6 +786,9 @@ class Volumes:
             with self.index.tx() as tx:
                 tx.put_volume(vol)
                 tx.done(seq)
+            if self.exports.auth is not None:
+                for h in gone:
+                    self.exports.auth.forget(h)
             if not hosts:
                 self.keys.forget_kept(vid, vol.dataset)
 

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from csi import TOPOLOGY_ZONE_KEY, params, placement, volcaps
+from csi import TOPOLOGY_ZONE_KEY, dhchap, params, placement, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.capacityview import CapacityView
 from csi.locator import Locator
@@ -38,6 +38,7 @@ from zvolt.errors import (
 )
 from zvolt.names import (
     check_csi_name,
+    check_dhchap_secret_name,
     check_nqn,
     id_for_name,
     node_of_host_nqn,
@@ -185,8 +186,10 @@ def _timestamp(unix: int) -> timestamp_pb2.Timestamp:
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(self, pool: AgentPool, locks: KeyLocks | None = None, alpha: tuple[RPC.Type, ...] = (),
-                 records: PlacementRecords | None = None, locator: Locator | None = None) -> None:
+                 records: PlacementRecords | None = None, locator: Locator | None = None,
+                 keys: dhchap.VolumeKeys | None = None) -> None:
         self.pool = pool
+        self.keys = keys  # DH-HMAC-CHAP: each authenticated volume's Secret (--dhchap-secret-namespace)
         self.locator = locator or Locator(pool, fan_out, LOOKUP_TIMEOUT)
         self.locks = locks or KeyLocks()
         self.capabilities = (*STABLE_CAPABILITIES, *alpha)
@@ -373,12 +376,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         pvc = (par.labels["pvc-namespace"], par.labels["pvc-name"]) \
             if "pvc-namespace" in par.labels and "pvc-name" in par.labels else None
         group = par.group()
+        if par.dhchap:
+            if self.keys is None:
+                raise precondition(f"the StorageClass asks for {params.DHCHAP_KEY}={par.dhchap}, but this controller "
+                                   "keeps no DH-HMAC-CHAP keys: start it with --dhchap-secret-namespace (the chart "
+                                   "does)")
+            check_dhchap_secret_name(name)
         # One create per group at a time: each sees the records of those before it (ABORTED: the CO retries).
         with self.locks.hold(f"name:{name}", *([f"group:{'/'.join(group)}"] if group else [])):
             # By name first: a retry must find the volume it made even if its source is gone since.
             existing, silent = self._lookup(name, pvc)
             if existing is not None:
-                return csi_pb2.CreateVolumeResponse(volume=self._check_same(existing, rng, par, source))
+                return self._created(self._check_same(existing, rng, par, source), name, par)
             if silent:
                 self._check_silent(name, pvc, silent)
             source_agent, minimum = self._resolve_source(source_node, source)
@@ -417,9 +426,16 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     raise
                 if source_agent is None:
                     self.capacity.placed(node, vol.size_bytes, par.thick)
-                return csi_pb2.CreateVolumeResponse(volume=self._volume(agent, vol))
+                return self._created(self._volume(agent, vol), name, par)
             assert last is not None
             raise last
+
+    def _created(self, vol: csi_pb2.Volume, name: str, par: params.VolumeParams) -> csi_pb2.CreateVolumeResponse:
+        """After the volume exists: its DH-HMAC-CHAP Secret (a retry finds both and makes neither)."""
+        if par.dhchap and self.keys is not None:
+            self.keys.ensure(name, par.dhchap)
+            vol.volume_context[dhchap.CONTEXT_KEY] = par.dhchap
+        return csi_pb2.CreateVolumeResponse(volume=vol)
 
     @staticmethod
     def _zones(request: csi_pb2.CreateVolumeRequest) -> placement.ZoneRequirement:
@@ -516,6 +532,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             return csi_pb2.DeleteVolumeResponse()  # could never have existed: already deleted
         with self.locks.hold(f"vol:{request.volume_id}"):
             try:
+                if self.keys is not None:
+                    # Its Secret first (named after the volume's name, which the agent keeps):
+                    # a retry after the volume is gone could no longer name it.
+                    self.keys.delete(self._held(node, local)[1].name)
                 self._call(node, local, "DeleteVolume", agent_pb2.DeleteVolumeRequest(volume_id=local))
             except ZvoltError as err:
                 if err.code != grpc.StatusCode.NOT_FOUND:
@@ -554,13 +574,18 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"volume {request.volume_id} is published to node {others[0]}; its access mode allows one node",
                 )
             key = params.optional_encryption_key(request.secrets, "controller-publish")
-            resp = agent.call("PublishVolume", agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host,
-                                                                              encryption_key=key))
+            pub = agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host, encryption_key=key)
+            mode = request.volume_context.get(dhchap.CONTEXT_KEY, "")
+            if mode:
+                if self.keys is None:
+                    raise precondition(f"volume {request.volume_id} uses DH-HMAC-CHAP but this controller keeps no "
+                                       "keys: start it with --dhchap-secret-namespace (the chart does)")
+                found = self.keys.get(vol.name, mode)
+                pub.dhchap_key, pub.dhchap_ctrl_key = found.key, found.ctrl_key
+            resp = agent.call("PublishVolume", pub)
         ctx = {"nqn": resp.nqn, "transport": resp.transport, "address": resp.address, "port": resp.port}
-        if resp.dhchap_secret:
-            ctx["dhchap_secret"] = resp.dhchap_secret
-        if resp.dhchap_ctrl_secret:
-            ctx["dhchap_ctrl_secret"] = resp.dhchap_ctrl_secret
+        if mode:
+            ctx[dhchap.CONTEXT_KEY] = mode  # the node plugin takes the keys from its node-stage secrets
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
 
     def ControllerUnpublishVolume(

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, drain, keyrotation, volmove
+from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, dhchap, drain, keyrotation, volmove
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -27,7 +27,7 @@ from csi.placements import KubernetesRecords, PlacementRecords
 from csi.server import Services, build_server, serve
 from csi.trim import Trimmer, TrimMetrics, TrimSchedule
 from csi.usage import collect, render
-from zvolt import guardkeeper
+from zvolt import guardkeeper, kubeconfig
 from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
 from zvolt.logs import setup_logging
@@ -96,6 +96,16 @@ def parser() -> argparse.ArgumentParser:
         "--alpha-capabilities", default=_env("alpha-capabilities", ""),
         help="comma list of alpha CSI capabilities to advertise (GET_SNAPSHOT); off by default since "
         "sidecars built for an older CSI spec may not know them",
+    )
+    p.add_argument(
+        "--dhchap-secret-namespace", default=_env("dhchap-secret-namespace", ""), metavar="NAMESPACE",
+        help="keep each DH-HMAC-CHAP volume's keys in a Secret zvolt-dhchap-<PV name> here (StorageClass "
+        "parameter dhchap; the chart sets this to its namespace); empty: classes may not ask for dhchap",
+    )
+    p.add_argument(
+        "--dhchap-secret-dir", default=_env("dhchap-secret-dir", ""), metavar="DIR",
+        help="without Kubernetes: keep each DH-HMAC-CHAP volume's keys in DIR/zvolt-dhchap-<name> (0600 JSON), "
+        "to be handed to the node plugin as node-stage secrets",
     )
     p.add_argument(
         "--reconcile-attachments", type=float, default=float(_env("reconcile-attachments", "0") or 0),
@@ -183,7 +193,8 @@ def _controller(args: argparse.Namespace) -> Services:
     # With the Kubernetes API at hand, each create is recorded on its PVC first, so a storage
     # node that is down holds up only the creates that were sent to it (csi/placements.py).
     records = KubernetesRecords() if args.agents_from_kubernetes else None
-    services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities), records)
+    services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities), records,
+                                   _volume_keys(args))
     if args.sign_agent_certificates:
         signer = agent_signer(args)
         threading.Thread(target=signer.run, args=(threading.Event(),), name="agent-signer", daemon=True).start()
@@ -292,11 +303,25 @@ def _check_drain_options(args: argparse.Namespace) -> None:
         raise SystemExit(err.message) from None
 
 
+def _volume_keys(args: argparse.Namespace) -> dhchap.VolumeKeys | None:
+    """DH-HMAC-CHAP keys in Secrets of this namespace (csi/dhchap.py); None: classes may not ask for it."""
+    if args.dhchap_secret_namespace and args.dhchap_secret_dir:
+        raise SystemExit("give --dhchap-secret-namespace or --dhchap-secret-dir, not both")
+    if args.dhchap_secret_dir:
+        return dhchap.VolumeKeys(dhchap.FileSecrets(args.dhchap_secret_dir))
+    if not args.dhchap_secret_namespace:
+        return None
+    from kubernetes import client
+
+    kubeconfig.load()
+    return dhchap.VolumeKeys(dhchap.KubeSecrets(client.CoreV1Api(), args.dhchap_secret_namespace))
+
+
 def controller_services(pool: AgentPool, alpha: tuple[RPC.Type, ...] = (),
-                        records: PlacementRecords | None = None) -> Services:
+                        records: PlacementRecords | None = None, keys: dhchap.VolumeKeys | None = None) -> Services:
     """Liveness is this process answering: storage readiness is a metric (csi/health.py), so
     livenessprobe never restarts the controller for a storage outage."""
-    controller = ControllerService(pool, alpha=alpha, records=records)
+    controller = ControllerService(pool, alpha=alpha, records=records, keys=keys)
     return Services(
         identity=IdentityService(controller=True, ready=lambda: True),
         controller=controller,

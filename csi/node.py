@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
-from csi import TOPOLOGY_ZONE_KEY, volcaps
+from csi import TOPOLOGY_ZONE_KEY, dhchap, volcaps
 from csi.host_identity import HostIdentity
 from csi.locks import KeyLocks
 from csi.mounter import Mounter, check_mount_flags
 from csi.nvme_host import ConnectSpec, NvmeHost, ours, wait_for_device
 from zvolt.errors import ZvoltError, already_exists, invalid, not_found, out_of_range, precondition, unavailable
-from zvolt.names import split_volume_id, subsystem_nqn
+from zvolt.names import split_volume_id, subsystem_nqn, volume_host_id, volume_host_nqn
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
 NodeRPC = csi_pb2.NodeServiceCapability.RPC
@@ -102,7 +103,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------- attach
 
-    def _connect_spec(self, volume_id: str, ctx: dict[str, str]) -> ConnectSpec:
+    def _connect_spec(self, volume_id: str, ctx: dict[str, str], secrets: Mapping[str, str]) -> ConnectSpec:
         missing = [k for k in _PUBLISH_KEYS if not ctx.get(k)]
         if missing:
             raise precondition(
@@ -111,17 +112,25 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         expected = _nqn_of(volume_id)
         if ctx["nqn"] != expected:
             raise invalid(f"publish_context nqn {ctx['nqn']!r} does not belong to volume {volume_id}")
+        hostnqn, hostid, key, ctrl_key = self.identity.hostnqn, self.identity.hostid, "", ""
+        if ctx.get(dhchap.CONTEXT_KEY):
+            # The export takes this node under its NQN for this volume, with the volume's keys;
+            # kubelet hands them over from the Secret the StorageClass names for node staging.
+            key, ctrl_key = dhchap.node_keys(secrets, volume_id, ctx[dhchap.CONTEXT_KEY])
+            local = split_volume_id(volume_id)[1]
+            hostnqn = volume_host_nqn(self.identity.hostnqn, local)
+            hostid = volume_host_id(self.identity.hostnqn, local)
         return ConnectSpec(
             nqn=expected,
             transport=ctx["transport"],
             address=ctx["address"],
             port=ctx["port"],
-            hostnqn=self.identity.hostnqn,
-            hostid=self.identity.hostid,
+            hostnqn=hostnqn,
+            hostid=hostid,
             ctrl_loss_tmo=self.ctrl_loss_tmo,
             reconnect_delay=self.reconnect_delay,
-            dhchap_secret=ctx.get("dhchap_secret", ""),
-            dhchap_ctrl_secret=ctx.get("dhchap_ctrl_secret", ""),
+            dhchap_secret=key,
+            dhchap_ctrl_secret=ctrl_key,
         ).validate()
 
     def _attach(self, spec: ConnectSpec) -> str:
@@ -142,7 +151,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise invalid("volume_capability is required")
         cap = request.volume_capability
         volcaps.require([cap], "volume_capability")
-        spec = self._connect_spec(request.volume_id, dict(request.publish_context))
+        spec = self._connect_spec(request.volume_id, dict(request.publish_context), request.secrets)
         with self.locks.hold(request.volume_id):
             device = self._attach(spec)
             if cap.HasField("block"):

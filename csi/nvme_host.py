@@ -16,7 +16,7 @@ from typing import Protocol
 
 from csi.runner import Runner, check, subprocess_runner
 from zvolt.errors import invalid
-from zvolt.names import check_nqn
+from zvolt.names import check_nqn, opened_by
 
 _CTRL = re.compile(r"^nvme[0-9]+$")
 _NS = re.compile(r"^nvme[0-9]+(c[0-9]+)?n[0-9]+$")
@@ -192,5 +192,6 @@ def wait_for_device(host: NvmeHost, nqn: str, timeout: float, interval: float = 
 
 
 def ours(controllers: Sequence[Controller], hostnqn: str) -> list[Controller]:
-    """Controllers for the subsystem that this node's identity opened (never someone else's)."""
-    return [c for c in controllers if c.hostnqn == hostnqn]
+    """Controllers for the subsystem that this node's identity opened (never someone else's),
+    under its own host NQN or its per-volume one (an authenticated volume)."""
+    return [c for c in controllers if opened_by(c.hostnqn, hostnqn)]

@@ -44,6 +44,9 @@ GROUP_SPREADS = ("off", "preferred", "required")
 # The group rule: a PVC's group is its name with one trailing -<ordinal> removed, within its
 # namespace (a StatefulSet's claims data-pg-0, data-pg-1 -> "data-pg").
 _ORDINAL = re.compile(r"-[0-9]+$")
+# NVMe in-band authentication (csi/dhchap.py): "unidirectional", "bidirectional", or off.
+DHCHAP_KEY = "dhchap"
+DHCHAP_MODES = ("unidirectional", "bidirectional", "off")
 ENCRYPTION_KEY = "encryption"
 # ZFS native encryption zvolt offers: the one cipher, and "off" (the default).
 ENCRYPTIONS = ("aes-256-gcm", "off")
@@ -51,7 +54,8 @@ ENCRYPTIONS = ("aes-256-gcm", "off")
 # encryption key: 64 hex characters = 32 bytes (`openssl rand -hex 32`).
 SECRET_KEY = "encryptionKey"  # noqa: S105 - the name of a Secret's key, not a secret
 _KEY_BYTES = 32
-DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, GROUP_SPREAD_KEY, FSTYPE_KEY)
+DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, GROUP_SPREAD_KEY, DHCHAP_KEY,
+               FSTYPE_KEY)
 # What ZFS can change on a live zvol and zvolt offers to change (ControllerModifyVolume).
 MUTABLE_KEYS = ("compression",)
 # Why each other driver key stays as created: the refusal tells the user.
@@ -61,6 +65,7 @@ _FIXED_BECAUSE = {
     COMMITMENT_KEY: "it decides placement, which is done once",
     ENCRYPTION_KEY: "ZFS fixes a volume's encryption when it is created (its key can be rotated)",
     GROUP_SPREAD_KEY: "it decides placement, which is done once",
+    DHCHAP_KEY: "a volume's keys are made with it, in its Secret",
     FSTYPE_KEY: "the filesystem is made once, on first use",
 }
 
@@ -79,6 +84,8 @@ class VolumeParams:
     encrypted: bool = False
     # groupSpread: "off", "preferred" or "required" (see group_of for the group).
     group_spread: str = "off"
+    # DH-HMAC-CHAP: "" (off), "unidirectional" or "bidirectional" (csi/dhchap.py).
+    dhchap: str = ""
 
     def group(self) -> tuple[str, str] | None:
         """(namespace, group) of the PVC this volume is made for, if its class spreads groups.
@@ -119,6 +126,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     ratio = 0.0
     encrypted = False
     spread = "off"
+    auth = ""
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
@@ -138,6 +146,10 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             if value not in GROUP_SPREADS:
                 raise invalid(f"parameter {GROUP_SPREAD_KEY}={value!r} is not one of {', '.join(GROUP_SPREADS)}")
             spread = value
+        elif key == DHCHAP_KEY:
+            if value not in DHCHAP_MODES:
+                raise invalid(f"parameter {DHCHAP_KEY}={value!r} is not one of {', '.join(DHCHAP_MODES)}")
+            auth = "" if value == "off" else value
         elif key == FSTYPE_KEY:
             if value not in SUPPORTED_FS:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
@@ -147,7 +159,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
         else:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
-                        commitment_ratio=ratio, encrypted=encrypted, group_spread=spread)
+                        commitment_ratio=ratio, encrypted=encrypted, group_spread=spread, dhchap=auth)
 
 
 def encryption_key(secrets: Mapping[str, str], which: str) -> bytes:

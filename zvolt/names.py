@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 
 from zvolt.errors import invalid
 
@@ -141,3 +142,56 @@ def node_of_host_nqn(nqn: str) -> str | None:
     match = _HOST_NQN.fullmatch(nqn)
     return match.group(1) if match and match.group(1) else None
 
+
+
+# DH-HMAC-CHAP keys are per volume (one Secret per PV), and nvmet keeps a key on the host entry,
+# which every subsystem allowing that host NQN shares: so a node reaches an authenticated volume
+# under a host NQN of its own for that volume. The records keep the node's NQN.
+_VOLUME_HOST_NQN_SUFFIX = ":v:"
+_VOLUME_HOST_IDS = uuid.UUID("6f7a9c1e-2b7d-5d0e-9a51-7a766f6c7401")  # uuid5 namespace of zvolt's host ids
+
+
+def _volume_tag(volume_id: str) -> str:
+    return _VOLUME_HOST_NQN_SUFFIX + hashlib.sha256(check_id(volume_id).encode()).hexdigest()[:16]
+
+
+def volume_host_nqn(host_nqn: str, volume_id: str) -> str:
+    """The host NQN node `host_nqn` uses for volume `volume_id` when the volume is authenticated."""
+    derived = check_nqn(host_nqn) + _volume_tag(volume_id)
+    if len(derived) > 223:
+        raise invalid(f"host NQN {host_nqn!r} is too long to carry a per-volume suffix (DH-HMAC-CHAP needs one)")
+    return derived
+
+
+def opened_by(nqn: str, host_nqn: str) -> bool:
+    """Whether a connection under `nqn` is node `host_nqn`'s: its own NQN or a per-volume one."""
+    return nqn == host_nqn or (nqn.startswith(host_nqn + _VOLUME_HOST_NQN_SUFFIX)
+                               and len(nqn) == len(host_nqn) + len(_volume_tag("x")))
+
+
+def node_host_nqn(nqn: str, volume_id: str) -> str:
+    """The node's own host NQN behind an NQN allowed on volume `volume_id` (itself if not per volume)."""
+    return nqn.removesuffix(_volume_tag(volume_id))
+
+
+def volume_host_id(host_nqn: str, volume_id: str) -> str:
+    """Its host id: the kernel refuses one host id under two host NQNs, so each has its own."""
+    return str(uuid.uuid5(_VOLUME_HOST_IDS, volume_host_nqn(host_nqn, volume_id)))
+
+
+_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+DHCHAP_SECRET_PREFIX = "zvolt-dhchap-"  # noqa: S105 - a Secret's name, not a secret
+
+
+def dhchap_secret_name(pv_name: str) -> str:
+    """The Secret holding a volume's DH-HMAC-CHAP keys: the chart's StorageClasses name it for
+    kubelet as `zvolt-dhchap-${pv.name}`, and the external-provisioner's CSI name is the PV name."""
+    return DHCHAP_SECRET_PREFIX + pv_name
+
+
+def check_dhchap_secret_name(pv_name: str) -> str:
+    name = dhchap_secret_name(pv_name)
+    if len(name) > 253 or not _K8S_NAME.fullmatch(name):
+        raise invalid(f"volume name {pv_name!r} does not make a Kubernetes Secret name ({name!r}): a class with "
+                      "DH-HMAC-CHAP needs names that are Kubernetes object names (PV names are)")
+    return name

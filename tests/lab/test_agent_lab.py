@@ -182,8 +182,11 @@ print(h.hexdigest())
         return self.stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name, source_volume_id=vid),
                                         timeout=T).snapshot
 
-    def publish(self, vid: str, host: str) -> Any:
-        return self.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=vid, host_nqn=host), timeout=T)
+    def publish(self, vid: str, host: str, key: str = "", ctrl_key: str = "") -> Any:
+        """As the controller does; with DH-HMAC-CHAP keys (from the volume's Secret) the host is
+        allowed under its NQN for this volume (response host_nqn)."""
+        return self.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=vid, host_nqn=host, dhchap_key=key,
+                                                               dhchap_ctrl_key=ctrl_key), timeout=T)
 
     def unpublish(self, vid: str, host: str) -> None:
         self.stub.UnpublishVolume(pb.UnpublishVolumeRequest(volume_id=vid, host_nqn=host), timeout=T)

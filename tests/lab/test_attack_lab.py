@@ -51,6 +51,7 @@ from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wa
 from agent.dhchap import generate_secret
 from lab.guest import SOCKETS, STORAGE_NETWORK, STORAGE_NS, WORKER_NS, agent_argv
 from zvolt.commands import Result, Runner
+from zvolt.names import volume_host_id, volume_host_nqn
 from zvolt.nft import Nft
 from zvolt.nftguard import Observed, Role, guard_spec, guarded_ports, observe, ruleset
 from zvolt.storagenet import MOVE_PORT
@@ -381,15 +382,16 @@ def test_guard_off_borrowed_hostnqn_without_dhchap_reads_data_FINDING(env: Env, 
 class AuthVolume:
     mode: str
     pub: Any
-    host: str
+    host: str  # the NQN the worker connects with: per volume when DH-HMAC-CHAP is on
     hostid: str
     data: bytes
+    key: str = ""  # the volume's keys, as the controller takes them from its Secret
+    ctrl_key: str = ""
 
     def kernel_auth(self) -> list[str]:
-        auth = ["--dhchap-secret", self.pub.dhchap_secret] if self.pub.dhchap_secret else []
-        if self.mode == "--dhchap-bidirectional":
-            assert self.pub.dhchap_ctrl_secret
-            auth += ["--dhchap-ctrl-secret", self.pub.dhchap_ctrl_secret]
+        auth = ["--dhchap-secret", self.key] if self.key else []
+        if self.ctrl_key:
+            auth += ["--dhchap-ctrl-secret", self.ctrl_key]
         return auth
 
 
@@ -400,21 +402,30 @@ DHCHAP_MODES = AUTH_MODES[1:]
 @pytest.fixture(scope="module")
 def auth_volume(request: pytest.FixtureRequest, env: Env) -> Iterator[AuthVolume]:
     """The agent in one DH-HMAC-CHAP mode (`request.param`, one of AUTH_MODES); a volume
-    published to a worker host NQN, connected by the worker's kernel initiator with the secrets
-    from PublishVolume, block 0 holding a pattern."""
+    published to a worker host NQN with the volume's keys (as the controller does), connected by
+    the worker's kernel initiator as the node plugin does, block 0 holding a pattern."""
     mode = str(request.param)
     env.restart(*([] if mode == "no-auth" else [mode]))
     wait_ready(env.stub)
-    host, hostid = host_nqn(), str(uuid.uuid4())
-    vol, pub = published(env, "auth", host)
+    node = host_nqn()
+    key = generate_secret() if mode != "no-auth" else ""
+    ctrl_key = generate_secret() if mode == "--dhchap-bidirectional" else ""
+    vol = env.create(uniq("auth"), 64 * MiB)
+    pub = env.publish(vol.id, node, key, ctrl_key)
+    host = pub.host_nqn
+    hostid = volume_host_id(node, vol.id) if key else str(uuid.uuid4())
     try:
-        v = AuthVolume(mode, pub, host, hostid, pattern("auth"))
-        assert bool(pub.dhchap_secret) == (mode != "no-auth")
+        assert (host == volume_host_nqn(node, vol.id)) == bool(key) and env.allowed(pub.nqn) == [host]
+        v = AuthVolume(mode, pub, host, hostid, pattern("auth"), key, ctrl_key)
         kernel_connect(env, pub.nqn, host, hostid, *v.kernel_auth())
         write_block0(env, env.device_for(pub.nqn), v.data)
         yield v
     finally:
-        cleanup(env, vol, pub.nqn, host)
+        env.disconnect(pub.nqn)
+        with contextlib.suppress(grpc.RpcError):
+            env.unpublish(vol.id, node)
+        env.delete(vol.id)
+        assert pub.nqn not in env.subsystems() and host not in env.hosts()
         env.restart()
         wait_ready(env.stub)
 
@@ -469,8 +480,8 @@ def test_guard_off_dhchap_secret_readable_in_sysfs_lets_a_pod_read_data_FINDING(
     seen = attacker.sysfs_for(v.pub.nqn)
     report(f"d {v.mode} sysfs as nobody",
            {a: seen[a] for a in ("hostnqn", "hostid", "dhchap_secret", "dhchap_ctrl_secret")})
-    assert seen["dhchap_secret"] == {"mode": "0o644", "value": v.pub.dhchap_secret}
-    ctrl_secret = v.pub.dhchap_ctrl_secret if v.mode == "--dhchap-bidirectional" else "none"
+    assert seen["dhchap_secret"] == {"mode": "0o644", "value": v.key}
+    ctrl_secret = v.ctrl_key if v.mode == "--dhchap-bidirectional" else "none"
     assert seen["dhchap_ctrl_secret"] == {"mode": "0o644", "value": ctrl_secret}
 
     res = attacker.read(v.pub.nqn, seen["hostnqn"]["value"], seen["hostid"]["value"],
@@ -506,7 +517,7 @@ def test_guard_on_the_pod_cannot_connect_in_any_auth_mode(env: Env, attacker: At
     secret = None
     if v.mode != "no-auth":
         secret = seen["dhchap_secret"]["value"]
-        assert secret == v.pub.dhchap_secret  # the pod holds the secret: only the network stops it
+        assert secret == v.key  # the pod holds the secret: only the network stops it
     t0 = time.monotonic()
     res = attacker.read(v.pub.nqn, stolen_host, stolen_id, secret=secret, timeout=BLOCKED_TIMEOUT)
     report(f"e {v.mode} guard on, pod with everything sysfs shows",

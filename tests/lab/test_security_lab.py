@@ -8,6 +8,7 @@ the standard flags again.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import grpc
 import pytest
 from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
-from test_csi_lab import WRITE, Csi, mount_cap  # type: ignore[import-not-found]
+from test_csi_lab import WRITE, Attached, Csi, mount_cap  # type: ignore[import-not-found]
 
 from agent.dhchap import decode_secret, generate_secret
-from zvolt.pb import agent_pb2 as pb
+from zvolt.names import dhchap_secret_name, volume_host_id, volume_host_nqn
+from zvolt.pb import csi_pb2
 
 pytestmark = pytest.mark.lab
 
@@ -89,88 +91,139 @@ def test_allow_list_is_enforced_and_repaired_on_restart(env: Env) -> None:
     assert stranger not in env.hosts() and a not in env.hosts() and b not in env.hosts()
 
 
-def test_dhchap_right_secret_connects_wrong_or_none_is_refused(env: Env) -> None:
+def test_dhchap_a_volumes_key_opens_that_volume_only(env: Env) -> None:
+    """The agent with --dhchap: a publish without keys is refused; with the volume's key the node
+    is allowed under its NQN for that volume, which connects with that key and nothing else (no
+    key, a wrong key, the node's own NQN, another volume's NQN: all refused by the kernel)."""
     env.restart("--dhchap")
     wait_ready(env.stub)
-    host = host_nqn()
-    vol = env.create(uniq("auth"), 64 * MiB)
-    pub = env.publish(vol.id, host)
+    node = host_nqn()
+    vol, other = env.create(uniq("auth"), 64 * MiB), env.create(uniq("auth-b"), 64 * MiB)
+    with pytest.raises(grpc.RpcError) as err:
+        env.publish(vol.id, node)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--dhchap" in (err.value.details() or "")
+    key, other_key = generate_secret(), generate_secret()
+    pub = env.publish(vol.id, node, key)
+    pub_other = env.publish(other.id, node, other_key)
+    host, hostid = pub.host_nqn, volume_host_id(node, vol.id)
     try:
-        assert pub.dhchap_secret and not pub.dhchap_ctrl_secret
-        assert decode_secret(pub.dhchap_secret)[0] == 1
-        assert host_attr(env, host, "dhchap_key") == pub.dhchap_secret
+        assert host == volume_host_nqn(node, vol.id) and env.allowed(pub.nqn) == [host]
+        assert env.allowed(pub_other.nqn) == [volume_host_nqn(node, other.id)]
+        assert host_attr(env, host, "dhchap_key") == key and decode_secret(key)[0] == 1
         assert host_attr(env, host, "dhchap_hash") == "hmac(sha256)"
-        secret_file = f"/var/lib/zvolt/dhchap/{host}.json"
-        assert env.lab.run(["stat", "-c", "%a", secret_file]).stdout.strip() == "600"
+        assert env.lab.run(["stat", "-c", "%a", f"/var/lib/zvolt/dhchap/{host}.json"]).stdout.strip() == "600"
 
-        none = refused(connect(env, pub.nqn, host))
+        none = refused(connect(env, pub.nqn, host, "--hostid", hostid))
         assert "Required key not available" in none or "key" in none.lower(), none
-        wrong = refused(connect(env, pub.nqn, host, "--dhchap-secret", generate_secret()))
+        wrong = refused(connect(env, pub.nqn, host, "--hostid", hostid, "--dhchap-secret", generate_secret()))
         assert "Key was rejected" in wrong, wrong
-        assert not connected(env, pub.nqn)
+        refused(connect(env, pub.nqn, node, "--dhchap-secret", key))  # the node's own NQN is not allowed
+        # This volume's NQN and key on the other volume: not allowed there (a key opens one volume).
+        refused(connect(env, pub_other.nqn, host, "--hostid", hostid, "--dhchap-secret", key))
+        assert not connected(env, pub.nqn) and not connected(env, pub_other.nqn)
 
-        ok = connect(env, pub.nqn, host, "--dhchap-secret", pub.dhchap_secret)
+        ok = connect(env, pub.nqn, host, "--hostid", hostid, "--dhchap-secret", key)
         assert ok.returncode == 0, ok.stderr
         dev = env.device_for(pub.nqn)
         written = env.write(dev, seed=5, mib=2)
         assert env.read_hash(dev, mib=2) == written
     finally:
         env.disconnect(pub.nqn)
-    # The key survives an agent restart (persisted), and is restored into the empty host entry.
+    # The key survives an agent restart (persisted) and is restored into the empty host entry.
     env.restart("--dhchap")
     wait_ready(env.stub)
-    assert env.publish(vol.id, host).dhchap_secret == pub.dhchap_secret
-    assert host_attr(env, host, "dhchap_key") == pub.dhchap_secret
-    env.unpublish(vol.id, host)
-    env.delete(vol.id)
-    assert host not in env.hosts()
+    assert host_attr(env, host, "dhchap_key") == key and env.allowed(pub.nqn) == [host]
+    for v in (vol, other):
+        env.unpublish(v.id, node)
+        env.delete(v.id)
+    assert host not in env.hosts() and volume_host_nqn(node, other.id) not in env.hosts()
+    assert not env.lab.run(["ls", "/var/lib/zvolt/dhchap"]).stdout.split()
 
 
 def test_dhchap_bidirectional_controller_key(env: Env) -> None:
     env.restart("--dhchap-bidirectional")
     wait_ready(env.stub)
-    host = host_nqn()
+    node = host_nqn()
     vol = env.create(uniq("auth2"), 64 * MiB)
-    pub = env.publish(vol.id, host)
+    key, ctrl_key = generate_secret(), generate_secret()
+    with pytest.raises(grpc.RpcError) as err:
+        env.publish(vol.id, node, key)  # bidirectional required: a publish without the controller key
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    pub = env.publish(vol.id, node, key, ctrl_key)
+    host, hostid = pub.host_nqn, volume_host_id(node, vol.id)
     try:
-        assert pub.dhchap_secret and pub.dhchap_ctrl_secret and pub.dhchap_secret != pub.dhchap_ctrl_secret
-        assert host_attr(env, host, "dhchap_ctrl_key") == pub.dhchap_ctrl_secret
+        assert host_attr(env, host, "dhchap_ctrl_key") == ctrl_key
         # The host checks the target too: a target that cannot prove the controller key is refused.
-        bad = refused(connect(env, pub.nqn, host, "--dhchap-secret", pub.dhchap_secret,
+        bad = refused(connect(env, pub.nqn, host, "--hostid", hostid, "--dhchap-secret", key,
                               "--dhchap-ctrl-secret", generate_secret()))
         assert not connected(env, pub.nqn), bad
-        ok = connect(env, pub.nqn, host, "--dhchap-secret", pub.dhchap_secret,
-                     "--dhchap-ctrl-secret", pub.dhchap_ctrl_secret)
+        ok = connect(env, pub.nqn, host, "--hostid", hostid, "--dhchap-secret", key, "--dhchap-ctrl-secret", ctrl_key)
         assert ok.returncode == 0, ok.stderr
         assert env.device_for(pub.nqn).startswith("/dev/nvme")
     finally:
         env.disconnect(pub.nqn)
-    env.unpublish(vol.id, host)
+    env.unpublish(vol.id, node)
     env.delete(vol.id)
 
 
-def test_csi_attach_with_dhchap_end_to_end_and_no_secret_in_logs(env: Env) -> None:
+def test_csi_attach_with_dhchap_end_to_end_and_no_key_in_logs(env: Env) -> None:
+    """Controller (keys in a folder: --dhchap-secret-dir, what Kubernetes Secrets are in the
+    chart) -> agent -> kernel target; node plugin with the keys as node-stage secrets -> kernel
+    initiator under the per-volume NQN; publish_context and every journal without a key."""
     lab = env.lab
     env.restart("--dhchap")
     wait_ready(env.stub)
-    lab.start_controller()  # type: ignore[attr-defined]
+    keys_dir = "/var/lib/zvolt-controller/dhchap"
+    lab.start_controller("--dhchap-secret-dir", keys_dir)  # type: ignore[attr-defined]
     lab.start_node()  # type: ignore[attr-defined]
     csi = Csi(lab)
     try:
-        vol = csi.create(uniq("csiauth"))
-        att = csi.attach(vol, mount_cap())  # ControllerPublish -> publish_context -> NodeStage -> nvme connect
-        assert csi.controllers_for(att.nqn), "the node plugin connected with the secret from publish_context"
+        name = uniq("csiauth")
+        req = csi_pb2.CreateVolumeRequest(name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                                          volume_capabilities=[mount_cap()], parameters={"dhchap": "bidirectional"})
+        vol = csi.ctl.CreateVolume(req, timeout=120).volume
+        csi.created.append(vol.volume_id)
+        assert vol.volume_context["dhchap"] == "bidirectional"
+        secret_file = f"{keys_dir}/{dhchap_secret_name(name)}"
+        assert lab.run(["stat", "-c", "%a", keys_dir, secret_file]).stdout.split() == ["700", "600"]
+        keys = json.loads(lab.run(["cat", secret_file]).stdout)
+        assert sorted(keys) == ["dhchapCtrlKey", "dhchapKey"]
+        ctx = dict(csi.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=csi.node_id, volume_capability=mount_cap(),
+            volume_context=vol.volume_context), timeout=120).publish_context)
+        assert ctx["dhchap"] == "bidirectional" and not [v for v in ctx.values() if "DHHC-1" in v], ctx
+        base = f"/var/lib/zvolt-lab-csi/{vol.volume_id.replace('/', '_')}"
+        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", mount_cap(), ctx)
+        csi.attached.append(att)
+        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                               staging_target_path=att.staging, volume_capability=att.cap)
+        with pytest.raises(grpc.RpcError) as err:  # kubelet without the node-stage secret
+            csi.node.NodeStageVolume(stage, timeout=120)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        stage.secrets.update(keys)
+        csi.node.NodeStageVolume(stage, timeout=120)
+        csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, target_path=att.target,
+            volume_capability=att.cap), timeout=120)
+        local = vol.volume_id.split("/")[1]
+        ctrls = csi.controllers_for(att.nqn)
+        assert ctrls, "the node plugin connected with the node-stage secrets"
+        seen = lab.run(["cat", f"/sys/class/nvme/{ctrls[0]}/hostnqn", f"/sys/class/nvme/{ctrls[0]}/hostid"],
+                       netns="worker").stdout.split()
+        assert seen == [volume_host_nqn(csi.node_id, local), volume_host_id(csi.node_id, local)]
+        assert host_attr(env, seen[0], "dhchap_key") == keys["dhchapKey"]
         digest = csi.py(WRITE.format(path=att.target + "/f"))
         assert len(digest) == 64
-        local = vol.volume_id.split("/")[1]
-        secret = env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=local, host_nqn=csi.node_id),
-                                        timeout=120).dhchap_secret
-        assert secret and host_attr(env, csi.node_id, "dhchap_key") == secret
         for service in ("agent", "controller", "node"):
             log = lab.service_log(service, lines=2000)  # type: ignore[attr-defined]
-            assert secret not in log and secret.split(":")[2][:20] not in log, f"secret in the {service} log"
+            for k in keys.values():
+                assert k not in log and k.split(":")[2][:20] not in log, f"a key in the {service} log"
         csi.detach(att)
         csi.assert_clean(att)
+        csi.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+        csi.created.remove(vol.volume_id)
+        assert lab.run(["test", "-e", secret_file], check=False).returncode != 0, "DeleteVolume removes the keys"
     finally:
         with contextlib.suppress(grpc.RpcError):
             csi.cleanup()
+        lab.start_controller()  # type: ignore[attr-defined]

@@ -71,7 +71,7 @@ def test_full_flow_and_codes(served: Served) -> None:
     assert clone.source_snapshot_id == snap.id
     pub = s.PublishVolume(pb.PublishVolumeRequest(volume_id=clone.id, host_nqn=HOST), timeout=10)
     assert (pub.nqn, pub.transport, pub.address, pub.port) == (clone.nqn, "tcp", "10.42.0.1", "4420")
-    assert pub.dhchap_secret == ""
+    assert pub.host_nqn == HOST  # no keys: the node's own NQN is the one allowed
     got = s.GetVolume(pb.GetVolumeRequest(volume_id=clone.id), timeout=10).volume
     assert got.condition == pb.VOLUME_CONDITION_HEALTHY and list(got.published_hosts) == [HOST]
     assert s.ExpandVolume(pb.ExpandVolumeRequest(volume_id=clone.id, size_bytes=2 * GiB), timeout=10) \

@@ -247,7 +247,7 @@ def test_fuzz_node_calls(nde: Node, data: st.DataObject, op: str) -> None:
     s, t = nde.stub, nde.tally
     vid = data.draw(st.one_of(st.just(nde.good_volume), vol_ids(nde.good_volume)))
     p1, p2 = data.draw(paths(nde.root)), data.draw(paths(nde.root))
-    keys = ["nqn", "transport", "address", "port", "dhchap_secret", "dhchap_ctrl_secret"]
+    keys = ["nqn", "transport", "address", "port", "dhchap"]
     ctx = data.draw(st.one_of(
         st.just(nde.ctx),
         st.dictionaries(st.sampled_from(keys), hostile_text, max_size=6),
@@ -256,7 +256,9 @@ def test_fuzz_node_calls(nde: Node, data: st.DataObject, op: str) -> None:
     if op == "stage":
         t.call(s.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(
             volume_id=vid, publish_context=ctx, staging_target_path=p1, volume_capability=data.draw(caps()),
-            secrets=data.draw(st.dictionaries(hostile_text, hostile_text, max_size=2))))
+            secrets=data.draw(st.one_of(st.dictionaries(hostile_text, hostile_text, max_size=2),
+                                        st.dictionaries(st.sampled_from(["dhchapKey", "dhchapCtrlKey"]), hostile_text,
+                                                        max_size=2)))))
         # Whatever reached mount(8) is one allow-listed option per entry: no comma lists, no "-o".
         for info in nde.mounter.mounts.values():
             for option in info.options:

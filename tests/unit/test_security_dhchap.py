@@ -1,4 +1,4 @@
-"""DH-HMAC-CHAP: secret format, per-host persistence, configfs host entries, agent -> controller -> node.
+"""DH-HMAC-CHAP: secret format, the volume's Secret, per-volume host entries, controller -> agent and node.
 
 The kernel's acceptance of these secrets is checked on the real stack in
 tests/lab/test_security_lab.py; here the format, storage and plumbing are checked on fakes.
@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from agent import nvmet
-from agent.dhchap import AuthConfig, HostKeys, SecretError, decode_secret, encode_secret, generate_secret
+from agent.dhchap import AuthConfig, HostKeys, HostSecrets, SecretError, decode_secret, encode_secret, generate_secret
 from agent.exports import ExportConfig, Exports
 from agent.fakes import FakeZfs, _Ds
 from agent.index import Index
@@ -28,6 +28,7 @@ from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
 from agent.volumes import AgentConfig, Volumes
+from csi import dhchap
 from csi.agents import AgentPool, parse_static
 from csi.controller import ControllerService
 from csi.fakes import FakeMounter, FakeNvmeHost
@@ -38,6 +39,7 @@ from csi.nvme_host import ConnectSpec, connect_argv
 from csi.server import Services, build_server
 from zvolt.errors import ZvoltError
 from zvolt.logs import JsonFormatter
+from zvolt.names import dhchap_secret_name, volume_host_id, volume_host_nqn
 from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
 from zvolt.pb import csi_pb2, csi_pb2_grpc
@@ -108,63 +110,66 @@ def test_node_plugin_accepts_generated_secrets_and_passes_them_to_nvme_connect()
 # -- persistence ------------------------------------------------------------------------------
 
 
-def test_host_keys_are_persisted_private_and_stable(tmp_path: object) -> None:
+def test_host_keys_are_kept_private_and_come_back_after_a_restart(tmp_path: object) -> None:
     state = str(tmp_path)
     keys = HostKeys(state)
-    first = keys.secrets_for(HOST)
-    assert first.ctrl_secret == "" and decode_secret(first.secret)[0] == 1
+    found = HostSecrets(HOST, generate_secret(), generate_secret())
+    assert keys.load(HOST) is None
+    keys.put(found)
     folder = os.path.join(state, "dhchap")
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
-    files = os.listdir(folder)
-    assert files == [HOST + ".json"]
-    assert stat.S_IMODE(os.stat(os.path.join(folder, files[0])).st_mode) == 0o600
-    assert HostKeys(state).secrets_for(HOST) == first  # a restarted agent hands out the same key
-    other = keys.secrets_for(OTHER)
-    assert other.secret != first.secret
-    assert first.secret not in repr(first)
+    assert os.listdir(folder) == [HOST + ".json"]
+    assert stat.S_IMODE(os.stat(os.path.join(folder, HOST + ".json")).st_mode) == 0o600
+    assert HostKeys(state).load(HOST) == found  # what a restarted agent restores
+    assert found.secret not in repr(found) and found.ctrl_secret not in repr(found)
+    keys.forget(HOST)
+    keys.forget(HOST)  # idempotent
+    assert keys.load(HOST) is None and os.listdir(folder) == []
 
 
-def test_bidirectional_adds_a_controller_secret_and_rotation_replaces_both(tmp_path: object) -> None:
-    state = str(tmp_path)
-    plain = HostKeys(state).secrets_for(HOST)
-    bidi = HostKeys(state, AuthConfig(bidirectional=True))
-    both = bidi.secrets_for(HOST)
-    assert both.secret == plain.secret and both.ctrl_secret and both.ctrl_secret != both.secret
-    assert bidi.secrets_for(HOST) == both
-    rotated = bidi.rotate(HOST)
-    assert rotated.secret != both.secret and rotated.ctrl_secret != both.ctrl_secret
-    assert HostKeys(state, AuthConfig(bidirectional=True)).secrets_for(HOST) == rotated
-
-
-def test_damaged_or_hostile_names_never_touch_the_filesystem(tmp_path: object) -> None:
+def test_damaged_files_or_hostile_names_never_touch_the_filesystem(tmp_path: object) -> None:
     keys = HostKeys(str(tmp_path))
     for hostile in ("../../etc/passwd", "nqn.2014-08.org.nvmexpress:uuid:../x", "nqn.2014-08.a:b/c", "x\x00y"):
         with pytest.raises(ZvoltError) as err:
-            keys.secrets_for(hostile)
+            keys.put(HostSecrets(hostile, generate_secret()))
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert os.listdir(os.path.join(str(tmp_path), "dhchap")) == []
     with open(os.path.join(str(tmp_path), "dhchap", HOST + ".json"), "w") as f:
         f.write('{"secret": "DHHC-1:01:AAAA:"}')
     with pytest.raises(ZvoltError) as err:
-        keys.secrets_for(HOST)
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "remove it to rotate" in err.value.message
+        keys.load(HOST)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "publish the volume again" in err.value.message
 
 
 def test_apply_writes_the_nvmet_host_attributes(tmp_path: object) -> None:
     root = nvmet.Root(str(tmp_path) + "/cfg", emulate=True)
     root.init_tree()
-    keys = HostKeys(str(tmp_path) + "/state", AuthConfig(bidirectional=True, transform=2, dhgroup="ffdhe2048"))
+    keys = HostKeys(str(tmp_path) + "/state", AuthConfig(dhgroup="ffdhe2048"))
     host = root.host(HOST)
     host.create()
-    keys.apply(host)
-    found = keys.secrets_for(HOST)
+    found = HostSecrets(HOST, generate_secret(2), generate_secret(2))
+    keys.apply(host, found)
     assert host.attr("dhchap_key") == found.secret and host.attr("dhchap_ctrl_key") == found.ctrl_secret
     assert host.attr("dhchap_hash") == "hmac(sha384)" and host.attr("dhchap_dhgroup") == "ffdhe2048"
     with pytest.raises(nvmet.NvmetError):
         host.set_attr("../allow_any_host", "1")
 
 
-# -- the agent, the controller and the node plugin, over real gRPC -----------------------------
+def test_per_volume_host_nqns_are_distinct_stable_and_map_back_to_the_node() -> None:
+    from zvolt import names
+
+    a, b = volume_host_nqn(HOST, "vone"), volume_host_nqn(HOST, "vtwo")
+    assert a != b and a.startswith(HOST + ":v:") and volume_host_nqn(HOST, "vone") == a
+    assert names.node_host_nqn(a, "vone") == HOST and names.node_host_nqn(a, "vtwo") == a
+    assert names.opened_by(a, HOST) and not names.opened_by(a, OTHER) and not names.opened_by(HOST + ":v:x", HOST)
+    # The kernel refuses one host id under two NQNs: each per-volume NQN has its own.
+    ids = {volume_host_id(HOST, "vone"), volume_host_id(HOST, "vtwo"), "11111111-1111-4111-8111-111111111111"}
+    assert len(ids) == 3
+    with pytest.raises(ZvoltError):
+        volume_host_nqn("nqn.2014-08.org.nvmexpress:uuid:" + "a" * 190, "vone")
+
+
+# -- the controller, the agent and the node plugin, over real gRPC ----------------------------
 
 
 @dataclass
@@ -178,14 +183,17 @@ class Stack:
     channels: list[grpc.Channel]
     pool: AgentPool
     index: Index
+    secrets: dhchap.MemorySecrets
+    mode: str
 
 
-def _agent_parts(tmp: str, zfs: FakeZfs, bidirectional: bool) -> tuple[Volumes, Readiness, Recovery, Index]:
+def _agent_parts(tmp: str, zfs: FakeZfs, bidirectional: bool,
+                 require: bool = True) -> tuple[Volumes, Readiness, Recovery, Index]:
     root = nvmet.Root(f"{tmp}/configfs", emulate=True)
     root.init_tree()
     index = Index(f"{tmp}/state")
     auth = HostKeys(f"{tmp}/state", AuthConfig(bidirectional=bidirectional))
-    exports = Exports(zfs, root, ExportConfig("storage-0", "10.42.0.1", "4420", 1.0), auth=auth)
+    exports = Exports(zfs, root, ExportConfig("storage-0", "10.42.0.1", "4420", 1.0), auth=auth, require_auth=require)
     cfg = AgentConfig(node="storage-0", pool="tank", parent="tank/zvolt", nvme_address="10.42.0.1", nvme_port="4420")
     volumes = Volumes(cfg, zfs, index, exports)
     readiness = Readiness()
@@ -194,26 +202,28 @@ def _agent_parts(tmp: str, zfs: FakeZfs, bidirectional: bool) -> tuple[Volumes, 
     return volumes, readiness, recovery, index
 
 
-@pytest.fixture(params=[False, True], ids=["one-way", "bidirectional"])
+@pytest.fixture(params=["unidirectional", "bidirectional"])
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     tmp = tempfile.mkdtemp(prefix="zvsec", dir="/tmp")
     zfs = FakeZfs()
     zfs.ds["tank"] = _Ds("filesystem")
-    volumes, readiness, _, index = _agent_parts(tmp, zfs, request.param)
+    volumes, readiness, _, index = _agent_parts(tmp, zfs, request.param == "bidirectional")
     metrics = Metrics()
     agent_server = make_server(AgentServicer(volumes, readiness, metrics), metrics, workers=4)
     agent_server.add_insecure_port(f"unix://{tmp}/agent.sock")
     agent_server.start()
     pool = AgentPool(lambda: parse_static(f"storage-0=unix://{tmp}/agent.sock"), tls=None, timeout=10)
+    secrets = dhchap.MemorySecrets("zvolt-system")
     ctl_server, target = build_server(
-        Services(identity=IdentityService(True, lambda: True), controller=ControllerService(pool)),
+        Services(identity=IdentityService(True, lambda: True),
+                 controller=ControllerService(pool, keys=dhchap.VolumeKeys(secrets))),
         parse_endpoint(f"unix://{tmp}/controller.sock"),
     )
     ctl_server.start()
     agent_channel = grpc.insecure_channel(f"unix://{tmp}/agent.sock")
     ctl_channel = grpc.insecure_channel(target)
     yield Stack(tmp, zfs, f"{tmp}/configfs", pb_grpc.AgentStub(agent_channel), csi_pb2_grpc.ControllerStub(ctl_channel),
-                [agent_server, ctl_server], [agent_channel, ctl_channel], pool, index)
+                [agent_server, ctl_server], [agent_channel, ctl_channel], pool, index, secrets, request.param)
     for ch in (agent_channel, ctl_channel):
         ch.close()
     for s in (ctl_server, agent_server):
@@ -233,96 +243,172 @@ class _Capture(logging.Handler):
         self.lines.append(self.fmt.format(record))
 
 
-def test_publish_hands_the_host_its_secret_end_to_end(stack: Stack) -> None:
+def _create(stack: Stack, name: str) -> csi_pb2.Volume:
+    vol: csi_pb2.Volume = stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=GiB), volume_capabilities=[CAP],
+        parameters={"dhchap": stack.mode}), timeout=10).volume
+    return vol
+
+
+def _publish(stack: Stack, vol: csi_pb2.Volume, node: str = HOST) -> dict[str, str]:
+    return dict(stack.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=vol.volume_id, node_id=node, volume_capability=CAP, volume_context=vol.volume_context),
+        timeout=10).publish_context)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _stage(stack: Stack, vol: csi_pb2.Volume, ctx: dict[str, str], secrets: dict[str, str]) -> FakeNvmeHost:
+    nvme = FakeNvmeHost()
+    nvme.add_subsystem(ctx["nqn"], GiB)
+    node = NodeService(HostIdentity(HOST, "11111111-1111-4111-8111-111111111111"), nvme,
+                       FakeMounter(nvme.device_size), zone="default", device_timeout=0.5)
+    server, target = build_server(Services(identity=IdentityService(False, lambda: True), node=node),
+                                  parse_endpoint(f"unix://{stack.tmp}/node.sock"))
+    server.start()
+    try:
+        with grpc.insecure_channel(target) as ch:
+            csi_pb2_grpc.NodeStub(ch).NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+                volume_id=vol.volume_id, staging_target_path=f"{stack.tmp}/stage", volume_capability=CAP,
+                publish_context=ctx, secrets=secrets), timeout=10)
+    finally:
+        server.stop(None)
+    return nvme
+
+
+def test_a_volumes_keys_go_from_its_secret_to_the_target_and_the_node_never_through_publish_context(
+        stack: Stack) -> None:
     cap = _Capture()
     logging.getLogger().addHandler(cap)
     old_level = logging.getLogger().level
     logging.getLogger().setLevel(logging.DEBUG)
     try:
-        vol = stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
-            name="pvc-auth", capacity_range=csi_pb2.CapacityRange(required_bytes=GiB), volume_capabilities=[CAP]),
-            timeout=10).volume
-        ctx = dict(stack.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vol.volume_id, node_id=HOST, volume_capability=CAP), timeout=10).publish_context)
+        vol = _create(stack, "pvc-auth")
+        assert vol.volume_context["dhchap"] == stack.mode
+        secret = stack.secrets.read(dhchap_secret_name("pvc-auth"))
+        assert secret is not None and decode_secret(secret["dhchapKey"])[0] == 1
+        assert ("dhchapCtrlKey" in secret) == (stack.mode == "bidirectional")
+        # A retried CreateVolume finds the volume and its keys; it makes neither again.
+        again = _create(stack, "pvc-auth")
+        assert again.volume_id == vol.volume_id and stack.secrets.read(dhchap_secret_name("pvc-auth")) == secret
+
+        ctx = _publish(stack, vol)
         local = vol.volume_id.split("/")[1]
+        per_volume = volume_host_nqn(HOST, local)
+        assert ctx["dhchap"] == stack.mode
+        assert not [k for k, v in ctx.items() if "DHHC-1" in v], f"a key in publish_context: {sorted(ctx)}"
+        # The target takes this node under its NQN for this volume, with the volume's keys.
         nqn = ctx["nqn"]
-        host_dir = os.path.join(stack.configfs, "hosts", HOST)
-        with open(os.path.join(host_dir, "dhchap_key")) as f:
-            key_in_configfs = f.read()
-        # What the target checks is exactly what the node is told to present.
-        assert ctx["dhchap_secret"] == key_in_configfs and decode_secret(key_in_configfs)[0] == 1
-        bidi = os.path.exists(os.path.join(host_dir, "dhchap_ctrl_key"))
-        if bidi:
-            with open(os.path.join(host_dir, "dhchap_ctrl_key")) as f:
-                assert ctx["dhchap_ctrl_secret"] == f.read() != ctx["dhchap_secret"]
-        else:
-            assert "dhchap_ctrl_secret" not in ctx
-        with open(os.path.join(host_dir, "dhchap_hash")) as f:
-            assert f.read() == "hmac(sha256)"
-        with open(os.path.join(stack.configfs, "subsystems", nqn, "attr_allow_any_host")) as f:
-            assert f.read() == "0"
-        assert os.listdir(os.path.join(stack.configfs, "subsystems", nqn, "allowed_hosts")) == [HOST]
+        assert os.listdir(os.path.join(stack.configfs, "subsystems", nqn, "allowed_hosts")) == [per_volume]
+        assert _read(os.path.join(stack.configfs, "subsystems", nqn, "attr_allow_any_host")) == "0"
+        host_dir = os.path.join(stack.configfs, "hosts", per_volume)
+        assert _read(os.path.join(host_dir, "dhchap_key")) == secret["dhchapKey"]
+        assert _read(os.path.join(host_dir, "dhchap_hash")) == "hmac(sha256)"
+        if stack.mode == "bidirectional":
+            assert _read(os.path.join(host_dir, "dhchap_ctrl_key")) == secret["dhchapCtrlKey"]
+        # The CO still sees the node's own id as the one the volume is published to.
+        listed = stack.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id),
+                                                      timeout=10)
+        assert list(listed.status.published_node_ids) == [HOST]
+        assert _publish(stack, vol) == ctx  # idempotent
 
-        # The node plugin hands those secrets to nvme connect.
-        nvme = FakeNvmeHost()
-        nvme.add_subsystem(nqn, GiB)
-        node = NodeService(HostIdentity(HOST, "11111111-1111-4111-8111-111111111111"), nvme,
-                           FakeMounter(nvme.device_size), zone="default", device_timeout=0.5)
-        node_server, node_target = build_server(Services(identity=IdentityService(False, lambda: True), node=node),
-                                                parse_endpoint(f"unix://{stack.tmp}/node.sock"))
-        node_server.start()
-        with grpc.insecure_channel(node_target) as ch:
-            csi_pb2_grpc.NodeStub(ch).NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
-                volume_id=vol.volume_id, staging_target_path=f"{stack.tmp}/stage", volume_capability=CAP,
-                publish_context=ctx), timeout=10)
-        node_server.stop(None)
-        assert nvme.connects[0].dhchap_secret == ctx["dhchap_secret"]
-        assert nvme.connects[0].dhchap_ctrl_secret == ctx.get("dhchap_ctrl_secret", "")
+        # The node plugin connects under the per-volume NQN and its own host id, with the keys
+        # kubelet read from the Secret; without them it says what the StorageClass lacks.
+        with pytest.raises(grpc.RpcError) as err:
+            _stage(stack, vol, ctx, {})
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "node-stage-secret-name" in (err.value.details() or "")
+        nvme = _stage(stack, vol, ctx, secret)
+        spec = nvme.connects[0]
+        assert (spec.hostnqn, spec.hostid) == (per_volume, volume_host_id(HOST, local))
+        assert (spec.dhchap_secret, spec.dhchap_ctrl_secret) == (secret["dhchapKey"], secret.get("dhchapCtrlKey", ""))
 
-        # Same host, second volume: the same per-host secret. Another host: its own.
-        vol2 = stack.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
-            name="pvc-auth-2", capacity_range=csi_pb2.CapacityRange(required_bytes=GiB), volume_capabilities=[CAP]),
-            timeout=10).volume
-        ctx2 = dict(stack.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vol2.volume_id, node_id=HOST, volume_capability=CAP), timeout=10).publish_context)
-        assert ctx2["dhchap_secret"] == ctx["dhchap_secret"]
-        other = stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=vol2.volume_id.split("/")[1],
-                                                                  host_nqn=OTHER), timeout=10)
-        assert other.dhchap_secret and other.dhchap_secret != ctx["dhchap_secret"]
+        # Another volume of the same node: another NQN, another key. A key opens one volume.
+        vol2 = _create(stack, "pvc-auth-2")
+        ctx2 = _publish(stack, vol2)
+        secret2 = stack.secrets.read(dhchap_secret_name("pvc-auth-2"))
+        assert secret2 is not None and secret2["dhchapKey"] != secret["dhchapKey"]
+        second = volume_host_nqn(HOST, vol2.volume_id.split("/")[1])
+        assert os.listdir(os.path.join(stack.configfs, "subsystems", ctx2["nqn"], "allowed_hosts")) == [second]
 
-        # Unpublish removes the host entry (and its key) from configfs once no subsystem allows it.
-        stack.agent.UnpublishVolume(pb.UnpublishVolumeRequest(volume_id=vol2.volume_id.split("/")[1],
-                                                              host_nqn=OTHER), timeout=10)
-        assert not os.path.exists(os.path.join(stack.configfs, "hosts", OTHER))
+        # Unpublish removes the per-volume host entry and the key the agent kept for it;
+        # DeleteVolume removes the Secret.
         for v in (vol, vol2):
             stack.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
                 volume_id=v.volume_id, node_id=HOST), timeout=10)
-        assert not os.path.exists(host_dir)
-        # Republish later: the persisted key comes back unchanged.
-        again = stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=local, host_nqn=HOST), timeout=10)
-        assert again.dhchap_secret == ctx["dhchap_secret"]
-        stack.agent.UnpublishVolume(pb.UnpublishVolumeRequest(volume_id=local, host_nqn=HOST), timeout=10)
+        assert not os.path.exists(host_dir) and not os.path.exists(os.path.join(stack.configfs, "hosts", second))
+        assert os.listdir(os.path.join(stack.tmp, "state", "dhchap")) == []
+        for v in (vol, vol2):
+            stack.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id), timeout=10)
+        assert stack.secrets.secrets == {}
     finally:
         logging.getLogger().removeHandler(cap)
         logging.getLogger().setLevel(old_level)
     rpc_lines = [line for line in cap.lines if '"rpc"' in line]
     assert any("PublishVolume" in line for line in rpc_lines), "the RPC log lines were captured"
-    secrets = {ctx["dhchap_secret"], ctx.get("dhchap_ctrl_secret", "") or ctx["dhchap_secret"], other.dhchap_secret}
+    keys = [v for s in (secret, secret2) for v in s.values()]
     for line in cap.lines:
-        for s in secrets:
-            assert s not in line and s.split(":")[2][:16] not in line, f"secret leaked into a log line: {line[:200]}"
+        for k in keys:
+            assert k not in line and k.split(":")[2][:16] not in line, f"a key leaked into a log line: {line[:200]}"
 
 
-def test_reboot_restores_host_keys_before_ready(stack: Stack) -> None:
-    vol = stack.agent.CreateVolume(pb.CreateVolumeRequest(name="pvc-reboot", size_bytes=GiB), timeout=10).volume
-    pub = stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST), timeout=10)
+def test_an_agent_that_requires_keys_refuses_a_publish_without_them(stack: Stack) -> None:
+    vol = stack.agent.CreateVolume(pb.CreateVolumeRequest(name="pvc-plain", size_bytes=GiB), timeout=10).volume
+    with pytest.raises(grpc.RpcError) as err:
+        stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--dhchap" in (err.value.details() or "")
+    if stack.mode == "bidirectional":
+        with pytest.raises(grpc.RpcError) as err:
+            stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST,
+                                                              dhchap_key=generate_secret()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "dhchapCtrlKey" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        stack.agent.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST,
+                                                          dhchap_key="DHHC-1:01:bm90IGEga2V5:"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bm90IGEga2V5" not in (err.value.details() or "")
+    assert not os.listdir(os.path.join(stack.configfs, "hosts"))
+
+
+def test_a_class_with_dhchap_needs_a_controller_that_keeps_keys(tmp_path: object) -> None:
+    pool = AgentPool(lambda: parse_static("storage-0=unix:///nonexistent.sock"), tls=None, timeout=1)
+    try:
+        with pytest.raises(ZvoltError) as err:
+            ControllerService(pool).CreateVolume(csi_pb2.CreateVolumeRequest(
+                name="pvc-x", volume_capabilities=[CAP], parameters={"dhchap": "bidirectional"}), None)
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--dhchap-secret-namespace" in err.value.message
+        with pytest.raises(ZvoltError) as err:
+            ControllerService(pool).CreateVolume(csi_pb2.CreateVolumeRequest(
+                name="pvc-x", volume_capabilities=[CAP], parameters={"dhchap": "sometimes"}), None)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        pool.close()
+
+
+def test_a_publish_whose_secret_is_gone_says_so(stack: Stack) -> None:
+    vol = _create(stack, "pvc-lost")
+    stack.secrets.delete(dhchap_secret_name("pvc-lost"))
+    with pytest.raises(grpc.RpcError) as err:
+        _publish(stack, vol)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "zvolt-system/zvolt-dhchap-pvc-lost" in (err.value.details() or "")
+
+
+def test_reboot_restores_the_per_volume_host_keys_before_ready(stack: Stack) -> None:
+    vol = _create(stack, "pvc-reboot")
+    ctx = _publish(stack, vol)
+    per_volume = volume_host_nqn(HOST, vol.volume_id.split("/")[1])
+    key = _read(os.path.join(stack.configfs, "hosts", per_volume, "dhchap_key"))
     # A reboot: configfs is empty, ZFS and the state dir remain. A new agent over the same state.
     shutil.rmtree(stack.configfs)
-    _, readiness, _, index = _agent_parts(stack.tmp, stack.zfs, bool(pub.dhchap_ctrl_secret))
+    _, readiness, _, index = _agent_parts(stack.tmp, stack.zfs, stack.mode == "bidirectional")
     try:
         assert readiness.ready
-        with open(os.path.join(stack.configfs, "hosts", HOST, "dhchap_key")) as f:
-            assert f.read() == pub.dhchap_secret
-        assert os.listdir(os.path.join(stack.configfs, "subsystems", pub.nqn, "allowed_hosts")) == [HOST]
+        assert _read(os.path.join(stack.configfs, "hosts", per_volume, "dhchap_key")) == key
+        assert os.listdir(os.path.join(stack.configfs, "subsystems", ctx["nqn"], "allowed_hosts")) == [per_volume]
     finally:
         index.close()

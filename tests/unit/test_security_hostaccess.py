@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.dhchap import HostKeys
+from agent.dhchap import HostKeys, HostSecrets, generate_secret
 from agent.fakes import make_node
 from agent.volumes import VolumeSpec
+from zvolt.names import volume_host_nqn
 
 HOST_A = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-4000-8000-000000000001"
 HOST_B = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-4000-8000-000000000002"
@@ -60,12 +61,13 @@ def test_with_auth_a_host_without_a_key_is_reported(tmp_path: Path) -> None:
     node = make_node(str(tmp_path / "s"), str(tmp_path / "c"))
     node.volumes.exports.auth = HostKeys(str(tmp_path / "s"))
     rec = node.volumes.create_volume(VolumeSpec(name="keyed", size=GiB))
-    node.volumes.publish(rec.id, HOST_A)
-    key_file = os.path.join(node.root.path, "hosts", HOST_A, "dhchap_key")
-    assert _attr(key_file).startswith("DHHC-1:01:")
+    keys = HostSecrets(HOST_A, generate_secret())
+    node.volumes.publish(rec.id, HOST_A, auth=keys)
+    key_file = os.path.join(node.root.path, "hosts", volume_host_nqn(HOST_A, rec.id), "dhchap_key")
+    assert _attr(key_file) == keys.secret
     assert node.volumes.get_volume(rec.id).healthy
     os.unlink(key_file)  # what an emptied key looks like on the emulated tree
     state = node.volumes.get_volume(rec.id)
     assert not state.healthy and "DH-HMAC-CHAP" in state.message
-    node.volumes.publish(rec.id, HOST_A)
-    assert _attr(key_file).startswith("DHHC-1:01:") and node.volumes.get_volume(rec.id).healthy
+    node.volumes.publish(rec.id, HOST_A, auth=keys)
+    assert _attr(key_file) == keys.secret and node.volumes.get_volume(rec.id).healthy

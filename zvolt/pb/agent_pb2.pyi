@@ -446,30 +446,32 @@ class GetUsageResponse(_message.Message):
     def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ..., next_token: _Optional[str] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., not_found_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishVolumeRequest(_message.Message):
-    __slots__ = ("volume_id", "host_nqn", "encryption_key")
+    __slots__ = ("volume_id", "host_nqn", "encryption_key", "dhchap_key", "dhchap_ctrl_key")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_NQN_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
+    DHCHAP_KEY_FIELD_NUMBER: _ClassVar[int]
+    DHCHAP_CTRL_KEY_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     host_nqn: str
     encryption_key: bytes
-    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ..., encryption_key: _Optional[bytes] = ...) -> None: ...
+    dhchap_key: str
+    dhchap_ctrl_key: str
+    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ..., encryption_key: _Optional[bytes] = ..., dhchap_key: _Optional[str] = ..., dhchap_ctrl_key: _Optional[str] = ...) -> None: ...
 
 class PublishVolumeResponse(_message.Message):
-    __slots__ = ("nqn", "transport", "address", "port", "dhchap_secret", "dhchap_ctrl_secret")
+    __slots__ = ("nqn", "transport", "address", "port", "host_nqn")
     NQN_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
-    DHCHAP_SECRET_FIELD_NUMBER: _ClassVar[int]
-    DHCHAP_CTRL_SECRET_FIELD_NUMBER: _ClassVar[int]
+    HOST_NQN_FIELD_NUMBER: _ClassVar[int]
     nqn: str
     transport: str
     address: str
     port: str
-    dhchap_secret: str
-    dhchap_ctrl_secret: str
-    def __init__(self, nqn: _Optional[str] = ..., transport: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[str] = ..., dhchap_secret: _Optional[str] = ..., dhchap_ctrl_secret: _Optional[str] = ...) -> None: ...
+    host_nqn: str
+    def __init__(self, nqn: _Optional[str] = ..., transport: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[str] = ..., host_nqn: _Optional[str] = ...) -> None: ...
 
 class UnpublishVolumeRequest(_message.Message):
     __slots__ = ("volume_id", "host_nqn")
