@@ -439,3 +439,39 @@ def test_link_cut_mid_stream_fails_the_move_and_a_retry_converges(agents: Any) -
     finally:
         lab.run(["nft", "delete", "table", "inet", CUT_TABLE], netns="storage", check=False)
     rerun_lands_intact(lab, vol, "after the link came back")
+
+
+def _wait_target_available(lab: Any, below: bool, mib: int) -> None:
+    """Until move-b's GetCapacity shows the quota change (the agent refreshes its space every 15 s)."""
+    guest(lab, f"""
+deadline = time.monotonic() + 120
+while (b.call("GetCapacity", pb.GetCapacityRequest()).available_bytes < {mib} << 20) == {not below}:
+    assert time.monotonic() < deadline, "move-b's capacity did not follow the quota"
+    time.sleep(1)
+out(True)
+""")
+
+
+def test_a_target_without_room_refuses_the_move_before_anything_changes(agents: Any) -> None:
+    """A target whose free space (here a quota on its parent) cannot take the volume refuses the
+    move before the source is touched: no move started, no stream, the source still writable; once
+    the target has room, the same command moves it intact. Without the check the stream would
+    fail at the end with ZFS's quota error and leave the source frozen mid-move."""
+    lab = agents
+    vol = make_volume(lab, f"pvc-room-{int(time.time())}", with_snapshots=True)
+    vid = vol["id"]
+    used = int(lab.run(["zfs", "get", "-Hp", "-o", "value", "used", PARENT[B]]).stdout.strip())
+    lab.run(["zfs", "set", f"quota={used + 96 * MiB}", PARENT[B]])
+    try:
+        _wait_target_available(lab, below=True, mib=DATA_MIB)
+        t0 = time.monotonic()
+        result = run_move(lab, vid)
+        st = state_of(lab, vid)
+        print(f"\nMOVE to a full target: {result} in {time.monotonic() - t0:.1f} s; zfs {st}", flush=True)
+        assert not result["ok"] and "RESOURCE_EXHAUSTED" in result["error"], result
+        assert "free above its growth reserve" in result["error"] and "Nothing was changed" in result["error"]
+        assert writable_copies(lab, vid) == [A] and st[B] is None and st[A]["zvolt:moving-to"] == "-", st
+    finally:
+        lab.run(["zfs", "set", "quota=none", PARENT[B]])
+    _wait_target_available(lab, below=False, mib=DATA_MIB * 4)
+    rerun_lands_intact(lab, vol, "once the target had room")
