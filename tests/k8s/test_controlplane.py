@@ -18,6 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from zvolt.names import dhchap_secret_name
 from zvolt.pb import csi_pb2, csi_pb2_grpc
 
 from .chartpod import Chart, LocalPod, rejected_flags, run_container
@@ -218,6 +219,48 @@ def test_rbac_is_live_for_the_sidecar_token(cluster: ControlPlane, controller_po
             with pytest.raises(ApiException) as err:
                 attempt()
             assert err.value.status == 403, err.value
+    finally:
+        api.close()
+
+
+def test_controller_token_keeps_dhchap_secrets_in_the_release_namespace_only(
+    cluster: ControlPlane, controller_pod: LocalPod, zvolt_chart: Chart
+) -> None:
+    """DH-HMAC-CHAP is on by default: with the controller pod's own token, the chart's Role lets
+    it create, get and delete a volume's Secret in the release namespace, and nothing more
+    (no list, watch or update there, no Secret anywhere else). The chart's classes name that
+    Secret as their node-stage secret."""
+    pod = controller_pod
+    where = pod.identity.namespace
+    for sc in ("zvolt", "zvolt-postgres"):
+        par = client.StorageV1Api(cluster.api).read_storage_class(sc).parameters
+        assert par["dhchap"] == "bidirectional"
+        assert par["csi.storage.k8s.io/node-stage-secret-name"] == dhchap_secret_name("${pv.name}")
+        assert par["csi.storage.k8s.io/node-stage-secret-namespace"] == where == zvolt_chart.namespace
+    assert f"--dhchap-secret-namespace={where}" in pod.containers[CONTROLLER_CONTAINER].chart_argv
+    api = api_client(pod.kubeconfig)
+    name = dhchap_secret_name(f"pvc-{uuid.uuid4()}")
+    try:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_secret(where, client.V1Secret(metadata=client.V1ObjectMeta(name=name),
+                                                             type="Opaque", string_data={"dhchapKey": "x"}))
+        assert core.read_namespaced_secret(name, where).metadata.name == name
+        refused: list[Callable[[], Any]] = [
+            lambda: core.list_namespaced_secret(where),
+            lambda: core.list_namespaced_secret(where, watch=True, timeout_seconds=1),
+            lambda: core.patch_namespaced_secret(name, where, {"metadata": {"labels": {"x": "y"}}}),
+            lambda: core.read_namespaced_secret(name, "default"),
+            lambda: core.create_namespaced_secret("default", client.V1Secret(metadata=client.V1ObjectMeta(name=name))),
+            lambda: core.list_secret_for_all_namespaces(),
+        ]
+        for attempt in refused:
+            with pytest.raises(ApiException) as err:
+                attempt()
+            assert err.value.status == 403, err.value
+        core.delete_namespaced_secret(name, where)
+        with pytest.raises(ApiException) as err:
+            core.read_namespaced_secret(name, where)
+        assert err.value.status == 404
     finally:
         api.close()
 

@@ -28,6 +28,7 @@ from kubernetes.client.rest import ApiException
 
 from kubectl_zvolt import cli as kubectl_zvolt
 from lab.guest import Lab
+from zvolt import names
 
 from . import storage
 from .chartpod import CHART, Chart, LocalPod, local_exec, local_pod, project_commands, run_container
@@ -41,7 +42,7 @@ T = TypeVar("T")
 GiB = 1 << 30
 WORKER = "worker-0"
 STORAGE_LABEL = {"zvolt.io/storage-node": "true"}
-IMMEDIATE = "zvolt-immediate"  # the chart's zvolt class, but bound at once (no consumer needed)
+IMMEDIATE = "zvolt-immediate"  # the chart's zvolt class (DH-HMAC-CHAP too), but bound at once (no consumer needed)
 SNAPSHOTS = ("snapshot.storage.k8s.io", "v1")
 TIMEOUT = 240.0  # TCG: every ZFS/nvmet step is 10-50x slower than on hardware
 RECONCILE_S = 5
@@ -93,8 +94,10 @@ def zvolt(cluster: ControlPlane, zvolt_chart: Chart, lab: Lab, say: Say) -> Iter
     fullname = zvolt_chart.controller.removesuffix("-controller")
     agent_args = client.AppsV1Api(cluster.api).read_namespaced_daemon_set(
         f"{fullname}-agent", zvolt_chart.namespace).spec.template.spec.containers[0].args
+    # DH-HMAC-CHAP is on by default: the chart's agents refuse a publish without the volume's keys.
     store = storage.start(lab, cluster.api, zvolt_chart.namespace, f"{fullname}-agent-tls",
-                          next(a.split("=", 1)[1] for a in agent_args if a.startswith("--controller-cn=")))
+                          next(a.split("=", 1)[1] for a in agent_args if a.startswith("--controller-cn=")),
+                          agent_args=[a for a in agent_args if a == "--dhchap"])
     kubelets = Kubelets(cluster.api)
     procs: list[Process] = []
     try:
@@ -105,10 +108,10 @@ def zvolt(cluster: ControlPlane, zvolt_chart: Chart, lab: Lab, say: Say) -> Iter
         kubelets.mark_running(zvolt_chart.namespace, agent_pod, "127.0.0.1")
         pod = local_pod(cluster, zvolt_chart.namespace, zvolt_chart.controller, commands=project_commands())
         procs = [run_container(cluster, pod, name) for name in pod.containers]
-        client.StorageV1Api(cluster.api).create_storage_class(client.V1StorageClass(
+        storage_api = client.StorageV1Api(cluster.api)
+        storage_api.create_storage_class(client.V1StorageClass(
             metadata=client.V1ObjectMeta(name=IMMEDIATE), provisioner="csi.zvolt.io",
-            parameters={"volblocksize": "16K", "compression": "lz4", "thin": "true",
-                        "csi.storage.k8s.io/fstype": "ext4"},
+            parameters=dict(storage_api.read_storage_class("zvolt").parameters),
             reclaim_policy="Delete", allow_volume_expansion=True, volume_binding_mode="Immediate"))
         env = Zvolt(cluster, zvolt_chart, store, kubelets, pod, procs, say)
         say(f"k8s: zvolt up (helm upgrade, agent + node plugin in the lab, stand-in nodes, "
@@ -236,7 +239,8 @@ def test_wait_for_first_consumer_pvc_schedules_binds_attaches_and_detaches(zvolt
     assert z.storage.prop(ds, "zvolt:label:pvc-name") == "pgdata"
     va = z.wait("VolumeAttachment attached", lambda: attached(z, pv.metadata.name))
     assert va.status.attachment_metadata.get("nqn"), va.status.attachment_metadata
-    assert z.storage.allowed_hosts(handle) == [z.storage.node_id]
+    # DH-HMAC-CHAP (the chart's default): the worker's host NQN of its own for this volume.
+    assert z.storage.allowed_hosts(handle) == [z.storage.volume_host(handle)]
     t_attached = time.monotonic() - t0
     z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
     z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
@@ -247,6 +251,65 @@ def test_wait_for_first_consumer_pvc_schedules_binds_attaches_and_detaches(zvolt
     z.wait("zvol destroyed", lambda: None if ds in z.storage.datasets() else True)
     z.say(f"k8s scenario WaitForFirstConsumer: Bound {t_bound:.1f} s, attached {t_attached:.1f} s, "
           f"detached {t_detached:.1f} s, deleted {time.monotonic() - t0:.1f} s")
+
+
+def test_dhchap_keys_live_in_a_secret_per_pv_and_never_in_the_attachment(zvolt: Zvolt, ns: str) -> None:
+    """DH-HMAC-CHAP, on by default (issue 12): a PVC of the chart's zvolt class + a Pod. The
+    controller makes the Secret zvolt-dhchap-<PV name> in the release namespace at CreateVolume;
+    the PV names it as its node-stage secret (what kubelet hands to NodeStageVolume); the
+    VolumeAttachment's attachment metadata (publish_context, which anyone who may read
+    VolumeAttachments reads) carries the mode and no key; the agent's nvmet host entry for the
+    worker's host NQN of this volume holds exactly the Secret's keys; deleting the PVC deletes
+    the Secret."""
+    z, t0 = zvolt, time.monotonic()
+    mode = client.StorageV1Api(z.cp.api).read_storage_class("zvolt").parameters.get("dhchap")
+    assert mode in ("bidirectional", "unidirectional"), f"the chart's zvolt class has dhchap={mode!r}"
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("authdb", sc="zvolt"))
+    z.core.create_namespaced_pod(ns, consumer("db-auth", "authdb"))
+    pv = bound_pv(z, ns, "authdb")
+    t_bound = time.monotonic() - t0
+    name, where = names.dhchap_secret_name(pv.metadata.name), z.chart.namespace
+    secret = z.core.read_namespaced_secret(name, where)  # made before the PV existed: no wait
+    assert secret.type == "Opaque"
+    assert {"app.kubernetes.io/managed-by": "zvolt", "zvolt.io/dhchap": "true"}.items() <= \
+        (secret.metadata.labels or {}).items(), secret.metadata.labels
+    keys = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    assert sorted(keys) == (["dhchapCtrlKey", "dhchapKey"] if mode == "bidirectional" else ["dhchapKey"])
+    assert all(v.startswith("DHHC-1:") for v in keys.values()) and len(set(keys.values())) == len(keys)
+    csi = pv.spec.csi
+    assert (csi.node_stage_secret_ref.name, csi.node_stage_secret_ref.namespace) == (name, where)
+    # The keys go to the node only: no controller-publish (or other) secret is named for them.
+    assert csi.controller_publish_secret_ref is None and csi.node_publish_secret_ref is None
+    assert (csi.volume_attributes or {}).get("dhchap") == mode
+
+    va = z.wait("VolumeAttachment attached", lambda: attached(z, pv.metadata.name))
+    t_attached = time.monotonic() - t0
+    meta = dict(va.status.attachment_metadata or {})
+    assert meta.get("dhchap") == mode and meta.get("nqn"), sorted(meta)
+    leaked = sorted(k for k, v in meta.items() if v.startswith("DHHC-1") or any(key in v for key in keys.values()))
+    assert leaked == [], f"publish_context entries holding key material: {leaked}"
+    handle = csi.volume_handle
+    host = z.storage.volume_host(handle)
+    assert host != z.storage.node_id and z.storage.allowed_hosts(handle) == [host]
+    auth = z.storage.host_auth(host)
+    # Compared, never printed: they are the volume's secrets.
+    same_key = auth.get("dhchap_key") == keys["dhchapKey"]
+    same_ctrl = auth.get("dhchap_ctrl_key", "") == keys.get("dhchapCtrlKey", "")
+    assert same_key, f"nvmet host {host}: dhchap_key is not the Secret's dhchapKey (attributes: {sorted(auth)})"
+    assert same_ctrl, f"nvmet host {host}: dhchap_ctrl_key is not the Secret's dhchapCtrlKey"
+
+    z.core.delete_namespaced_pod("db-auth", ns, grace_period_seconds=0)
+    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
+    z.wait("the volume's host unlinked on detach", lambda: None if z.storage.allowed_hosts(handle) else True)
+    t_detached = time.monotonic() - t0
+    z.core.delete_namespaced_persistent_volume_claim("authdb", ns)
+    z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    z.wait(f"Secret {where}/{name} deleted with the volume", lambda: gone(lambda: z.core.read_namespaced_secret(
+        name, where)))
+    left = "kept" if z.storage.host_auth(host) else "removed"
+    z.say(f"k8s scenario DH-HMAC-CHAP ({mode}): Bound with its Secret {t_bound:.1f} s, attached under the "
+          f"volume's host NQN with the Secret's keys {t_attached:.1f} s, detached {t_detached:.1f} s, "
+          f"PVC deleted and Secret gone {time.monotonic() - t0:.1f} s (nvmet host entry {left})")
 
 
 def test_unusable_class_says_why_on_the_pvc(zvolt: Zvolt, ns: str) -> None:
@@ -420,10 +483,13 @@ def test_stale_attachments_are_shown_and_cleared_and_attached_ones_kept(zvolt: Z
             mount=csi_pb2.VolumeCapability.MountVolume(fs_type="ext4"),
             access_mode=csi_pb2.VolumeCapability.AccessMode(
                 mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+        # As the external-attacher calls it: with the PV's volume attributes (the DH-HMAC-CHAP
+        # mode, with which the controller fetches the volume's keys for the agent).
         csi_pb2_grpc.ControllerStub(ch).ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=stray_id, node_id=gone, volume_capability=cap), timeout=TIMEOUT)
+            volume_id=stray_id, node_id=gone, volume_capability=cap,
+            volume_context=dict(stray.spec.csi.volume_attributes or {})), timeout=TIMEOUT)
     t_published = time.monotonic()
-    assert z.storage.allowed_hosts(stray_id) == [gone]
+    assert z.storage.allowed_hosts(stray_id) == [z.storage.volume_host(stray_id, gone)]
 
     # The operator's view, exec'd into the controller container as kubectl would.
     if z.core.read_namespaced_pod(z.pod.identity.name, z.chart.namespace).status.phase != "Running":
@@ -440,7 +506,7 @@ def test_stale_attachments_are_shown_and_cleared_and_attached_ones_kept(zvolt: Z
     z.wait("the stray publish cleared by the reconcile", lambda: None if z.storage.allowed_hosts(stray_id) else True,
            timeout=TIMEOUT)
     t_cleared = time.monotonic() - t_published
-    assert z.storage.allowed_hosts(kept_id) == [z.storage.node_id] and attached(z, kept.metadata.name)
+    assert z.storage.allowed_hosts(kept_id) == [z.storage.volume_host(kept_id)] and attached(z, kept.metadata.name)
     # Two passes in a row, not one.
     assert t_cleared >= RECONCILE_S, f"cleared after {t_cleared:.1f} s: fewer than two passes"
     z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
@@ -668,7 +734,7 @@ def test_encrypted_class_rotates_its_key_in_place_and_attaches_with_the_new_one(
             for p, v in (("namespace", ns), ("name", "db-key"))}
     client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
         metadata=client.V1ObjectMeta(name=sc), provisioner="csi.zvolt.io",
-        parameters={"encryption": "aes-256-gcm", **refs}, volume_binding_mode="Immediate"))
+        parameters={"encryption": "aes-256-gcm", **refs, **dhchap_parameters(z)}, volume_binding_mode="Immediate"))
     try:
         z.core.create_namespaced_persistent_volume_claim(ns, pvc("secret-db", sc=sc))
         pv = bound_pv(z, ns, "secret-db")
@@ -701,7 +767,7 @@ def test_encrypted_class_rotates_its_key_in_place_and_attaches_with_the_new_one(
 
         z.core.create_namespaced_pod(ns, consumer("db-0", "secret-db"))
         z.wait("VolumeAttachment attached with the rotated key", lambda: attached(z, pv.metadata.name))
-        assert z.storage.allowed_hosts(handle) == [z.storage.node_id]
+        assert z.storage.allowed_hosts(handle) == [z.storage.volume_host(handle)]
         assert z.storage.prop(ds, "keystatus") == "available"
         t_attached = time.monotonic() - t0
         z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
@@ -715,6 +781,14 @@ def test_encrypted_class_rotates_its_key_in_place_and_attaches_with_the_new_one(
             z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
         client.StorageV1Api(z.cp.api).delete_storage_class(sc)
         key_readers(z, [])
+
+
+def dhchap_parameters(z: Zvolt) -> dict[str, str]:
+    """The DH-HMAC-CHAP parameters of the chart's classes: a class made here needs them too, since
+    the chart's agents refuse a publish without keys."""
+    chart_class = client.StorageV1Api(z.cp.api).read_storage_class("zvolt").parameters
+    return {k: v for k, v in chart_class.items()
+            if k == "dhchap" or k.startswith("csi.storage.k8s.io/node-stage-secret-")}
 
 
 def key_readers(z: Zvolt, namespaces: list[str]) -> None:

@@ -45,6 +45,9 @@ NON_DEFAULT: Obj = {
     "agent": {"pool": "nvme", "parent": "nvme/k8s/zvolt", "nodeSelector": {"storage": "zfs"}, "port": 7443},
     # cert-manager makes one shared agent certificate (per-node ones need the chart's own CA).
     "tls": {"certManager": {"enabled": True}, "agentCertificates": "shared"},
+    # A class naming its own node-stage secret: only with DH-HMAC-CHAP off (on, that is the
+    # volume's DH-HMAC-CHAP Secret; tests/unit/test_chart_dhchap.py).
+    "dhchap": "off",
     "storageClasses": [{"name": "fast", "isDefault": True, "volblocksize": "8K", "compression": "zstd",
                         "thin": False, "fsType": "xfs", "reclaimPolicy": "Retain",
                         "extraParameters": {"csi.storage.k8s.io/node-stage-secret-name": "zvolt-chap",
@@ -61,6 +64,7 @@ VARIANTS: dict[str, Obj] = {
     "cert-manager-external-issuer": {"tls": {"agentCertificates": "shared", "certManager": {
         "enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}},
     "shared-agent-certificate": {"tls": {"agentCertificates": "shared"}},
+    "dhchap-unidirectional": {"dhchap": "unidirectional"},
     "insecure-no-agent-no-snapshots": {"tls": {"enabled": False}, "agent": {"enabled": False},
                                        "volumeSnapshotClass": {"enabled": False}, "rbac": {"create": True}},
 }
@@ -193,7 +197,7 @@ def test_the_kinds_a_default_install_creates(default_docs: list[Obj]) -> None:
     for d in default_docs:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
     assert kinds == {"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "ServiceAccount": 3, "ClusterRole": 7,
-                     "ClusterRoleBinding": 7, "Role": 3, "RoleBinding": 3, "StorageClass": 2,
+                     "ClusterRoleBinding": 7, "Role": 4, "RoleBinding": 4, "StorageClass": 2,
                      "VolumeSnapshotClass": 1, "Service": 3, "Secret": 3}
 
 
@@ -327,7 +331,7 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
         f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420",
         "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
-        "--shutdown-grace=20", "--commitment-ratio=3", "--growth-reserve=0.05",
+        "--shutdown-grace=20", "--commitment-ratio=3", "--growth-reserve=0.05", "--dhchap",
         "--tls-request", "--tls-request-hours=168", "--tls-ca=/etc/zvolt/tls/ca.crt",
         f"--controller-cn={RELEASE}-zvolt-controller"]
     # Running calls get 20 s after SIGTERM; the kubelet waits 10 s longer before SIGKILL.
@@ -437,6 +441,8 @@ EXPECTED_RBAC: dict[str, dict[str, set[str]]] = {
     "Role/leader-election": {"coordination.k8s.io/leases": {"get", "watch", "list", "delete", "update", "create"}},
     "Role/agent-discovery": {"core/pods": {"get", "list", "watch"}},
     "ClusterRole/agent-zones": {"core/nodes": {"get"}},
+    # dhchap (on by default): the controller keeps each volume's keys in a Secret per PV.
+    "Role/dhchap-secrets": {"core/secrets": {"get", "create", "delete"}},
     # tls.agentCertificates=perNode: agents ask, the controller signs (only its own signer name).
     "ClusterRole/agent-csr": {"certificates.k8s.io/certificatesigningrequests": {"create", "get"}},
     "ClusterRole/agent-signer": {
@@ -453,9 +459,11 @@ def test_rbac_is_exactly_what_each_sidecar_needs(default_docs: list[Obj]) -> Non
     roles = {f"{d['kind']}/{d['metadata']['name'].removeprefix(prefix)}": rules_of(d)
              for d in default_docs if d["kind"] in {"ClusterRole", "Role"}}
     assert roles == EXPECTED_RBAC
-    for rules in roles.values():
+    for role, rules in roles.items():
         for res, verbs in rules.items():
-            assert "*" not in verbs and not res.endswith("/*") and "secrets" not in res
+            assert "*" not in verbs and not res.endswith("/*")
+            # Secrets: only the DH-HMAC-CHAP Role, namespaced (the release's), never list or watch.
+            assert "secrets" not in res or (role == "Role/dhchap-secrets" and not verbs & {"list", "watch"})
 
 
 def test_only_the_controller_is_bound(default_docs: list[Obj]) -> None:
@@ -483,7 +491,9 @@ def test_storage_classes_and_snapshot_class(default_docs: list[Obj]) -> None:
         sc = scs[name]
         assert sc["provisioner"] == "csi.zvolt.io"
         assert sc["parameters"] == {"volblocksize": bs, "compression": "lz4", "thin": "true",
-                                    "csi.storage.k8s.io/fstype": "ext4"}
+                                    "csi.storage.k8s.io/fstype": "ext4", "dhchap": "bidirectional",
+                                    "csi.storage.k8s.io/node-stage-secret-name": "zvolt-dhchap-${pv.name}",
+                                    "csi.storage.k8s.io/node-stage-secret-namespace": NAMESPACE}
         assert sc["allowVolumeExpansion"] is True and sc["volumeBindingMode"] == "WaitForFirstConsumer"
         assert sc["reclaimPolicy"] == "Delete" and "annotations" not in sc["metadata"]
     vsc = by_kind(default_docs, "VolumeSnapshotClass")["zvolt"]
@@ -517,9 +527,15 @@ def test_driver_accepts_every_storage_class_the_chart_makes(variant: str) -> Non
     """The chart and the driver agree on parameters: each rendered class parses in the driver
     (less the secret references the sidecars take out before calling it)."""
     for sc in by_kind(render(VARIANTS[variant]), "StorageClass").values():
-        driver_part = {k: v for k, v in sc["parameters"].items() if not params.SIDECAR_KEY.fullmatch(k)}
+        driver_part = driver_parameters(sc)
         assert set(driver_part) <= set(params.DRIVER_KEYS)
         params.parse(driver_part)
+
+
+def driver_parameters(sc: Obj) -> dict[str, str]:
+    """A rendered class's parameters as CreateVolume gets them: less the secret references,
+    which the sidecars resolve and take out."""
+    return {k: v for k, v in sc["parameters"].items() if not params.SIDECAR_KEY.fullmatch(k)}
 
 
 def test_schema_allows_exactly_the_volume_properties_the_driver_takes() -> None:
@@ -728,6 +744,7 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     assert resolve_nvme_address(settings, lambda version: node_addrs).nvme_address == "10.42.0.7"
     assert settings.tls == ("/var/lib/zvolt/tls/current/tls.crt", "/var/lib/zvolt/tls/current/tls.key",
                             "/etc/zvolt/tls/ca.crt") and settings.tls_request_seconds == 168 * 3600
+    assert settings.dhchap  # publishes without DH-HMAC-CHAP keys refused
 
     node = container(ds[f"{RELEASE}-zvolt-node"]["spec"]["template"]["spec"], "zvolt-node")
     nargs = csi_parser().parse_args(_expand(node["args"], pod_env))
@@ -742,6 +759,7 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     assert cargs.agent_namespace == NAMESPACE and cargs.agent_port == 7001
     assert cargs.tls_per_node_names and not cargs.tls_server_name and cargs.sign_agent_certificates
     assert cargs.agent_service_account == f"{RELEASE}-zvolt-agent"
+    assert cargs.dhchap_secret_namespace == NAMESPACE
 
 
 def _chart_with_lookup_seam(tmp_path: Path) -> Path:

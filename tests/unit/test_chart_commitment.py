@@ -4,7 +4,7 @@ which the driver then parses."""
 from __future__ import annotations
 
 import pytest
-from test_chart import RELEASE, by_kind, container, render  # type: ignore[import-not-found]
+from test_chart import RELEASE, by_kind, container, driver_parameters, render  # type: ignore[import-not-found]
 
 from csi import params
 
@@ -19,7 +19,7 @@ def test_agent_flags_and_class_limit_reach_their_readers() -> None:
     assert "--commitment-ratio=2.5" in args and "--growth-reserve=0.1" in args
     sc = by_kind(docs, "StorageClass")["strict"]
     assert sc["parameters"]["commitmentRatio"] == "1.5"
-    assert params.parse(sc["parameters"]).commitment_ratio == 1.5
+    assert params.parse(driver_parameters(sc)).commitment_ratio == 1.5
     plain = by_kind(render(), "StorageClass")["zvolt"]
     assert "commitmentRatio" not in plain["parameters"]
 

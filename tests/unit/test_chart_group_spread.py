@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_chart import by_kind, render  # type: ignore[import-not-found]
+from test_chart import by_kind, driver_parameters, render  # type: ignore[import-not-found]
 
 from csi import params
 
@@ -15,7 +15,7 @@ SC = {"name": "pg", "volblocksize": "8K", "compression": "lz4", "thin": True, "f
 def test_group_spread_reaches_the_driver(spread: str) -> None:
     sc = by_kind(render({"storageClasses": [{**SC, "groupSpread": spread}]}), "StorageClass")["pg"]
     assert sc["parameters"]["groupSpread"] == spread
-    assert params.parse(sc["parameters"]).group_spread == spread
+    assert params.parse(driver_parameters(sc)).group_spread == spread
     assert "groupSpread" not in by_kind(render(), "StorageClass")["zvolt"]["parameters"]
 
 

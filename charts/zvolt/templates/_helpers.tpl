@@ -122,3 +122,49 @@ groupsnapshot.storage.k8s.io/{{ . }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+DH-HMAC-CHAP (SECURITY.md, "NVMe in-band authentication"). "zvolt.dhchapMode" takes a value
+(the top-level `dhchap`, or a class's) and gives "bidirectional", "unidirectional" or "off": a
+values file that says `dhchap: off` unquoted gives YAML 1.1's boolean false, which means off too.
+*/}}
+{{- define "zvolt.dhchapMode" -}}
+{{- $m := toString . -}}
+{{- if has $m (list "false" "off" "" "<nil>") -}}off{{- else -}}{{ $m }}{{- end -}}
+{{- end -}}
+
+{{/* "true" when volumes are authenticated (agents refuse a publish without keys), else "". */}}
+{{- define "zvolt.dhchapOn" -}}
+{{- if ne (include "zvolt.dhchapMode" .Values.dhchap) "off" -}}true{{- end -}}
+{{- end -}}
+
+{{/* Name of a volume's DH-HMAC-CHAP Secret, as a node-stage secret template the
+external-provisioner fills per PV (zvolt.names.dhchap_secret_name; the controller creates it). */}}
+{{- define "zvolt.dhchapSecretName" -}}zvolt-dhchap-${pv.name}{{- end -}}
+
+{{/*
+A class's DH-HMAC-CHAP mode: call with (dict "ctx" $ "sc" <class>). Its own `dhchap` or else the
+top-level value. The agents either refuse every publish without keys (`dhchap` on) or take none,
+so a class that differs from the top-level value in being on or off fails the render.
+*/}}
+{{- define "zvolt.dhchapClassMode" -}}
+{{- $top := include "zvolt.dhchapMode" .ctx.Values.dhchap -}}
+{{- $mode := $top -}}
+{{- if hasKey .sc "dhchap" -}}
+{{- $mode = include "zvolt.dhchapMode" .sc.dhchap -}}
+{{- end -}}
+{{- if and (eq $mode "off") (ne $top "off") -}}
+{{- fail (printf "storageClasses %s: dhchap is off for this class but the top-level value dhchap=%s makes every agent refuse a publish without DH-HMAC-CHAP keys, so its volumes would never attach; remove the class's dhchap (or set dhchap=off for the whole release, SECURITY.md)" .sc.name $top) -}}
+{{- end -}}
+{{- if and (ne $mode "off") (eq $top "off") -}}
+{{- fail (printf "storageClasses %s: dhchap=%s needs the top-level value dhchap on (it gives the controller its Secret namespace and Role and the agents --dhchap)" .sc.name $mode) -}}
+{{- end -}}
+{{- if ne $mode "off" -}}
+{{- range $k, $_ := .sc.extraParameters -}}
+{{- if hasPrefix "csi.storage.k8s.io/node-stage-secret-" $k -}}
+{{- fail (printf "storageClasses %s: extraParameters %s: with dhchap on the node-stage secret is the volume's DH-HMAC-CHAP Secret (%s)" $.sc.name $k (include "zvolt.dhchapSecretName" $.ctx)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
