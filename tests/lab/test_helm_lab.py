@@ -13,6 +13,8 @@ it. Skips in one line without the k8s binaries or the image archives.
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
@@ -41,7 +43,14 @@ from tests.lab.kubelab import (  # noqa: F401
     node,
     wait,
 )
-from zvolt.names import split_volume_id, subsystem_nqn
+from zvolt.names import (
+    DHCHAP_SECRET_PREFIX,
+    dhchap_secret_name,
+    split_volume_id,
+    subsystem_nqn,
+    volume_host_id,
+    volume_host_nqn,
+)
 
 # slow: a cold guest spends most of its time unpacking images under TCG; opt-in like
 # test_kubelet_lab.py: `python -m pytest tests/lab/test_helm_lab.py`.
@@ -329,10 +338,12 @@ def test_helm_install_postgres_branch_reattach(release: Release, say: Say) -> No
     assert psql(kn, "pg-branch", "SELECT count(*) FROM t") == "1010"
     assert psql(kn, "pg-0", "SELECT count(*) FROM t") == "1000"  # the source does not see the branch
 
-    # Delete the pod: its volume is detached (VolumeAttachment gone, no NVMe controller to
-    # its subsystem, no subsystem exported), then a new pod attaches it again.
+    # DH-HMAC-CHAP, the chart's default: the PV names its Secret for kubelet, which handed the
+    # keys to the node plugin; the worker's controller runs under the per-volume host NQN with
+    # that key; the VolumeAttachment holds no key.
     nqn = volume_nqn(kn, "pg-0")
     assert nqn in connected_nqns(lab)
+    dhchap_in_use(kn, release, "pg-0", nqn)
     t_detach = time.monotonic()
     delete_pod(kn, "pg-0")
     pv_name = core.read_namespaced_persistent_volume_claim("pg-0", NS).spec.volume_name
@@ -356,6 +367,36 @@ def test_helm_install_postgres_branch_reattach(release: Release, say: Say) -> No
     wait("every PV deleted", lambda: not core.list_persistent_volume().items, GONE_TIMEOUT,
          explain(kn, SYSTEM_NS))
     wait("every zvol destroyed", lambda: not zvols(lab), GONE_TIMEOUT, lambda: "\n".join(zvols(lab)))
+    assert not dhchap_secrets(kn), "each volume's DH-HMAC-CHAP Secret goes with it"
+
+
+def dhchap_secrets(kn: Node) -> list[str]:
+    return [s.metadata.name for s in kn.core.list_namespaced_secret(SYSTEM_NS).items
+            if s.metadata.name.startswith(DHCHAP_SECRET_PREFIX)]
+
+
+def dhchap_in_use(kn: Node, release: Release, claim: str, nqn: str) -> None:
+    pv = kn.core.read_persistent_volume(kn.core.read_namespaced_persistent_volume_claim(claim, NS).spec.volume_name)
+    ref = pv.spec.csi.node_stage_secret_ref
+    assert ref is not None and (ref.name, ref.namespace) == (dhchap_secret_name(pv.metadata.name), SYSTEM_NS), ref
+    data = kn.core.read_namespaced_secret(ref.name, SYSTEM_NS).data
+    keys = {k: base64.b64decode(v).decode() for k, v in data.items()}
+    assert sorted(keys) == ["dhchapCtrlKey", "dhchapKey"], sorted(keys)  # the chart's default: bidirectional
+    meta = [a.status.attachment_metadata or {} for a in attachments_of(release, pv.metadata.name)]
+    assert meta and all(m.get("dhchap") == "bidirectional" for m in meta), meta
+    assert not [v for m in meta for v in m.values() if "DHHC-1" in v], "a key in the VolumeAttachment"
+    node_id = release.storage.read_csi_node(kubenode.NODE_NAME).spec.drivers[0].node_id
+    local = split_volume_id(pv.spec.csi.volume_handle)[1]
+    code = f"""
+import glob, json, os
+for d in sorted(glob.glob('/sys/class/nvme/nvme*')):
+    if open(d + '/subsysnqn').read().strip() == {nqn!r}:
+        print(json.dumps({{a: open(d + '/' + a).read().strip() for a in ('hostnqn', 'hostid', 'dhchap_secret',
+                                                                       'dhchap_ctrl_secret')}}))
+"""
+    seen = [json.loads(line) for line in kn.lab.py(code).stdout.splitlines() if line.startswith("{")]
+    assert seen == [{"hostnqn": volume_host_nqn(node_id, local), "hostid": volume_host_id(node_id, local),
+                     "dhchap_secret": keys["dhchapKey"], "dhchap_ctrl_secret": keys["dhchapCtrlKey"]}], seen
 
 
 # --- node behaviour only a kubelet shows (issue 15, item 4) ------------------------------------
