@@ -746,10 +746,14 @@ class Volumes:
             if isinstance(exc, ZvoltError):
                 raise
             raise internal(f"publishing volume {vid} to {host} failed: {exc}") from exc
+        replaced = [h for h in vol.hosts if h not in hosts]
         vol.hosts = hosts
         with self.index.tx() as tx:
             tx.put_volume(vol)
             tx.done(seq)
+        if self.exports.auth is not None:
+            for h in replaced:  # a per-volume NQN's key file outlives its NQN otherwise
+                self.exports.auth.forget(h)
         self.unrestored.pop(vid, None)  # the export is whole again
         return self.exports.nqn(vid)
 

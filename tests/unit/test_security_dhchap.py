@@ -27,7 +27,7 @@ from agent.index import Index
 from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
-from agent.volumes import AgentConfig, Volumes
+from agent.volumes import AgentConfig, Volumes, VolumeSpec
 from csi import dhchap
 from csi.agents import AgentPool, parse_static
 from csi.controller import ControllerService
@@ -410,5 +410,23 @@ def test_reboot_restores_the_per_volume_host_keys_before_ready(stack: Stack) -> 
         assert readiness.ready
         assert _read(os.path.join(stack.configfs, "hosts", per_volume, "dhchap_key")) == key
         assert os.listdir(os.path.join(stack.configfs, "subsystems", ctx["nqn"], "allowed_hosts")) == [per_volume]
+    finally:
+        index.close()
+
+
+def test_a_plain_publish_after_an_authenticated_one_forgets_the_per_volume_key(tmp_path: object) -> None:
+    # A class that turned DH-HMAC-CHAP off since: the node's per-volume NQN goes, and its key with it.
+    zfs = FakeZfs()
+    zfs.ds["tank"] = _Ds("filesystem")
+    volumes, _, _, index = _agent_parts(str(tmp_path), zfs, bidirectional=False, require=False)
+    try:
+        vid = volumes.create_volume(VolumeSpec(name="pvc-switch", size=GiB)).id
+        per_volume = volume_host_nqn(HOST, vid)
+        volumes.publish(vid, HOST, auth=HostSecrets(HOST, generate_secret(1)))
+        keys = HostKeys(f"{tmp_path}/state", AuthConfig())
+        assert keys.load(per_volume) is not None
+        volumes.publish(vid, HOST)
+        assert volumes.index.volume(vid).hosts == [HOST]  # type: ignore[union-attr]
+        assert keys.load(per_volume) is None
     finally:
         index.close()
