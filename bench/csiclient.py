@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from zvolt.pb import csi_pb2, csi_pb2_grpc
+from zvolt.rpc import RECONNECT_OPTIONS
 
 T = TypeVar("T")
 GiB = 1 << 30
@@ -35,12 +36,12 @@ class Csi:
         self.node: Any = None
         self.identity: Any = None
         if controller:
-            ch = grpc.insecure_channel(controller)
+            ch = grpc.insecure_channel(controller, options=RECONNECT_OPTIONS)
             self._channels.append(ch)
             self.controller = csi_pb2_grpc.ControllerStub(ch)
             self.identity = csi_pb2_grpc.IdentityStub(ch)
         if node:
-            ch = grpc.insecure_channel(node)
+            ch = grpc.insecure_channel(node, options=RECONNECT_OPTIONS)
             self._channels.append(ch)
             self.node = csi_pb2_grpc.NodeStub(ch)
 
@@ -79,6 +80,18 @@ class Csi:
     def list_volumes(self, max_entries: int, token: str = "") -> Any:
         req = csi_pb2.ListVolumesRequest(max_entries=max_entries, starting_token=token)
         return self.controller.ListVolumes(req, timeout=self.timeout)
+
+    def wait_agents(self, timeout: float = 60.0) -> float:
+        """Seconds until a controller call that reaches the agents succeeds again (after an agent restart)."""
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=1), timeout=10)
+                return time.perf_counter() - t0
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.perf_counter() - t0 > timeout:
+                    raise
+            time.sleep(0.1)
 
     def publish(self, volume_id: str, node_id: str) -> dict[str, str]:
         req = csi_pb2.ControllerPublishVolumeRequest(

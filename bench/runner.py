@@ -128,9 +128,11 @@ def _say_service_logs(lab: LabLike | None, progress: Progress) -> None:
     """A failed suite's cause is often in a service's journal (a CI log is all there is to read)."""
     for service in ("agent", "controller"):
         try:
-            tail = lab.service_log(service, 25) if lab is not None else ""
+            log = lab.service_log(service, 200) if lab is not None else ""
         except Exception as e:
-            tail = f"(journal not readable: {e})"
+            log = f"(journal not readable: {e})"
+        # Successful calls crowd out the few lines that say why (a CI log shows only a part).
+        tail = "\n".join([ln for ln in log.splitlines() if '"status": "OK"' not in ln][-15:])
         if tail:
             progress.say(f"last lines of the {service}'s journal:\n{tail.rstrip()}")
 

@@ -21,7 +21,7 @@ from zvolt import kubeconfig
 from zvolt.errors import MOVED_TO_KEY, Moved, ZvoltError, invalid, unavailable
 from zvolt.names import check_node
 from zvolt.pb import agent_pb2_grpc
-from zvolt.rpc import parse_endpoint
+from zvolt.rpc import RECONNECT_OPTIONS, parse_endpoint
 from zvolt.tlsfiles import TlsFiles as TlsFiles  # re-exported: the controller's settings
 from zvolt.tlsfiles import Watched, channel_credentials
 
@@ -172,19 +172,19 @@ class AgentPool:
         self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._refreshed = -1.0e9
 
-    def _credentials(self, node: str) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
+    def _credentials(self, node: str) -> tuple[grpc.ChannelCredentials, list[tuple[str, str | int]]]:
         assert self._tls is not None
         creds, options = channel_credentials(self._tls)
-        if self._per_node_names:
-            options = [("grpc.ssl_target_name_override", node)]
-        return creds, options
+        named: list[tuple[str, str | int]] = (
+            [("grpc.ssl_target_name_override", node)] if self._per_node_names else list(options))
+        return creds, [*named, *RECONNECT_OPTIONS]
 
     def _channel(self, ep: AgentEndpoint) -> grpc.Channel:
         key = (ep.target, ep.name if self._per_node_names else "")
         channel = self._channels.get(key)
         if channel is None:
             if self._tls is None or ep.target.startswith("unix:"):
-                channel = grpc.insecure_channel(ep.target)
+                channel = grpc.insecure_channel(ep.target, options=RECONNECT_OPTIONS)
             else:
                 creds, options = self._credentials(ep.name)
                 channel = grpc.secure_channel(ep.target, creds, options=options)

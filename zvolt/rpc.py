@@ -32,6 +32,15 @@ _ID_FIELDS = (
 )
 _log = logging.getLogger("zvolt.rpc")
 
+# gRPC's reconnect backoff grows to 120 s by default. A channel that met a restarting agent (an
+# upgrade, a slow recovery) would go on failing calls with the stale "connect failed" for that
+# long after the agent is back; capped, it dials again within about two seconds. A dead node costs
+# one refused connect per call at most that often.
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
 
 class InFlight:
     """The calls a server is running now, so an orderly shutdown knows what it waits for.

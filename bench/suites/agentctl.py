@@ -8,6 +8,7 @@ The lab's standard agent is restarted with `--parent <pool>/benchagent --state-d
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class BenchAgent:
     was_running: bool = False
     unavailable: str = ""
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    # Seconds until the controller reaches the restarted agent: callers of the controller must not
+    # meet its reconnect window (zvolt.rpc.RECONNECT_OPTIONS) as a failed call.
+    reconnect: Callable[[], float] | None = None
 
     @property
     def extra(self) -> tuple[str, ...]:
@@ -73,6 +77,8 @@ class BenchAgent:
         t0 = time.perf_counter()
         out: dict[str, Any] = self.guest.call("agent-restart", self.restart_args(), timeout=READY_TIMEOUT_S + 300)
         out["host_seconds"] = time.perf_counter() - t0
+        if self.reconnect is not None:
+            out["controller_reconnect_seconds"] = self.reconnect()
         self.restarts.append(out)
         return out
 

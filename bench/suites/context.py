@@ -48,7 +48,8 @@ class Context:
     def __post_init__(self) -> None:
         self.fill.snaps = self.cfg.snaps_per_volume
         if self.agent is None:
-            self.agent = BenchAgent(self.guest, self.progress, f"{self.pool}/{self.cfg.fill_parent}")
+            self.agent = BenchAgent(self.guest, self.progress, f"{self.pool}/{self.cfg.fill_parent}",
+                                    reconnect=self.csi.wait_agents if self.csi is not None else None)
 
     @property
     def pool(self) -> str:

@@ -81,6 +81,7 @@ def _measure(ctx: Context, data: dict[str, Any], res: SuiteResult, listing: dict
         try:
             restart = ctx.agent.restart()
         except (grpc.RpcError, RuntimeError) as e:
+            ctx.progress.say(f"scale: agent restart failed: {e}")
             res.notes.append(f"agent restart not measured: {e}")
     else:
         res.notes.append("agent not available: restart, RSS and idle-vs-exports not measured")
