@@ -220,6 +220,19 @@ def attached(z: Zvolt, pv: str) -> Any:
 
 # --- scenarios -----------------------------------------------------------------------
 
+def detach_then_delete(z: Zvolt, ns: str, pod: str, claim: str, pv: Any) -> float:
+    """Delete the pod and see the detach reach the target (attachment gone, the volume's host
+    unlinked), then delete the claim and see its PV go; returns when the detach was seen."""
+    handle = pv.spec.csi.volume_handle
+    z.core.delete_namespaced_pod(pod, ns, grace_period_seconds=0)
+    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
+    z.wait("the volume's host unlinked on detach", lambda: None if z.storage.allowed_hosts(handle) else True)
+    detached = time.monotonic()
+    z.core.delete_namespaced_persistent_volume_claim(claim, ns)
+    z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    return detached
+
+
 def test_wait_for_first_consumer_pvc_schedules_binds_attaches_and_detaches(zvolt: Zvolt, ns: str) -> None:
     """PVC of the chart's zvolt-postgres class + a Pod: the scheduler picks the worker from
     CSIStorageCapacity and topology, the provisioner creates the zvol there, the attach-detach
@@ -242,12 +255,7 @@ def test_wait_for_first_consumer_pvc_schedules_binds_attaches_and_detaches(zvolt
     # DH-HMAC-CHAP (the chart's default): the worker's host NQN of its own for this volume.
     assert z.storage.allowed_hosts(handle) == [z.storage.volume_host(handle)]
     t_attached = time.monotonic() - t0
-    z.core.delete_namespaced_pod("db-0", ns, grace_period_seconds=0)
-    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
-    z.wait("subsystem removed on detach", lambda: None if z.storage.allowed_hosts(handle) else True)
-    t_detached = time.monotonic() - t0
-    z.core.delete_namespaced_persistent_volume_claim("pgdata", ns)
-    z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    t_detached = detach_then_delete(z, ns, "db-0", "pgdata", pv) - t0
     z.wait("zvol destroyed", lambda: None if ds in z.storage.datasets() else True)
     z.say(f"k8s scenario WaitForFirstConsumer: Bound {t_bound:.1f} s, attached {t_attached:.1f} s, "
           f"detached {t_detached:.1f} s, deleted {time.monotonic() - t0:.1f} s")
@@ -298,12 +306,7 @@ def test_dhchap_keys_live_in_a_secret_per_pv_and_never_in_the_attachment(zvolt: 
     assert same_key, f"nvmet host {host}: dhchap_key is not the Secret's dhchapKey (attributes: {sorted(auth)})"
     assert same_ctrl, f"nvmet host {host}: dhchap_ctrl_key is not the Secret's dhchapCtrlKey"
 
-    z.core.delete_namespaced_pod("db-auth", ns, grace_period_seconds=0)
-    z.wait("VolumeAttachment deleted", lambda: None if attachment(z, pv.metadata.name) else True)
-    z.wait("the volume's host unlinked on detach", lambda: None if z.storage.allowed_hosts(handle) else True)
-    t_detached = time.monotonic() - t0
-    z.core.delete_namespaced_persistent_volume_claim("authdb", ns)
-    z.wait("PV deleted", partial(pv_gone, z, pv.metadata.name))
+    t_detached = detach_then_delete(z, ns, "db-auth", "authdb", pv) - t0
     z.wait(f"Secret {where}/{name} deleted with the volume", lambda: gone(lambda: z.core.read_namespaced_secret(
         name, where)))
     left = "kept" if z.storage.host_auth(host) else "removed"
