@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from zvolt import names
+from zvolt import names, tlspsk
 from zvolt.errors import invalid
 from zvolt.files import write_private_json
 
@@ -82,11 +82,13 @@ def generate_secret(transform: int = 1) -> str:
 @dataclass(frozen=True)
 class HostSecrets:
     host: str
-    secret: str           # the host proves itself with this one
+    secret: str           # DH-HMAC-CHAP: the host proves itself with this one ("": no DH-HMAC-CHAP)
     ctrl_secret: str = ""  # bidirectional: the controller proves itself with this one
+    tls_psk: str = ""      # NVMe/TCP TLS: the volume's configured PSK (zvolt/tlspsk.py; "": no TLS)
 
     def __repr__(self) -> str:  # never print keys by accident (logs, assertion messages)
-        return f"HostSecrets(host={self.host!r}, secret=<redacted>, ctrl_secret=<{'set' if self.ctrl_secret else ''}>)"
+        return (f"HostSecrets(host={self.host!r}, secret=<{'set' if self.secret else ''}>, "
+                f"ctrl_secret=<{'set' if self.ctrl_secret else ''}>, tls_psk=<{'set' if self.tls_psk else ''}>)")
 
 
 class HostAttrs(Protocol):
@@ -135,14 +137,13 @@ class HostKeys:
         try:
             with open(self._file(host)) as f:
                 data = json.load(f)
-            found = HostSecrets(host, str(data["secret"]), str(data.get("ctrl_secret", "")))
-            decode_secret(found.secret)
-            if found.ctrl_secret:
-                decode_secret(found.ctrl_secret)
+            found = HostSecrets(host, str(data["secret"]), str(data.get("ctrl_secret", "")),
+                                str(data.get("tls_psk", "")))
+            _check(found)
             return found
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError, SecretError) as exc:
+        except (ValueError, KeyError, TypeError, SecretError, tlspsk.PskError) as exc:
             # A damaged file must not silently lock the host out with an unknown key: say so.
             raise invalid(f"DH-HMAC-CHAP key file for {host} is damaged; publish the volume again to rewrite it: "
                           f"{exc}") from exc
@@ -152,7 +153,8 @@ class HostKeys:
         between the two leaves a key that the next restore or publish applies."""
         with self._mu:
             if self.load(found.host) != found:
-                write_private_json(self._file(found.host), {"secret": found.secret, "ctrl_secret": found.ctrl_secret})
+                write_private_json(self._file(found.host), {"secret": found.secret, "ctrl_secret": found.ctrl_secret,
+                                                            "tls_psk": found.tls_psk})
 
     def forget(self, host: str) -> None:
         with self._mu, contextlib.suppress(FileNotFoundError):
@@ -161,6 +163,8 @@ class HostKeys:
     def apply(self, host: HostAttrs, found: HostSecrets) -> None:
         """Write the keys (+ controller key, hash, group) into the host's nvmet entry; called
         before the host is linked into allowed_hosts, so it can never connect unauthenticated."""
+        if not found.secret:
+            return
         transform = decode_secret(found.secret)[0] or 1
         want = {
             "dhchap_hash": HASHES[transform],
@@ -175,17 +179,30 @@ class HostKeys:
                 host.set_attr(attr, value)
 
 
-def check_keys(key: str, ctrl_key: str, where: str) -> None:
-    """A key (and controller key) from outside, checked (format and CRC); INVALID_ARGUMENT
-    naming `where`, never repeating the key."""
+def _check(found: HostSecrets) -> None:
+    if not found.secret and not found.tls_psk:
+        raise SecretError("neither a DH-HMAC-CHAP key nor a TLS PSK")
+    if found.secret:
+        decode_secret(found.secret)
+    elif found.ctrl_secret:
+        raise SecretError("a DH-HMAC-CHAP controller key without a host key")
+    if found.ctrl_secret:
+        decode_secret(found.ctrl_secret)
+    if found.tls_psk:
+        tlspsk.decode(found.tls_psk)
+
+
+def check_keys(key: str, ctrl_key: str, where: str, tls_psk: str = "") -> None:
+    """Keys from outside (DH-HMAC-CHAP key and controller key, TLS PSK), checked (format and
+    CRC); INVALID_ARGUMENT naming `where`, never repeating a key."""
     try:
-        decode_secret(key)
-        if ctrl_key:
-            decode_secret(ctrl_key)
+        _check(HostSecrets("", key, ctrl_key, tls_psk))
     except SecretError as exc:
         raise invalid(f"{where} holds a DH-HMAC-CHAP key that is not a valid DHHC-1 secret: {exc}") from None
+    except tlspsk.PskError as exc:
+        raise invalid(f"{where} holds a TLS PSK that is not a valid NVMeTLSkey-1 key: {exc}") from None
 
 
-def host_secrets(host: str, key: str, ctrl_key: str = "") -> HostSecrets:
-    check_keys(key, ctrl_key, f"the publish request for {host}")
-    return HostSecrets(host, key, ctrl_key)
+def host_secrets(host: str, key: str, ctrl_key: str = "", tls_psk: str = "") -> HostSecrets:
+    check_keys(key, ctrl_key, f"the publish request for {host}", tls_psk)
+    return HostSecrets(host, key, ctrl_key, tls_psk)

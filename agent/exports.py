@@ -28,8 +28,9 @@ from typing import Protocol
 from agent import nvmet
 from agent.dhchap import HostKeys
 from agent.zfs import Zfs
-from zvolt import names
+from zvolt import names, tlspsk
 from zvolt.errors import internal
+from zvolt.keyring import Keyring
 
 _UUID_NS = uuid.UUID("6f1b7a52-3c0e-5d52-9a43-7a766f6c7431")
 
@@ -40,6 +41,9 @@ class ExportConfig:
     address: str
     port: str
     device_timeout: float = 60.0
+    # NVMe/TCP TLS (zvolt/tlspsk.py): the port, on the same address, of the volumes published with a
+    # TLS PSK. It requires TLS 1.3 (addr_tsas); their subsystems are linked there and nowhere else.
+    tls_port: str = "4421"
 
 
 def device_uuid(volume_id: str) -> str:
@@ -68,8 +72,9 @@ class _OwnHomes:
 class Exports:
     def __init__(self, zfs: Zfs, root: nvmet.Root, cfg: ExportConfig,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 auth: HostKeys | None = None, require_auth: bool = False) -> None:
+                 auth: HostKeys | None = None, require_auth: bool = False, keyring: Keyring | None = None) -> None:
         self.zfs = zfs
+        self.keyring = keyring  # where the retained TLS PSKs of TLS hosts go (tlshd looks them up)
         self.auth = auth  # the keys of authenticated hosts: each is applied before its host is linked
         self.require_auth = require_auth  # --dhchap: no host without a key
         self.root = root
@@ -145,10 +150,28 @@ class Exports:
                     if ns.attr(k) != v:
                         ns.set_attr(k, v)
                 ns.enable()
-            self._sync_hosts(sub, hosts, reset=was_open)
+            tls = self._sync_hosts(sub, hosts, reset=was_open)
             if link:
-                port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
-                port.add_subsystem(sub)
+                self._link(sub, tls)
+
+    def _port(self, tls: bool) -> nvmet.Port:
+        if tls:
+            return self.root.find_or_create_port(self.cfg.address, self.cfg.tls_port, tsas="tls1.3")
+        return self.root.find_or_create_port(self.cfg.address, self.cfg.port)
+
+    def _link(self, sub: nvmet.Subsystem, tls: bool) -> None:
+        """Link to the port of the volume's kind, then off the other one (a class switched since):
+        a TLS volume is never reachable in the clear."""
+        self._port(tls).add_subsystem(sub)
+        other = self.root.find_port(self.cfg.address, self.cfg.port if tls else self.cfg.tls_port)
+        if other is not None and other.links(sub.nqn):
+            other.remove_subsystem(sub.nqn)
+
+    def _is_tls(self, hosts: list[str]) -> bool:
+        """Whether a volume is published with TLS: its hosts' kept keys say so (one file each)."""
+        if self.auth is None:
+            return False
+        return any(found is not None and found.tls_psk for found in map(self.auth.load, hosts))
 
     def link_all(self, volume_ids: list[str]) -> None:
         """Link already built subsystems to the port in one tight loop.
@@ -159,11 +182,10 @@ class Exports:
         reboot nothing is linked until every subsystem is complete.
         """
         with self._mu:
-            port = self.root.find_or_create_port(self.cfg.address, self.cfg.port)
             for vid in volume_ids:
                 sub = self.root.subsystem(self.nqn(vid))
                 if sub.exists():
-                    port.add_subsystem(sub)
+                    self._link(sub, self._is_tls(sub.allowed_hosts()))
 
     def _host_refs(self) -> dict[str, set[str]]:
         if self._refs is None:
@@ -175,6 +197,7 @@ class Exports:
         return self._refs
 
     def _release_host(self, host: str, nqn: str) -> None:
+        self._drop_psk(host, nqn)
         refs = self._host_refs()
         users = refs.get(host, set())
         users.discard(nqn)
@@ -184,19 +207,34 @@ class Exports:
             with contextlib.suppress(OSError):
                 self.root.host(host).delete()
 
-    def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str], reset: bool = False) -> None:
+    def _drop_psk(self, host: str, nqn: str) -> None:
+        """The released host's TLS PSK for this subsystem leaves the keyring: no new handshake."""
+        found = self.auth.load(host) if self.auth is not None else None
+        if found is not None and found.tls_psk and self.keyring is not None:
+            self.keyring.remove(tlspsk.identity(found.tls_psk, host, nqn))
+
+    def _sync_hosts(self, sub: nvmet.Subsystem, hosts: list[str], reset: bool = False) -> bool:
         """Make allowed_hosts exactly `hosts`; end the controllers of any host removed (see the
         module docstring). reset=True ends them even when nothing is removed now: an unpublish
-        retried after a failed reset finds the host already unlinked."""
+        retried after a failed reset finds the host already unlinked. Returns whether the hosts
+        use TLS."""
         have = set(sub.allowed_hosts())
+        tls = False
         if self.auth is not None:
             # Key before link: an allowed host must never be able to connect unauthenticated.
             for h in sorted(set(hosts)):
                 found = self.auth.load(h)
-                if found is not None:
+                if found is None:
+                    continue
+                if found.secret:
                     host = self.root.host(h)
                     host.create()
                     self.auth.apply(host, found)
+                if found.tls_psk:
+                    if self.keyring is None:
+                        raise internal("this storage node keeps no TLS PSKs (no .nvme keyring adapter)")
+                    self.keyring.put(tlspsk.identity(found.tls_psk, h, sub.nqn), tlspsk.retained(found.tls_psk, h))
+                    tls = True
         refs = self._host_refs()
         for h in sorted(set(hosts) - have):
             sub.allow_host(self.root.host(h))
@@ -209,6 +247,7 @@ class Exports:
             sub.reset_controllers()
         for h in gone:
             self._release_host(h, sub.nqn)
+        return tls
 
     def set_hosts(self, volume_id: str, hosts: list[str], revoke: bool = False) -> None:
         """Allow exactly `hosts`. A host removed loses the controllers it has; revoke=True (an
@@ -273,7 +312,8 @@ class Exports:
         if sub.attr("allow_any_host") != "0":
             return False, "NVMe subsystem allows any host (allow_any_host is not 0): access control is off"
         if self.auth is not None:
-            keyless = [h for h in hosts if (self.require_auth or self.auth.load(h) is not None)
+            keyless = [h for h in hosts if (self.require_auth or ((found := self.auth.load(h)) is not None
+                                                                  and found.secret))
                        and not self.root.host(h).attr("dhchap_key")]
             if keyless:
                 return False, f"allowed host {keyless[0]} has no DH-HMAC-CHAP key on the target"
@@ -286,9 +326,20 @@ class Exports:
             return False, "zvol device node is missing"
         if sorted(sub.allowed_hosts()) != sorted(hosts):
             return False, f"allowed hosts {sub.allowed_hosts()} differ from published hosts {sorted(hosts)}"
-        port = self.root.find_port(self.cfg.address, self.cfg.port)
+        tls = self._is_tls(hosts)
+        if tls and self.keyring is not None:
+            missing = [h for h in hosts if (found := self.auth.load(h) if self.auth else None) is not None
+                       and found.tls_psk and not self.keyring.has(tlspsk.identity(found.tls_psk, h, sub.nqn))]
+            if missing:
+                return False, f"allowed host {missing[0]} has no TLS PSK in the .nvme keyring"
+        port = self.root.find_port(self.cfg.address, self.cfg.tls_port if tls else self.cfg.port)
         # Look up this one link, never list the port: the port links every export, and a listing
         # made each idempotent publish and GetVolume O(exports) (bench: zvolt-bench restore).
         if port is None or not port.links(sub.nqn):
-            return False, "subsystem is not linked to the NVMe/TCP port"
+            return False, f"subsystem is not linked to the NVMe/TCP {'TLS ' if tls else ''}port"
+        if tls and port.tsas != "tls1.3":
+            return False, f"the TLS port {self.cfg.tls_port} does not require TLS 1.3 (addr_tsas is {port.tsas!r})"
+        other = self.root.find_port(self.cfg.address, self.cfg.port if tls else self.cfg.tls_port)
+        if tls and other is not None and other.links(sub.nqn):
+            return False, f"TLS volume's subsystem is also linked to the clear-text port {self.cfg.port}"
         return True, ""

@@ -44,6 +44,7 @@ from agent.zpool import Zpool
 from zvolt import commitment, guardkeeper, names
 from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
+from zvolt.keyring import KernelKeyring
 from zvolt.logs import setup_logging
 from zvolt.nftguard import GuardConfigError, Role, guard_spec, guarded_ports, parse_port
 from zvolt.rpc import InFlight, parse_endpoint, prepare_unix_socket
@@ -62,6 +63,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
                         "address in it, and an nftables guard keeps every other source off the port"),
     "nvme-listen": (None, "NVMe/TCP listener IP:PORT (labs; default: this node's address in --storage-network)"),
     "nvme-port": (None, "NVMe/TCP port (default 4420, or the port of --nvme-listen)"),
+    "nvme-tls-port": (None, "NVMe/TCP port, on the same address, of the volumes published with a TLS PSK: it "
+                      "requires TLS 1.3 (tlshd must run on this node; default: the NVMe/TCP port + 1, so 4421)"),
     "guard-interval": (str(guardkeeper.DEFAULT_INTERVAL), "seconds between checks that the nftables guard is intact"),
     "metrics-listen": ("0.0.0.0:9101", "Prometheus HOST:PORT ('' disables)"),
     "state-dir": ("/var/lib/zvolt", "directory of the persistent index"),
@@ -126,6 +129,7 @@ class Settings:
     # --tls-request: the serving certificate comes from the Kubernetes API (agent/certrequest.py),
     # lifetime asked in seconds; 0 = --tls-cert/--tls-key files given by the operator.
     tls_request_seconds: int = 0
+    nvme_tls_port: str = "4421"
 
 
 def _env_name(flag: str) -> str:
@@ -189,6 +193,12 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         ap.error(f"--parent {parent} is not in pool {pool}")
     storage_network, nvme_addr, nvme_port = _nvme_listener(ap, get("storage-network"), get("nvme-listen"),
                                                            get("nvme-port"))
+    try:
+        tls_port = str(parse_port(get("nvme-tls-port") or str(int(nvme_port) + 1)))
+    except GuardConfigError as exc:
+        ap.error(f"--nvme-tls-port: {exc}")
+    if tls_port == nvme_port:
+        ap.error(f"--nvme-tls-port {tls_port} is the clear-text NVMe/TCP port too: give another port")
     guard_interval = _seconds(ap, "guard-interval", get("guard-interval"))
     if guard_interval < 1:
         ap.error("--guard-interval must be at least 1 second")
@@ -244,7 +254,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         commitment_ratio=ratio, growth_reserve=reserve,
         guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
         key_wrapping_file=str(get("key-wrapping-file") or ""), move_listen=str(get("move-listen") or ""),
-        tls_request_seconds=tls_request_seconds,
+        tls_request_seconds=tls_request_seconds, nvme_tls_port=tls_port,
     )
 
 
@@ -303,7 +313,8 @@ def start_guard(settings: Settings, metrics: Metrics) -> None:
         _log.warning("NVMe/TCP port %s is not guarded (%s): any host that routes to %s can connect",
                      settings.nvme_port, why, settings.nvme_address)
         return
-    spec = guard_spec(Role.STORAGE, settings.storage_network, guarded_ports(settings.nvme_port, move_port(settings)))
+    ports = guarded_ports([settings.nvme_port, settings.nvme_tls_port], move_port(settings))
+    spec = guard_spec(Role.STORAGE, settings.storage_network, ports)
     guardkeeper.install(spec, registry=metrics.registry, prefix="zvolt_agent", interval=settings.guard_interval)
 
 
@@ -347,7 +358,8 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     # Keys of authenticated volumes are taken whenever a publish brings them; --dhchap refuses one without.
     auth = HostKeys(settings.state_dir, AuthConfig(bidirectional=settings.dhchap_bidirectional))
     exports = Exports(zfs, root, ExportConfig(settings.node, settings.nvme_address, settings.nvme_port,
-                                              settings.device_timeout), auth=auth, require_auth=settings.dhchap)
+                                              settings.device_timeout, tls_port=settings.nvme_tls_port),
+                      auth=auth, require_auth=settings.dhchap, keyring=KernelKeyring())
     try:
         store = KeyStore(settings.state_dir, read_wrapping_key(settings.key_wrapping_file)) \
             if settings.key_wrapping_file else None

@@ -109,15 +109,19 @@ class Root:
                 return p
         return None
 
-    def find_or_create_port(self, address: str, port: str) -> Port:
-        """The port listening on address:port (tcp), created with the next free id if missing."""
+    def find_or_create_port(self, address: str, port: str, tsas: str = "") -> Port:
+        """The port listening on address:port (tcp), created with the next free id if missing.
+        tsas "tls1.3": the port requires TLS, "" a clear-text one. A found port with the other
+        setting is changed before use, which the kernel allows only while no subsystem is linked
+        (a TLS port left behind must not take clear-text volumes, nor the reverse)."""
         found = self.find_port(address, port)
-        if found is not None:
-            return found
-        used = {p.portid for p in self.ports()}
-        new = Port(self, next(i for i in range(1, 65536) if i not in used))
-        new.create(address, port)
-        return new
+        if found is None:
+            used = {p.portid for p in self.ports()}
+            found = Port(self, next(i for i in range(1, 65536) if i not in used))
+            found.create(address, port)
+        if found.tsas != (tsas or "none"):
+            found.set_tsas(tsas or "none")
+        return found
 
     def dump(self) -> dict[str, Any]:
         """The whole tree as nvmetcli `saveconfig` JSON (hosts, ports, subsystems)."""
@@ -341,6 +345,15 @@ class Port:
     @property
     def trsvcid(self) -> str:
         return self._addr("trsvcid")
+
+    @property
+    def tsas(self) -> str:
+        """Transport security: "tls1.3" (addr_treq then says TLS is required) or "none"."""
+        return self._addr("tsas") or "none"  # no file: a kernel without CONFIG_NVME_TARGET_TCP_TLS
+
+    def set_tsas(self, value: str) -> None:
+        # Before the first subsystem link enables the port; the kernel then sets addr_treq to required.
+        self.root.write(os.path.join(self.path, "addr_tsas"), value)
 
     def create(self, address: str, port: str) -> None:
         self.root.mkdir(self.path, children=("subsystems", "referrals", "ana_groups"))

@@ -267,14 +267,15 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def PublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()
         keys = None
-        if request.dhchap_key:
-            keys = host_secrets(request.host_nqn, request.dhchap_key, request.dhchap_ctrl_key)
-        elif request.dhchap_ctrl_key:
+        if request.dhchap_ctrl_key and not request.dhchap_key:
             raise invalid("dhchap_ctrl_key needs a dhchap_key")
+        if request.dhchap_key or request.tls_psk:
+            keys = host_secrets(request.host_nqn, request.dhchap_key, request.dhchap_ctrl_key, request.tls_psk)
         nqn = self.v.publish(request.volume_id, request.host_nqn, key=request.encryption_key, auth=keys)
         cfg = self.v.cfg
         host = names.volume_host_nqn(request.host_nqn, request.volume_id) if keys is not None else request.host_nqn
-        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=cfg.nvme_port,
+        port = self.v.exports.cfg.tls_port if request.tls_psk else cfg.nvme_port
+        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=port,
                                         host_nqn=host)
 
     def UnpublishVolume(self, request: Any, context: Any) -> Any:

@@ -695,17 +695,19 @@ class Volumes:
     # -- publish --------------------------------------------------------------------------
 
     def publish(self, vid: str, host: str, key: bytes = b"", auth: HostSecrets | None = None) -> str:
-        """Allow node `host` on the volume; with `auth` (DH-HMAC-CHAP keys) under its host NQN for
-        this volume (names.volume_host_nqn), whose host entry holds them. Returns the subsystem NQN."""
+        """Allow node `host` on the volume; with `auth` (DH-HMAC-CHAP keys, TLS PSK) under its host
+        NQN for this volume (names.volume_host_nqn), whose host entry and keyring entry hold them.
+        Returns the subsystem NQN."""
         names.check_id(vid)
         names.check_nqn(host)
         store = self.exports.auth
-        if auth is None and self.exports.require_auth:
+        if (auth is None or not auth.secret) and self.exports.require_auth:
             raise precondition(f"storage node {self.cfg.node} requires DH-HMAC-CHAP (--dhchap): the volume's "
                                "StorageClass must set the parameter dhchap and its node-stage secret (see the chart)")
         if auth is not None and store is None:
-            raise precondition(f"storage node {self.cfg.node} keeps no DH-HMAC-CHAP keys")
-        if auth is not None and store is not None and store.cfg.bidirectional and not auth.ctrl_secret:
+            raise precondition(f"storage node {self.cfg.node} keeps no DH-HMAC-CHAP keys or TLS PSKs")
+        if auth is not None and auth.secret and store is not None and store.cfg.bidirectional \
+                and not auth.ctrl_secret:
             raise precondition(f"storage node {self.cfg.node} requires bidirectional DH-HMAC-CHAP "
                                "(--dhchap-bidirectional): the volume's Secret has no dhchapCtrlKey")
         allowed = names.volume_host_nqn(host, vid) if auth is not None else host

@@ -376,11 +376,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         pvc = (par.labels["pvc-namespace"], par.labels["pvc-name"]) \
             if "pvc-namespace" in par.labels and "pvc-name" in par.labels else None
         group = par.group()
-        if par.dhchap:
+        if par.dhchap or par.tls:
             if self.keys is None:
-                raise precondition(f"the StorageClass asks for {params.DHCHAP_KEY}={par.dhchap}, but this controller "
-                                   "keeps no DH-HMAC-CHAP keys: start it with --dhchap-secret-namespace (the chart "
-                                   "does)")
+                asked = f"{params.DHCHAP_KEY}={par.dhchap}" if par.dhchap else f"{params.TLS_KEY}=psk"
+                raise precondition(f"the StorageClass asks for {asked}, but this controller keeps no volume keys: "
+                                   "start it with --dhchap-secret-namespace (the chart does)")
             check_dhchap_secret_name(name)
         # One create per group at a time: each sees the records of those before it (ABORTED: the CO retries).
         with self.locks.hold(f"name:{name}", *([f"group:{'/'.join(group)}"] if group else [])):
@@ -431,10 +431,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             raise last
 
     def _created(self, vol: csi_pb2.Volume, name: str, par: params.VolumeParams) -> csi_pb2.CreateVolumeResponse:
-        """After the volume exists: its DH-HMAC-CHAP Secret (a retry finds both and makes neither)."""
-        if par.dhchap and self.keys is not None:
-            self.keys.ensure(name, par.dhchap)
-            vol.volume_context[dhchap.CONTEXT_KEY] = par.dhchap
+        """After the volume exists: its key Secret (a retry finds both and makes neither)."""
+        if (par.dhchap or par.tls) and self.keys is not None:
+            self.keys.ensure(name, par.dhchap, par.tls)
+            if par.dhchap:
+                vol.volume_context[dhchap.CONTEXT_KEY] = par.dhchap
+            if par.tls:
+                vol.volume_context[dhchap.TLS_CONTEXT_KEY] = "psk"
         return csi_pb2.CreateVolumeResponse(volume=vol)
 
     @staticmethod
@@ -576,16 +579,20 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
             key = params.optional_encryption_key(request.secrets, "controller-publish")
             pub = agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host, encryption_key=key)
             mode = request.volume_context.get(dhchap.CONTEXT_KEY, "")
-            if mode:
+            tls = request.volume_context.get(dhchap.TLS_CONTEXT_KEY, "") == "psk"
+            if mode or tls:
                 if self.keys is None:
-                    raise precondition(f"volume {request.volume_id} uses DH-HMAC-CHAP but this controller keeps no "
-                                       "keys: start it with --dhchap-secret-namespace (the chart does)")
-                found = self.keys.get(vol.name, mode)
-                pub.dhchap_key, pub.dhchap_ctrl_key = found.key, found.ctrl_key
+                    raise precondition(f"volume {request.volume_id} uses DH-HMAC-CHAP or TLS but this controller "
+                                       "keeps no keys: start it with --dhchap-secret-namespace (the chart does)")
+                found = self.keys.get(vol.name, mode, tls)
+                pub.dhchap_key, pub.dhchap_ctrl_key, pub.tls_psk = found.key, found.ctrl_key, found.tls_psk
             resp = agent.call("PublishVolume", pub)
         ctx = {"nqn": resp.nqn, "transport": resp.transport, "address": resp.address, "port": resp.port}
+        # The node plugin takes the keys from its node-stage secrets: the context names only the modes.
         if mode:
-            ctx[dhchap.CONTEXT_KEY] = mode  # the node plugin takes the keys from its node-stage secrets
+            ctx[dhchap.CONTEXT_KEY] = mode
+        if tls:
+            ctx[dhchap.TLS_CONTEXT_KEY] = "psk"
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
 
     def ControllerUnpublishVolume(

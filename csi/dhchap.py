@@ -1,11 +1,13 @@
-"""DH-HMAC-CHAP on the CSI side: a volume's keys live in a Kubernetes Secret of their own.
+"""DH-HMAC-CHAP and NVMe/TCP TLS on the CSI side: a volume's keys live in a Kubernetes Secret of their own.
 
 The controller makes the Secret `zvolt-dhchap-<PV name>` with the volume (CreateVolume), reads it
 for each ControllerPublishVolume and hands the keys to the agent, and deletes it with the volume.
 kubelet hands the same keys to the node plugin as node-stage secrets: the chart's StorageClasses
 name the Secret `zvolt-dhchap-${pv.name}`, which the node authorizer lets only a node with a pod
 on that PV read. The keys never travel in publish_context, which Kubernetes keeps in the
-VolumeAttachment. publish_context says only that the volume is authenticated (CONTEXT_KEY).
+VolumeAttachment. publish_context says only that the volume is authenticated (CONTEXT_KEY) or
+uses TLS (TLS_CONTEXT_KEY). A TLS volume's configured PSK (zvolt/tlspsk.py) is one more key of the
+same Secret, so the Secret keeps its name when only TLS is on.
 """
 
 from __future__ import annotations
@@ -18,48 +20,57 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.dhchap import check_keys, generate_secret
+from zvolt import tlspsk
 from zvolt.errors import ZvoltError, precondition, unavailable
 from zvolt.files import write_private_json
 from zvolt.names import DHCHAP_SECRET_PREFIX, check_dhchap_secret_name
 
 CONTEXT_KEY = "dhchap"  # in volume_context and publish_context: the mode, never a key
+TLS_CONTEXT_KEY = "tls"  # ... "psk" for a TLS volume
 KEY = "dhchapKey"
 CTRL_KEY = "dhchapCtrlKey"
+TLS_PSK = "tlsPsk"
 LABELS = {"app.kubernetes.io/managed-by": "zvolt", "zvolt.io/dhchap": "true"}
 
 
 @dataclass(frozen=True)
 class Keys:
-    key: str
+    key: str  # "": no DH-HMAC-CHAP
     ctrl_key: str = ""
+    tls_psk: str = ""  # "": no TLS
 
     def __repr__(self) -> str:  # never printed by accident
-        return f"Keys(key=<redacted>, ctrl_key=<{'set' if self.ctrl_key else ''}>)"
+        return (f"Keys(key=<{'set' if self.key else ''}>, ctrl_key=<{'set' if self.ctrl_key else ''}>, "
+                f"tls_psk=<{'set' if self.tls_psk else ''}>)")
 
 
-def new_keys(mode: str) -> Keys:
-    return Keys(generate_secret(), generate_secret() if mode == "bidirectional" else "")
+def new_keys(mode: str, tls: bool = False) -> Keys:
+    return Keys(generate_secret() if mode else "", generate_secret() if mode == "bidirectional" else "",
+                tlspsk.generate() if tls else "")
 
 
-def keys_from(data: Mapping[str, str], where: str, mode: str) -> Keys:
+def keys_from(data: Mapping[str, str], where: str, mode: str, tls: bool = False) -> Keys:
     """The keys in a Secret's data (or CSI secrets), checked; messages never repeat a key."""
-    key, ctrl = data.get(KEY, ""), data.get(CTRL_KEY, "")
-    if not key:
+    key, ctrl, psk = data.get(KEY, ""), data.get(CTRL_KEY, ""), data.get(TLS_PSK, "")
+    if mode and not key:
         raise precondition(f"{where} has no {KEY!r}: the volume's DH-HMAC-CHAP keys are missing")
     if mode == "bidirectional" and not ctrl:
         raise precondition(f"{where} has no {CTRL_KEY!r}, which bidirectional DH-HMAC-CHAP needs")
-    check_keys(key, ctrl, where)
-    return Keys(key, ctrl)
+    if tls and not psk:
+        raise precondition(f"{where} has no {TLS_PSK!r}: the volume's NVMe/TCP TLS key is missing")
+    found = Keys(key if mode else "", ctrl if mode else "", psk if tls else "")
+    check_keys(found.key, found.ctrl_key, where, found.tls_psk)
+    return found
 
 
-def node_keys(secrets: Mapping[str, str], volume_id: str, mode: str) -> tuple[str, str]:
+def node_keys(secrets: Mapping[str, str], volume_id: str, mode: str, tls: bool = False) -> Keys:
     """NodeStageVolume: the keys kubelet read from the volume's Secret."""
     if not secrets:
-        raise precondition(f"volume {volume_id} is exported with DH-HMAC-CHAP but NodeStageVolume got no secrets: "
+        what = " and ".join([*(["DH-HMAC-CHAP"] if mode else []), *(["TLS"] if tls else [])])
+        raise precondition(f"volume {volume_id} is exported with {what} but NodeStageVolume got no secrets: "
                            "its StorageClass must set csi.storage.k8s.io/node-stage-secret-name to "
                            "zvolt-dhchap-${pv.name} and -namespace to the driver's namespace (the chart does)")
-    found = keys_from(secrets, f"the node-stage secret of volume {volume_id}", mode)
-    return found.key, found.ctrl_key
+    return keys_from(secrets, f"the node-stage secret of volume {volume_id}", mode, tls)
 
 
 class SecretStore(Protocol):
@@ -82,26 +93,26 @@ class VolumeKeys:
     def _where(self, name: str) -> str:
         return f"Secret {self.store.namespace}/{name}"
 
-    def ensure(self, volume_name: str, mode: str) -> Keys:
+    def ensure(self, volume_name: str, mode: str, tls: bool = False) -> Keys:
         """Look up, then create: a retried CreateVolume finds the keys its first try made."""
         name = check_dhchap_secret_name(volume_name)
         found = self.store.read(name)
         if found is None:
-            fresh = new_keys(mode)
-            self.store.create(name, {KEY: fresh.key, **({CTRL_KEY: fresh.ctrl_key} if fresh.ctrl_key else {})},
-                              dict(LABELS))
+            fresh = new_keys(mode, tls)
+            data = {KEY: fresh.key, CTRL_KEY: fresh.ctrl_key, TLS_PSK: fresh.tls_psk}
+            self.store.create(name, {k: v for k, v in data.items() if v}, dict(LABELS))
             found = self.store.read(name)  # a concurrent create won: use what is there
             if found is None:
                 raise unavailable(f"{self._where(name)} was created but cannot be read back; retry")
-        return keys_from(found, self._where(name), mode)
+        return keys_from(found, self._where(name), mode, tls)
 
-    def get(self, volume_name: str, mode: str) -> Keys:
+    def get(self, volume_name: str, mode: str, tls: bool = False) -> Keys:
         name = check_dhchap_secret_name(volume_name)
         found = self.store.read(name)
         if found is None:
-            raise precondition(f"{self._where(name)} holding the DH-HMAC-CHAP keys of volume {volume_name} is "
+            raise precondition(f"{self._where(name)} holding the keys of volume {volume_name} is "
                                "missing: it is made with the volume; restore it, or recreate the volume")
-        return keys_from(found, self._where(name), mode)
+        return keys_from(found, self._where(name), mode, tls)
 
     def delete(self, volume_name: str) -> None:
         try:

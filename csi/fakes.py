@@ -257,6 +257,7 @@ class FakeNvmeHost:
         self.devices: dict[str, str] = {}  # nqn -> /dev/nvmeXn1
         self.connects: list[ConnectSpec] = []
         self.disconnects: list[str] = []
+        self.forgotten: list[tuple[str, str]] = []  # forget_psks calls (hostnqn, nqn)
         self.rescans: list[str] = []
         self._next = 0
         self._device_names: dict[str, str] = {}
@@ -301,6 +302,9 @@ class FakeNvmeHost:
         self.disconnects.append(controller)
         if not self.controllers(ctrl.subsysnqn):
             self.devices.pop(ctrl.subsysnqn, None)
+
+    def forget_psks(self, hostnqn: str, nqn: str) -> None:
+        self.forgotten.append((hostnqn, nqn))
 
     def namespace_device(self, nqn: str) -> str | None:
         return self.devices.get(nqn)

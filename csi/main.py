@@ -30,6 +30,7 @@ from csi.usage import collect, render
 from zvolt import guardkeeper, kubeconfig
 from zvolt.errors import ZvoltError
 from zvolt.guardkeeper import GuardError
+from zvolt.keyring import KernelKeyring
 from zvolt.logs import setup_logging
 from zvolt.names import check_node
 from zvolt.nftguard import GuardConfigError, Role, guard_spec, guarded_ports
@@ -134,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
         "--storage-network", default=_env("storage-network"), metavar="CIDR",
         help="node: the storage network; an nftables guard drops pod traffic (forwarded) to its NVMe/TCP ports",
     )
-    p.add_argument("--nvme-port", default=_env("nvme-port", "4420"), metavar="PORT[,PORT]",
-                   help="node: NVMe/TCP port(s) of the storage nodes, for the guard (default 4420)")
+    p.add_argument("--nvme-port", default=_env("nvme-port", "4420,4421"), metavar="PORT[,PORT]",
+                   help="node: NVMe/TCP ports of the storage nodes, clear-text and TLS, for the guard "
+                        "(default 4420,4421)")
     p.add_argument("--no-guard", action="store_true", default=_env_flag("no-guard"),
                    help="node: UNSAFE, install no guard: pods can then reach NVMe/TCP targets (SECURITY.md)")
     p.add_argument("--guard-interval", type=float, default=float(_env("guard-interval", "30") or 30),
@@ -337,7 +339,7 @@ def _node(args: argparse.Namespace) -> Services:
     identity = load_or_create(args.state_dir, args.node_id)
     node = NodeService(
         identity,
-        SysfsNvmeHost(args.sysfs_root),
+        SysfsNvmeHost(args.sysfs_root, keyring=KernelKeyring()),
         SystemMounter(),
         zone=args.zone,
         max_volumes=args.max_volumes,

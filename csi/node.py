@@ -6,6 +6,7 @@ adapters: NvmeHost (nvme-cli + sysfs) and Mounter (mount tools + statvfs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -112,11 +113,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         expected = _nqn_of(volume_id)
         if ctx["nqn"] != expected:
             raise invalid(f"publish_context nqn {ctx['nqn']!r} does not belong to volume {volume_id}")
-        hostnqn, hostid, key, ctrl_key = self.identity.hostnqn, self.identity.hostid, "", ""
-        if ctx.get(dhchap.CONTEXT_KEY):
+        hostnqn, hostid, keys = self.identity.hostnqn, self.identity.hostid, dhchap.Keys("")
+        mode, tls = ctx.get(dhchap.CONTEXT_KEY, ""), ctx.get(dhchap.TLS_CONTEXT_KEY, "")
+        if tls and tls != "psk":
+            raise invalid(f"publish_context {dhchap.TLS_CONTEXT_KEY}={tls!r} is not a TLS mode this node knows (psk)")
+        if mode or tls:
             # The export takes this node under its NQN for this volume, with the volume's keys;
             # kubelet hands them over from the Secret the StorageClass names for node staging.
-            key, ctrl_key = dhchap.node_keys(secrets, volume_id, ctx[dhchap.CONTEXT_KEY])
+            keys = dhchap.node_keys(secrets, volume_id, mode, bool(tls))
             local = split_volume_id(volume_id)[1]
             hostnqn = volume_host_nqn(self.identity.hostnqn, local)
             hostid = volume_host_id(self.identity.hostnqn, local)
@@ -129,8 +133,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             hostid=hostid,
             ctrl_loss_tmo=self.ctrl_loss_tmo,
             reconnect_delay=self.reconnect_delay,
-            dhchap_secret=key,
-            dhchap_ctrl_secret=ctrl_key,
+            dhchap_secret=keys.key,
+            dhchap_ctrl_secret=keys.ctrl_key,
+            tls_psk=keys.tls_psk,
         ).validate()
 
     def _attach(self, spec: ConnectSpec) -> str:
@@ -200,6 +205,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             # Only controllers this node's identity opened: never another host's session.
             for ctrl in ours(self.nvme.controllers(nqn), self.identity.hostnqn):
                 self.nvme.disconnect(ctrl.name)
+            # A TLS volume's PSK was filed under the per-volume NQN (a no-op for other volumes; a
+            # host NQN too long for a per-volume form never had one).
+            with contextlib.suppress(ZvoltError):
+                per_volume = volume_host_nqn(self.identity.hostnqn, split_volume_id(request.volume_id)[1])
+                self.nvme.forget_psks(per_volume, nqn)
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # ------------------------------------------------------------ publish

@@ -1,7 +1,11 @@
-"""Adapter for the NVMe host side: nvme-cli argv and /sys/class/nvme* lookups.
+"""Adapter for the NVMe host side: nvme-cli argv, /dev/nvme-fabrics and /sys/class/nvme* lookups.
 
-The only module that runs nvme-cli or reads NVMe sysfs. Devices are always found by
-subsystem NQN through sysfs, never by guessing /dev/nvmeXnY.
+The only module that runs nvme-cli, writes /dev/nvme-fabrics or reads NVMe sysfs. Devices are
+always found by subsystem NQN through sysfs, never by guessing /dev/nvmeXnY.
+
+A TLS connect (ConnectSpec.tls_psk) files the volume's retained PSK in the .nvme keyring and
+writes its options to /dev/nvme-fabrics itself: Debian 12's nvme-cli (2.3) has no --tls. The key
+leaves the keyring at NodeUnstageVolume (forget_psks).
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from csi.runner import Runner, check, subprocess_runner
-from zvolt.errors import invalid
+from zvolt import tlspsk
+from zvolt.errors import invalid, unavailable
+from zvolt.keyring import Keyring, KeyringError
 from zvolt.names import check_nqn, opened_by
 
 _CTRL = re.compile(r"^nvme[0-9]+$")
@@ -45,8 +51,9 @@ class ConnectSpec:
     hostid: str
     ctrl_loss_tmo: int
     reconnect_delay: int
-    dhchap_secret: str = ""
-    dhchap_ctrl_secret: str = ""
+    dhchap_secret: str = field(default="", repr=False)
+    dhchap_ctrl_secret: str = field(default="", repr=False)
+    tls_psk: str = field(default="", repr=False)  # NVMeTLSkey-1: connect with TLS 1.3 under this PSK
 
     def validate(self) -> ConnectSpec:
         check_nqn(self.nqn)
@@ -60,6 +67,11 @@ class ConnectSpec:
         for secret in (self.dhchap_secret, self.dhchap_ctrl_secret):
             if secret and not _SECRET.fullmatch(secret):
                 raise invalid("DH-HMAC-CHAP secret is not in DHHC-1 format")
+        if self.tls_psk:
+            try:
+                tlspsk.decode(self.tls_psk)
+            except tlspsk.PskError as exc:
+                raise invalid(f"TLS PSK is not a valid NVMeTLSkey-1 key: {exc}") from None
         return self
 
 
@@ -67,6 +79,7 @@ class NvmeHost(Protocol):
     def controllers(self, nqn: str) -> list[Controller]: ...
     def connect(self, spec: ConnectSpec) -> None: ...
     def disconnect(self, controller: str) -> None: ...
+    def forget_psks(self, hostnqn: str, nqn: str) -> None: ...
     def namespace_device(self, nqn: str) -> str | None: ...
     def rescan(self, controller: str) -> None: ...
     def device_size(self, device: str) -> int: ...
@@ -92,6 +105,23 @@ def connect_argv(spec: ConnectSpec) -> list[str]:
     return argv
 
 
+def fabrics_options(spec: ConnectSpec) -> str:
+    """The option string /dev/nvme-fabrics takes (what nvme-cli writes there): values were
+    validated, and none may hold ',' (the kernel splits options on it)."""
+    spec.validate()
+    opts = [("transport", spec.transport), ("traddr", spec.address), ("trsvcid", spec.port), ("nqn", spec.nqn),
+            ("hostnqn", spec.hostnqn), ("hostid", spec.hostid), ("ctrl_loss_tmo", str(int(spec.ctrl_loss_tmo))),
+            ("reconnect_delay", str(int(spec.reconnect_delay)))]
+    if spec.dhchap_secret:
+        opts.append(("dhchap_secret", spec.dhchap_secret))
+    if spec.dhchap_ctrl_secret:
+        opts.append(("dhchap_ctrl_secret", spec.dhchap_ctrl_secret))
+    for key, value in opts:
+        if "," in value:
+            raise invalid(f"NVMe connect option {key} holds ','")
+    return ",".join(f"{k}={v}" for k, v in opts) + (",tls" if spec.tls_psk else "")
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text().strip()
@@ -102,10 +132,13 @@ def _read(path: Path) -> str:
 class SysfsNvmeHost:
     """The real host: nvme-cli for actions, sysfs (under a configurable root) for state."""
 
-    def __init__(self, sysfs_root: str = "/sys", runner: Runner = subprocess_runner, timeout: float = 60.0) -> None:
+    def __init__(self, sysfs_root: str = "/sys", runner: Runner = subprocess_runner, timeout: float = 60.0,
+                 keyring: Keyring | None = None, fabrics: str = "/dev/nvme-fabrics") -> None:
         self.sys = Path(sysfs_root)
         self.run = runner
         self.timeout = timeout
+        self.keyring = keyring  # TLS PSKs (zvolt/keyring.py); None: TLS connects are refused
+        self.fabrics = fabrics
 
     def controllers(self, nqn: str) -> list[Controller]:
         check_nqn(nqn)
@@ -150,14 +183,49 @@ class SysfsNvmeHost:
         return None
 
     def connect(self, spec: ConnectSpec) -> None:
+        if spec.tls_psk:
+            self._connect_tls(spec)
+            return
         argv = connect_argv(spec)
         check(self.run(argv, self.timeout), argv, "nvme connect")
+
+    def _connect_tls(self, spec: ConnectSpec) -> None:
+        options = fabrics_options(spec)
+        if self.keyring is None:
+            raise unavailable("this node plugin keeps no TLS PSKs (no .nvme keyring adapter)")
+        try:
+            self.keyring.put(tlspsk.identity(spec.tls_psk, spec.hostnqn, spec.nqn),
+                             tlspsk.retained(spec.tls_psk, spec.hostnqn))
+        except KeyringError as exc:
+            raise unavailable(f"cannot file the TLS PSK of {spec.nqn}: {exc}") from None
+        try:
+            fd = os.open(self.fabrics, os.O_RDWR)
+            try:
+                os.write(fd, options.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # The kernel says only EIO or ENOKEY; tlshd's journal has the handshake's reason.
+            raise unavailable(f"NVMe/TCP TLS connect to {spec.nqn} at {spec.address}:{spec.port} failed "
+                              f"({exc.strerror}): is tlshd (ktls-utils) running on this node, and does the "
+                              "storage node hold the volume's PSK?") from None
 
     def disconnect(self, controller: str) -> None:
         if not _CTRL.fullmatch(controller):
             raise invalid(f"{controller!r} is not an NVMe controller name")
         argv = ["nvme", "disconnect", "--device", controller]
         check(self.run(argv, self.timeout), argv, "nvme disconnect")
+
+    def forget_psks(self, hostnqn: str, nqn: str) -> None:
+        """Take this host's TLS PSKs for the subsystem out of the keyring: after its controllers
+        are gone, also when the target ended them (a revocation deletes the controller)."""
+        if self.keyring is None:
+            return
+        try:
+            for identity in tlspsk.identities(hostnqn, nqn):
+                self.keyring.remove(identity)
+        except KeyringError:
+            return  # no .nvme keyring on this kernel: no TLS, nothing was filed
 
     def rescan(self, controller: str) -> None:
         if not _CTRL.fullmatch(controller):

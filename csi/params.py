@@ -47,6 +47,9 @@ _ORDINAL = re.compile(r"-[0-9]+$")
 # NVMe in-band authentication (csi/dhchap.py): "unidirectional", "bidirectional", or off.
 DHCHAP_KEY = "dhchap"
 DHCHAP_MODES = ("unidirectional", "bidirectional", "off")
+# NVMe/TCP TLS 1.3 with a per-volume pre-shared key (zvolt/tlspsk.py): "psk", or "off".
+TLS_KEY = "tls"
+TLS_MODES = ("psk", "off")
 ENCRYPTION_KEY = "encryption"
 # ZFS native encryption zvolt offers: the one cipher, and "off" (the default).
 ENCRYPTIONS = ("aes-256-gcm", "off")
@@ -55,7 +58,7 @@ ENCRYPTIONS = ("aes-256-gcm", "off")
 SECRET_KEY = "encryptionKey"  # noqa: S105 - the name of a Secret's key, not a secret
 _KEY_BYTES = 32
 DRIVER_KEYS = ("volblocksize", "compression", "thin", COMMITMENT_KEY, ENCRYPTION_KEY, GROUP_SPREAD_KEY, DHCHAP_KEY,
-               FSTYPE_KEY)
+               TLS_KEY, FSTYPE_KEY)
 # What ZFS can change on a live zvol and zvolt offers to change (ControllerModifyVolume).
 MUTABLE_KEYS = ("compression",)
 # Why each other driver key stays as created: the refusal tells the user.
@@ -66,6 +69,7 @@ _FIXED_BECAUSE = {
     ENCRYPTION_KEY: "ZFS fixes a volume's encryption when it is created (its key can be rotated)",
     GROUP_SPREAD_KEY: "it decides placement, which is done once",
     DHCHAP_KEY: "a volume's keys are made with it, in its Secret",
+    TLS_KEY: "a volume's keys are made with it, in its Secret",
     FSTYPE_KEY: "the filesystem is made once, on first use",
 }
 
@@ -86,6 +90,8 @@ class VolumeParams:
     group_spread: str = "off"
     # DH-HMAC-CHAP: "" (off), "unidirectional" or "bidirectional" (csi/dhchap.py).
     dhchap: str = ""
+    # NVMe/TCP TLS with the PSK kept in the volume's Secret (next to its DH-HMAC-CHAP keys).
+    tls: bool = False
 
     def group(self) -> tuple[str, str] | None:
         """(namespace, group) of the PVC this volume is made for, if its class spreads groups.
@@ -127,6 +133,7 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
     encrypted = False
     spread = "off"
     auth = ""
+    tls = False
     labels: dict[str, str] = {}
     for key, value in parameters.items():
         if key == "volblocksize":
@@ -150,6 +157,10 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
             if value not in DHCHAP_MODES:
                 raise invalid(f"parameter {DHCHAP_KEY}={value!r} is not one of {', '.join(DHCHAP_MODES)}")
             auth = "" if value == "off" else value
+        elif key == TLS_KEY:
+            if value not in TLS_MODES:
+                raise invalid(f"parameter {TLS_KEY}={value!r} is not one of {', '.join(TLS_MODES)}")
+            tls = value != "off"
         elif key == FSTYPE_KEY:
             if value not in SUPPORTED_FS:
                 raise invalid(f"{FSTYPE_KEY} {value!r} is not supported (supported: {', '.join(SUPPORTED_FS)})")
@@ -159,7 +170,8 @@ def parse(parameters: Mapping[str, str]) -> VolumeParams:
         else:
             raise invalid(f"unknown StorageClass parameter {key!r} (known: {', '.join(DRIVER_KEYS)})")
     return VolumeParams(volblocksize=volblocksize, compression=compression, thick=thick, fstype=fstype, labels=labels,
-                        commitment_ratio=ratio, encrypted=encrypted, group_spread=spread, dhchap=auth)
+                        commitment_ratio=ratio, encrypted=encrypted, group_spread=spread, dhchap=auth,
+                        tls=tls)
 
 
 def encryption_key(secrets: Mapping[str, str], which: str) -> bytes:

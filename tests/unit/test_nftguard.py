@@ -425,12 +425,13 @@ def test_agent_installs_the_storage_guard(monkeypatch: pytest.MonkeyPatch) -> No
     settings = agent_main.parse_settings([*base, "--storage-network", NET, "--nvme-port", "4421"], env={})
     agent_main.start_guard(settings, Metrics())
     [(spec, kw)] = calls
-    # The move port (agent/moves.py, default 7011) is kept to the storage network as well.
-    assert spec == GuardSpec(Role.STORAGE, ipaddress.ip_network(NET), (4421, 7011))
+    # The TLS port (default: the NVMe/TCP port + 1) and the move port (agent/moves.py, default
+    # 7011) are kept to the storage network as well.
+    assert spec == GuardSpec(Role.STORAGE, ipaddress.ip_network(NET), (4421, 4422, 7011))
     assert kw["prefix"] == "zvolt_agent" and kw["interval"] == 30
     calls.clear()
-    for moves, ports in (("off", (4421,)), ("10.42.0.1:7100", (4421, 7100))):
-        argv = [*base, "--storage-network", NET, "--nvme-port", "4421", "--move-listen", moves]
+    for moves, tls, ports in (("off", "4422", (4421, 4422)), ("10.42.0.1:7100", "4500", (4421, 4500, 7100))):
+        argv = [*base, "--storage-network", NET, "--nvme-port", "4421", "--move-listen", moves, "--nvme-tls-port", tls]
         agent_main.start_guard(agent_main.parse_settings(argv, env={}), Metrics())
         assert calls.pop()[0].ports == ports
     calls.clear()

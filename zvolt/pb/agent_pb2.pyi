@@ -446,18 +446,20 @@ class GetUsageResponse(_message.Message):
     def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeUsage, _Mapping]]] = ..., next_token: _Optional[str] = ..., pool: _Optional[_Union[PoolUsage, _Mapping]] = ..., not_found_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PublishVolumeRequest(_message.Message):
-    __slots__ = ("volume_id", "host_nqn", "encryption_key", "dhchap_key", "dhchap_ctrl_key")
+    __slots__ = ("volume_id", "host_nqn", "encryption_key", "dhchap_key", "dhchap_ctrl_key", "tls_psk")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_NQN_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_KEY_FIELD_NUMBER: _ClassVar[int]
     DHCHAP_KEY_FIELD_NUMBER: _ClassVar[int]
     DHCHAP_CTRL_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_PSK_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     host_nqn: str
     encryption_key: bytes
     dhchap_key: str
     dhchap_ctrl_key: str
-    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ..., encryption_key: _Optional[bytes] = ..., dhchap_key: _Optional[str] = ..., dhchap_ctrl_key: _Optional[str] = ...) -> None: ...
+    tls_psk: str
+    def __init__(self, volume_id: _Optional[str] = ..., host_nqn: _Optional[str] = ..., encryption_key: _Optional[bytes] = ..., dhchap_key: _Optional[str] = ..., dhchap_ctrl_key: _Optional[str] = ..., tls_psk: _Optional[str] = ...) -> None: ...
 
 class PublishVolumeResponse(_message.Message):
     __slots__ = ("nqn", "transport", "address", "port", "host_nqn")
