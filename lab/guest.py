@@ -23,6 +23,7 @@ PREFIX_LEN = 24
 # plugin's NVMe/TCP guard drops pod traffic forwarded to it (zvolt/nftguard.py).
 STORAGE_NETWORK = f"10.42.0.0/{PREFIX_LEN}"
 NVME_PORT = "4420"
+NVME_TLS_PORT = "4421"  # the agent's default TLS port (--nvme-tls-port: its NVMe/TCP port + 1)
 VETH_STORAGE = "veth-s"
 VETH_WORKER = "veth-w"
 # The optional peer link to a second guest (lab.qemu.PeerLink): its NIC is renamed PEER_DEV; on
@@ -78,7 +79,7 @@ def node_argv() -> list[str]:
     return [
         PYTHON, "-m", "csi.main", "--mode", "node", "--endpoint", f"unix://{SOCKETS['node']}",
         "--node-id", "worker-0", "--state-dir", "/var/lib/zvolt-node",
-        "--storage-network", STORAGE_NETWORK, "--nvme-port", NVME_PORT,
+        "--storage-network", STORAGE_NETWORK, "--nvme-port", f"{NVME_PORT},{NVME_TLS_PORT}",
     ]
 
 

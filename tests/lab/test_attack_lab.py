@@ -6,9 +6,9 @@ netns to the storage target 10.42.0.1:4420, the way a pod's traffic leaves a wor
 can read what a pod can read of the host: sysfs (`/sys/class/nvme/*`), nothing root-only.
 
 The guard (issue 12): the node plugin, started in the worker netns as the lab starts it
-(`--storage-network 10.42.0.0/24 --nvme-port 4420`), installs the nftables table
+(`--storage-network 10.42.0.0/24 --nvme-port 4420,4421`), installs the nftables table
 `inet zvolt_guard_worker` (zvolt/nftguard.py) that drops what the worker forwards to the
-storage network's NVMe/TCP port. "Guard off" = no node plugin and no table: the weakened
+storage network's NVMe/TCP ports (clear-text and TLS). "Guard off" = no node plugin and no table: the weakened
 network that the first half of these tests attacks.
 
 Guard off (what a pod gets when the network lets it through):
@@ -49,7 +49,7 @@ import pytest
 from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
 
 from agent.dhchap import generate_secret
-from lab.guest import SOCKETS, STORAGE_NETWORK, STORAGE_NS, WORKER_NS, agent_argv
+from lab.guest import NVME_TLS_PORT, SOCKETS, STORAGE_NETWORK, STORAGE_NS, WORKER_NS, agent_argv
 from zvolt.commands import Result, Runner
 from zvolt.names import volume_host_id, volume_host_nqn
 from zvolt.nft import Nft
@@ -73,8 +73,8 @@ UNPRIVILEGED = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-gr
 BLOCK = 4096
 T = 120
 # What the lab's node plugin and a `--storage-network` agent write (the module's own rules).
-WORKER_RULES = ruleset(guard_spec(Role.WORKER, STORAGE_NETWORK, guarded_ports(PORT)))
-STORAGE_RULES = ruleset(guard_spec(Role.STORAGE, STORAGE_NETWORK, guarded_ports(PORT)))
+WORKER_RULES = ruleset(guard_spec(Role.WORKER, STORAGE_NETWORK, guarded_ports([PORT, NVME_TLS_PORT])))
+STORAGE_RULES = ruleset(guard_spec(Role.STORAGE, STORAGE_NETWORK, guarded_ports([PORT, NVME_TLS_PORT])))
 # A dropped SYN is retried until the client gives up: the pod's tool waits this long.
 BLOCKED_TIMEOUT = 8.0
 GUARD_INTERVAL = "2"  # seconds between the keeper's checks (30 in production)

@@ -115,8 +115,9 @@ def host_py(lab: Any, code: str, netns: str = "worker", timeout: float = 180) ->
 
 def connect(lab: Any, nqn: str, hostnqn: str, hostid: str, psk: str, address: str = STORAGE_IP,
             netns: str = "worker") -> str:
-    spec = dict(nqn=nqn, transport="tcp", address=address, port=TLS_PORT, hostnqn=hostnqn, hostid=hostid,
-                ctrl_loss_tmo=30, reconnect_delay=1, tls_psk=psk)
+    """The node plugin's connect (psk "": clear text, through nvme-cli) and its device."""
+    spec = dict(nqn=nqn, transport="tcp", address=address, port=TLS_PORT if psk else PLAIN_PORT, hostnqn=hostnqn,
+                hostid=hostid, ctrl_loss_tmo=30, reconnect_delay=1, tls_psk=psk)
     return str(host_py(lab, f"""
 from csi.nvme_host import wait_for_device
 host.connect(ConnectSpec(**{spec!r}))
@@ -170,10 +171,11 @@ def test_a_tls_volume_carries_data_over_tls_and_refuses_clear_text(env: Env) -> 
     resp = env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST, tls_psk=psk), timeout=120)
     nqn, hostnqn, hostid = resp.nqn, resp.host_nqn, volume_host_id(HOST, vol.id)
     assert resp.port == TLS_PORT and hostnqn != HOST
-    tls_dir, plain_dir = _port_dir(lab, TLS_PORT), _port_dir(lab, PLAIN_PORT)
+    tls_dir = _port_dir(lab, TLS_PORT)
     assert lab.run(["cat", f"{tls_dir}/addr_tsas", f"{tls_dir}/addr_treq"]).stdout.split() == ["tls1.3", "required"]
     assert nqn in lab.run(["ls", f"{tls_dir}/subsystems"]).stdout.split()
-    assert nqn not in lab.run(["ls", f"{plain_dir}/subsystems"]).stdout.split()
+    linked = lab.run(["sh", "-c", f"ls {CONFIGFS}/ports/*/subsystems"]).stdout.split()
+    assert linked.count(nqn) == 1, "the TLS port only"
     identity = tlspsk.identity(psk, hostnqn, nqn)
     assert identity in _keys(lab), "the agent filed the retained PSK in the .nvme keyring"
 
@@ -196,7 +198,14 @@ def test_a_tls_volume_carries_data_over_tls_and_refuses_clear_text(env: Env) -> 
 
     # A clear-text volume keeps the clear-text port listening, so a refusal there is the target's.
     plain = env.stub.CreateVolume(pb.CreateVolumeRequest(name=uniq("plain"), size_bytes=16 * MiB), timeout=60).volume
-    env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=plain.id, host_nqn=HOST), timeout=120)
+    plain_nqn = env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=plain.id, host_nqn=HOST), timeout=120).nqn
+    started = time.monotonic()
+    connect(lab, plain_nqn, HOST, str(uuid.uuid4()), "")
+    plain_s = time.monotonic() - started
+    _say(f"same harness, clear-text connect + namespace: {plain_s:.1f} s; TLS {connect_s:.1f} s "
+         f"({connect_s / plain_s:.2f}x)")
+    host_py(lab, f"host.disconnect({controller(lab, plain_nqn)['name']!r}); print(json.dumps(1))")
+    plain_dir = _port_dir(lab, PLAIN_PORT)
     # Clear text, with everything the host has but the key: refused on both ports.
     on_tls = clear_text_read(lab, nqn, hostnqn, hostid, TLS_PORT)
     on_plain = clear_text_read(lab, nqn, hostnqn, hostid, PLAIN_PORT)
@@ -244,3 +253,54 @@ def test_a_publish_with_a_malformed_psk_is_refused_without_echoing_it(env: Env) 
         env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST, tls_psk=bad), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "A" * 20 not in (err.value.details() or "")
     env.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.id), timeout=60)
+
+
+# A process that joins a fresh keyring session (as a container does), looks for the .nvme keyring
+# in /proc/keys, links it to possess it, searches the identity and reads the key.
+KEYRING_READER = r'''
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def keyctl(*args):
+    argv = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    got = libc.syscall(ctypes.c_long(250), *argv)
+    return got if got >= 0 else -ctypes.get_errno()
+keyctl(1, ctypes.c_char_p(None))  # KEYCTL_JOIN_SESSION_KEYRING: a new anonymous session
+found = [line.split()[0] for line in open("/proc/keys") if " .nvme:" in line]
+out = {"uid": os.getuid(), "sees_keyring": bool(found), "psk": ""}
+if found:
+    ring = int(found[0], 16)
+    keyctl(8, ring, -3)  # KEYCTL_LINK into the session keyring: possession
+    key = keyctl(10, ring, ctypes.c_char_p(b"psk"), ctypes.c_char_p(sys.argv[1].encode()), 0)
+    if key > 0:
+        buf = ctypes.create_string_buffer(64)
+        n = keyctl(11, key, buf, 64)  # KEYCTL_READ
+        out["psk"] = buf.raw[:n].hex() if n > 0 else ""
+print(json.dumps(out))
+'''
+
+
+def test_the_retained_psk_is_readable_by_uid_0_only_FINDING(tlshd: Any) -> None:
+    """Who on a worker can read a staged volume's retained PSK from the kernel keyring: not
+    another uid (a pod's usual user); uid 0, even without capabilities, yes (SECURITY.md 3a)."""
+    lab = tlshd
+    lab.run(["mkdir", "-p", GUEST])
+    lab.run(["sh", "-c", f"cat > {GUEST}/keyring_reader.py && chmod 0755 {GUEST} && "
+                         f"chmod 0644 {GUEST}/keyring_reader.py"], input=KEYRING_READER)
+    psk = tlspsk.generate()
+    host_nqn, sub = f"{HOST}:v:0123456789abcdef", "nqn.2026-11.io.zvolt:storage-0:vfinding"
+    identity, retained = tlspsk.identity(psk, host_nqn, sub), tlspsk.retained(psk, host_nqn)
+    host_py(lab, f"host.keyring.put({identity!r}, bytes.fromhex({retained.hex()!r})); print(json.dumps(1))")
+    try:
+        drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+        reads = {}
+        for who, prefix in (("nobody", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *drop[1:]]),
+                            ("uid 0 without capabilities", drop)):
+            proc = lab.run([*prefix, lab.python, f"{GUEST}/keyring_reader.py", identity], netns="worker")
+            reads[who] = json.loads(proc.stdout.strip().splitlines()[-1])
+            _say(f"keyring read as {who}: sees .nvme {reads[who]['sees_keyring']}, "
+                 f"reads the PSK {reads[who]['psk'] == retained.hex()}")
+        assert not reads["nobody"]["sees_keyring"] and reads["nobody"]["psk"] == ""
+        assert reads["uid 0 without capabilities"]["psk"] == retained.hex(), "FINDING changed: update SECURITY.md"
+    finally:
+        host_py(lab, f"host.forget_psks({host_nqn!r}, {sub!r}); print(json.dumps(1))")

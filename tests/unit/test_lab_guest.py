@@ -30,7 +30,7 @@ def test_standard_service_command_lines() -> None:
     assert guest.node_argv() == [
         "/opt/zvolt/venv/bin/python", "-m", "csi.main", "--mode", "node", "--endpoint", "unix:///run/zvolt/node.sock",
         "--node-id", "worker-0", "--state-dir", "/var/lib/zvolt-node",
-        "--storage-network", "10.42.0.0/24", "--nvme-port", "4420",
+        "--storage-network", "10.42.0.0/24", "--nvme-port", "4420,4421",
     ]
 
 
