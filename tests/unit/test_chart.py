@@ -287,7 +287,7 @@ def test_node_daemonset(default_docs: list[Obj]) -> None:
     assert node["args"] == ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
                             "--state-dir=/var/lib/zvolt-node", "--metrics-listen=$(POD_IP):9103",
                             "--ctrl-loss-tmo=600", "--reconnect-delay=2", "--trim-interval=3600",
-                            f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420"]
+                            f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420,4421"]
     m = mounts(node)
     assert m["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
     assert {"/csi", "/dev", "/sys", "/etc/nvme", "/var/lib/zvolt-node", "/lib/modules"} <= set(m)
@@ -329,7 +329,7 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
     # NVMe/TCP on the node's address in the storage network (not the pod-reachable primary).
     assert agent["args"] == [
         "--node-name=$(NODE_NAME)", "--pool=tank", "--parent=tank/zvolt", "--listen=$(POD_IP):7001",
-        f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420",
+        f"--storage-network={STORAGE_NETWORK}", "--nvme-port=4420", "--nvme-tls-port=4421",
         "--metrics-listen=$(POD_IP):9101", "--state-dir=/var/lib/zvolt",
         "--shutdown-grace=20", "--commitment-ratio=3", "--growth-reserve=0.05", "--dhchap",
         "--tls-request", "--tls-request-hours=168", "--tls-ca=/etc/zvolt/tls/ca.crt",
@@ -342,7 +342,7 @@ def test_agent_daemonset(default_docs: list[Obj]) -> None:
     assert host_paths(spec) == {"dev": "/dev", "configfs": "/sys/kernel/config", "lib-modules": "/lib/modules",
                                 "state-dir": "/var/lib/zvolt"}
     assert {p["name"]: p["containerPort"] for p in agent["ports"]} == {"grpc": 7001, "nvme-tcp": 4420,
-                                                                        "metrics": 9101}
+                                                                        "nvme-tls": 4421, "metrics": 9101}
 
 
 def test_agent_values_reach_the_command_line() -> None:
@@ -364,12 +364,14 @@ def test_storage_network_is_required_and_validated() -> None:
 
 
 def test_guard_off_reaches_both_command_lines() -> None:
-    docs = render({"storageNetwork": {"cidr": "192.168.7.0/24", "guard": False}, "agent": {"nvmePort": 4421}})
+    docs = render({"storageNetwork": {"cidr": "192.168.7.0/24", "guard": False},
+                   "agent": {"nvmePort": 4421, "nvmeTlsPort": 4422}})
     ds = by_kind(docs, "DaemonSet")
-    for name, cname in ((f"{RELEASE}-zvolt-agent", "zvolt-agent"), (f"{RELEASE}-zvolt-node", "zvolt-node")):
+    for name, cname, ports in ((f"{RELEASE}-zvolt-agent", "zvolt-agent", "4421"),
+                               (f"{RELEASE}-zvolt-node", "zvolt-node", "4421,4422")):
         args = container(ds[name]["spec"]["template"]["spec"], cname)["args"]
         guard = [a for a in args if a.startswith(("--storage-network", "--nvme-port", "--no-guard"))]
-        assert guard == ["--storage-network=192.168.7.0/24", "--nvme-port=4421", "--no-guard"], name
+        assert guard == ["--storage-network=192.168.7.0/24", f"--nvme-port={ports}", "--no-guard"], name
     default = by_kind(render(), "DaemonSet")
     assert not any("--no-guard" in container(d["spec"]["template"]["spec"], c)["args"]
                    for d, c in ((default[f"{RELEASE}-zvolt-agent"], "zvolt-agent"),
@@ -750,7 +752,7 @@ def test_chart_command_lines_parse_with_the_real_clis(default_docs: list[Obj]) -
     nargs = csi_parser().parse_args(_expand(node["args"], pod_env))
     assert (nargs.mode, nargs.node_id, nargs.state_dir) == ("node", "storage-0", "/var/lib/zvolt-node")
     assert guard_spec(Role.WORKER, nargs.storage_network, nargs.nvme_port) == \
-        GuardSpec(Role.WORKER, ipaddress.ip_network(STORAGE_NETWORK), (4420,)) and not nargs.no_guard
+        GuardSpec(Role.WORKER, ipaddress.ip_network(STORAGE_NETWORK), (4420, 4421)) and not nargs.no_guard
 
     ctrl = container(by_kind(default_docs, "Deployment")[f"{RELEASE}-zvolt-controller"]["spec"]["template"]["spec"],
                      "zvolt-controller")

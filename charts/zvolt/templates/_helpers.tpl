@@ -57,13 +57,30 @@ path), so an empty value fails the render here with what to do. */}}
 {{- required "storageNetwork.cidr is required: the IPv4 CIDR of the network NVMe/TCP runs on, e.g. --set storageNetwork.cidr=10.42.0.0/24 (see SECURITY.md, The storage network)" .Values.storageNetwork.cidr -}}
 {{- end -}}
 
-{{/* Flags of the NVMe/TCP guard, the same for the agent and the node plugin. */}}
+{{/* Flags of the NVMe/TCP guard: call with (dict "ctx" $ "ports" PORTS). The agent is given its
+clear-text port here and its TLS port apart (it guards both); the node plugin guards every port a
+storage node serves, so it is given both ("4420,4421"). */}}
 {{- define "zvolt.guardArgs" -}}
-- --storage-network={{ include "zvolt.storageNetwork" . }}
-- --nvme-port={{ .Values.agent.nvmePort }}
-{{- if not .Values.storageNetwork.guard }}
+- --storage-network={{ include "zvolt.storageNetwork" .ctx }}
+- --nvme-port={{ .ports }}
+{{- if not .ctx.Values.storageNetwork.guard }}
 - --no-guard
 {{- end }}
+{{- end -}}
+
+{{/* The agents' NVMe/TCP port for TLS volumes. It is a second listener on the same address as
+agent.nvmePort, which the kernel cannot open twice, so an equal value fails the render here. */}}
+{{- define "zvolt.nvmeTlsPort" -}}
+{{- $a := .Values.agent -}}
+{{- if eq (int $a.nvmeTlsPort) (int $a.nvmePort) -}}
+{{- fail (printf "agent.nvmeTlsPort %d is agent.nvmePort too: volumes of a class with tls=psk need a port of their own on the storage nodes; give another one, e.g. --set agent.nvmeTlsPort=%d" (int $a.nvmeTlsPort) (add1 (int $a.nvmePort))) -}}
+{{- end -}}
+{{- int $a.nvmeTlsPort -}}
+{{- end -}}
+
+{{/* Every NVMe/TCP port of a storage node, clear-text then TLS: the node plugin's --nvme-port. */}}
+{{- define "zvolt.nvmePorts" -}}
+{{- printf "%d,%s" (int .Values.agent.nvmePort) (include "zvolt.nvmeTlsPort" .) -}}
 {{- end -}}
 
 {{- define "zvolt.caSecret" -}}{{ include "zvolt.fullname" . }}-ca{{- end -}}
@@ -167,4 +184,43 @@ so a class that differs from the top-level value in being on or off fails the re
 {{- end -}}
 {{- end -}}
 {{- $mode -}}
+{{- end -}}
+
+{{/*
+A class's NVMe/TCP TLS mode: call with (dict "ctx" $ "sc" <class>); "psk" or "off". Absent, "off"
+and false (YAML's reading of an unquoted off) are off. A TLS class's PSK lives in the volume's
+Secret zvolt-dhchap-<PV name>, which kubelet hands to the node plugin as the node-stage secret, so
+the class cannot name a node-stage secret of its own. The schema refuses other values first;
+these refusals hold when it is skipped.
+*/}}
+{{- define "zvolt.tlsClassMode" -}}
+{{- $m := "off" -}}
+{{- if hasKey .sc "tls" -}}
+{{- $m = toString .sc.tls -}}
+{{- end -}}
+{{- if has $m (list "false" "off" "" "<nil>") -}}
+{{- $m = "off" -}}
+{{- else if ne $m "psk" -}}
+{{- fail (printf "storageClasses %s: tls=%s is neither psk nor off; psk (NVMe/TCP TLS 1.3 with a per-volume pre-shared key, tlshd running on every storage node and worker) or off (YAML reads an unquoted on as true: write psk)" .sc.name $m) -}}
+{{- end -}}
+{{- if eq $m "psk" -}}
+{{- range $k, $_ := .sc.extraParameters -}}
+{{- if hasPrefix "csi.storage.k8s.io/node-stage-secret-" $k -}}
+{{- fail (printf "storageClasses %s: extraParameters %s: with tls=psk the node-stage secret is the volume's Secret holding its TLS PSK (%s); remove it from extraParameters" $.sc.name $k (include "zvolt.dhchapSecretName" $.ctx)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $m -}}
+{{- end -}}
+
+{{/* "true" when the controller keeps per-volume keys in Secrets of the release namespace (so it
+needs --dhchap-secret-namespace and the Role): DH-HMAC-CHAP is on, or a class uses TLS. */}}
+{{- define "zvolt.volumeKeysOn" -}}
+{{- $on := include "zvolt.dhchapOn" . -}}
+{{- range .Values.storageClasses -}}
+{{- if eq (include "zvolt.tlsClassMode" (dict "ctx" $ "sc" .)) "psk" -}}
+{{- $on = "true" -}}
+{{- end -}}
+{{- end -}}
+{{- $on -}}
 {{- end -}}
