@@ -62,6 +62,18 @@ class Storage:
         _, local = split_volume_id(volume_id)
         return volume_host_nqn(host_nqn or self.node_id, local)
 
+    def port_links(self, volume_id: str) -> dict[str, str]:
+        """trsvcid -> addr_tsas of every nvmet port the volume's subsystem is linked to."""
+        node, local = split_volume_id(volume_id)
+        script = ('for p in /sys/kernel/config/nvmet/ports/*; do [ -L "$p/subsystems/$1" ] && '
+                  'echo "$(cat $p/addr_trsvcid) $(cat $p/addr_tsas 2>/dev/null || echo none)"; done; true')
+        out = self.lab.run(["sh", "-c", script, "sh", subsystem_nqn(node, local)])
+        return dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+
+    def keyring_holds(self, identity: str) -> bool:
+        """Whether a TLS PSK of this identity is in the storage node's kernel keyring."""
+        return identity in self.lab.run(["cat", "/proc/keys"]).stdout
+
     def host_auth(self, host_nqn: str) -> dict[str, str]:
         """The DH-HMAC-CHAP attributes of nvmet's host entry (root-only configfs in the storage
         node; the keys are secrets: compare them, never print them). {} when there is no entry."""

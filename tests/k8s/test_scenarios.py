@@ -28,7 +28,7 @@ from kubernetes.client.rest import ApiException
 
 from kubectl_zvolt import cli as kubectl_zvolt
 from lab.guest import Lab
-from zvolt import names
+from zvolt import names, tlspsk
 
 from . import storage
 from .chartpod import CHART, Chart, LocalPod, local_exec, local_pod, project_commands, run_container
@@ -313,6 +313,61 @@ def test_dhchap_keys_live_in_a_secret_per_pv_and_never_in_the_attachment(zvolt: 
     z.say(f"k8s scenario DH-HMAC-CHAP ({mode}): Bound with its Secret {t_bound:.1f} s, attached under the "
           f"volume's host NQN with the Secret's keys {t_attached:.1f} s, detached {t_detached:.1f} s, "
           f"PVC deleted and Secret gone {time.monotonic() - t0:.1f} s (nvmet host entry {left})")
+
+
+def test_a_tls_class_keeps_its_psk_in_the_volumes_secret_and_exports_only_on_the_tls_port(
+        zvolt: Zvolt, ns: str) -> None:
+    """NVMe/TCP TLS (SECURITY.md 3a): a class with tls: psk. The controller adds the volume's PSK
+    to its Secret at CreateVolume; the PV names that Secret for node staging; the
+    VolumeAttachment's metadata says tls: psk and the TLS port, and holds no key; the agent
+    links the subsystem to its TLS port (addr_tsas tls1.3) and nowhere else, and files the PSK
+    in the kernel keyring under the worker's per-volume NQN; the detach takes the PSK out, the
+    PVC's deletion the Secret. (The stand-in kubelet stages nothing: the handshake itself is in
+    tests/lab/test_tls_lab.py.)"""
+    z, t0 = zvolt, time.monotonic()
+    sc = f"tls-{ns}"
+    client.StorageV1Api(z.cp.api).create_storage_class(client.V1StorageClass(
+        metadata=client.V1ObjectMeta(name=sc), provisioner="csi.zvolt.io",
+        parameters={"tls": "psk", **dhchap_parameters(z)}, volume_binding_mode="Immediate"))
+    try:
+        z.core.create_namespaced_persistent_volume_claim(ns, pvc("tlsdb", sc=sc))
+        z.core.create_namespaced_pod(ns, consumer("db-tls", "tlsdb"))
+        pv = bound_pv(z, ns, "tlsdb")
+        t_bound = time.monotonic() - t0
+        name, where = names.dhchap_secret_name(pv.metadata.name), z.chart.namespace
+        keys = {k: base64.b64decode(v).decode()
+                for k, v in (z.core.read_namespaced_secret(name, where).data or {}).items()}
+        psk = keys.get("tlsPsk", "")
+        assert psk.startswith("NVMeTLSkey-1:01:"), sorted(keys)
+        csi = pv.spec.csi
+        assert (csi.node_stage_secret_ref.name, csi.node_stage_secret_ref.namespace) == (name, where)
+        assert (csi.volume_attributes or {}).get("tls") == "psk"
+
+        va = z.wait("VolumeAttachment attached", lambda: attached(z, pv.metadata.name))
+        t_attached = time.monotonic() - t0
+        meta = dict(va.status.attachment_metadata or {})
+        assert meta.get("tls") == "psk" and meta.get("port") == "4421", sorted(meta.items())
+        leaked = sorted(k for k, v in meta.items() if "NVMeTLSkey" in v or any(key in v for key in keys.values()))
+        assert leaked == [], f"publish_context entries holding key material: {leaked}"
+        handle = csi.volume_handle
+        host = z.storage.volume_host(handle)
+        assert z.storage.allowed_hosts(handle) == [host]
+        assert z.storage.port_links(handle) == {"4421": "tls1.3"}
+        node, local = names.split_volume_id(handle)
+        identity = tlspsk.identity(psk, host, names.subsystem_nqn(node, local))
+        assert z.storage.keyring_holds(identity)
+
+        t_detached = detach_then_delete(z, ns, "db-tls", "tlsdb", pv) - t0
+        assert not z.storage.keyring_holds(identity), "the detach took the PSK out of the keyring"
+        z.wait(f"Secret {where}/{name} deleted with the volume", lambda: gone(
+            lambda: z.core.read_namespaced_secret(name, where)))
+        z.say(f"k8s scenario TLS class: Bound with the PSK in its Secret {t_bound:.1f} s, attached on the TLS "
+              f"port only {t_attached:.1f} s, detached and PSK gone {t_detached:.1f} s, Secret gone "
+              f"{time.monotonic() - t0:.1f} s")
+    finally:
+        with contextlib.suppress(ApiException):
+            z.core.delete_namespaced_pod("db-tls", ns, grace_period_seconds=0)
+        client.StorageV1Api(z.cp.api).delete_storage_class(sc)
 
 
 def test_unusable_class_says_why_on_the_pvc(zvolt: Zvolt, ns: str) -> None:
