@@ -22,6 +22,7 @@ skip with one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -304,3 +305,74 @@ def test_the_retained_psk_is_readable_by_uid_0_only_FINDING(tlshd: Any) -> None:
         assert reads["uid 0 without capabilities"]["psk"] == retained.hex(), "FINDING changed: update SECURITY.md"
     finally:
         host_py(lab, f"host.forget_psks({host_nqn!r}, {sub!r}); print(json.dumps(1))")
+
+
+def test_csi_attach_with_tls_and_dhchap_end_to_end_and_no_key_in_logs(env: Env) -> None:
+    """The CSI path on the kernel: controller (keys in a folder, --dhchap-secret-dir, what the
+    chart's Secrets are) -> agent -> TLS port; the node plugin service with the Secret as its
+    node-stage secrets connects with TLS and DH-HMAC-CHAP under its per-volume NQN, a filesystem
+    goes on and is written; no key in publish_context or any journal; detach leaves no PSK."""
+    from test_csi_lab import WRITE, Attached, Csi, mount_cap  # type: ignore[import-not-found]
+
+    from zvolt.names import dhchap_secret_name, volume_host_nqn
+    from zvolt.pb import csi_pb2
+
+    lab = env.lab
+    keys_dir = "/var/lib/zvolt-controller/dhchap"
+    lab.start_controller("--dhchap-secret-dir", keys_dir)  # type: ignore[attr-defined]
+    lab.start_node()  # type: ignore[attr-defined]
+    csi = Csi(lab)
+    try:
+        name = uniq("csitls")
+        req = csi_pb2.CreateVolumeRequest(name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                                          volume_capabilities=[mount_cap()],
+                                          parameters={"tls": "psk", "dhchap": "bidirectional"})
+        vol = csi.ctl.CreateVolume(req, timeout=120).volume
+        csi.created.append(vol.volume_id)
+        assert (vol.volume_context["tls"], vol.volume_context["dhchap"]) == ("psk", "bidirectional")
+        secret_file = f"{keys_dir}/{dhchap_secret_name(name)}"
+        keys = json.loads(lab.run(["cat", secret_file]).stdout)
+        assert sorted(keys) == ["dhchapCtrlKey", "dhchapKey", "tlsPsk"]
+        ctx = dict(csi.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=csi.node_id, volume_capability=mount_cap(),
+            volume_context=vol.volume_context), timeout=120).publish_context)
+        assert ctx["tls"] == "psk" and ctx["port"] == TLS_PORT, ctx
+        assert not [v for v in ctx.values() if any(k in v for k in keys.values())], sorted(ctx)
+        base = f"/var/lib/zvolt-lab-csi/{vol.volume_id.replace('/', '_')}"
+        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", mount_cap(), ctx)
+        csi.attached.append(att)
+        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                               staging_target_path=att.staging, volume_capability=att.cap)
+        with pytest.raises(grpc.RpcError) as err:  # kubelet without the node-stage secret
+            csi.node.NodeStageVolume(stage, timeout=120)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        stage.secrets.update(keys)
+        started = time.monotonic()
+        csi.node.NodeStageVolume(stage, timeout=180)
+        staged_s = time.monotonic() - started
+        csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, target_path=att.target,
+            volume_capability=att.cap), timeout=120)
+        ctrl = controller(lab, att.nqn)
+        local = vol.volume_id.split("/")[1]
+        assert ctrl["tls_key"] and ctrl["hostnqn"] == volume_host_nqn(csi.node_id, local), ctrl
+        assert f"trsvcid={TLS_PORT}" in ctrl["address"]
+        digest = csi.py(WRITE.format(path=att.target + "/f"))
+        assert len(digest) == 64
+        _say(f"NodeStageVolume with TLS + DH-HMAC-CHAP (connect, mkfs, mount): {staged_s:.1f} s")
+        identity = tlspsk.identity(keys["tlsPsk"], ctrl["hostnqn"], att.nqn)
+        journals = {s: lab.service_log(s, lines=3000) for s in ("agent", "controller", "node")}  # type: ignore
+        journals["tlshd"] = tlshd_journal(lab, ["storage", "worker"])
+        for service, log in journals.items():
+            for k in keys.values():
+                assert k not in log and k.split(":")[2][:20] not in log, f"a key in the {service} log"
+        csi.detach(att)
+        csi.assert_clean(att)
+        assert identity not in _keys(lab), "NodeUnstage and ControllerUnpublish took both PSKs out"
+        csi.ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=120)
+        csi.created.remove(vol.volume_id)
+        assert lab.run(["test", "-e", secret_file], check=False).returncode != 0, "DeleteVolume removes the keys"
+    finally:
+        with contextlib.suppress(grpc.RpcError):
+            csi.cleanup()
+        lab.start_controller()  # type: ignore[attr-defined]
