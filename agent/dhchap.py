@@ -16,19 +16,16 @@ little-endian)>:`` where hh names the hash used to transform the key (01 = SHA-2
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import json
 import os
 import re
 import secrets
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from zvolt import names, tlspsk
+from zvolt import keyformat, names, tlspsk
 from zvolt.errors import invalid
 from zvolt.files import write_private_json
 
@@ -51,8 +48,7 @@ def encode_secret(key: bytes, transform: int = 1) -> str:
         raise SecretError(f"a DH-HMAC-CHAP key is 32, 48 or 64 bytes, not {len(key)}")
     if transform and len(key) != KEY_LENGTHS[transform]:
         raise SecretError(f"transform {transform:02d} needs a {KEY_LENGTHS[transform]}-byte key")
-    crc = zlib.crc32(key).to_bytes(4, "little")
-    return f"DHHC-1:{transform:02d}:{base64.b64encode(key + crc).decode()}:"
+    return f"DHHC-1:{transform:02d}:{keyformat.wrap(key)}:"
 
 
 def decode_secret(secret: str) -> tuple[int, bytes]:
@@ -61,14 +57,11 @@ def decode_secret(secret: str) -> tuple[int, bytes]:
     if not m:
         raise SecretError("not a DHHC-1 secret")
     try:
-        raw = base64.b64decode(m.group(2), validate=True)
-    except binascii.Error as exc:
-        raise SecretError("DHHC-1 secret is not valid base64") from exc
-    key, crc = raw[:-4], raw[-4:]
+        key = keyformat.unwrap(m.group(2), "DHHC-1 secret")
+    except keyformat.KeyFormatError as exc:
+        raise SecretError(str(exc)) from None
     if len(key) not in KEY_LENGTHS.values():
         raise SecretError(f"DHHC-1 key is {len(key)} bytes; expected 32, 48 or 64")
-    if zlib.crc32(key).to_bytes(4, "little") != crc:
-        raise SecretError("DHHC-1 secret CRC does not match its key")
     transform = int(m.group(1))
     if transform and len(key) != KEY_LENGTHS[transform]:
         raise SecretError(f"DHHC-1 transform {transform:02d} needs a {KEY_LENGTHS[transform]}-byte key")

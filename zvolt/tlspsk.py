@@ -17,14 +17,12 @@ handshake. Nothing else in zvolt derives or names a PSK.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import re
 import secrets
-import zlib
 
+from zvolt import keyformat
 from zvolt.names import check_nqn
 
 KEY_LENGTHS = {1: 32, 2: 48}
@@ -40,7 +38,7 @@ def encode(key: bytes, hash_id: int = 1) -> str:
     if KEY_LENGTHS.get(hash_id) != len(key):
         raise PskError(f"a TLS PSK with hash {hash_id:02d} is {KEY_LENGTHS.get(hash_id, '32 or 48')} bytes, "
                        f"not {len(key)}")
-    return f"NVMeTLSkey-1:{hash_id:02d}:{base64.b64encode(key + zlib.crc32(key).to_bytes(4, 'little')).decode()}:"
+    return f"NVMeTLSkey-1:{hash_id:02d}:{keyformat.wrap(key)}:"
 
 
 def decode(psk: str) -> tuple[int, bytes]:
@@ -49,14 +47,12 @@ def decode(psk: str) -> tuple[int, bytes]:
     if not m:
         raise PskError("not an NVMeTLSkey-1 PSK")
     try:
-        raw = base64.b64decode(m.group(2), validate=True)
-    except binascii.Error as exc:
-        raise PskError("NVMeTLSkey-1 PSK is not valid base64") from exc
-    hash_id, key, crc = int(m.group(1)), raw[:-4], raw[-4:]
+        key = keyformat.unwrap(m.group(2), "NVMeTLSkey-1 PSK")
+    except keyformat.KeyFormatError as exc:
+        raise PskError(str(exc)) from None
+    hash_id = int(m.group(1))
     if len(key) != KEY_LENGTHS[hash_id]:
         raise PskError(f"NVMeTLSkey-1 PSK with hash {hash_id:02d} needs a {KEY_LENGTHS[hash_id]}-byte key")
-    if zlib.crc32(key).to_bytes(4, "little") != crc:
-        raise PskError("NVMeTLSkey-1 PSK CRC does not match its key")
     return hash_id, key
 
 

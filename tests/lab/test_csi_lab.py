@@ -104,6 +104,29 @@ class Csi:
         self.node_attach(att)
         return att
 
+    def attach_with_node_secrets(self, vol: csi_pb2.Volume, secrets: dict[str, str]) -> Attached:
+        """As kubelet does for a class that names a node-stage secret: ControllerPublish with the
+        volume's context; NodeStage refused without the secret (FAILED_PRECONDITION), done with
+        it; NodePublish."""
+        cap = mount_cap()
+        ctx = dict(self.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=self.node_id, volume_capability=cap,
+            volume_context=vol.volume_context), timeout=T).publish_context)
+        base = f"{WORK}/{vol.volume_id.replace('/', '_')}"
+        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", cap, ctx)
+        self.attached.append(att)
+        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
+                                               staging_target_path=att.staging, volume_capability=cap)
+        with pytest.raises(grpc.RpcError) as err:
+            self.node.NodeStageVolume(stage, timeout=T)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+        stage.secrets.update(secrets)
+        self.node.NodeStageVolume(stage, timeout=T)
+        self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, target_path=att.target,
+            volume_capability=cap), timeout=T)
+        return att
+
     def node_attach(self, att: Attached) -> None:
         vol_id, ctx, cap = att.volume_id, att.ctx, att.cap
         stage = csi_pb2.NodeStageVolumeRequest(

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from test_agent_lab import CONFIGFS, Env, MiB, agent_session, host_nqn, uniq, wait_ready  # type: ignore[import-not-found]
-from test_csi_lab import WRITE, Attached, Csi, mount_cap  # type: ignore[import-not-found]
+from test_csi_lab import WRITE, Csi, mount_cap  # type: ignore[import-not-found]
 
 from agent.dhchap import decode_secret, generate_secret
 from zvolt.names import dhchap_secret_name, volume_host_id, volume_host_nqn
@@ -188,23 +188,10 @@ def test_csi_attach_with_dhchap_end_to_end_and_no_key_in_logs(env: Env) -> None:
         assert lab.run(["stat", "-c", "%a", keys_dir, secret_file]).stdout.split() == ["700", "600"]
         keys = json.loads(lab.run(["cat", secret_file]).stdout)
         assert sorted(keys) == ["dhchapCtrlKey", "dhchapKey"]
-        ctx = dict(csi.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vol.volume_id, node_id=csi.node_id, volume_capability=mount_cap(),
-            volume_context=vol.volume_context), timeout=120).publish_context)
+        # kubelet without the node-stage secret is refused, with it the node plugin connects.
+        att = csi.attach_with_node_secrets(vol, keys)
+        ctx = att.ctx
         assert ctx["dhchap"] == "bidirectional" and not [v for v in ctx.values() if "DHHC-1" in v], ctx
-        base = f"/var/lib/zvolt-lab-csi/{vol.volume_id.replace('/', '_')}"
-        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", mount_cap(), ctx)
-        csi.attached.append(att)
-        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
-                                               staging_target_path=att.staging, volume_capability=att.cap)
-        with pytest.raises(grpc.RpcError) as err:  # kubelet without the node-stage secret
-            csi.node.NodeStageVolume(stage, timeout=120)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        stage.secrets.update(keys)
-        csi.node.NodeStageVolume(stage, timeout=120)
-        csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, target_path=att.target,
-            volume_capability=att.cap), timeout=120)
         local = vol.volume_id.split("/")[1]
         ctrls = csi.controllers_for(att.nqn)
         assert ctrls, "the node plugin connected with the node-stage secrets"

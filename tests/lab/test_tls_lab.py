@@ -312,7 +312,7 @@ def test_csi_attach_with_tls_and_dhchap_end_to_end_and_no_key_in_logs(env: Env) 
     chart's Secrets are) -> agent -> TLS port; the node plugin service with the Secret as its
     node-stage secrets connects with TLS and DH-HMAC-CHAP under its per-volume NQN, a filesystem
     goes on and is written; no key in publish_context or any journal; detach leaves no PSK."""
-    from test_csi_lab import WRITE, Attached, Csi, mount_cap  # type: ignore[import-not-found]
+    from test_csi_lab import WRITE, Csi, mount_cap  # type: ignore[import-not-found]
 
     from zvolt.names import dhchap_secret_name, volume_host_nqn
     from zvolt.pb import csi_pb2
@@ -333,33 +333,20 @@ def test_csi_attach_with_tls_and_dhchap_end_to_end_and_no_key_in_logs(env: Env) 
         secret_file = f"{keys_dir}/{dhchap_secret_name(name)}"
         keys = json.loads(lab.run(["cat", secret_file]).stdout)
         assert sorted(keys) == ["dhchapCtrlKey", "dhchapKey", "tlsPsk"]
-        ctx = dict(csi.ctl.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
-            volume_id=vol.volume_id, node_id=csi.node_id, volume_capability=mount_cap(),
-            volume_context=vol.volume_context), timeout=120).publish_context)
+        started = time.monotonic()
+        att = csi.attach_with_node_secrets(vol, keys)
+        staged_s = time.monotonic() - started
+        ctx = att.ctx
         assert ctx["tls"] == "psk" and ctx["port"] == TLS_PORT, ctx
         assert not [v for v in ctx.values() if any(k in v for k in keys.values())], sorted(ctx)
-        base = f"/var/lib/zvolt-lab-csi/{vol.volume_id.replace('/', '_')}"
-        att = Attached(vol.volume_id, ctx["nqn"], f"{base}/staging", f"{base}/pod/volume", mount_cap(), ctx)
-        csi.attached.append(att)
-        stage = csi_pb2.NodeStageVolumeRequest(volume_id=vol.volume_id, publish_context=ctx,
-                                               staging_target_path=att.staging, volume_capability=att.cap)
-        with pytest.raises(grpc.RpcError) as err:  # kubelet without the node-stage secret
-            csi.node.NodeStageVolume(stage, timeout=120)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        stage.secrets.update(keys)
-        started = time.monotonic()
-        csi.node.NodeStageVolume(stage, timeout=180)
-        staged_s = time.monotonic() - started
-        csi.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
-            volume_id=vol.volume_id, publish_context=ctx, staging_target_path=att.staging, target_path=att.target,
-            volume_capability=att.cap), timeout=120)
         ctrl = controller(lab, att.nqn)
         local = vol.volume_id.split("/")[1]
         assert ctrl["tls_key"] and ctrl["hostnqn"] == volume_host_nqn(csi.node_id, local), ctrl
         assert f"trsvcid={TLS_PORT}" in ctrl["address"]
         digest = csi.py(WRITE.format(path=att.target + "/f"))
         assert len(digest) == 64
-        _say(f"NodeStageVolume with TLS + DH-HMAC-CHAP (connect, mkfs, mount): {staged_s:.1f} s")
+        _say(f"attach with TLS + DH-HMAC-CHAP (ControllerPublish, NodeStage refused without the secret, "
+             f"NodeStage with it: connect, mkfs, mount; NodePublish): {staged_s:.1f} s")
         identity = tlspsk.identity(keys["tlsPsk"], ctrl["hostnqn"], att.nqn)
         journals = {s: lab.service_log(s, lines=3000) for s in ("agent", "controller", "node")}  # type: ignore
         journals["tlshd"] = tlshd_journal(lab, ["storage", "worker"])

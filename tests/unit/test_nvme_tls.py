@@ -10,35 +10,27 @@ import hashlib
 import hmac
 import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from test_security_dhchap import CAP, HOST, GiB, Stack, _agent_parts, _Capture, _stage  # type: ignore[import-not-found]
+from test_security_dhchap import CAP, HOST, GiB, Stack, _agent_parts, _Capture, _stage, running_stack  # type: ignore[import-not-found]
 
 from agent import nvmet
 from agent.exports import ExportConfig, Exports
 from agent.fakes import FakeZfs, _Ds
-from agent.metrics import Metrics
 from agent.recovery import Readiness, Recovery
-from agent.server import AgentServicer, make_server
 from agent.volumes import AgentConfig, Volumes
-from csi import dhchap
 from csi.agents import AgentPool, parse_static
 from csi.controller import ControllerService
-from csi.identity import IdentityService
 from csi.nvme_host import ConnectSpec, SysfsNvmeHost, fabrics_options
-from csi.server import Services, build_server
 from zvolt import tlspsk
 from zvolt.errors import ZvoltError
 from zvolt.keyring import MemoryKeyring
 from zvolt.names import dhchap_secret_name, volume_host_nqn
-from zvolt.pb import agent_pb2_grpc as pb_grpc
-from zvolt.pb import csi_pb2, csi_pb2_grpc
-from zvolt.rpc import parse_endpoint
+from zvolt.pb import csi_pb2
 
 SUB = "nqn.2026-11.io.zvolt:storage-0:vabc"
 
@@ -86,36 +78,9 @@ def test_retained_psk_is_hkdf_expand_label_over_the_host_nqn() -> None:
 
 @pytest.fixture
 def tls_stack() -> Iterator[tuple[Stack, MemoryKeyring]]:
-    tmp = tempfile.mkdtemp(prefix="zvtls", dir="/tmp")
-    zfs = FakeZfs()
-    zfs.ds["tank"] = _Ds("filesystem")
     keyring = MemoryKeyring()
-    volumes, readiness, _, index = _agent_parts(tmp, zfs, False, require=False)
-    volumes.exports.keyring = keyring
-    metrics = Metrics()
-    agent_server = make_server(AgentServicer(volumes, readiness, metrics), metrics, workers=4)
-    agent_server.add_insecure_port(f"unix://{tmp}/agent.sock")
-    agent_server.start()
-    pool = AgentPool(lambda: parse_static(f"storage-0=unix://{tmp}/agent.sock"), tls=None, timeout=10)
-    secrets = dhchap.MemorySecrets("zvolt-system")
-    ctl_server, target = build_server(
-        Services(identity=IdentityService(True, lambda: True),
-                 controller=ControllerService(pool, keys=dhchap.VolumeKeys(secrets))),
-        parse_endpoint(f"unix://{tmp}/controller.sock"),
-    )
-    ctl_server.start()
-    agent_channel = grpc.insecure_channel(f"unix://{tmp}/agent.sock")
-    ctl_channel = grpc.insecure_channel(target)
-    yield (Stack(tmp, zfs, f"{tmp}/configfs", pb_grpc.AgentStub(agent_channel),
-                 csi_pb2_grpc.ControllerStub(ctl_channel), [agent_server, ctl_server], [agent_channel, ctl_channel],
-                 pool, index, secrets, ""), keyring)
-    for ch in (agent_channel, ctl_channel):
-        ch.close()
-    for s in (ctl_server, agent_server):
-        s.stop(None)
-    pool.close()
-    index.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    with running_stack("", require=False, keyring=keyring) as stack:
+        yield stack, keyring
 
 
 def _port_of(configfs: str, trsvcid: str) -> str:

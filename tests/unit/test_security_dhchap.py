@@ -7,6 +7,7 @@ tests/lab/test_security_lab.py; here the format, storage and plumbing are checke
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from csi.node import NodeService
 from csi.nvme_host import ConnectSpec, connect_argv
 from csi.server import Services, build_server
 from zvolt.errors import ZvoltError
+from zvolt.keyring import Keyring
 from zvolt.logs import JsonFormatter
 from zvolt.names import dhchap_secret_name, volume_host_id, volume_host_nqn
 from zvolt.pb import agent_pb2 as pb
@@ -202,12 +204,15 @@ def _agent_parts(tmp: str, zfs: FakeZfs, bidirectional: bool,
     return volumes, readiness, recovery, index
 
 
-@pytest.fixture(params=["unidirectional", "bidirectional"])
-def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(mode: str, require: bool = True, keyring: Keyring | None = None) -> Iterator[Stack]:
+    """Agent (emulated configfs, fake ZFS) and controller with a Secret store, over real gRPC on
+    unix sockets. mode: the DH-HMAC-CHAP mode the tests create volumes with ("" for none)."""
     tmp = tempfile.mkdtemp(prefix="zvsec", dir="/tmp")
     zfs = FakeZfs()
     zfs.ds["tank"] = _Ds("filesystem")
-    volumes, readiness, _, index = _agent_parts(tmp, zfs, request.param == "bidirectional")
+    volumes, readiness, _, index = _agent_parts(tmp, zfs, mode == "bidirectional", require=require)
+    volumes.exports.keyring = keyring
     metrics = Metrics()
     agent_server = make_server(AgentServicer(volumes, readiness, metrics), metrics, workers=4)
     agent_server.add_insecure_port(f"unix://{tmp}/agent.sock")
@@ -222,15 +227,24 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     ctl_server.start()
     agent_channel = grpc.insecure_channel(f"unix://{tmp}/agent.sock")
     ctl_channel = grpc.insecure_channel(target)
-    yield Stack(tmp, zfs, f"{tmp}/configfs", pb_grpc.AgentStub(agent_channel), csi_pb2_grpc.ControllerStub(ctl_channel),
-                [agent_server, ctl_server], [agent_channel, ctl_channel], pool, index, secrets, request.param)
-    for ch in (agent_channel, ctl_channel):
-        ch.close()
-    for s in (ctl_server, agent_server):
-        s.stop(None)
-    pool.close()
-    index.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield Stack(tmp, zfs, f"{tmp}/configfs", pb_grpc.AgentStub(agent_channel),
+                    csi_pb2_grpc.ControllerStub(ctl_channel), [agent_server, ctl_server],
+                    [agent_channel, ctl_channel], pool, index, secrets, mode)
+    finally:
+        for ch in (agent_channel, ctl_channel):
+            ch.close()
+        for s in (ctl_server, agent_server):
+            s.stop(None)
+        pool.close()
+        index.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["unidirectional", "bidirectional"])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with running_stack(request.param) as s:
+        yield s
 
 
 class _Capture(logging.Handler):
