@@ -363,3 +363,30 @@ def test_csi_attach_with_tls_and_dhchap_end_to_end_and_no_key_in_logs(env: Env) 
         with contextlib.suppress(grpc.RpcError):
             csi.cleanup()
         lab.start_controller()  # type: ignore[attr-defined]
+
+
+def test_without_tlshd_on_the_host_the_connect_fails_and_says_so(env: Env) -> None:
+    """A worker where tlshd does not run: the kernel has nobody to hand the handshake to; the node
+    plugin's connect fails (no hang) with an error that names tlshd, and works once it runs."""
+    lab = env.lab
+    vol = env.stub.CreateVolume(pb.CreateVolumeRequest(name=uniq("notlshd"), size_bytes=16 * MiB), timeout=60).volume
+    psk = tlspsk.generate()
+    resp = env.stub.PublishVolume(pb.PublishVolumeRequest(volume_id=vol.id, host_nqn=HOST, tls_psk=psk), timeout=120)
+    hostid = volume_host_id(HOST, vol.id)
+    stop_tlshd(lab, ["worker"])
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception) as err:
+            connect(lab, resp.nqn, resp.host_nqn, hostid, psk)
+        took = time.monotonic() - started
+        message = str(err.value).splitlines()[-1]
+        _say(f"connect without tlshd on the host failed in {took:.1f} s: {message[-200:]}")
+        assert "tlshd" in message and psk not in message
+        assert controller(lab, resp.nqn) == {}
+    finally:
+        start_tlshd(lab, ["worker"])
+    connect(lab, resp.nqn, resp.host_nqn, hostid, psk)
+    name = controller(lab, resp.nqn)["name"]
+    host_py(lab, f"host.disconnect({name!r}); host.forget_psks({resp.host_nqn!r}, {resp.nqn!r}); print(json.dumps(1))")
+    env.stub.UnpublishVolume(pb.UnpublishVolumeRequest(volume_id=vol.id, host_nqn=resp.host_nqn), timeout=120)
+    env.stub.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.id), timeout=120)
