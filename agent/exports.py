@@ -311,12 +311,12 @@ class Exports:
             return False, "volume is published but its NVMe subsystem is missing"
         if sub.attr("allow_any_host") != "0":
             return False, "NVMe subsystem allows any host (allow_any_host is not 0): access control is off"
-        if self.auth is not None:
-            keyless = [h for h in hosts if (self.require_auth or ((found := self.auth.load(h)) is not None
-                                                                  and found.secret))
-                       and not self.root.host(h).attr("dhchap_key")]
-            if keyless:
-                return False, f"allowed host {keyless[0]} has no DH-HMAC-CHAP key on the target"
+        # Each host's kept keys, read once here for every check below (one file per host).
+        kept = {h: self.auth.load(h) for h in hosts} if self.auth is not None else {}
+        keyless = [h for h, found in kept.items() if (self.require_auth or (found is not None and found.secret))
+                   and not self.root.host(h).attr("dhchap_key")]
+        if keyless:
+            return False, f"allowed host {keyless[0]} has no DH-HMAC-CHAP key on the target"
         ns = sub.namespace(1)
         if not ns.exists() or not ns.enabled:
             return False, "NVMe namespace 1 is missing or disabled"
@@ -326,10 +326,10 @@ class Exports:
             return False, "zvol device node is missing"
         if sorted(sub.allowed_hosts()) != sorted(hosts):
             return False, f"allowed hosts {sub.allowed_hosts()} differ from published hosts {sorted(hosts)}"
-        tls = self._is_tls(hosts)
-        if tls and self.keyring is not None:
-            missing = [h for h in hosts if (found := self.auth.load(h) if self.auth else None) is not None
-                       and found.tls_psk and not self.keyring.has(tlspsk.identity(found.tls_psk, h, sub.nqn))]
+        psks = {h: found.tls_psk for h, found in kept.items() if found is not None and found.tls_psk}
+        tls = bool(psks)
+        if self.keyring is not None:
+            missing = [h for h, psk in psks.items() if not self.keyring.has(tlspsk.identity(psk, h, sub.nqn))]
             if missing:
                 return False, f"allowed host {missing[0]} has no TLS PSK in the .nvme keyring"
         port = self.root.find_port(self.cfg.address, self.cfg.tls_port if tls else self.cfg.port)
@@ -339,7 +339,8 @@ class Exports:
             return False, f"subsystem is not linked to the NVMe/TCP {'TLS ' if tls else ''}port"
         if tls and port.tsas != "tls1.3":
             return False, f"the TLS port {self.cfg.tls_port} does not require TLS 1.3 (addr_tsas is {port.tsas!r})"
-        other = self.root.find_port(self.cfg.address, self.cfg.port if tls else self.cfg.tls_port)
-        if tls and other is not None and other.links(sub.nqn):
-            return False, f"TLS volume's subsystem is also linked to the clear-text port {self.cfg.port}"
+        if tls:
+            plain = self.root.find_port(self.cfg.address, self.cfg.port)
+            if plain is not None and plain.links(sub.nqn):
+                return False, f"TLS volume's subsystem is also linked to the clear-text port {self.cfg.port}"
         return True, ""

@@ -214,6 +214,16 @@ def test_restart_puts_the_psks_back_and_links_tls_volumes_to_the_tls_port(tmp_pa
     plain = root.find_port("10.42.0.1", "4420")
     assert plain is None or not plain.links(nqn)
     assert exports.condition(rec.id, rec.dataset, [per_volume]) == (True, "")
+    # Tampering the agent did not do is reported: the subsystem also in the clear, a TLS port
+    # that no longer requires TLS.
+    clear = root.find_or_create_port("10.42.0.1", "4420")
+    clear.add_subsystem(root.subsystem(nqn))
+    healthy, why = exports.condition(rec.id, rec.dataset, [per_volume])
+    assert not healthy and "clear-text port 4420" in why
+    clear.remove_subsystem(nqn)
+    tls_port.set_tsas("none")
+    healthy, why = exports.condition(rec.id, rec.dataset, [per_volume])
+    assert not healthy and "does not require TLS 1.3" in why
     index2.close()
 
 
