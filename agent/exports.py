@@ -119,8 +119,9 @@ class Exports:
             self._sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def export(self, volume_id: str, dataset: str, hosts: list[str], link: bool = True) -> None:
+    def export(self, volume_id: str, dataset: str, hosts: list[str], link: bool = True) -> bool:
         """Make the subsystem match `hosts` exactly (idempotent; repairs a half-built export).
+        Returns whether it is a TLS export (its hosts have TLS PSKs).
 
         link=False leaves the port link to a later `link_all` (start-up restores every
         subsystem first: see there)."""
@@ -153,6 +154,7 @@ class Exports:
             tls = self._sync_hosts(sub, hosts, reset=was_open)
             if link:
                 self._link(sub, tls)
+            return tls
 
     def _port(self, tls: bool) -> nvmet.Port:
         if tls:
@@ -167,25 +169,20 @@ class Exports:
         if other is not None and other.links(sub.nqn):
             other.remove_subsystem(sub.nqn)
 
-    def _is_tls(self, hosts: list[str]) -> bool:
-        """Whether a volume is published with TLS: its hosts' kept keys say so (one file each)."""
-        if self.auth is None:
-            return False
-        return any(found is not None and found.tls_psk for found in map(self.auth.load, hosts))
-
-    def link_all(self, volume_ids: list[str]) -> None:
+    def link_all(self, exported: dict[str, bool]) -> None:
         """Link already built subsystems to the port in one tight loop.
 
         The first link enables a (re)created port. A host that reconnects to a port whose
         subsystem is not linked yet gets "invalid subsystem" with DNR set, and the Linux host
         then deletes its controller instead of retrying (nvmf_should_reconnect). So after a
-        reboot nothing is linked until every subsystem is complete.
+        reboot nothing is linked until every subsystem is complete. `exported`: volume id ->
+        whether it is a TLS export, as `export` said.
         """
         with self._mu:
-            for vid in volume_ids:
+            for vid, tls in exported.items():
                 sub = self.root.subsystem(self.nqn(vid))
                 if sub.exists():
-                    self._link(sub, self._is_tls(sub.allowed_hosts()))
+                    self._link(sub, tls)
 
     def _host_refs(self) -> dict[str, set[str]]:
         if self._refs is None:

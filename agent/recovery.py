@@ -169,10 +169,11 @@ class Recovery:
             ready.append(vol)
         return ready
 
-    def _restore_one(self, vol: VolumeRec, activated: bool = False) -> None:
+    def _restore_one(self, vol: VolumeRec, activated: bool = False) -> bool:
+        """Rebuild one export, not yet linked; returns whether it is a TLS export."""
         if not activated and not self.zfs.device_ready(vol.dataset):
             self.zfs.set_props(vol.dataset, {"volmode": "dev"})
-        self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
+        return self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
 
     def _activate(self, published: list[VolumeRec]) -> set[str]:
         """volmode=dev on every published zvol whose device node is missing, a batch per `zfs set`
@@ -209,16 +210,15 @@ class Recovery:
         self.exports.prune_hosts()
         published = self._load_keys(published)
         activated = self._activate(published)
-        restored = []
+        restored: dict[str, bool] = {}
         for vol in published:
             try:
-                self._restore_one(vol, vol.dataset in activated)
+                restored[vol.id] = self._restore_one(vol, vol.dataset in activated)
             except Exception as exc:  # any failure is this volume's alone
                 self.volumes.unrestored[vol.id] = str(exc)
                 _log.error("export not restored; retrying in the background",
                            extra={"fields": {"volume": vol.id, "error": str(exc)}})
                 continue
-            restored.append(vol.id)
         self.exports.link_all(restored)
         return len(restored), removed
 
@@ -233,8 +233,7 @@ class Recovery:
                     continue
                 try:
                     self.volumes.keys.restore(vol.id, vol.dataset)  # start-up did it in _load_keys
-                    self._restore_one(vol)
-                    self.exports.link_all([vid])
+                    self.exports.link_all({vid: self._restore_one(vol)})
                 except Exception as exc:  # as above: this volume only
                     self.volumes.unrestored[vid] = str(exc)
                     continue
