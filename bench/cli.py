@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake-only", action="store_true", help="restore: only the fake half, on this host (no guest)")
     p.add_argument("--no-cold", action="store_true",
                    help="restore: skip the lab restart with the device nodes gone (volmode=none first; slowest part)")
+    p.add_argument("--published", type=int, metavar="N",
+                   help="scale: filler volumes published during the agent restart (default 200; --quick 3)")
     p.add_argument("--cluster-agents", type=int, metavar="N", help="cluster: storage nodes (default 100; --quick 10)")
     p.add_argument("--cluster-volumes", type=int, metavar="N",
                    help="cluster: volumes (+ as many snapshots) per storage node (default 10,000; --quick 1,000)")
@@ -114,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.snaps_per_volume < 0:
             raise ValueError("--snaps-per-volume must not be negative")
         cfg = dataclasses.replace(cfg, snaps_per_volume=args.snaps_per_volume)
+        if args.published is not None:
+            if args.published < 0:
+                raise ValueError("--published must not be negative")
+            cfg = dataclasses.replace(cfg, published=args.published)
         if (args.burst_calls is not None and args.burst_calls < 2) or (
                 args.burst_in_flight is not None and args.burst_in_flight < 1):
             raise ValueError("--burst-calls must be at least 2 and --burst-in-flight at least 1")

@@ -6,6 +6,7 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -94,6 +95,8 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_p
     guest = Guest(lab)
     csi = connect_csi(lab, progress)
     ctx = Context(cfg=cfg, guest=guest, progress=progress, run_id=run_id, csi=csi)
+    if json_path is not None:
+        ctx.checkpoint = partial(_write_with_partial, report, json_path)
     try:
         if ctx.agent is not None and csi is not None:
             # Switch to the bench agent before any CSI volume exists, so every volume the suites
@@ -122,6 +125,12 @@ def run_suites(cfg: BenchConfig, lab: LabLike | None, progress: Progress, json_p
             csi.close()
         _cleanup(ctx)
     return report
+
+
+def _write_with_partial(report: Report, path: Path, suite: SuiteResult) -> None:
+    """The JSON as it stands, with one suite still running (marked `partial`)."""
+    suite.notes = [*suite.notes, "partial: the suite was still running when this was written"]
+    Report(quick=report.quick, suites=[*report.suites, suite], started_unix=report.started_unix).write_json(path)
 
 
 def _say_service_logs(lab: LabLike | None, progress: Progress) -> None:

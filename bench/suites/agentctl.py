@@ -75,7 +75,8 @@ class BenchAgent:
         """
         self.guest.lab.run(["mkdir", "-p", "/run/zvolt"])
         t0 = time.perf_counter()
-        out: dict[str, Any] = self.guest.call("agent-restart", self.restart_args(), timeout=READY_TIMEOUT_S + 300)
+        with self.progress.ticking("agent restart to ready"):
+            out: dict[str, Any] = self.guest.call("agent-restart", self.restart_args(), timeout=READY_TIMEOUT_S + 300)
         out["host_seconds"] = time.perf_counter() - t0
         if self.reconnect is not None:
             out["controller_reconnect_seconds"] = self.reconnect()
@@ -97,7 +98,8 @@ class BenchAgent:
         lab = self.guest.lab
         lab.stop_service("agent")
         t0 = time.perf_counter()
-        lab.run([*agent_argv(), *self.extra, "--rebuild-index"], netns=STORAGE_NS, timeout=7200)
+        with self.progress.ticking("agent index rebuild from ZFS"):
+            lab.run([*agent_argv(), *self.extra, "--rebuild-index"], netns=STORAGE_NS, timeout=7200)
         rebuild_s = time.perf_counter() - t0
         return {"rebuild_seconds": rebuild_s, "restart": self.restart()}
 

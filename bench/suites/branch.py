@@ -112,6 +112,8 @@ def run(ctx: Context) -> SuiteResult:
                         base = sum(stats[b][f"{q}_ms"] for b in bkeys)
                         target = TARGET if q == "p50" else ""
                         res.rows.append(Row(f"{label} {q}", stats[key][f"{q}_ms"], "ms", base, blabel, target, size))
+            ctx.save_partial(SuiteResult("branch", rows=list(res.rows),
+                                         data={"per_size": list(per_size), "fill_steps": list(ctx.fill.steps)}))
     finally:
         if csi_src and ctx.csi is not None:
             ctx.csi.delete_volume(csi_src)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from bench.config import BenchConfig
 from bench.csiclient import Csi
 from bench.guest import Guest
 from bench.progress import Progress
+from bench.results import SuiteResult
 from bench.suites.agentctl import BenchAgent
 
 FILL_CHUNK = 250  # volumes per guest call: keeps each call well inside the guest command timeout
@@ -44,6 +46,8 @@ class Context:
     csi: Csi | None = None
     fill: FillState = field(default_factory=FillState)
     agent: BenchAgent | None = None
+    # Saves a suite's figures so far (the runner rewrites the JSON): a run of hours keeps what it measured.
+    checkpoint: Callable[[SuiteResult], None] | None = None
 
     def __post_init__(self) -> None:
         self.fill.snaps = self.cfg.snaps_per_volume
@@ -71,12 +75,13 @@ class Context:
         t0 = time.perf_counter()
         while self.fill.volumes < target:
             count = min(FILL_CHUNK, target - self.fill.volumes)
-            out = self.guest.call(
-                "fill",
-                {"parent": self.fill_parent, "start": self.fill.volumes, "count": count, "snaps": self.fill.snaps,
-                 "agent_props": True},
-                timeout=max(600.0, count * 5.0),
-            )
+            with self.progress.ticking(f"fill: {count} volumes from #{self.fill.volumes:,}"):
+                out = self.guest.call(
+                    "fill",
+                    {"parent": self.fill_parent, "start": self.fill.volumes, "count": count, "snaps": self.fill.snaps,
+                     "agent_props": True},
+                    timeout=max(600.0, count * 5.0),
+                )
             self.fill.volumes += count
             step["created_volumes"] += int(out["created_volumes"])
             step["created_snapshots"] += int(out["created_snapshots"])
@@ -93,3 +98,7 @@ class Context:
             step["agent"] = self.agent.reindex()
         self.fill.steps.append(step)
         return step
+
+    def save_partial(self, partial: SuiteResult) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint(partial)

@@ -18,13 +18,15 @@ def run(ctx: Context) -> SuiteResult:
     size = ctx.cfg.max_size
     ctx.fill_to(size)
     ctx.progress.say(f"scale: one zfs list -r of {ctx.pool} ({ctx.fill.objects:,} filler objects)")
-    listing = ctx.guest.call("zfs-list", {"dataset": ctx.pool}, timeout=7200)
+    with ctx.progress.ticking("scale: zfs list -r"):
+        listing = ctx.guest.call("zfs-list", {"dataset": ctx.pool}, timeout=7200)
     data: dict[str, Any] = {"lab": True, "size": size, "pool_objects": ctx.fill.objects, "zfs_list": listing}
     res.rows.append(Row("zfs list -r (whole pool)", listing["seconds"], "s", size=size))
     tag = f"s{ctx.run_id}"
     bare = ctx.guest.call("zfs-create", {"parent": f"{ctx.pool}/benchbranch", "tag": tag, "count": ctx.cfg.samples})
     if ctx.cfg.samples and "zfs_create" in bare["samples"]:
         data["bare_create"] = {k: summarize(v).as_dict() for k, v in bare["samples"].items()}
+    ctx.save_partial(SuiteResult("scale", rows=list(res.rows), data=dict(data)))
     exported, node_id = _publish_fillers(ctx, data, res)
     try:
         _measure(ctx, data, res, listing)

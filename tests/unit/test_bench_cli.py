@@ -51,3 +51,8 @@ def test_simulate_only_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
     assert "rss_marginal_bytes_per_volume" in last
     assert sim["published"] == PUBLISHED
     assert "sim restart to ready" in capsys.readouterr().out
+
+
+def test_a_negative_published_count_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scale", "--simulate-only", "--published", "-1"]) == 2
+    assert "--published must not be negative" in capsys.readouterr().err

@@ -56,3 +56,60 @@ def test_snaps_per_volume_sets_the_fill_mix() -> None:
     fills = [a for c, a in g.calls if c == "fill"]
     assert {f["snaps"] for f in fills} == {4} and sum(f["count"] for f in fills) == 2_000
     assert ctx.fill.objects == 10_000
+
+
+class BranchGuest(RecordingGuest):
+    """Also answers the bare branch timings the branch suite asks for."""
+
+    def call(self, command: str, args: dict[str, Any], *, netns: str | None = None, timeout: float = 600,
+             module: str = "bench.inguest") -> Any:
+        out = super().call(command, args, netns=netns, timeout=timeout, module=module)
+        if command == "zfs-branch":
+            n = args["count"]
+            return {"samples": {k: [0.01] * n for k in ("zfs_snapshot", "zfs_clone", "lzc_snapshot", "lzc_clone")}}
+        return out
+
+
+def test_the_branch_suite_saves_each_pool_size_as_soon_as_it_is_measured() -> None:
+    from bench.results import SuiteResult
+    from bench.suites import branch
+
+    g = BranchGuest()
+    ctx = Context(cfg=make_config(("branch",), True, (100, 1000)), guest=g, progress=Progress(enabled=False),
+                  run_id="abc")
+    saved: list[SuiteResult] = []
+    ctx.checkpoint = saved.append
+    branch.run(ctx)
+    assert [[e["size"] for e in s.data["per_size"]] for s in saved] == [[100], [100, 1000]]
+    assert [len(s.data["fill_steps"]) for s in saved] == [1, 2]
+    assert saved[0].rows and all(r.size == 100 for r in saved[0].rows)
+
+
+def test_the_runner_writes_a_running_suite_into_the_json(tmp_path: Any) -> None:
+    import json
+
+    from bench.results import Report, Row, SuiteResult
+    from bench.runner import _write_with_partial
+
+    out = tmp_path / "run.json"
+    report = Report(quick=True, suites=[SuiteResult("branch", rows=[Row("x", 1.0, "ms")])])
+    _write_with_partial(report, out, SuiteResult("scale", data={"zfs_list": {"seconds": 9.5}}))
+    doc = json.loads(out.read_text())
+    assert set(doc["suites"]) == {"branch", "scale"}
+    assert doc["suites"]["scale"]["data"]["zfs_list"]["seconds"] == 9.5
+    assert "partial" in doc["suites"]["scale"]["notes"][-1]
+    assert [s.name for s in report.suites] == ["branch"]  # the finished report is not touched
+
+
+def test_a_long_step_says_it_is_still_running() -> None:
+    import io
+    import time
+
+    stream = io.StringIO()
+    progress = Progress(stream=stream)
+    with progress.ticking("agent index rebuild", every=0.05):
+        time.sleep(0.18)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and all("agent index rebuild: still running" in line for line in lines)
+    time.sleep(0.12)
+    assert stream.getvalue().splitlines() == lines  # the ticker stops with the step
