@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--pool-disk", help="reuse this pool disk image: import its pool instead of creating one")
     u.add_argument("--no-services", action="store_true", help="do not start agent/controller/node")
     u.add_argument("--boot-timeout", type=float, default=control.BOOT_TIMEOUT)
+    u.add_argument("--multipath", action="store_true",
+                   help="boot with native NVMe multipath on (nvme_core.multipath=Y), as a live move needs")
     u.add_argument("--storage-nodes", type=int, default=1, help="boot a cluster of this many storage guests "
                    "(instances NAME, NAME2, NAME3), each with its own pool and agent, on one storage network")
     r = sub.add_parser("run", help="run a command in the guest: zvolt-lab run [--netns NS] -- CMD...")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = control.UpOptions(
                 memory_mb=args.memory or 4096, pool_size=args.pool_size,
                 pool_disk=Path(args.pool_disk) if args.pool_disk else None,
-                services=not args.no_services, boot_timeout=args.boot_timeout,
+                services=not args.no_services, boot_timeout=args.boot_timeout, multipath=args.multipath,
             )
             t0 = time.monotonic()
             lab = control.up(cache, instance, opts, sys.stdout)
@@ -137,7 +139,8 @@ def up_cluster(cache: Cache, instance: str, args: argparse.Namespace) -> int:
     if args.pool_disk:
         raise ValueError("--pool-disk is for one guest; a cluster's guests each make their own pool")
     opts = control.UpOptions(memory_mb=args.memory or cluster.CLUSTER_MEMORY_MB, pool_size=args.pool_size,
-                             services=not args.no_services, boot_timeout=args.boot_timeout)
+                             services=not args.no_services, boot_timeout=args.boot_timeout,
+                             multipath=args.multipath)
     t0 = time.monotonic()
     members = cluster.up(cache, instance, args.storage_nodes, opts, sys.stdout)
     print(f"cluster ready in {time.monotonic() - t0:.1f}s")

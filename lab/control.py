@@ -37,6 +37,7 @@ class UpOptions:
     peer: qemu.PeerLink | None = None  # a link to another lab guest (storage side boots first)
     storage_net: qemu.StorageNet | None = None  # a lab cluster's shared storage network (lab/cluster.py)
     node_name: str = guest.NODE_NAME  # the agent's storage node name
+    multipath: bool = False  # boot with nvme_core.multipath=Y (a running guest is reused as it is)
 
 
 class LabError(RuntimeError):
@@ -161,6 +162,7 @@ def _boot(
         src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
         forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
         peer=opts.peer, storage_net=opts.storage_net, guestfwds=(kubenode.apiserver_guestfwd(run_dir),),
+        multipath=opts.multipath,
     )
     pid = qemu.start(cfg)
     st = RunState(

@@ -20,6 +20,12 @@ KERNEL_CMDLINE = (
 )
 
 
+def kernel_cmdline(multipath: bool) -> str:
+    """Native NVMe multipath off by default (one path per volume, the device under its controller);
+    on for what needs two paths to one subsystem: a live move (Debian's own default is on)."""
+    return KERNEL_CMDLINE.replace("nvme_core.multipath=N", "nvme_core.multipath=Y") if multipath else KERNEL_CMDLINE
+
+
 # MACs of the peer link's NIC: guest setup finds the interface by them.
 PEER_MAC = {"storage": "52:54:00:7a:10:01", "worker": "52:54:00:7a:10:02"}
 
@@ -115,6 +121,7 @@ class QemuConfig:
     peer: PeerLink | None = None
     storage_net: StorageNet | None = None
     guestfwds: tuple[GuestFwd, ...] = ()
+    multipath: bool = False
 
 
 def hostfwd(host_port: int, guest_port: int) -> str:
@@ -145,7 +152,7 @@ def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         "-serial", f"file:{cfg.console_log}",
         "-kernel", str(cfg.kernel),
         "-initrd", str(cfg.initrd),
-        "-append", KERNEL_CMDLINE,
+        "-append", kernel_cmdline(cfg.multipath),
         "-drive", f"file={cfg.overlay},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
         "-drive", f"file={cfg.pool_disk},if=virtio,format=raw,cache=writeback,discard=unmap",
         "-nic", nic,
