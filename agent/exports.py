@@ -12,6 +12,15 @@ removal from a subsystem that stays (and closing one found open to any host) is 
 the host deletes its controller and fails its I/O), the hosts still allowed reconnect after
 their reconnect_delay with their I/O held, not failed. Removing the last host deletes the
 subsystem, and unlinking it from the port ends its controllers the same way.
+
+A live move (agent/moves.py) moves a published volume's path between nodes with native NVMe
+multipath on the host: the target builds the same subsystem NQN with the same namespace ids, on
+controller ids from the other half of the range (`prepare_incoming`), and each host connects to
+it while the source still serves. At the cutover the source `fence`s: the volume's own ANA group
+(`isolate` gave it one) turns inaccessible, so the hosts hold their I/O instead of failing it,
+and its controllers are reset, so that no completion can reach a host after that point (every
+write a host saw complete is in the zvol before the final snapshot). The target then enables its
+namespace; the hosts see it appear on their second path and resume there.
 """
 
 from __future__ import annotations
@@ -44,6 +53,10 @@ class ExportConfig:
     # NVMe/TCP TLS (zvolt/tlspsk.py): the port, on the same address, of the volumes published with a
     # TLS PSK. It requires TLS 1.3 (addr_tsas); their subsystems are linked there and nowhere else.
     tls_port: str = "4421"
+
+
+def _serial(volume_id: str) -> str:
+    return hashlib.sha256(volume_id.encode()).hexdigest()[:16]
 
 
 def device_uuid(volume_id: str) -> str:
@@ -135,7 +148,7 @@ class Exports:
             was_open = sub.attr("allow_any_host") == "1"
             if sub.attr("allow_any_host") != "0":
                 sub.set_attr("allow_any_host", "0")
-            serial = hashlib.sha256(volume_id.encode()).hexdigest()[:16]
+            serial = _serial(volume_id)
             if sub.attr("serial") != serial and not sub.namespaces():
                 # Cosmetic (stable serial per volume); some kernels refuse late changes.
                 with contextlib.suppress(OSError):
@@ -155,6 +168,92 @@ class Exports:
             if link:
                 self._link(sub, tls)
             return tls
+
+    def prepare_incoming(self, volume_id: str, hosts: list[str], source_cntlid: tuple[int, int]) -> bool:
+        """A live move's target: the volume's subsystem with its hosts and port link, but no
+        namespace (its zvol is still being received); controller ids from the half of the range
+        the source's subsystem does not use. Idempotent. Returns whether it is a TLS export."""
+        low = nvmet.CNTLID_MIN if source_cntlid[0] >= nvmet.CNTLID_HALF else nvmet.CNTLID_HALF
+        high = nvmet.CNTLID_HALF - 1 if low == nvmet.CNTLID_MIN else nvmet.CNTLID_MAX
+        with self._mu:
+            sub = self.root.subsystem(self.nqn(volume_id))
+            fresh = not sub.exists()
+            sub.create()
+            if sub.attr("allow_any_host") != "0":
+                sub.set_attr("allow_any_host", "0")
+            if fresh or sub.cntlid_range() != (low, high):
+                sub.set_cntlid_range(low, high)
+            if fresh:
+                with contextlib.suppress(OSError):
+                    sub.set_attr("serial", _serial(volume_id))
+            tls = self._sync_hosts(sub, hosts)
+            self._link(sub, tls)
+            return tls
+
+    def cntlid_range(self, volume_id: str) -> tuple[int, int]:
+        return self.root.subsystem(self.nqn(volume_id)).cntlid_range()
+
+    def _linked_ports(self, nqn: str) -> list[nvmet.Port]:
+        return [p for p in (self.root.find_port(self.cfg.address, self.cfg.port),
+                            self.root.find_port(self.cfg.address, self.cfg.tls_port)) if p is not None and p.links(nqn)]
+
+    def isolate(self, volume_id: str) -> int:
+        """Give the volume's namespace an ANA group of its own, optimized, on the ports it is
+        linked to (a live move's start, while it serves as before). Idempotent. Returns the group."""
+        with self._mu:
+            sub = self.root.subsystem(self.nqn(volume_id))
+            ns = sub.namespace(1)
+            if not ns.exists():
+                raise internal(f"volume {volume_id} has no NVMe namespace to move live")
+            ports = self._linked_ports(sub.nqn)
+            group = ns.ana_group
+            if group == 1:
+                used = {g for p in self.root.ports() for g in p.ana_groups()}
+                free = [g for g in range(2, nvmet.MAX_ANA_GROUP + 1) if g not in used]
+                if not free:
+                    raise internal(f"all {nvmet.MAX_ANA_GROUP - 1} ANA groups are taken by live moves under way: "
+                                   "let some finish first")
+                group = free[0]
+            for port in ports:
+                if group not in port.ana_groups():
+                    port.add_ana_group(group)
+            if ns.ana_group != group:
+                ns.set_ana_group(group)
+            return group
+
+    def fence(self, volume_id: str) -> None:
+        """The cutover's first step on the source: the volume's hosts stop using this path and
+        hold their I/O; its controllers end, so no completion of this path reaches a host after
+        this returns. Needs `isolate` first (refused otherwise: fencing group 1 would fence every
+        volume of the port). Idempotent."""
+        with self._mu:
+            sub = self.root.subsystem(self.nqn(volume_id))
+            group = sub.namespace(1).ana_group if sub.exists() else 1
+            if group == 1:
+                raise internal(f"volume {volume_id} has no ANA group of its own: it cannot be fenced alone")
+            for port in self._linked_ports(sub.nqn):
+                if group not in port.ana_groups():
+                    port.add_ana_group(group, nvmet.ANA_INACCESSIBLE)
+                if port.ana_state(group) != nvmet.ANA_INACCESSIBLE:
+                    port.set_ana_state(group, nvmet.ANA_INACCESSIBLE)
+            sub.reset_controllers()
+
+    def unfence(self, volume_id: str) -> None:
+        """Undo `isolate` and `fence` (a live move aborted): the volume serves on group 1 again."""
+        with self._mu:
+            sub = self.root.subsystem(self.nqn(volume_id))
+            ns = sub.namespace(1)
+            group = ns.ana_group if ns.exists() else 1
+            if group == 1:
+                return
+            ns.set_ana_group(1)
+            self._drop_ana_group(group)
+
+    def _drop_ana_group(self, group: int) -> None:
+        if group != 1:
+            for port in self.root.ports():
+                if group in port.ana_groups():
+                    port.remove_ana_group(group)
 
     def _port(self, tls: bool) -> nvmet.Port:
         if tls:
@@ -258,7 +357,10 @@ class Exports:
         with self._mu:
             sub = self.root.subsystem(self.nqn(volume_id))
             hosts = sub.allowed_hosts() if sub.exists() else []
+            ns = sub.namespace(1)
+            group = ns.ana_group if ns.exists() else 1
             sub.delete()
+            self._drop_ana_group(group)  # a live move's, once its source lets go
             for h in hosts:
                 self._release_host(h, sub.nqn)
 

@@ -16,6 +16,15 @@ target refuses an abort after 3, the source after 4, so there are never two writ
 
 The source is the only writable copy until 3 (it is unpublished and, from 2, readonly); a crash
 anywhere leaves properties that recovery reads back, and the orchestrator's retry goes on.
+
+Live move (`live=True`: the volume stays published and in use; agent/exports.py has the NVMe
+side): step 1 also gives the volume's namespace an ANA group of its own, and streams repeat
+while the volume is written. Before step 2 the target `prepare`s the subsystem under the same
+NQN for the same hosts (no namespace yet) and each host adds it as a second path. Step 2 fences
+the source path first (hosts hold their I/O; no completion reaches them after it), then freezes
+and streams the small final delta; step 3 enables the target's namespace, where the hosts
+resume; step 4 removes the source's export. Between the fence and the commit the hosts wait:
+that is the pause a live move costs. An abort before 3 also lifts the fence.
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from agent.dhchap import HostSecrets
 from agent.index import MoveRec, VolumeRec
 from agent.records import HELD, HOME, INCOMING, MOVE_FROM, MOVED_TO, MOVING_TO, STATE, refresh
 from agent.volumes import Volumes
@@ -71,6 +81,16 @@ class SendPlan:
     snapshot: str  # short names ("zmv000002")
     base: str
     home: str
+    cntlid: tuple[int, int] = (0, 0)  # live: the controller ids the source's subsystem gives out
+
+
+@dataclass(frozen=True)
+class Path:
+    """Where a host finds a live move's target: what PublishVolume would have answered."""
+
+    nqn: str
+    host_nqn: str  # as allowed on the target (a per-volume NQN when the host authenticates)
+    tls: bool
 
 
 @dataclass(frozen=True)
@@ -159,11 +179,11 @@ class Moves:
 
     # -- source -------------------------------------------------------------------------------
 
-    def _check_movable(self, vol: VolumeRec) -> None:
+    def _check_movable(self, vol: VolumeRec, live: bool = False) -> None:
         """Refuse what this round cannot move, naming exactly what blocks it."""
-        if vol.hosts:
+        if vol.hosts and not live:
             raise precondition(f"volume {vol.id} is published to {', '.join(vol.hosts)}: an offline move needs it "
-                               "unpublished (stop the pods using it)")
+                               "unpublished (stop the pods using it), or move it live")
         blockers = []
         if vol.origin:
             blockers.append(f"it is a clone of {vol.origin.rpartition('/')[2]}")
@@ -199,8 +219,9 @@ class Moves:
             raise not_found(f"volume {vid} does not exist on storage node {self.node}")
         return vol, move
 
-    def send(self, vid: str, target: str, base: str = "", final: bool = False) -> SendPlan:
-        """Step 1 (final=False) or 2 (final=True): a move snapshot and a token for its stream."""
+    def send(self, vid: str, target: str, base: str = "", final: bool = False, live: bool = False) -> SendPlan:
+        """Step 1 (final=False) or 2 (final=True): a move snapshot and a token for its stream.
+        live: the volume may be published; its path is isolated at the start, fenced at step 2."""
         names.check_id(vid)
         names.check_node(target)
         if base:
@@ -212,10 +233,12 @@ class Moves:
             if move is not None and move.peer != target:
                 raise precondition(f"volume {vid} is being moved to {move.peer}: abort that move first")
             if move is None:
-                self._check_movable(vol)
+                self._check_movable(vol, live)
                 self._start(vol, target)
             elif vol.hosts:
-                self._check_movable(vol)  # published during the move is refused; say so if it happened
+                self._check_movable(vol, live)  # published during the move is refused; say so if it happened
+            if vol.hosts:
+                self._isolate(vol)  # also on a repeat: a reboot since loses configfs state
             snaps = self._move_snaps(vol.dataset)
             if base and f"{vol.dataset}@{base}" not in snaps:
                 raise precondition(f"the target holds move snapshot {base} of volume {vid}, which the source does "
@@ -224,13 +247,29 @@ class Moves:
             if finals:
                 snap = finals[-1]  # frozen already: nothing can have changed since
             elif final:
+                if vol.hosts:
+                    self._fence(vol)  # before the freeze: no host may see a write fail
                 self._freeze(vol)
                 snap = self._snapshot(vol, snaps, final=True)
             else:
                 snap = self._snapshot(vol, snaps, final=False)
             full_base = f"{vol.dataset}@{base}" if base else ""
             token = self.grants.issue(vid, target, snap, full_base)
-            return SendPlan(token, self.address, snap.partition("@")[2], base, vol.home or self.node)
+            cntlid = self.v.exports.cntlid_range(vid) if vol.hosts else (0, 0)
+            return SendPlan(token, self.address, snap.partition("@")[2], base, vol.home or self.node, cntlid)
+
+    def _isolate(self, vol: VolumeRec) -> None:
+        try:
+            self.v.exports.isolate(vol.id)
+        except (OSError, ZvoltError) as exc:
+            raise internal(f"giving volume {vol.id} an ANA group of its own for its live move: {exc}") from exc
+
+    def _fence(self, vol: VolumeRec) -> None:
+        try:
+            self.v.exports.fence(vol.id)
+        except OSError as exc:
+            raise internal(f"fencing the path of volume {vol.id} for its live move: {exc}") from exc
+        _log.info("live move fenced", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
     def _start(self, vol: VolumeRec, target: str) -> None:
         seq = self.index.begin("move-start", [vol.dataset])
@@ -275,6 +314,9 @@ class Moves:
                 if not any(self._is_final(s) for s in snaps):
                     raise precondition(f"volume {vid} was never frozen for its move: the target cannot have "
                                        "committed it")
+                vol = self.index.volume(vid)
+                if vol is not None and vol.hosts:
+                    self._unexport(vid, vol.hosts)  # a live move's old path; first, so a repeat redoes it
                 rows = self.index.snapshots_in(ds)
                 named = [ds, *[r.dataset for r in rows]]
                 seq = self.index.begin("move-finish", named)
@@ -290,6 +332,15 @@ class Moves:
                     tx.put_move(MoveRec(vid, "moved", target))
                     tx.done(seq)
             self._destroy(ds)
+
+    def _unexport(self, vid: str, hosts: list[str]) -> None:
+        try:
+            self.v.exports.unexport(vid)
+        except OSError as exc:
+            raise internal(f"removing the NVMe export of volume {vid}: {exc}") from exc
+        if self.v.exports.auth is not None:
+            for h in hosts:
+                self.v.exports.auth.forget(h)
 
     def _destroy(self, ds: str) -> None:
         """Nothing depends on a moved volume (clones refuse the move): its data goes at once."""
@@ -328,7 +379,10 @@ class Moves:
             if snaps:
                 self.zfs.destroy_snapshots(snaps, defer=True)
             self.zfs.set_props(ds, {"readonly": "off", MOVING_TO: "-"})
-        except ZfsError as exc:
+            vol = self.index.volume(vid)
+            if vol is not None and vol.hosts:
+                self.v.exports.unfence(vid)  # writable first: the hosts resume here at once
+        except (ZfsError, OSError) as exc:
             self.v._settle(seq, [ds])
             raise internal(f"aborting the move of volume {vid}: {exc}") from exc
         with self.index.tx() as tx:
@@ -346,6 +400,10 @@ class Moves:
             raise precondition(f"dataset {ds} is not an incoming move: refusing to destroy it")
         seq = self.index.begin("move-abort", [ds])
         try:
+            sub = self.v.exports.root.subsystem(self.v.exports.nqn(vid))
+            if sub.exists():  # a live move's prepared path: the hosts' second controllers end
+                self._unexport(vid, sub.allowed_hosts())
+            self.v.exports.set_home(vid, "")
             self._destroy(ds)
         finally:
             with self.index.tx() as tx:
@@ -440,6 +498,41 @@ class Moves:
                 raise _broken(host, port, ds, counter.error)
             return counter.total
 
+    def prepare(self, vid: str, source: str, hosts: list[tuple[str, HostSecrets | None]],
+                source_cntlid: tuple[int, int]) -> list[Path]:
+        """A live move's target, before the final stream: the volume's subsystem for exactly the
+        hosts the volume is published to (each with the keys its publish had), so that each can
+        connect its second path now. The namespace follows at the commit. Idempotent."""
+        names.check_id(vid)
+        names.check_node(source)
+        with self.v.locks.hold([vid]):
+            if self.index.volume(vid) is not None:
+                raise precondition(f"volume {vid} is held by storage node {self.node} already")
+            ds = self._dataset(vid)
+            props = self.zfs.get_props(ds, (STATE, MOVE_FROM, HOME, "zvolt:hosts"))
+            if props is None or props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
+                raise precondition(f"volume {vid} is not being received from {source} on storage node {self.node}: "
+                                   "send its first stream before preparing the live path")
+            allowed = {(names.volume_host_nqn(h, vid) if auth is not None else names.check_nqn(h)): auth
+                       for h, auth in hosts}
+            published = sorted(h for h in props.get("zvolt:hosts", "").split(",") if h and h != "-")
+            if sorted(allowed) != published:
+                raise precondition(f"volume {vid} is published to {published or 'no host'} on {source}, but the "
+                                   f"live move was given {sorted(allowed) or 'no host'}: they must be the same")
+            store = self.v.exports.auth
+            if any(auth is not None for auth in allowed.values()) and store is None:
+                raise precondition(f"storage node {self.node} keeps no DH-HMAC-CHAP keys or TLS PSKs")
+            for h, auth in allowed.items():
+                if auth is not None and store is not None:
+                    store.put(replace(auth, host=h))
+            self.v.exports.set_home(vid, props.get(HOME, "") or source)
+            try:
+                tls = self.v.exports.prepare_incoming(vid, sorted(allowed), source_cntlid)
+            except OSError as exc:
+                raise internal(f"preparing the live path of volume {vid}: {exc}") from exc
+            nqn = self.v.exports.nqn(vid)
+            return [Path(nqn, h, tls) for h in sorted(allowed)]
+
     def commit(self, vid: str, source: str) -> VolumeRec:
         """Step 3: THE commit point. Idempotent: a committed volume is returned as it is."""
         names.check_id(vid)
@@ -449,6 +542,7 @@ class Moves:
             held = self.index.volume(vid)
             if held is not None:
                 # A repeat, maybe after a crash right after the commit: its move snapshots may be left.
+                self._serve(held)
                 self._drop_move_snaps(ds)
                 return held
             props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
@@ -474,13 +568,34 @@ class Moves:
                         refresh(tx, self.zfs, self.v.layout, snap)
                 tx.del_move(vid)  # this node's tombstone of an earlier move away, if any
                 tx.done(seq)
-            if isinstance(rec, VolumeRec):
-                self.v.exports.set_home(vid, rec.home)
-            self._drop_move_snaps(ds)
             if not isinstance(rec, VolumeRec):
                 raise internal(f"volume {vid} was committed but its properties do not make a volume")
+            self.v.exports.set_home(vid, rec.home)
+            self._serve(rec)
+            self._drop_move_snaps(ds)
             _log.info("move committed", extra={"fields": {"volume": vid, "from": source}})
             return rec
+
+    def _serve(self, vol: VolumeRec) -> None:
+        """A live move's last step on the target: the namespace, where the hosts' held I/O resumes."""
+        if not vol.hosts:
+            return
+        if self.v.exports.condition(vol.id, vol.dataset, vol.hosts)[0]:
+            return
+        store = self.v.exports.auth
+        keyless = [h for h in vol.hosts if names.node_host_nqn(h, vol.id) != h
+                   and (store is None or store.load(h) is None)]
+        if keyless:
+            # Never export an authenticated volume without its keys: PrepareMove brings them.
+            raise precondition(f"volume {vol.id} was committed here, but the keys of {', '.join(keyless)} were never "
+                               "given (PrepareMove): it stays unexported until they are")
+        try:
+            self.zfs.set_props(vol.dataset, {"volmode": "dev"})
+            self.v.exports.export(vol.id, vol.dataset, vol.hosts)
+        except (ZfsError, OSError) as exc:
+            raise internal(f"volume {vol.id} was committed here but exporting it failed: {exc}; repeat the "
+                           "commit") from exc
+        _log.info("live move served", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
     def _drop_move_snaps(self, ds: str) -> None:
         with contextlib.suppress(ZfsError):  # hidden and harmless if left; a repeat or a delete takes them

@@ -25,6 +25,14 @@ QID_MAX_DEFAULT = 128
 # publishes) and configfs hands its ERESTARTSYS to user space as errno 512. It is transient.
 ERESTARTSYS = 512
 ENABLE_ATTEMPTS = 5
+# ANA groups (NVMET_MAX_ANAGRPS): group 1 is every namespace's default; a volume being moved live
+# gets one of 2..MAX_ANA_GROUP of its own, so that its path can be fenced without the others'.
+MAX_ANA_GROUP = 128
+ANA_OPTIMIZED, ANA_INACCESSIBLE = "optimized", "inaccessible"
+# Controller ids: the kernel's range (NVME_CNTLID_MAX). A host refuses a second controller of a
+# subsystem with an id it already has, so the two nodes of a live move use disjoint halves.
+CNTLID_MIN, CNTLID_MAX = 1, 0xFFEF
+CNTLID_HALF = 0x8000
 
 
 class NvmetError(Exception):
@@ -208,6 +216,17 @@ class Namespace:
                     raise
             time.sleep(backoff * 2**attempt)
 
+    @property
+    def ana_group(self) -> int:
+        value = self.attr("ana_grpid")
+        return int(value) if value.isdigit() else 1
+
+    def set_ana_group(self, grpid: int) -> None:
+        """Allowed while enabled: the kernel sends every controller an ANA change notice."""
+        if not 1 <= grpid <= MAX_ANA_GROUP:
+            raise NvmetError(f"ANA group {grpid} is outside 1..{MAX_ANA_GROUP}")
+        self.set_attr("ana_grpid", str(grpid))
+
     def delete(self) -> None:
         if not self.exists():
             return
@@ -250,6 +269,22 @@ class Subsystem:
 
     def namespace(self, nsid: int) -> Namespace:
         return Namespace(self, nsid)
+
+    def cntlid_range(self) -> tuple[int, int]:
+        low, high = self.attr("cntlid_min"), self.attr("cntlid_max")
+        return (int(low) if low.isdigit() else CNTLID_MIN, int(high) if high.isdigit() else CNTLID_MAX)
+
+    def set_cntlid_range(self, low: int, high: int) -> None:
+        """Before the first host connects. Max first when raising the range, min first when lowering
+        it: the kernel refuses a min above the max at every step."""
+        if not CNTLID_MIN <= low <= high <= CNTLID_MAX:
+            raise NvmetError(f"controller id range {low}..{high} is outside {CNTLID_MIN}..{CNTLID_MAX}")
+        if low > self.cntlid_range()[1]:
+            self.set_attr("cntlid_max", str(high))
+            self.set_attr("cntlid_min", str(low))
+        else:
+            self.set_attr("cntlid_min", str(low))
+            self.set_attr("cntlid_max", str(high))
 
     def namespaces(self) -> list[Namespace]:
         ids = [n for n in _listdir(os.path.join(self.path, "namespaces")) if n.isdigit()]
@@ -365,6 +400,36 @@ class Port:
 
     def subsystems(self) -> list[str]:
         return sorted(_listdir(os.path.join(self.path, "subsystems")))
+
+    def _ana(self, grpid: int) -> str:
+        return os.path.join(self.path, "ana_groups", str(int(grpid)))
+
+    def ana_groups(self) -> list[int]:
+        return sorted(int(g) for g in _listdir(os.path.join(self.path, "ana_groups")) if g.isdigit())
+
+    def add_ana_group(self, grpid: int, state: str = ANA_OPTIMIZED) -> None:
+        """Create the group in `state`. The kernel starts a new group inaccessible (every port's
+        groups but 1 are, until set; emulated the same): a namespace moved into it before the
+        state is written has its hosts hold their I/O (lab: a live move's first 32 s)."""
+        if not 2 <= grpid <= MAX_ANA_GROUP:
+            raise NvmetError(f"ANA group {grpid} is outside 2..{MAX_ANA_GROUP} (1 is the default group)")
+        path = self._ana(grpid)
+        self.root.mkdir(path)
+        if self.root.emulate and not os.path.exists(os.path.join(path, "ana_state")):
+            self.root.write(os.path.join(path, "ana_state"), ANA_INACCESSIBLE)
+        self.set_ana_state(grpid, state)
+
+    def ana_state(self, grpid: int) -> str:
+        return self.root.read(os.path.join(self._ana(grpid), "ana_state"))
+
+    def set_ana_state(self, grpid: int, state: str) -> None:
+        if state not in (ANA_OPTIMIZED, ANA_INACCESSIBLE):
+            raise NvmetError(f"ANA state {state!r} is not one zvolt sets")
+        self.root.write(os.path.join(self._ana(grpid), "ana_state"), state)
+
+    def remove_ana_group(self, grpid: int) -> None:
+        if grpid != 1:
+            self.root.rmdir(self._ana(grpid))
 
     def links(self, nqn: str) -> bool:
         """Whether this one subsystem is linked here: one lookup, where subsystems() lists them all."""

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from agent.authz import Authorizer
-from agent.dhchap import host_secrets
+from agent.dhchap import HostSecrets, host_secrets
 from agent.group_snapshots import Group, GroupSnapshots
 from agent.index import SnapshotRec, VolumeRec
 from agent.metrics import Metrics
@@ -172,9 +172,27 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
     def SendMove(self, request: Any, context: Any) -> Any:
         if request.check_only:
             return pb.SendMoveResponse(moving_to=self._mover().check(request.volume_id))
-        plan = self._mover().send(request.volume_id, request.target_node, request.base_snapshot, request.final)
+        plan = self._mover().send(request.volume_id, request.target_node, request.base_snapshot, request.final,
+                                  live=request.live)
         return pb.SendMoveResponse(token=plan.token, address=plan.address, snapshot=plan.snapshot,
-                                   base_snapshot=plan.base, home_node=plan.home)
+                                   base_snapshot=plan.base, home_node=plan.home, cntlid_min=plan.cntlid[0],
+                                   cntlid_max=plan.cntlid[1])
+
+    def PrepareMove(self, request: Any, context: Any) -> Any:
+        hosts: list[tuple[str, HostSecrets | None]] = []
+        for pub in request.hosts:
+            if pub.dhchap_ctrl_key and not pub.dhchap_key:
+                raise invalid("dhchap_ctrl_key needs a dhchap_key")
+            keys = host_secrets(pub.host_nqn, pub.dhchap_key, pub.dhchap_ctrl_key, pub.tls_psk) \
+                if pub.dhchap_key or pub.tls_psk else None
+            hosts.append((pub.host_nqn, keys))
+        paths = self._mover().prepare(request.volume_id, request.source_node, hosts,
+                                      (request.source_cntlid_min or 1, 0))
+        cfg = self.v.cfg
+        return pb.PrepareMoveResponse(paths=[
+            pb.PublishVolumeResponse(nqn=p.nqn, transport="tcp", address=cfg.nvme_address,
+                                     port=self.v.exports.cfg.tls_port if p.tls else cfg.nvme_port, host_nqn=p.host_nqn)
+            for p in paths])
 
     def ReceiveMove(self, request: Any, context: Any) -> Any:
         start = time.monotonic()

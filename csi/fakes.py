@@ -259,6 +259,7 @@ class FakeNvmeHost:
         self.disconnects: list[str] = []
         self.forgotten: list[tuple[str, str]] = []  # forget_psks calls (hostnqn, nqn)
         self.rescans: list[str] = []
+        self.native_multipath = True
         self._next = 0
         self._device_names: dict[str, str] = {}
         # Tests hold this open to keep a NodeStageVolume in flight (concurrency cases).
@@ -293,7 +294,8 @@ class FakeNvmeHost:
         self.connects.append(spec)
         name = f"nvme{self._next}"
         self._next += 1
-        self.ctrls[name] = Controller(name, spec.nqn, spec.hostnqn, "live", "tcp", f"traddr={spec.address}")
+        self.ctrls[name] = Controller(name, spec.nqn, spec.hostnqn, "live", "tcp",
+                                      f"traddr={spec.address},trsvcid={spec.port}")
         # Same device name on every attach, so data "written" through FakeMounter stays with the volume.
         self.devices[spec.nqn] = self._device_names.setdefault(spec.nqn, f"/dev/nvme{len(self._device_names) + 50}n1")
 
@@ -314,6 +316,9 @@ class FakeNvmeHost:
         sub = self.subsystems[self.ctrls[controller].subsysnqn]
         if sub.pending_size:
             sub.size, sub.pending_size = sub.pending_size, 0
+
+    def multipath(self) -> bool:
+        return self.native_multipath
 
     def device_size(self, device: str) -> int:
         for nqn, dev in self.devices.items():

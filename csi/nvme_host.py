@@ -83,6 +83,7 @@ class NvmeHost(Protocol):
     def namespace_device(self, nqn: str) -> str | None: ...
     def rescan(self, controller: str) -> None: ...
     def device_size(self, device: str) -> int: ...
+    def multipath(self) -> bool: ...
 
 
 def connect_argv(spec: ConnectSpec) -> list[str]:
@@ -240,6 +241,11 @@ class SysfsNvmeHost:
         if not _NS.fullmatch(name):
             return None
         return _read(self.sys / "class" / "block" / name / "device" / "subsysnqn") or None
+
+    def multipath(self) -> bool:
+        """Native NVMe multipath: a second controller of a subsystem is a second path of the same
+        block device (otherwise a device of its own)."""
+        return _read(self.sys / "module" / "nvme_core" / "parameters" / "multipath") == "Y"
 
     def device_size(self, device: str) -> int:
         name = os.path.basename(device)

@@ -504,34 +504,58 @@ class RotateKeyResponse(_message.Message):
     def __init__(self, encryption_root: _Optional[str] = ...) -> None: ...
 
 class SendMoveRequest(_message.Message):
-    __slots__ = ("volume_id", "target_node", "base_snapshot", "final", "check_only")
+    __slots__ = ("volume_id", "target_node", "base_snapshot", "final", "check_only", "live")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     target_node: str
     base_snapshot: str
     final: bool
     check_only: bool
-    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ..., check_only: _Optional[bool] = ...) -> None: ...
+    live: bool
+    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ..., check_only: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class SendMoveResponse(_message.Message):
-    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node", "moving_to")
+    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node", "moving_to", "cntlid_min", "cntlid_max")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     HOME_NODE_FIELD_NUMBER: _ClassVar[int]
     MOVING_TO_FIELD_NUMBER: _ClassVar[int]
+    CNTLID_MIN_FIELD_NUMBER: _ClassVar[int]
+    CNTLID_MAX_FIELD_NUMBER: _ClassVar[int]
     token: str
     address: str
     snapshot: str
     base_snapshot: str
     home_node: str
     moving_to: str
-    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ..., moving_to: _Optional[str] = ...) -> None: ...
+    cntlid_min: int
+    cntlid_max: int
+    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ..., moving_to: _Optional[str] = ..., cntlid_min: _Optional[int] = ..., cntlid_max: _Optional[int] = ...) -> None: ...
+
+class PrepareMoveRequest(_message.Message):
+    __slots__ = ("volume_id", "source_node", "hosts", "source_cntlid_min")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_CNTLID_MIN_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    source_node: str
+    hosts: _containers.RepeatedCompositeFieldContainer[PublishVolumeRequest]
+    source_cntlid_min: int
+    def __init__(self, volume_id: _Optional[str] = ..., source_node: _Optional[str] = ..., hosts: _Optional[_Iterable[_Union[PublishVolumeRequest, _Mapping]]] = ..., source_cntlid_min: _Optional[int] = ...) -> None: ...
+
+class PrepareMoveResponse(_message.Message):
+    __slots__ = ("paths",)
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    paths: _containers.RepeatedCompositeFieldContainer[PublishVolumeResponse]
+    def __init__(self, paths: _Optional[_Iterable[_Union[PublishVolumeResponse, _Mapping]]] = ...) -> None: ...
 
 class ReceiveMoveRequest(_message.Message):
     __slots__ = ("volume_id", "home_node", "source_node", "address", "token", "snapshot", "base_snapshot", "max_bytes_per_second")

@@ -134,6 +134,11 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.FromString,
                 _registered_method=True)
+        self.PrepareMove = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/PrepareMove',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.PrepareMoveRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.PrepareMoveResponse.FromString,
+                _registered_method=True)
         self.CommitMove = channel.unary_unary(
                 '/zvolt.agent.v1.Agent/CommitMove',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.CommitMoveRequest.SerializeToString,
@@ -298,8 +303,17 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareMove(self, request, context):
+        """Target of a live move, after the first stream: the subsystem under the volume's NQN for the
+        hosts it is published to (no namespace yet), so that each host adds it as a second path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CommitMove(self, request, context):
-        """Target: the commit point (refused until the final stream arrived). The volume is held here.
+        """Target: the commit point (refused until the final stream arrived). The volume is held here;
+        a volume published on the source (live move) is exported here at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -432,6 +446,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.ReceiveMove,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.SerializeToString,
+            ),
+            'PrepareMove': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMove,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.PrepareMoveRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.PrepareMoveResponse.SerializeToString,
             ),
             'CommitMove': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitMove,
@@ -994,6 +1013,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/ReceiveMove',
             zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.ReceiveMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/PrepareMove',
+            zvolt_dot_pb_dot_agent__pb2.PrepareMoveRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.PrepareMoveResponse.FromString,
             options,
             channel_credentials,
             insecure,
