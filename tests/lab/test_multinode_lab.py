@@ -106,6 +106,13 @@ class Env:
 
 @pytest.fixture(scope="module")
 def storage_cluster() -> Iterator[list[cluster.Member]]:
+    with booted_cluster() as members:
+        yield members
+
+
+@contextlib.contextmanager
+def booted_cluster(multipath: bool = False) -> Iterator[list[cluster.Member]]:
+    """ZVOLT_LAB_NODES storage guests (default 2), booted or reused; skips where the host cannot."""
     ok, why = hostpkgs.qemu_available()
     if not ok:
         pytest.skip(f"lab tests need qemu: {why}")
@@ -116,7 +123,7 @@ def storage_cluster() -> Iterator[list[cluster.Member]]:
     if host_memory_mb() < need:
         pytest.skip(f"{nodes} storage guests need ~{need} MiB of host memory; {host_memory_mb()} MiB available")
     cache = Cache.from_env()
-    opts = control.UpOptions(memory_mb=cluster.CLUSTER_MEMORY_MB)
+    opts = control.UpOptions(memory_mb=cluster.CLUSTER_MEMORY_MB, multipath=multipath)
     t0 = time.monotonic()
     try:
         members = cluster.up(cache, instance_from_env(), nodes, opts, sys.stderr)

@@ -1,0 +1,205 @@
+"""A published volume moves to another storage node while a writer keeps writing to it.
+
+Two storage guests (lab/cluster.py) booted with native NVMe multipath; the NVMe host is guest 0
+(its storage netns reaches both agents' NVMe/TCP ports on the storage network). The writer
+(tests/lab/livewriter.py) writes through the volume's multipath head device the whole time and
+checks every block it was told was written when the move is over. The orchestrator is the one
+the controller runs (csi/moves.py); each host step goes through the node side
+(`python -m csi.livepath`) in guest 0, as a node plugin would run it.
+
+Run: ZVOLT_LAB_NAME=live python -m pytest tests/lab/test_live_move_lab.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from csi import moves
+from csi.agents import AgentClient, AgentEndpoint
+from lab import cluster
+from lab.guest import POOL, STORAGE_NS, unit_name
+from tests.lab.test_multinode_lab import booted_cluster
+from zvolt.pb import agent_pb2 as pb
+
+# slow: two guests at once; kept out of the default run like the other cluster tests.
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+T = 300.0  # per-RPC deadline under TCG
+MiB = 1 << 20
+SIZE = 256 * MiB
+PREFILL_MIB = 48  # written before the move: the first stream carries it
+WRITER_BLOCKS = 4096  # the writer's 16 MiB, round and round
+HOST = "nqn.2014-08.org.nvmexpress:uuid:6c697665-0000-4000-8000-000000000001"
+HOSTID = "6c697665-0000-4000-8000-000000000001"
+NVME_PORT, MOVE_PORT = "4420", 7011
+STOP, OUT = "/run/zvolt-livewriter.stop", "/run/zvolt-livewriter.json"
+WRITER = "livewriter"
+
+
+@pytest.fixture(scope="module")
+def members() -> Iterator[list[cluster.Member]]:
+    with booted_cluster(multipath=True) as found:
+        for m in found:
+            if m.lab.run(["cat", "/sys/module/nvme_core/parameters/multipath"]).stdout.strip() != "Y":
+                pytest.fail(f"guest {m.instance} runs without native NVMe multipath (a guest booted earlier "
+                            f"without it was reused): `ZVOLT_LAB_NAME={m.instance} zvolt-lab down --cluster` first")
+        ips = cluster.storage_ips(found)
+        for m in found:  # each agent's NVMe/TCP and move ports on its storage-network address
+            m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
+            m.lab.start_agent("--nvme-listen", f"{ips[m.node]}:{NVME_PORT}", "--nvme-tls-port", "4421",
+                              "--move-listen", f"{ips[m.node]}:{MOVE_PORT}")
+        yield found
+        for m in found:
+            m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
+            m.lab.start_agent()
+
+
+def client(m: cluster.Member) -> AgentClient:
+    target = m.lab.grpc_target("agent")
+    return AgentClient(AgentEndpoint(name=m.node, target=target), grpc.insecure_channel(target), T)
+
+
+class Timed:
+    """An agent client that records each call's method, whether it was the final stream, and time."""
+
+    def __init__(self, agent: AgentClient, log: list[dict[str, Any]]) -> None:
+        self.agent, self.log, self.name = agent, log, agent.name
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        start = time.monotonic()
+        got = self.agent.call(method, request, timeout=timeout)
+        self.log.append({"node": self.name, "method": method, "seconds": time.monotonic() - start,
+                         "final": bool(getattr(request, "final", False)),
+                         "bytes": int(getattr(got, "bytes", 0))})
+        return got
+
+
+class GuestPaths:
+    """csi/moves.py's PathSwitch, carried out by the node side in guest 0 (csi/livepath.py)."""
+
+    def __init__(self, lab: Any, vid: str) -> None:
+        self.lab, self.vid = lab, vid
+        self.added: dict[str, Any] = {}
+        self.add_seconds = 0.0
+
+    def hosts(self) -> list[pb.PublishVolumeRequest]:
+        return [pb.PublishVolumeRequest(volume_id=self.vid, host_nqn=HOST)]
+
+    def _run(self, action: str, extra: dict[str, Any]) -> dict[str, Any]:
+        req = {"node_nqn": HOST, "node_hostid": HOSTID, "volume_id": self.vid, "reconnect_delay": 2,
+               "publishes": [json_format.MessageToDict(p) for p in self.hosts()], **extra}
+        proc = self.lab.run([self.lab.python, "-m", "csi.livepath", action], netns=STORAGE_NS, timeout=T,
+                            input=json.dumps(req), check=False)
+        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+        if not out.get("ok"):
+            from zvolt.errors import precondition
+
+            raise precondition(out.get("error") or proc.stderr[-800:])
+        return out
+
+    def add(self, paths: list[pb.PublishVolumeResponse]) -> None:
+        self.added = self._run("add", {"paths": [json_format.MessageToDict(p) for p in paths]})
+        self.add_seconds = float(self.added["seconds"])
+
+    def drop(self, source: str) -> None:
+        self._run("drop", {"targets": self.added.get("targets", []), "nqns": self.added.get("nqns", []),
+                           "source": source})
+
+
+def guest_json(lab: Any, code: str) -> Any:
+    proc = lab.py(code, netns=STORAGE_NS, timeout=T)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_written_volume_moves_live_without_an_io_error_or_a_lost_write(members: list[cluster.Member]) -> None:
+    src, dst = members[0], members[1]
+    a, b = client(src), client(dst)
+    host = src.lab
+    ips = cluster.storage_ips(members)
+    vol = a.call("CreateVolume", pb.CreateVolumeRequest(name=f"live-{int(time.time())}", size_bytes=SIZE)).volume
+    vid = vol.id
+    pub = a.call("PublishVolume", pb.PublishVolumeRequest(volume_id=vid, host_nqn=HOST))
+    assert pub.address == ips[src.node]
+    device = guest_json(host, f"""
+import json, os, time
+from csi.nvme_host import ConnectSpec, SysfsNvmeHost, wait_for_device
+nvme = SysfsNvmeHost()
+nvme.connect(ConnectSpec(nqn={pub.nqn!r}, transport="tcp", address={pub.address!r}, port={pub.port!r},
+                         hostnqn={HOST!r}, hostid={HOSTID!r}, ctrl_loss_tmo=600, reconnect_delay=2))
+dev = wait_for_device(nvme, {pub.nqn!r}, 120)
+fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+import mmap
+buf = mmap.mmap(-1, 1 << 20)
+for i in range({PREFILL_MIB}):
+    buf.seek(0); buf.write(os.urandom(1 << 20))
+    os.pwrite(fd, buf, (16 + i) << 20)  # beyond the writer's 16 MiB
+os.fsync(fd); os.close(fd)
+print(json.dumps(dev))
+""")
+    print(f"\nvolume {vid} on {src.node}, head device {device} in guest {src.instance}", flush=True)
+    host.run(["rm", "-f", STOP, OUT])
+    host.start_service(WRITER, [host.python, "/src/tests/lab/livewriter.py", device, str(WRITER_BLOCKS), STOP, OUT])
+    time.sleep(10)  # the writer is well under way before the move starts
+
+    log: list[dict[str, Any]] = []
+    paths = GuestPaths(host, vid)
+    try:
+        result = moves.move(Timed(a, log), Timed(b, log), vid, stream_timeout=T, live=paths)
+        time.sleep(5)  # the writer keeps going on the new path
+    finally:
+        host.run(["touch", STOP])
+        deadline = time.monotonic() + 180
+        while host.run(["test", "-f", OUT], check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the writer did not finish its read-back"
+            time.sleep(1)
+    report = json.loads(host.run(["cat", OUT]).stdout)
+    final_send = sum(e["seconds"] for e in log if e["method"] == "SendMove" and e["final"])
+    final_recv = [e for e in log if e["method"] == "ReceiveMove"][-1]
+    baseline = final_send + final_recv["seconds"] + paths.add_seconds
+    for e in log:
+        print(f"  {e['node']} {e['method']}{' (final)' if e['final'] else ''}: {e['seconds']:.2f} s"
+              + (f", {e['bytes']} bytes" if e["bytes"] else ""), flush=True)
+    print(f"live move: {result.bytes} bytes in {result.streams} streams, {result.seconds:.1f} s; orchestrator's "
+          f"pause (fence -> target namespace) {result.pause_seconds:.2f} s", flush=True)
+    print(f"writer: {report['writes']} writes, {report['error_count']} errors, longest pause "
+          f"{report['longest_pause_s']:.2f} s at {report['longest_pause_at_s']:.1f} s, "
+          f"{report['verified_blocks']} blocks read back, {report['bad_count']} wrong", flush=True)
+    print(f"baseline: final SendMove {final_send:.2f} s + final stream {final_recv['seconds']:.2f} s "
+          f"({final_recv['bytes']} bytes) + one path connect {paths.add_seconds:.2f} s = {baseline:.2f} s; "
+          f"longest pause / baseline = {report['longest_pause_s'] / baseline:.2f}x (bar <= 1.5x)", flush=True)
+
+    assert report["error_count"] == 0, report["errors"]
+    assert report["bad_count"] == 0, report["bad_blocks"]
+    assert report["verified_blocks"] == min(report["writes"], WRITER_BLOCKS) > 0
+    assert result.streams >= 2 and result.pause_seconds > 0
+    # The same head device, now served by the target alone; the source keeps only a tombstone.
+    assert host.run(["test", "-b", device], check=False).returncode == 0
+    ctrls = guest_json(host, f"""
+import json
+from csi.nvme_host import SysfsNvmeHost
+print(json.dumps([(c.address, c.state) for c in SysfsNvmeHost().controllers({pub.nqn!r})]))
+""")
+    assert [addr.split(",")[0] for addr, _ in ctrls] == [f"traddr={ips[dst.node]}"], ctrls
+    held = b.call("GetVolume", pb.GetVolumeRequest(volume_id=vid))
+    assert held.placement == pb.PLACEMENT_HELD and list(held.volume.published_hosts) == [HOST]
+    assert src.lab.run(["ls", "/sys/kernel/config/nvmet/subsystems"]).stdout.split().count(pub.nqn) == 0
+    assert src.lab.run(["zfs", "list", f"{POOL}/zvolt/v/{vid}"], check=False).returncode != 0
+
+    # Let go: the host disconnects, the target unpublishes and deletes.
+    guest_json(host, f"""
+import json
+from csi.nvme_host import SysfsNvmeHost
+nvme = SysfsNvmeHost()
+for c in nvme.controllers({pub.nqn!r}):
+    nvme.disconnect(c.name)
+print(json.dumps(True))
+""")
+    b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id=vid, host_nqn=HOST))
+    b.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid))
