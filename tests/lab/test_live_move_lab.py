@@ -12,7 +12,9 @@ Run: ZVOLT_LAB_NAME=live python -m pytest tests/lab/test_live_move_lab.py -s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +26,10 @@ from google.protobuf import json_format
 from csi import moves
 from csi.agents import AgentClient, AgentEndpoint
 from lab import cluster
-from lab.guest import POOL, STORAGE_NS, unit_name
+from lab.guest import POOL, SOCKETS, STORAGE_NS, unit_name
+from lab.guest import agent_argv as lab_agent_argv
 from tests.lab.test_multinode_lab import booted_cluster
+from zvolt.errors import ZvoltError
 from zvolt.pb import agent_pb2 as pb
 
 # slow: two guests at once; kept out of the default run like the other cluster tests.
@@ -41,6 +45,29 @@ HOSTID = "6c697665-0000-4000-8000-000000000001"
 NVME_PORT, MOVE_PORT = "4420", 7011
 STOP, OUT = "/run/zvolt-livewriter.stop", "/run/zvolt-livewriter.json"
 WRITER = "livewriter"
+# ZVOLT_LIVE_WEAKEN=nofence: the source agent with its fence patched out (the hosts go on writing
+# to the source through the cutover), to show the writer's checks catch it: the test must fail.
+WEAKEN = os.environ.get("ZVOLT_LIVE_WEAKEN") == "nofence"
+NOFENCE_AGENT = ("import sys\nfrom agent import exports\nexports.Exports.fence = lambda self, volume_id: None\n"
+                 "from agent.main import main\nsys.exit(main(sys.argv[1:]))")
+
+
+def agent_args(members: list[cluster.Member], m: cluster.Member) -> list[str]:
+    """Each agent's NVMe/TCP and move ports on its storage-network address (reachable from the
+    other guest; the default NVMe address, 10.42.0.1, is the same in every guest)."""
+    ip = cluster.storage_ips(members)[m.node]
+    return ["--nvme-listen", f"{ip}:{NVME_PORT}", "--nvme-tls-port", "4421", "--move-listen", f"{ip}:{MOVE_PORT}"]
+
+
+def start(members: list[cluster.Member], m: cluster.Member) -> None:
+    m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
+    if WEAKEN and m is members[0]:
+        argv = lab_agent_argv(m.node)
+        m.lab.start_service("agent", [argv[0], "-c", NOFENCE_AGENT, *argv[3:], *agent_args(members, m)],
+                            netns=STORAGE_NS)
+        m.lab.wait_socket("agent", SOCKETS["agent"])
+    else:
+        m.lab.start_agent(*agent_args(members, m))
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +77,16 @@ def members() -> Iterator[list[cluster.Member]]:
             if m.lab.run(["cat", "/sys/module/nvme_core/parameters/multipath"]).stdout.strip() != "Y":
                 pytest.fail(f"guest {m.instance} runs without native NVMe multipath (a guest booted earlier "
                             f"without it was reused): `ZVOLT_LAB_NAME={m.instance} zvolt-lab down --cluster` first")
-        ips = cluster.storage_ips(found)
-        for m in found:  # each agent's NVMe/TCP and move ports on its storage-network address
-            m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
-            m.lab.start_agent("--nvme-listen", f"{ips[m.node]}:{NVME_PORT}", "--nvme-tls-port", "4421",
-                              "--move-listen", f"{ips[m.node]}:{MOVE_PORT}")
+        for m in found:
+            start(found, m)
         yield found
         for m in found:
             m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
             m.lab.start_agent()
+
+
+class Killed(RuntimeError):
+    pass
 
 
 def client(m: cluster.Member) -> AgentClient:
@@ -67,17 +95,26 @@ def client(m: cluster.Member) -> AgentClient:
 
 
 class Timed:
-    """An agent client that records each call's method, whether it was the final stream, and time."""
+    """An agent client that records each call's method, whether it was the final stream, and time;
+    with `kill_after` ("SendMove-final", "PrepareMove"), the agent gets SIGKILL once that call
+    returned, and the orchestrator sees the call fail."""
 
-    def __init__(self, agent: AgentClient, log: list[dict[str, Any]]) -> None:
-        self.agent, self.log, self.name = agent, log, agent.name
+    def __init__(self, agent: AgentClient, log: list[dict[str, Any]], member: cluster.Member,
+                 kill_after: str = "") -> None:
+        self.agent, self.log, self.name, self.member, self.kill_after = agent, log, agent.name, member, kill_after
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         start = time.monotonic()
         got = self.agent.call(method, request, timeout=timeout)
+        final = bool(getattr(request, "final", False))
         self.log.append({"node": self.name, "method": method, "seconds": time.monotonic() - start,
-                         "final": bool(getattr(request, "final", False)),
-                         "bytes": int(getattr(got, "bytes", 0))})
+                         "final": final, "bytes": int(getattr(got, "bytes", 0))})
+        if self.kill_after and self.kill_after == method + ("-final" if final else ""):
+            self.kill_after = ""
+            self.member.lab.stop_service("agent", kill=True)
+            self.log.append({"node": self.name, "method": f"SIGKILL after {method}", "seconds": 0.0,
+                             "final": False, "bytes": 0})
+            raise Killed(f"agent {self.name} killed after {method}")
         return got
 
 
@@ -118,7 +155,28 @@ def guest_json(lab: Any, code: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def wait_ready(agent: AgentClient) -> None:
+    deadline = time.monotonic() + T
+    while True:
+        with contextlib.suppress(ZvoltError, grpc.RpcError):  # restarting: refused, then not ready
+            if agent.call("GetInfo", pb.GetInfoRequest(), timeout=10).ready:
+                return
+        assert time.monotonic() < deadline, f"agent {agent.name} not ready again"
+        time.sleep(1)
+
+
 def test_a_written_volume_moves_live_without_an_io_error_or_a_lost_write(members: list[cluster.Member]) -> None:
+    live_move(members)
+
+
+@pytest.mark.parametrize("where", ["source", "target"])
+def test_an_agent_killed_mid_cutover_and_a_retry_lose_no_write(members: list[cluster.Member], where: str) -> None:
+    """kill -9 of the source right after it fenced (the hosts hold their I/O), or of the target right
+    after it prepared the path: the move fails, the agent restarts, the same call again converges."""
+    live_move(members, kill=where)
+
+
+def live_move(members: list[cluster.Member], kill: str = "") -> None:
     src, dst = members[0], members[1]
     a, b = client(src), client(dst)
     host = src.lab
@@ -150,8 +208,19 @@ print(json.dumps(dev))
 
     log: list[dict[str, Any]] = []
     paths = GuestPaths(host, vid)
+    source = Timed(a, log, src, "SendMove-final" if kill == "source" else "")
+    target = Timed(b, log, dst, "PrepareMove" if kill == "target" else "")
     try:
-        result = moves.move(Timed(a, log), Timed(b, log), vid, stream_timeout=T, live=paths)
+        try:
+            result = moves.move(source, target, vid, stream_timeout=T, live=paths)
+            assert not kill, "the agent was to be killed mid-move"
+        except Killed:
+            killed = src if kill == "source" else dst
+            t0 = time.monotonic()
+            start(members, killed)
+            wait_ready(a if kill == "source" else b)
+            print(f"{killed.node} killed and back in {time.monotonic() - t0:.1f} s; the same move again", flush=True)
+            result = moves.move(source, target, vid, stream_timeout=T, live=paths)
         time.sleep(5)  # the writer keeps going on the new path
     finally:
         host.run(["touch", STOP])
@@ -178,7 +247,7 @@ print(json.dumps(dev))
     assert report["error_count"] == 0, report["errors"]
     assert report["bad_count"] == 0, report["bad_blocks"]
     assert report["verified_blocks"] == min(report["writes"], WRITER_BLOCKS) > 0
-    assert result.streams >= 2 and result.pause_seconds > 0
+    assert (result.streams >= 2 or kill) and result.pause_seconds > 0
     # The same head device, now served by the target alone; the source keeps only a tombstone.
     assert host.run(["test", "-b", device], check=False).returncode == 0
     ctrls = guest_json(host, f"""
