@@ -169,11 +169,11 @@ class Exports:
                 self._link(sub, tls)
             return tls
 
-    def prepare_incoming(self, volume_id: str, hosts: list[str], source_cntlid: tuple[int, int]) -> bool:
+    def prepare_incoming(self, volume_id: str, hosts: list[str], source_cntlid_min: int) -> bool:
         """A live move's target: the volume's subsystem with its hosts and port link, but no
         namespace (its zvol is still being received); controller ids from the half of the range
         the source's subsystem does not use. Idempotent. Returns whether it is a TLS export."""
-        low = nvmet.CNTLID_MIN if source_cntlid[0] >= nvmet.CNTLID_HALF else nvmet.CNTLID_HALF
+        low = nvmet.CNTLID_MIN if source_cntlid_min >= nvmet.CNTLID_HALF else nvmet.CNTLID_HALF
         high = nvmet.CNTLID_HALF - 1 if low == nvmet.CNTLID_MIN else nvmet.CNTLID_MAX
         with self._mu:
             sub = self.root.subsystem(self.nqn(volume_id))

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.dhchap import HostSecrets
 from agent.index import MoveRec, VolumeRec
+from agent.nvmet import NvmetError
 from agent.records import HELD, HOME, INCOMING, MOVE_FROM, MOVED_TO, MOVING_TO, STATE, refresh
 from agent.volumes import Volumes
 from agent.zfs import Streams, ZfsError, retry_busy
@@ -85,7 +86,7 @@ class SendPlan:
 
 
 @dataclass(frozen=True)
-class Path:
+class LivePath:
     """Where a host finds a live move's target: what PublishVolume would have answered."""
 
     nqn: str
@@ -261,13 +262,13 @@ class Moves:
     def _isolate(self, vol: VolumeRec) -> None:
         try:
             self.v.exports.isolate(vol.id)
-        except (OSError, ZvoltError) as exc:
+        except (OSError, NvmetError) as exc:
             raise internal(f"giving volume {vol.id} an ANA group of its own for its live move: {exc}") from exc
 
     def _fence(self, vol: VolumeRec) -> None:
         try:
             self.v.exports.fence(vol.id)
-        except OSError as exc:
+        except (OSError, NvmetError) as exc:
             raise internal(f"fencing the path of volume {vol.id} for its live move: {exc}") from exc
         _log.info("live move fenced", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
@@ -499,7 +500,7 @@ class Moves:
             return counter.total
 
     def prepare(self, vid: str, source: str, hosts: list[tuple[str, HostSecrets | None]],
-                source_cntlid: tuple[int, int]) -> list[Path]:
+                source_cntlid_min: int) -> list[LivePath]:
         """A live move's target, before the final stream: the volume's subsystem for exactly the
         hosts the volume is published to (each with the keys its publish had), so that each can
         connect its second path now. The namespace follows at the commit. Idempotent."""
@@ -527,11 +528,11 @@ class Moves:
                     store.put(replace(auth, host=h))
             self.v.exports.set_home(vid, props.get(HOME, "") or source)
             try:
-                tls = self.v.exports.prepare_incoming(vid, sorted(allowed), source_cntlid)
+                tls = self.v.exports.prepare_incoming(vid, sorted(allowed), source_cntlid_min)
             except OSError as exc:
                 raise internal(f"preparing the live path of volume {vid}: {exc}") from exc
             nqn = self.v.exports.nqn(vid)
-            return [Path(nqn, h, tls) for h in sorted(allowed)]
+            return [LivePath(nqn, h, tls) for h in sorted(allowed)]
 
     def commit(self, vid: str, source: str) -> VolumeRec:
         """Step 3: THE commit point. Idempotent: a committed volume is returned as it is."""

@@ -187,7 +187,7 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
                 if pub.dhchap_key or pub.tls_psk else None
             hosts.append((pub.host_nqn, keys))
         paths = self._mover().prepare(request.volume_id, request.source_node, hosts,
-                                      (request.source_cntlid_min or 1, 0))
+                                      request.source_cntlid_min or 1)
         cfg = self.v.cfg
         return pb.PrepareMoveResponse(paths=[
             pb.PublishVolumeResponse(nqn=p.nqn, transport="tcp", address=cfg.nvme_address,
