@@ -179,20 +179,16 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
                                    cntlid_max=plan.cntlid[1])
 
     def PrepareMove(self, request: Any, context: Any) -> Any:
-        hosts: list[tuple[str, HostSecrets | None]] = []
-        for pub in request.hosts:
-            if pub.dhchap_ctrl_key and not pub.dhchap_key:
-                raise invalid("dhchap_ctrl_key needs a dhchap_key")
-            keys = host_secrets(pub.host_nqn, pub.dhchap_key, pub.dhchap_ctrl_key, pub.tls_psk) \
-                if pub.dhchap_key or pub.tls_psk else None
-            hosts.append((pub.host_nqn, keys))
+        hosts = [(pub.host_nqn, _publish_keys(pub)) for pub in request.hosts]
         paths = self._mover().prepare(request.volume_id, request.source_node, hosts,
                                       request.source_cntlid_min or 1)
+        return pb.PrepareMoveResponse(paths=[self._path(p.nqn, p.host_nqn, p.tls) for p in paths])
+
+    def _path(self, nqn: str, host_nqn: str, tls: bool) -> Any:
+        """Where a host connects to one of this node's exports (PublishVolume's answer)."""
         cfg = self.v.cfg
-        return pb.PrepareMoveResponse(paths=[
-            pb.PublishVolumeResponse(nqn=p.nqn, transport="tcp", address=cfg.nvme_address,
-                                     port=self.v.exports.cfg.tls_port if p.tls else cfg.nvme_port, host_nqn=p.host_nqn)
-            for p in paths])
+        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address,
+                                        port=self.v.exports.cfg.tls_port if tls else cfg.nvme_port, host_nqn=host_nqn)
 
     def ReceiveMove(self, request: Any, context: Any) -> Any:
         start = time.monotonic()
@@ -284,17 +280,10 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def PublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()
-        keys = None
-        if request.dhchap_ctrl_key and not request.dhchap_key:
-            raise invalid("dhchap_ctrl_key needs a dhchap_key")
-        if request.dhchap_key or request.tls_psk:
-            keys = host_secrets(request.host_nqn, request.dhchap_key, request.dhchap_ctrl_key, request.tls_psk)
+        keys = _publish_keys(request)
         nqn = self.v.publish(request.volume_id, request.host_nqn, key=request.encryption_key, auth=keys)
-        cfg = self.v.cfg
         host = names.volume_host_nqn(request.host_nqn, request.volume_id) if keys is not None else request.host_nqn
-        port = self.v.exports.cfg.tls_port if request.tls_psk else cfg.nvme_port
-        return pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address=cfg.nvme_address, port=port,
-                                        host_nqn=host)
+        return self._path(nqn, host, bool(request.tls_psk))
 
     def UnpublishVolume(self, request: Any, context: Any) -> Any:
         self._ready()
@@ -305,6 +294,15 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         self._ready()
         root = self.v.rotate_key(request.volume_id, request.old_key, request.new_key)
         return pb.RotateKeyResponse(encryption_root=root)
+
+
+def _publish_keys(request: Any) -> HostSecrets | None:
+    """The DH-HMAC-CHAP keys and TLS PSK a PublishVolumeRequest carries for its host, if any."""
+    if request.dhchap_ctrl_key and not request.dhchap_key:
+        raise invalid("dhchap_ctrl_key needs a dhchap_key")
+    if not (request.dhchap_key or request.tls_psk):
+        return None
+    return host_secrets(request.host_nqn, request.dhchap_key, request.dhchap_ctrl_key, request.tls_psk)
 
 
 def make_server(servicer: AgentServicer, metrics: Metrics, workers: int = 16,
