@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from lab import guest, guestsetup, kubenode, qemu, ssh
+from lab import guest, guestsetup, kubenode, qemu, qmp, ssh
 from lab import state as statefile
 from lab.guest import GuestCommandError, Lab
 from lab.image import Image, build, current_image
@@ -121,7 +122,19 @@ def up_result(cache: Cache, instance: str, opts: UpOptions, out: TextIO) -> UpRe
             st = _boot(cache, instance, run_dir, image, opts, out, t0)
         lab = lab_for(cache, st)
         try:
-            _wait_ssh(lab, st, opts.boot_timeout, t0, out)
+            try:
+                _wait_ssh(lab, st, opts.boot_timeout, t0, out)
+            except BootTimeout as exc:
+                if not booted:
+                    raise
+                # A boot that hangs once under TCG is not worth a failed run; one that hangs twice
+                # is, and the error says what qemu, the disk and the console said.
+                _log(out, t0, f"{exc}: powering it off and booting once more")
+                out.write(f"--- last lines of {st.console_log} ---\n{_tail(st.console_log)}\n")
+                _stop(cache, run_dir, st, out, timeout=10)
+                st = _boot(cache, instance, run_dir, image, opts, out, t0)
+                lab = lab_for(cache, st)
+                _wait_ssh(lab, st, opts.boot_timeout, t0, out)
             setup_guest(lab, st, out, t0)
             st.guest_ready = True
             statefile.save(run_dir, st)
@@ -144,6 +157,7 @@ def _boot(
         _cleanup_files(old)
     overlay = run_dir / "overlay.qcow2"
     overlay.unlink(missing_ok=True)
+    _check_free_space(run_dir)
     subprocess.run(qemu.overlay_argv(image.rootfs, overlay), check=True, timeout=60, stdin=subprocess.DEVNULL)
     if opts.pool_disk is not None:
         pool_disk, reused = opts.pool_disk.resolve(), True
@@ -157,12 +171,14 @@ def _boot(
     forwards = {name: qemu.free_port() for name in guest.GUEST_PORTS}
     console = run_dir / "console.log"
     console.unlink(missing_ok=True)
+    qmp_socket = run_dir / "qmp.sock"
+    qmp_socket.unlink(missing_ok=True)
     cfg = qemu.QemuConfig(
         name=instance, kernel=image.kernel, initrd=image.initrd, overlay=overlay, pool_disk=pool_disk,
         src=source_root(), console_log=console, pid_file=run_dir / "qemu.pid", ssh_port=ssh_port,
         forwards={forwards[n]: guest.GUEST_PORTS[n] for n in forwards}, memory_mb=opts.memory_mb,
         peer=opts.peer, storage_net=opts.storage_net, guestfwds=(kubenode.apiserver_guestfwd(run_dir),),
-        multipath=opts.multipath,
+        multipath=opts.multipath, qmp_socket=qmp_socket,
     )
     pid = qemu.start(cfg)
     st = RunState(
@@ -184,6 +200,37 @@ def _boot(
 # A probe takes up to ~22 s (20 s ssh timeout + 2 s pause), so noting every 10 s keeps the
 # gaps between lines under 30 s while the guest boots.
 BOOT_NOTE_EVERY = 10.0
+# What a lab session writes beside the image: the overlay (guest packages, container images,
+# logs) and the sparse pool disk as ZFS fills it.
+MIN_FREE_BYTES = 3 << 30
+# qemu run states that no amount of waiting turns into a booted guest.
+STUCK_STATES = {"io-error": "qemu paused the guest on a disk write it could not store",
+                "internal-error": "qemu stopped the guest on an internal error",
+                "guest-panicked": "the guest kernel panicked",
+                "shutdown": "the guest shut down"}
+
+
+class BootTimeout(LabError):
+    """The guest kept running but never answered ssh: the one boot failure worth a second boot."""
+
+
+def _check_free_space(run_dir: Path) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise LabError(
+            f"only {free >> 20} MiB free on the filesystem of {run_dir}; a lab guest needs "
+            f"{MIN_FREE_BYTES >> 30} GiB for its disk overlay and pool (qemu pauses a guest whose "
+            "disk write finds no space, which looks like a boot that never ends)"
+        )
+
+
+def _boot_diagnosis(st: RunState) -> str:
+    """One line on why a guest is not answering: qemu's own state, the space left, the console's last words."""
+    status = qmp.status(st.qmp_socket)
+    free = shutil.disk_usage(st.run_dir).free >> 20
+    last = [line.strip() for line in _tail(st.console_log, 3).splitlines() if line.strip()]
+    return (f"qemu status {status or 'unknown'}; {free} MiB free on the filesystem of {st.run_dir}; "
+            f"console ends: {' | '.join(last)[-300:] or '(empty)'}")
 
 
 def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) -> None:
@@ -195,13 +242,16 @@ def _wait_ssh(lab: Lab, st: RunState, timeout: float, t0: float, out: TextIO) ->
             said = time.monotonic()
             _log(out, t0, f"guest still booting ({said - start:.0f}s; TCG boots take 1-3 minutes)")
         if not qemu.alive(st.pid, str(st.overlay)):
-            raise LabError(f"qemu (pid {st.pid}) exited during boot")
+            raise LabError(f"qemu (pid {st.pid}) exited during boot; {_boot_diagnosis(st)}")
+        status = qmp.status(st.qmp_socket)
+        if status in STUCK_STATES:
+            raise LabError(f"{STUCK_STATES[status]}; {_boot_diagnosis(st)}")
         try:
             lab.run(["true"], timeout=20)
             break
         except GuestCommandError as exc:
             if time.monotonic() > deadline:
-                raise LabError(f"guest did not answer ssh within {timeout:.0f}s") from exc
+                raise BootTimeout(f"guest did not answer ssh within {timeout:.0f}s; {_boot_diagnosis(st)}") from exc
             time.sleep(2)
     _log(out, t0, f"guest answers ssh on 127.0.0.1:{st.ssh_port}")
 
@@ -383,6 +433,7 @@ def _cleanup_files(st: RunState) -> None:
     if qemu.alive(st.pid, str(st.overlay)):
         raise LabError(f"qemu pid {st.pid} still running")
     st.overlay.unlink(missing_ok=True)
+    st.qmp_socket.unlink(missing_ok=True)
     if not st.pool_disk_reused:
         Path(st.pool_disk).unlink(missing_ok=True)
 

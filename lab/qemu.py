@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import qmp
+
 GUEST_SSH_PORT = 22
 KERNEL_CMDLINE = (
     "root=/dev/vda rw console=ttyS0 quiet loglevel=4 systemd.show_status=false "
@@ -122,6 +124,7 @@ class QemuConfig:
     storage_net: StorageNet | None = None
     guestfwds: tuple[GuestFwd, ...] = ()
     multipath: bool = False
+    qmp_socket: Path | None = None  # qemu's own view of the guest (lab/qmp.py)
 
 
 def hostfwd(host_port: int, guest_port: int) -> str:
@@ -160,6 +163,7 @@ def argv(cfg: QemuConfig, binary: str = "qemu-system-x86_64") -> list[str]:
         *(cfg.storage_net.argv() if cfg.storage_net is not None else []),
         "-virtfs", f"local,path={cfg.src},mount_tag=src,security_model=none,readonly=on",
         "-device", "virtio-rng-pci",
+        *(qmp.socket_argv(cfg.qmp_socket) if cfg.qmp_socket is not None else []),
         "-daemonize",
         "-pidfile", str(cfg.pid_file),
     ]

@@ -32,6 +32,10 @@ class RunState:
         return Path(self.run_dir) / "console.log"
 
     @property
+    def qmp_socket(self) -> Path:
+        return Path(self.run_dir) / "qmp.sock"
+
+    @property
     def overlay(self) -> Path:
         return Path(self.run_dir) / "overlay.qcow2"
 
