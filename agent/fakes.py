@@ -433,15 +433,16 @@ class FakeNode:
 
 def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, node: str = "storage-0",
               pool: str = "tank", recover: bool = True, pool_size: int = 1 << 40,
-              keystore: KeyStore | None = None, move_address: str = "127.0.0.1:0") -> FakeNode:
+              keystore: KeyStore | None = None, move_address: str = "127.0.0.1:0",
+              nvme_address: str = "10.42.0.1") -> FakeNode:
     zfs = zfs or FakeZfs(pool_size=pool_size)
     if pool not in zfs.ds:
         zfs.ds[pool] = _Ds("filesystem")
     root = nvmet.Root(configfs_dir, emulate=True)
     root.init_tree()
     index = Index(state_dir)
-    cfg = AgentConfig(node=node, pool=pool, parent=f"{pool}/zvolt", nvme_address="10.42.0.1", nvme_port="4420")
-    exports = Exports(zfs, root, ExportConfig(node, "10.42.0.1", "4420", device_timeout=1.0))
+    cfg = AgentConfig(node=node, pool=pool, parent=f"{pool}/zvolt", nvme_address=nvme_address, nvme_port="4420")
+    exports = Exports(zfs, root, ExportConfig(node, nvme_address, "4420", device_timeout=1.0))
     volumes = Volumes(cfg, zfs, index, exports, keys=Keys(zfs, keystore))
     readiness = Readiness()
     recovery = Recovery(zfs, index, exports, volumes, readiness)

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from csi import TOPOLOGY_ZONE_KEY, dhchap, params, placement, volcaps
+from csi import TOPOLOGY_ZONE_KEY, dhchap, params, placement, publishing, volcaps
 from csi.agents import AgentClient, AgentPool, fan_out
 from csi.capacityview import CapacityView
 from csi.locator import Locator
@@ -577,22 +577,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
                     f"volume {request.volume_id} is published to node {others[0]}; its access mode allows one node",
                 )
             key = params.optional_encryption_key(request.secrets, "controller-publish")
-            pub = agent_pb2.PublishVolumeRequest(volume_id=local, host_nqn=host, encryption_key=key)
-            mode = request.volume_context.get(dhchap.CONTEXT_KEY, "")
-            tls = request.volume_context.get(dhchap.TLS_CONTEXT_KEY, "") == "psk"
-            if mode or tls:
-                if self.keys is None:
-                    raise precondition(f"volume {request.volume_id} uses DH-HMAC-CHAP or TLS but this controller "
-                                       "keeps no keys: start it with --dhchap-secret-namespace (the chart does)")
-                found = self.keys.get(vol.name, mode, tls)
-                pub.dhchap_key, pub.dhchap_ctrl_key, pub.tls_psk = found.key, found.ctrl_key, found.tls_psk
+            pub = publishing.agent_request(self.keys, request.volume_id, vol.name, local, host,
+                                           request.volume_context, encryption_key=key)
             resp = agent.call("PublishVolume", pub)
-        ctx = {"nqn": resp.nqn, "transport": resp.transport, "address": resp.address, "port": resp.port}
-        # The node plugin takes the keys from its node-stage secrets: the context names only the modes.
-        if mode:
-            ctx[dhchap.CONTEXT_KEY] = mode
-        if tls:
-            ctx[dhchap.TLS_CONTEXT_KEY] = "psk"
+        ctx = publishing.node_context(resp, request.volume_context)
         return csi_pb2.ControllerPublishVolumeResponse(publish_context=ctx)
 
     def ControllerUnpublishVolume(

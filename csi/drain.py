@@ -36,7 +36,7 @@ from zvolt.pb import agent_pb2 as pb
 
 PAGE = 500
 HEARTBEAT = 30.0
-ATTACHED = "live move not built yet: detach it (scale the workload to 0) and rerun"
+ATTACHED = "in use: move it live with `kubectl zvolt move <pvc> --to <node>`, or detach it and rerun"
 
 Say = Callable[[str], None]
 MAX_PARALLEL = 64

@@ -1,30 +1,36 @@
-"""A live move's host side (csi/moves.py PathSwitch): one node's paths to a moving volume.
+"""A live move's host side: one node's paths to a moving volume (`zvolt-csi --mode live-path`).
 
-Before the cutover the node connects a second controller to the same subsystem NQN on the target
-(`add`); with native NVMe multipath (nvme_core.multipath=Y, Debian's default) the kernel makes it
-a second path of the same block device, so the application sees neither a new device nor a
-remount. The target's namespace appears on that path at the commit, and the I/O the host held
-while the source was fenced resumes there. After the move the path to the source is dropped
-(`drop`). Without native multipath a second controller would be a second device: `add` refuses,
-and the move is undone before anything was fenced.
+Runs in the node plugin's container with its settings, one JSON request on stdin (keys never in
+argv), one JSON answer on stdout; `kubectl zvolt move` relays the controller's requests here.
 
-All NVMe actions go through the node adapter (csi/nvme_host.py).
+`add`: before the cutover the node connects a second controller to the same subsystem NQN on the
+target, from a publish_context as ControllerPublish gives it, under the host NQN and keys
+NodeStageVolume would use (csi/node.py connect_spec). With native NVMe multipath
+(nvme_core.multipath=Y, Debian's default) the kernel makes it a second path of the same block
+device, so the application sees neither a new device nor a remount; the target's namespace
+appears on it at the commit, and the I/O the host held while the source was fenced resumes
+there. Without native multipath a second controller would be a second device: `add` refuses, and
+the move is undone before anything was fenced.
+
+`drop`: after the move, the node lets go of its other paths to the volume, the source's. Given
+the target's context it keeps exactly that path; without it (a move repeated after its commit)
+it keeps the live ones and drops the rest, and never its last live path.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, TextIO
 
-from google.protobuf import json_format
+from csi.node import NodeService
+from csi.nvme_host import Controller, ours
+from zvolt.errors import ZvoltError, invalid, precondition
+from zvolt.names import split_volume_id, subsystem_nqn
 
-from csi.nvme_host import ConnectSpec, Controller, NvmeHost, ours
-from zvolt import names
-from zvolt.errors import ZvoltError, precondition
-from zvolt.pb import agent_pb2 as pb
+OPS = ("add", "drop")
 
 
 def address_of(ctrl: Controller) -> tuple[str, str]:
@@ -33,91 +39,78 @@ def address_of(ctrl: Controller) -> tuple[str, str]:
     return parts.get("traddr", ""), parts.get("trsvcid", "")
 
 
-@dataclass
-class NodePaths:
-    host: NvmeHost
-    node_nqn: str  # this node's own host NQN
-    node_hostid: str
-    volume_id: str  # local id (per-volume host NQNs and host ids derive from it)
-    publishes: list[pb.PublishVolumeRequest]  # as the volume's ControllerPublish calls carried them
-    ctrl_loss_tmo: int = 600
-    reconnect_delay: int = 10
-    targets: set[tuple[str, str]] = field(default_factory=set)  # (address, port) of the paths added
-    nqns: set[str] = field(default_factory=set)  # the subsystems they belong to
+@dataclass(frozen=True)
+class Request:
+    op: str
+    volume_id: str  # the CSI id
+    context: dict[str, str] = field(default_factory=dict)  # the target's path; may be empty for drop
+    secrets: dict[str, str] = field(default_factory=dict)  # node-stage secrets, for add
 
-    def hosts(self) -> list[pb.PublishVolumeRequest]:
-        return list(self.publishes)
-
-    def _mine(self, paths: Sequence[pb.PublishVolumeResponse]) -> list[pb.PublishVolumeResponse]:
-        return [p for p in paths if names.opened_by(p.host_nqn, self.node_nqn)]
-
-    def add(self, paths: list[pb.PublishVolumeResponse]) -> None:
-        mine = self._mine(paths)
-        if not mine:
-            return
-        if not self.host.multipath():
-            raise precondition(f"native NVMe multipath is off on the node of {self.node_nqn} "
-                               "(nvme_core.multipath=N): a second path would be a second device")
-        publish = next((p for p in self.publishes if p.host_nqn == self.node_nqn), None)
-        if publish is None:
-            raise precondition(f"no publish of volume {self.volume_id} for {self.node_nqn} was given")
-        for path in mine:
-            where = (path.address, path.port)
-            self.targets.add(where)
-            self.nqns.add(names.check_nqn(path.nqn))
-            live = [c for c in ours(self.host.controllers(path.nqn), self.node_nqn)
-                    if address_of(c) == where and c.state == "live"]
-            if live:
-                continue  # a repeat: this path is there already
-            per_volume = path.host_nqn != self.node_nqn
-            self.host.connect(ConnectSpec(
-                nqn=path.nqn, transport=path.transport or "tcp", address=path.address, port=path.port,
-                hostnqn=path.host_nqn,
-                hostid=names.volume_host_id(self.node_nqn, self.volume_id) if per_volume else self.node_hostid,
-                ctrl_loss_tmo=self.ctrl_loss_tmo, reconnect_delay=self.reconnect_delay,
-                dhchap_secret=publish.dhchap_key, dhchap_ctrl_secret=publish.dhchap_ctrl_key,
-                tls_psk=publish.tls_psk,
-            ).validate())
-
-    def drop(self, source: str) -> None:
-        """Disconnect this node's other controllers of the volume: its paths to the source."""
-        for nqn in sorted(self.nqns):
-            for ctrl in ours(self.host.controllers(nqn), self.node_nqn):
-                if address_of(ctrl) not in self.targets:
-                    self.host.disconnect(ctrl.name)
+    @classmethod
+    def parse(cls, line: str) -> Request:
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            raise invalid(f"live-path request is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("op") not in OPS or not isinstance(doc.get("volume_id"), str):
+            raise invalid(f"live-path request needs op ({' or '.join(OPS)}) and volume_id")
+        ctx, secrets = doc.get("publish_context") or {}, doc.get("secrets") or {}
+        if not all(isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in (ctx, secrets)):
+            raise invalid("live-path publish_context and secrets are maps of strings")
+        split_volume_id(doc["volume_id"])
+        return cls(doc["op"], doc["volume_id"], dict(ctx), dict(secrets))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m csi.livepath add|drop` with a JSON request on stdin (keys never in argv): what a
-    node runs for a live move's `add` and `drop` (the lab drives the orchestrator from elsewhere)."""
-    from csi.nvme_host import SysfsNvmeHost
-    from zvolt.keyring import KernelKeyring
+def _nqn(volume_id: str) -> str:
+    return subsystem_nqn(*split_volume_id(volume_id))
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0] not in ("add", "drop"):
-        print("usage: python -m csi.livepath add|drop < request.json", file=sys.stderr)
-        return 2
-    req = json.load(sys.stdin)
-    node = NodePaths(
-        host=SysfsNvmeHost(keyring=KernelKeyring()), node_nqn=req["node_nqn"], node_hostid=req["node_hostid"],
-        volume_id=names.check_id(req["volume_id"]),
-        publishes=[json_format.ParseDict(p, pb.PublishVolumeRequest()) for p in req.get("publishes", [])],
-        ctrl_loss_tmo=int(req.get("ctrl_loss_tmo", 600)), reconnect_delay=int(req.get("reconnect_delay", 10)),
-        targets={(a, p) for a, p in req.get("targets", [])}, nqns=set(req.get("nqns", [])),
-    )
+
+def add(node: NodeService, volume_id: str, ctx: Mapping[str, str], secrets: Mapping[str, str]) -> bool:
+    """Connect the path `ctx` names; False when it was there already (a repeat)."""
+    spec = node.connect_spec(volume_id, ctx, secrets)
+    if not node.nvme.multipath():
+        raise precondition(f"native NVMe multipath is off on this node ({node.identity.hostnqn}; "
+                           "nvme_core.multipath=N): a second path would be a second device")
+    where = (spec.address, spec.port)
+    if any(address_of(c) == where and c.state == "live" for c in ours(node.nvme.controllers(spec.nqn), spec.hostnqn)):
+        return False
+    node.nvme.connect(spec)
+    return True
+
+
+def drop(node: NodeService, volume_id: str, ctx: Mapping[str, str]) -> list[str]:
+    """Disconnect this node's paths to the volume but the one to keep; the controllers dropped."""
+    nqn = _nqn(volume_id)
+    if ctx and ctx.get("nqn") != nqn:
+        raise invalid(f"publish_context nqn {ctx.get('nqn')!r} does not belong to volume {volume_id}")
+    mine = ours(node.nvme.controllers(nqn), node.identity.hostnqn)
+    if ctx:
+        gone = [c for c in mine if address_of(c) != (ctx.get("address", ""), ctx.get("port", ""))]
+    elif any(c.state == "live" for c in mine):
+        gone = [c for c in mine if c.state != "live"]
+    else:
+        gone = []  # no live path to keep: dropping any would leave the volume with none
+    for ctrl in gone:
+        node.nvme.disconnect(ctrl.name)
+    return [c.name for c in gone]
+
+
+def run(node: NodeService, line: str) -> dict[str, Any]:
+    """One request line in, the answer out (never raises for a refusal: the answer says it)."""
     start = time.monotonic()
     try:
-        if args[0] == "add":
-            node.add([json_format.ParseDict(p, pb.PublishVolumeResponse()) for p in req["paths"]])
+        req = Request.parse(line)
+        if req.op == "add":
+            result: dict[str, Any] = {"connected": add(node, req.volume_id, req.context, req.secrets)}
         else:
-            node.drop(req.get("source", ""))
+            result = {"dropped": drop(node, req.volume_id, req.context)}
     except ZvoltError as exc:
-        print(json.dumps({"ok": False, "code": exc.code.name, "error": exc.message}))
-        return 1
-    print(json.dumps({"ok": True, "targets": sorted(node.targets), "nqns": sorted(node.nqns),
-                      "seconds": round(time.monotonic() - start, 3)}))
-    return 0
+        return {"ok": False, "code": exc.code.name, "error": exc.message}
+    return {"ok": True, **result, "seconds": round(time.monotonic() - start, 3)}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def serve_one(node: NodeService, stdin: TextIO, stdout: TextIO) -> int:
+    answer = run(node, stdin.readline())
+    stdout.write(json.dumps(answer) + "\n")
+    stdout.flush()
+    return 0 if answer["ok"] else 1

@@ -10,8 +10,9 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, dhchap, drain, keyrotation, volmove
+from csi import DEFAULT_ZONE, DRIVER_NAME, agentsigner, dhchap, drain, keyrotation, livepath, pathrelay, volmove
 from csi.agents import AgentEndpoint, AgentPool, KubernetesDiscovery, TlsFiles, kubernetes_pod_lister, parse_static
 from csi.attachments import Reconciler, kubernetes_attachments, list_publishes, node_of, wanted
 from csi.controller import RPC, ControllerService, alpha_capabilities
@@ -49,16 +50,18 @@ def _env_flag(flag: str) -> bool:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvolt-csi", description="zvolt CSI driver (csi.zvolt.io)")
-    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key", "move", "drain",
-                                      "rebalance", "uncordon"],
+    p.add_argument("--mode", choices=["controller", "node", "attachments", "usage", "rotate-key", "move", "live-path",
+                                      "drain", "rebalance", "uncordon"],
                    default=_env("mode"), required=_env("mode") is None,
                    help="attachments: list what storage nodes publish and whether Kubernetes still attaches it "
                    "(run in the controller container: same settings); --clear unpublishes the stale ones. "
                    "usage: space per volume and pool on every storage node (same settings). "
                    "rotate-key: zfs change-key of encrypted volumes; one JSON line on stdin names them and "
                    "holds the old and new keys (kubectl zvolt rotate-key runs it). "
-                   "move: move --volume-id, unpublished, with its snapshots to storage node --to "
-                   "(kubectl zvolt move runs it). drain: cordon storage node --from and move every volume off it; "
+                   "move: move --volume-id with its snapshots to storage node --to (kubectl zvolt move runs it; "
+                   "with --live-relay a published one moves live, its hosts' steps relayed over stdin/stdout); "
+                   "live-path: one host step of a live move in a node plugin container, a JSON request on stdin. "
+                   "drain: cordon storage node --from and move every volume off it; "
                    "rebalance: even committed space across storage nodes; uncordon: --storage-node takes new "
                    "volumes again (kubectl zvolt drain-storage, rebalance, uncordon-storage run them)")
     p.add_argument("--endpoint", default=_env("endpoint", "unix:///csi/csi.sock"))
@@ -116,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true", help="attachments mode: unpublish the stale ones")
     p.add_argument("--volume-id", help="move mode: the CSI volume id (a PV's volumeHandle)")
     p.add_argument("--to", metavar="NODE", help="move mode: the storage node to move it to")
+    p.add_argument("--live-relay", action="store_true",
+                   help="move mode: a published volume moves live; the first stdin line holds its volume context, "
+                   "then each host step is a 'zvolt-live-path {...}' line out and one answer line in")
     p.add_argument("--from", dest="from_node", metavar="NODE", help="drain mode: the storage node to empty")
     p.add_argument("--storage-node", metavar="NODE", help="uncordon mode: the storage node")
     p.add_argument("--parallel", type=int, default=2, help="drain and rebalance: moves at once (default 2)")
@@ -258,16 +264,31 @@ def rotate_key(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     return 1 if outcome.failed else 0
 
 
-def move(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+def _say(line: str) -> None:
+    print(line, flush=True)  # a drain runs for long: each line as it comes, also through a pipe
+
+
+def move(args: argparse.Namespace, out: Callable[[str], None] = _say) -> int:
     """`zvolt-csi --mode move --volume-id ID --to NODE` (csi/volmove.py; kubectl zvolt move runs it)."""
     if not args.volume_id or not args.to:
         raise SystemExit("move mode needs --volume-id and --to")
-    volmove.move(_pool(args), args.volume_id, args.to, say=out)
+    live: volmove.LiveSwitch | None = None
+    if args.live_relay:
+        context, keys = pathrelay.read_context(sys.stdin), _volume_keys(args)
+        ask = pathrelay.stdio_ask(sys.stdout, sys.stdin)
+
+        def live(volume_id: str, vol: Any) -> pathrelay.RelayedPaths:
+            return pathrelay.RelayedPaths(volume_id, vol.name, list(vol.published_hosts), context, keys, ask)
+
+    volmove.move(_pool(args), args.volume_id, args.to, say=out, live=live)
     return 0
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)  # a drain runs for long: each line as it comes, also through a pipe
+def live_path(args: argparse.Namespace) -> int:
+    """`zvolt-csi --mode live-path` in a node plugin container (csi/livepath.py): one request on stdin."""
+    services = _node(args)
+    assert services.node is not None
+    return livepath.serve_one(services.node, sys.stdin, sys.stdout)
 
 
 def drain_mode(args: argparse.Namespace, out: Callable[[str], None] = _say) -> int:
@@ -379,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
     one_shot = {"attachments": attachments, "usage": usage, "rotate-key": rotate_key, "move": move,
-                "drain": drain_mode, "rebalance": rebalance_mode, "uncordon": uncordon_mode}
+                "live-path": live_path, "drain": drain_mode, "rebalance": rebalance_mode, "uncordon": uncordon_mode}
     if args.mode in one_shot:
         try:
             return one_shot[args.mode](args)

@@ -104,7 +104,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     # ------------------------------------------------------------- attach
 
-    def _connect_spec(self, volume_id: str, ctx: dict[str, str], secrets: Mapping[str, str]) -> ConnectSpec:
+    def connect_spec(self, volume_id: str, ctx: Mapping[str, str], secrets: Mapping[str, str]) -> ConnectSpec:
+        """How this node connects to a volume's export named by a publish_context (staging, or a
+        live move's second path, csi/livepath.py): its own NQN, or the volume's one with keys."""
         missing = [k for k in _PUBLISH_KEYS if not ctx.get(k)]
         if missing:
             raise precondition(
@@ -156,7 +158,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
             raise invalid("volume_capability is required")
         cap = request.volume_capability
         volcaps.require([cap], "volume_capability")
-        spec = self._connect_spec(request.volume_id, dict(request.publish_context), request.secrets)
+        spec = self.connect_spec(request.volume_id, dict(request.publish_context), request.secrets)
         with self.locks.hold(request.volume_id):
             device = self._attach(spec)
             if cap.HasField("block"):

@@ -23,6 +23,7 @@ from zvolt.names import check_node, split_volume_id
 # What a step of csi/moves.py does, in the words of a progress line.
 STEPS = {
     "SendMove": "source snapshots it",
+    "PrepareMove": "target prepares the hosts' second path (no namespace yet)",
     "ReceiveMove": "target receives",
     "CommitMove": "target commits (the one true copy from now on)",
     "FinishMove": "source drops its copy, keeps a tombstone",
@@ -68,7 +69,13 @@ class Narrated:
         return got
 
 
-def move(pool: AgentPool, volume_id: str, to: str, say: Callable[[str], None] = print) -> Outcome:
+# A live move's host steps for one volume (csi/pathrelay.py): built from the source's record of it.
+LiveSwitch = Callable[[str, Any], moves.PathSwitch]
+
+
+def move(pool: AgentPool, volume_id: str, to: str, say: Callable[[str], None] = print,
+         live: LiveSwitch | None = None) -> Outcome:
+    """live: how to switch the hosts' paths, so that a published volume moves while in use."""
     home, local = split_volume_id(volume_id)
     check_node(to)
     target = pool.find(to)
@@ -79,13 +86,19 @@ def move(pool: AgentPool, volume_id: str, to: str, say: Callable[[str], None] = 
     if source.name == to:
         say(f"volume {volume_id} is on storage node {to} already")
         return Outcome(volume_id, to, to, 0, 0, 0.0, already=True)
-    # The agent refuses what cannot move and names it (published, clones, encrypted); published,
-    # the common one, is said before anything changes on either node.
+    # The agent refuses what cannot move and names it (clones, encrypted); published, the common
+    # one, is said before anything changes on either node.
+    switch = None
     if vol.published_hosts:
-        raise precondition(f"volume {volume_id} is published to {', '.join(vol.published_hosts)}: an offline move "
-                           "needs it unpublished (stop the pods using it)")
+        if live is None:
+            raise precondition(f"volume {volume_id} is published to {', '.join(vol.published_hosts)}: an offline "
+                               "move needs it unpublished (stop the pods using it); `kubectl zvolt move` moves it live")
+        switch = live(volume_id, vol)
+        say(f"volume {volume_id} is published to {len(vol.published_hosts)} host(s): moving it live (each host "
+            f"adds a path to {to} before the cutover)")
     say(f"moving volume {volume_id} ({vol.size_bytes} bytes) from storage node {source.name} to {to}")
-    result = moves.move(Narrated(source, say), Narrated(target, say), local)
+    result = moves.move(Narrated(source, say), Narrated(target, say), local, live=switch)
+    paused = f"; the hosts' I/O waited {result.pause_seconds:.1f}s at the cutover" if result.pause_seconds else ""
     say(f"moved volume {volume_id} to storage node {to}: {result.bytes} bytes in {result.streams} stream(s), "
-        f"{result.seconds:.1f}s")
+        f"{result.seconds:.1f}s{paused}")
     return Outcome(volume_id, source.name, to, result.bytes, result.streams, result.seconds)

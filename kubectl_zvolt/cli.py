@@ -12,7 +12,7 @@ from kubectl_zvolt import drain, tree
 from kubectl_zvolt.attachments import attachments
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.format import age, dump, table
-from kubectl_zvolt.kube import Exec, ExecInput, Kube, Target, stream_exec
+from kubectl_zvolt.kube import Exec, ExecInput, Kube, Session, Target, stream_exec, stream_session
 from kubectl_zvolt.model import DRIVER
 from kubectl_zvolt.move import move
 from kubectl_zvolt.ops import Ops, Result
@@ -96,8 +96,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--new-key-file", required=True, metavar="FILE",
                    help="the new key, 64 hex characters (openssl rand -hex 32 > FILE); never give it in argv")
     m = sub.add_parser("move", parents=[common],
-                       help="move a PVC's volume with its snapshots to another storage node; the volume must not "
-                       "be attached (-n: zvolt's namespace)")
+                       help="move a PVC's volume with its snapshots to another storage node; a volume in use "
+                       "moves live, its nodes adding a path to the new one before the cutover (-n: zvolt's namespace)")
     m.add_argument("pvc", metavar="PVC")
     m.add_argument("--to", required=True, metavar="STORAGE-NODE", help="the storage node to move it to")
     m.add_argument("--pvc-namespace", default="default", metavar="NS", help="the PVC's namespace (default: default)")
@@ -127,7 +127,7 @@ def _print_result(res: Result, out: TextIO) -> None:
 
 
 def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec | None = None,
-        execute_input: ExecInput | None = None, out: TextIO = sys.stdout) -> int:
+        execute_input: ExecInput | None = None, session: Session | None = None, out: TextIO = sys.stdout) -> int:
     args = parser().parse_args(list(argv))
     kube = connect(Target(args.kubeconfig, args.context, args.namespace))
     ops = Ops(kube, driver=args.driver, execute=execute or stream_exec(kube))
@@ -197,8 +197,12 @@ def run(argv: Sequence[str], *, connect: Connect = Kube.connect, execute: Exec |
         out.write(f"StorageClass {res.storage_class}: {len(res.rotated)} volumes on the new key; "
                   f"Secret {res.secret} updated\n")
     elif args.command == "move":
-        moved = move(kube, execute or stream_exec(kube, timeout=args.timeout), args.driver, args.pvc_namespace,
-                   args.pvc, args.to)
+        def say(line: str) -> None:
+            out.write(line + "\n")
+            out.flush()
+
+        moved = move(kube, session or stream_session(kube, timeout=args.timeout), execute_input or stream_exec(kube),
+                     args.driver, args.pvc_namespace, args.pvc, args.to, say)
         out.write(moved.output if moved.output.endswith("\n") or not moved.output else moved.output + "\n")
         if moved.code != 0:
             out.write(f"PVC {moved.pvc} (volume {moved.volume_id}) was not moved; after fixing the cause, the same "

@@ -43,6 +43,15 @@ class ExecInput(Protocol):
                  stdin: str | None = None) -> tuple[int, str]: ...
 
 
+class Session(Protocol):
+    """An exec that talks: `first` goes to the command's stdin, then each line it prints on stdout
+    goes to `on_line` as it comes, whose answer (if not None) goes back to its stdin as one line.
+    Returns (exit status, what it printed on stderr)."""
+
+    def __call__(self, namespace: str, pod: str, container: str, argv: Sequence[str], first: str,
+                 on_line: Callable[[str], str | None]) -> tuple[int, str]: ...
+
+
 class Kube:
     """Typed calls the plugin needs, over the official Python client."""
 
@@ -131,6 +140,12 @@ class Kube:
             return list(self._plain(self.core.list_persistent_volume()).get("items") or [])
         except ApiException as e:
             raise _api_error(e, "listing PersistentVolumes") from e
+
+    def list_csinodes(self) -> list[Obj]:
+        try:
+            return list(self._plain(self.storage.list_csi_node()).get("items") or [])
+        except ApiException as e:
+            raise _api_error(e, "listing CSINodes") from e
 
     def get_secret(self, namespace: str, name: str) -> Obj | None:
         try:
@@ -300,5 +315,37 @@ def stream_exec(kube: Kube, timeout: float = 120.0, echo: Callable[[str], None] 
         resp.close()
         code = resp.returncode
         return (code if code is not None else 1), "".join(out)
+
+    return run
+
+
+def stream_session(kube: Kube, timeout: float = 3600.0) -> Session:
+    """A Session through the API server (the client's websocket stream), like `kubectl exec -i`."""
+    from kubernetes.stream import stream
+
+    def run(namespace: str, pod: str, container: str, argv: Sequence[str], first: str,
+            on_line: Callable[[str], str | None]) -> tuple[int, str]:
+        resp = stream(kube.core.connect_get_namespaced_pod_exec, pod, namespace, container=container,
+                      command=list(argv), stderr=True, stdin=True, stdout=True, tty=False, _preload_content=False)
+        resp.write_stdin(first.rstrip("\n") + "\n")
+        said: list[str] = []
+        pending = ""
+        deadline = time.monotonic() + timeout
+        while resp.is_open() and time.monotonic() < deadline:
+            resp.update(timeout=1)
+            if resp.peek_stderr():
+                said.append(resp.read_stderr())
+            if resp.peek_stdout():
+                pending += resp.read_stdout()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    answer = on_line(line)
+                    if answer is not None:
+                        resp.write_stdin(answer.rstrip("\n") + "\n")
+        if pending:
+            on_line(pending)
+        resp.close()
+        code = resp.returncode
+        return (code if code is not None else 1), "".join(said)
 
     return run

@@ -4,8 +4,9 @@ Two storage guests (lab/cluster.py) booted with native NVMe multipath; the NVMe 
 (its storage netns reaches both agents' NVMe/TCP ports on the storage network). The writer
 (tests/lab/livewriter.py) writes through the volume's multipath head device the whole time and
 checks every block it was told was written when the move is over. The orchestrator is the one
-the controller runs (csi/moves.py); each host step goes through the node side
-(`python -m csi.livepath`) in guest 0, as a node plugin would run it.
+the controller runs (csi/moves.py) with the controller's PathSwitch (csi/pathrelay.py); its relay
+here stands in for `kubectl zvolt move` and hands each host step to `zvolt-csi --mode live-path`
+in guest 0, the command the plugin runs in a node plugin container.
 
 Run: ZVOLT_LAB_NAME=live python -m pytest tests/lab/test_live_move_lab.py -s
 """
@@ -21,10 +22,10 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 from csi import moves
 from csi.agents import AgentClient, AgentEndpoint
+from csi.pathrelay import RelayedPaths
 from lab import cluster
 from lab.guest import POOL, SOCKETS, STORAGE_NS, unit_name
 from lab.guest import agent_argv as lab_agent_argv
@@ -40,8 +41,6 @@ MiB = 1 << 20
 SIZE = 256 * MiB
 PREFILL_MIB = 48  # written before the move: the first stream carries it
 WRITER_BLOCKS = 4096  # the writer's 16 MiB, round and round
-HOST = "nqn.2014-08.org.nvmexpress:uuid:6c697665-0000-4000-8000-000000000001"
-HOSTID = "6c697665-0000-4000-8000-000000000001"
 NVME_PORT, MOVE_PORT = "4420", 7011
 STOP, OUT = "/run/zvolt-livewriter.stop", "/run/zvolt-livewriter.json"
 WRITER = "livewriter"
@@ -118,36 +117,36 @@ class Timed:
         return got
 
 
-class GuestPaths:
-    """csi/moves.py's PathSwitch, carried out by the node side in guest 0 (csi/livepath.py)."""
+NODE_ID, NODE_STATE = "live-host", "/run/zvolt-live-node"  # the node plugin's --node-id and --state-dir
 
-    def __init__(self, lab: Any, vid: str) -> None:
-        self.lab, self.vid = lab, vid
-        self.added: dict[str, Any] = {}
+
+def node_step(lab: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """What `kubectl zvolt move` runs in the node plugin container for one host step, here in guest 0."""
+    argv = [lab.python, "-m", "csi.main", "--mode=live-path", f"--node-id={NODE_ID}", f"--state-dir={NODE_STATE}",
+            "--reconnect-delay=2", "--log-level=error"]
+    proc = lab.run(argv, netns=STORAGE_NS, timeout=T, input=json.dumps(request), check=False)
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {"ok": False, "error": proc.stderr[-800:]}
+
+
+class GuestRelay:
+    """The relay `kubectl zvolt move` is (kubectl_zvolt/move.py), for the one host in guest 0: each
+    request of the controller's PathSwitch (csi/pathrelay.py) goes to that node's live-path step."""
+
+    def __init__(self, lab: Any) -> None:
+        self.lab = lab
         self.add_seconds = 0.0
 
-    def hosts(self) -> list[pb.PublishVolumeRequest]:
-        return [pb.PublishVolumeRequest(volume_id=self.vid, host_nqn=HOST)]
-
-    def _run(self, action: str, extra: dict[str, Any]) -> dict[str, Any]:
-        req = {"node_nqn": HOST, "node_hostid": HOSTID, "volume_id": self.vid, "reconnect_delay": 2,
-               "publishes": [json_format.MessageToDict(p) for p in self.hosts()], **extra}
-        proc = self.lab.run([self.lab.python, "-m", "csi.livepath", action], netns=STORAGE_NS, timeout=T,
-                            input=json.dumps(req), check=False)
-        out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-        if not out.get("ok"):
-            from zvolt.errors import precondition
-
-            raise precondition(out.get("error") or proc.stderr[-800:])
-        return out
-
-    def add(self, paths: list[pb.PublishVolumeResponse]) -> None:
-        self.added = self._run("add", {"paths": [json_format.MessageToDict(p) for p in paths]})
-        self.add_seconds = float(self.added["seconds"])
-
-    def drop(self, source: str) -> None:
-        self._run("drop", {"targets": self.added.get("targets", []), "nqns": self.added.get("nqns", []),
-                           "source": source})
+    def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        failed: dict[str, str] = {}
+        for node, ctx in request["nodes"].items():
+            said = node_step(self.lab, {"op": request["op"], "volume_id": request["volume_id"],
+                                        "publish_context": ctx})
+            if not said.get("ok"):
+                failed[node] = str(said.get("error"))
+            elif request["op"] == "add":
+                self.add_seconds = float(said["seconds"])
+        return {"ok": not failed, "failed": failed}
 
 
 def guest_json(lab: Any, code: str) -> Any:
@@ -183,14 +182,21 @@ def live_move(members: list[cluster.Member], kill: str = "") -> None:
     ips = cluster.storage_ips(members)
     vol = a.call("CreateVolume", pb.CreateVolumeRequest(name=f"live-{int(time.time())}", size_bytes=SIZE)).volume
     vid = vol.id
-    pub = a.call("PublishVolume", pb.PublishVolumeRequest(volume_id=vid, host_nqn=HOST))
+    # The host's identity is the node plugin's own (its state dir), as NodeStageVolume would use it.
+    host_nqn, host_id = guest_json(host, f"""
+import json
+from csi.host_identity import load_or_create
+me = load_or_create({NODE_STATE!r}, {NODE_ID!r})
+print(json.dumps([me.hostnqn, me.hostid]))
+""")
+    pub = a.call("PublishVolume", pb.PublishVolumeRequest(volume_id=vid, host_nqn=host_nqn))
     assert pub.address == ips[src.node]
     device = guest_json(host, f"""
 import json, os, time
 from csi.nvme_host import ConnectSpec, SysfsNvmeHost, wait_for_device
 nvme = SysfsNvmeHost()
 nvme.connect(ConnectSpec(nqn={pub.nqn!r}, transport="tcp", address={pub.address!r}, port={pub.port!r},
-                         hostnqn={HOST!r}, hostid={HOSTID!r}, ctrl_loss_tmo=600, reconnect_delay=2))
+                         hostnqn={host_nqn!r}, hostid={host_id!r}, ctrl_loss_tmo=600, reconnect_delay=2))
 dev = wait_for_device(nvme, {pub.nqn!r}, 120)
 fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
 import mmap
@@ -207,7 +213,8 @@ print(json.dumps(dev))
     time.sleep(10)  # the writer is well under way before the move starts
 
     log: list[dict[str, Any]] = []
-    paths = GuestPaths(host, vid)
+    relay = GuestRelay(host)
+    paths = RelayedPaths(f"{src.node}/{vid}", vol.name, [host_nqn], {}, None, relay)
     source = Timed(a, log, src, "SendMove-final" if kill == "source" else "")
     target = Timed(b, log, dst, "PrepareMove" if kill == "target" else "")
     try:
@@ -231,7 +238,7 @@ print(json.dumps(dev))
     report = json.loads(host.run(["cat", OUT]).stdout)
     final_send = sum(e["seconds"] for e in log if e["method"] == "SendMove" and e["final"])
     final_recv = [e for e in log if e["method"] == "ReceiveMove"][-1]
-    baseline = final_send + final_recv["seconds"] + paths.add_seconds
+    baseline = final_send + final_recv["seconds"] + relay.add_seconds
     for e in log:
         print(f"  {e['node']} {e['method']}{' (final)' if e['final'] else ''}: {e['seconds']:.2f} s"
               + (f", {e['bytes']} bytes" if e["bytes"] else ""), flush=True)
@@ -241,7 +248,7 @@ print(json.dumps(dev))
           f"{report['longest_pause_s']:.2f} s at {report['longest_pause_at_s']:.1f} s, "
           f"{report['verified_blocks']} blocks read back, {report['bad_count']} wrong", flush=True)
     print(f"baseline: final SendMove {final_send:.2f} s + final stream {final_recv['seconds']:.2f} s "
-          f"({final_recv['bytes']} bytes) + one path connect {paths.add_seconds:.2f} s = {baseline:.2f} s; "
+          f"({final_recv['bytes']} bytes) + one path connect {relay.add_seconds:.2f} s = {baseline:.2f} s; "
           f"longest pause / baseline = {report['longest_pause_s'] / baseline:.2f}x (bar <= 1.5x)", flush=True)
 
     assert report["error_count"] == 0, report["errors"]
@@ -257,7 +264,7 @@ print(json.dumps([(c.address, c.state) for c in SysfsNvmeHost().controllers({pub
 """)
     assert [addr.split(",")[0] for addr, _ in ctrls] == [f"traddr={ips[dst.node]}"], ctrls
     held = b.call("GetVolume", pb.GetVolumeRequest(volume_id=vid))
-    assert held.placement == pb.PLACEMENT_HELD and list(held.volume.published_hosts) == [HOST]
+    assert held.placement == pb.PLACEMENT_HELD and list(held.volume.published_hosts) == [host_nqn]
     assert src.lab.run(["ls", "/sys/kernel/config/nvmet/subsystems"]).stdout.split().count(pub.nqn) == 0
     assert src.lab.run(["zfs", "list", f"{POOL}/zvolt/v/{vid}"], check=False).returncode != 0
 
@@ -270,5 +277,5 @@ for c in nvme.controllers({pub.nqn!r}):
     nvme.disconnect(c.name)
 print(json.dumps(True))
 """)
-    b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id=vid, host_nqn=HOST))
+    b.call("UnpublishVolume", pb.UnpublishVolumeRequest(volume_id=vid, host_nqn=host_nqn))
     b.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid))

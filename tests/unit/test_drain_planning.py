@@ -74,7 +74,7 @@ def test_a_move_under_way_goes_on_to_its_target_first() -> None:
 
 def test_what_fits_nowhere_is_blocked_with_placements_reason_and_blocked_ones_stay_listed() -> None:
     others = [node("s1", total=10 * GiB, free=1 * GiB)]
-    already = Blocked("s0/p", "attached (published to h): live move not built yet")
+    already = Blocked("s0/p", "attached (published to h): in use: move it live")
     plan = plan_drain([vol("small", 1), vol("thick", 5, thick=True)], [already], "z1", others)
     assert [m.volume.local for m in plan.moves] == ["small"]
     assert plan.blocked[0] == already

@@ -22,7 +22,7 @@ from agent.server import AgentServicer, make_server
 from agent.volumes import VolumeSpec
 from kubectl_zvolt import cli
 from kubectl_zvolt.errors import PluginError
-from tests.unit.kubectlfakes import FakeKube, InProcess
+from tests.unit.kubectlfakes import FakeKube, InProcessSession, NoNodes
 
 MiB = 1 << 20
 KEY = bytes(range(32))
@@ -65,7 +65,8 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def run(kube: FakeKube, pvc: str, to: str) -> tuple[int, str]:
     out = io.StringIO()
     code = cli.run(["move", pvc, "--to", to, "--pvc-namespace", "team-a", "-n", "zvolt"],
-                   connect=lambda t: kube, execute=InProcess(), out=out)  # type: ignore[arg-type,return-value]
+                   connect=lambda t: kube, session=InProcessSession(), execute_input=NoNodes(),  # type: ignore[arg-type,return-value]
+                   out=out)
     return code, out.getvalue()
 
 
@@ -95,8 +96,10 @@ def test_refusals_name_what_blocks(cluster: Cluster, blocker: str) -> None:
     vol = a.volumes.create_volume(VolumeSpec(name="pvc-db", size=64 * MiB, encryption_key=key))
     to, expect = "storage-b", ""
     if blocker == "published":
+        # In use: it moves live, and a node without a node plugin to add the path undoes the move.
         a.volumes.publish(vol.id, HOST, key=key)
-        expect = f"published to {HOST}"
+        expect = f"cannot move live: the hosts could not add their path to volume storage-a/{vol.id}: {HOST}: no " \
+            "running zvolt-node pod"
     elif blocker == "clone":
         snap = a.volumes.create_snapshot("snap-db", vol.id)
         clone = a.volumes.create_volume(VolumeSpec(name="pvc-branch", size=64 * MiB, source_snapshot=snap.id))

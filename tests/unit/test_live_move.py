@@ -4,15 +4,19 @@ kernel's half (hosts holding I/O, the second path) is in tests/lab/test_live_mov
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
 import pytest
 
 from agent import nvmet
+from csi import livepath
 from csi import moves as orchestrator
-from csi.fakes import FakeNvmeHost
-from csi.livepath import NodePaths, address_of
+from csi.fakes import FakeMounter, FakeNvmeHost
+from csi.host_identity import HostIdentity
+from csi.node import NodeService
+from csi.pathrelay import RelayedPaths
 from tests.unit.test_moves import HOST, Side, pair, volume_with_snapshots  # noqa: F401 - the fixture
 from zvolt import names
 from zvolt.errors import ZvoltError
@@ -112,14 +116,32 @@ def test_a_published_volume_without_a_path_switch_is_refused(pair: tuple[Side, S
     assert a.client.call("GetVolume", pb.GetVolumeRequest(volume_id=vid)).placement == pb.PLACEMENT_HELD
 
 
+def _node(nvme: FakeNvmeHost) -> NodeService:
+    return NodeService(HostIdentity(HOST, HOSTID), nvme, FakeMounter(nvme.device_size), zone="z")
+
+
+def _relayed(vid: str, node: NodeService) -> RelayedPaths:
+    """The controller's PathSwitch, its relay handing each request to this one node's step."""
+
+    def ask(request: dict[str, Any]) -> dict[str, Any]:
+        failed = {}
+        for host, ctx in request["nodes"].items():
+            said = livepath.run(node, json.dumps({"op": request["op"], "volume_id": request["volume_id"],
+                                                  "publish_context": ctx}))
+            if not said["ok"]:
+                failed[host] = said["error"]
+        return {"ok": not failed, "failed": failed}
+
+    return RelayedPaths(f"storage-a/{vid}", "pvc-move", [HOST], {}, None, ask)
+
+
 def test_a_host_without_multipath_undoes_the_move_before_the_fence(pair: tuple[Side, Side]) -> None:  # noqa: F811
     a, b = pair
     vid = published(a)
     nvme = FakeNvmeHost()
     nvme.native_multipath = False
-    node = NodePaths(nvme, HOST, HOSTID, vid, [pb.PublishVolumeRequest(volume_id=vid, host_nqn=HOST)])
     with pytest.raises(ZvoltError) as err:
-        orchestrator.move(a.client, b.client, vid, live=node)
+        orchestrator.move(a.client, b.client, vid, live=_relayed(vid, _node(nvme)))
     assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "multipath" in err.value.message and "offline" in err.value.message
     assert nvme.connects == []
@@ -163,18 +185,16 @@ def test_the_node_adds_one_path_per_target_and_drops_the_others() -> None:
     nqn = names.subsystem_nqn("storage-a", "vol1")
     nvme = FakeNvmeHost()
     nvme.add_subsystem(nqn, 1 << 30)
-    publish = pb.PublishVolumeRequest(volume_id="vol1", host_nqn=HOST)
+    node = _node(nvme)
+    node.reconnect_delay = 2
     nvme.connect(_spec(nqn, "10.0.0.1"))  # the path NodeStageVolume made, to the source
-    node = NodePaths(nvme, HOST, HOSTID, "vol1", [publish], reconnect_delay=2)
-    path = pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address="10.0.0.2", port="4420", host_nqn=HOST)
-    foreign = pb.PublishVolumeResponse(nqn=nqn, transport="tcp", address="10.0.0.2", port="4420",
-                                       host_nqn="nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000000f")
-    node.add([path, foreign])
-    node.add([path])  # a repeat connects nothing more
+    path = {"nqn": nqn, "transport": "tcp", "address": "10.0.0.2", "port": "4420"}
+    assert livepath.add(node, "storage-a/vol1", path, {}) is True
+    assert livepath.add(node, "storage-a/vol1", path, {}) is False  # a repeat connects nothing more
     assert [(c.address, c.hostid) for c in nvme.connects[1:]] == [("10.0.0.2", HOSTID)]
     assert nvme.connects[1].reconnect_delay == 2
-    node.drop("storage-a")
-    assert [address_of(c) for c in nvme.controllers(nqn)] == [("10.0.0.2", "4420")]
+    assert livepath.drop(node, "storage-a/vol1", path) == ["nvme0"]
+    assert [livepath.address_of(c) for c in nvme.controllers(nqn)] == [("10.0.0.2", "4420")]
 
 
 def _spec(nqn: str, address: str) -> Any:
