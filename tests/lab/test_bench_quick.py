@@ -24,7 +24,10 @@ def _kernel_objects(lab: Any) -> tuple[int, set[str]]:
     return sum(1 for d in devs if d.startswith("zd") and d[2:].isdigit()), {s for s in subs if ".bench:" in s}
 
 
+# slow (12 minutes under TCG, the longest test of the lab): kept out of the default run so that it
+# fits CI's 90 minutes even when the lab image has to be built first; `pytest tests/lab -m slow`.
 @pytest.mark.lab
+@pytest.mark.slow
 def test_bench_quick_runs_every_suite(lab: Any, tmp_path: Path) -> None:
     zd_before, _ = _kernel_objects(lab)
     zvolt_subs_before = len(lab.run(["ls", "/sys/kernel/config/nvmet/subsystems"], check=False).stdout.split())
