@@ -206,14 +206,7 @@ class Exports:
             if not ns.exists():
                 raise internal(f"volume {volume_id} has no NVMe namespace to move live")
             ports = self._linked_ports(sub.nqn)
-            group = ns.ana_group
-            if group == 1:
-                used = {g for p in self.root.ports() for g in p.ana_groups()}
-                free = [g for g in range(2, nvmet.MAX_ANA_GROUP + 1) if g not in used]
-                if not free:
-                    raise internal(f"all {nvmet.MAX_ANA_GROUP - 1} ANA groups are taken by live moves under way: "
-                                   "let some finish first")
-                group = free[0]
+            group = ns.ana_group if ns.ana_group != 1 else self._free_ana_group()
             for port in ports:
                 if group not in port.ana_groups():
                     port.add_ana_group(group)
@@ -237,6 +230,33 @@ class Exports:
                 if port.ana_state(group) != nvmet.ANA_INACCESSIBLE:
                     port.set_ana_state(group, nvmet.ANA_INACCESSIBLE)
             sub.reset_controllers()
+
+    def fence_unlinked(self, volume_id: str, tls: bool) -> int:
+        """Start-up on the source of a live move that was fenced and frozen when the node went
+        down (the ANA group lived in configfs): the export comes back fenced before it is linked,
+        so a host that reconnects holds its I/O instead of failing it on the read-only zvol.
+        Returns the group; the retried move or its abort goes on from here."""
+        with self._mu:
+            ns = self.root.subsystem(self.nqn(volume_id)).namespace(1)
+            if not ns.exists():
+                raise internal(f"volume {volume_id} has no NVMe namespace to fence")
+            group = ns.ana_group if ns.ana_group != 1 else self._free_ana_group()
+            port = self._port(tls)
+            if group not in port.ana_groups():
+                port.add_ana_group(group, nvmet.ANA_INACCESSIBLE)
+            elif port.ana_state(group) != nvmet.ANA_INACCESSIBLE:
+                port.set_ana_state(group, nvmet.ANA_INACCESSIBLE)
+            if ns.ana_group != group:
+                ns.set_ana_group(group)
+            return group
+
+    def _free_ana_group(self) -> int:
+        used = {g for p in self.root.ports() for g in p.ana_groups()}
+        free = [g for g in range(2, nvmet.MAX_ANA_GROUP + 1) if g not in used]
+        if not free:
+            raise internal(f"all {nvmet.MAX_ANA_GROUP - 1} ANA groups are taken by live moves under way: "
+                           "let some finish first")
+        return free[0]
 
     def unfence(self, volume_id: str) -> None:
         """Undo `isolate` and `fence` (a live move aborted): the volume serves on group 1 again."""

@@ -428,7 +428,7 @@ class FakeNode:
         self.index.close()
         return make_node(state_dir, self.root.path, zfs=self.zfs, node=self.volumes.cfg.node, recover=True,
                          keystore=self.volumes.keys.store, pool=self.volumes.cfg.pool,
-                         move_address=self.moves.address)
+                         move_address=self.moves.address, nvme_address=self.volumes.cfg.nvme_address)
 
 
 def make_node(state_dir: str, configfs_dir: str, *, zfs: FakeZfs | None = None, node: str = "storage-0",

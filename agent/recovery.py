@@ -170,10 +170,22 @@ class Recovery:
         return ready
 
     def _restore_one(self, vol: VolumeRec, activated: bool = False) -> bool:
-        """Rebuild one export, not yet linked; returns whether it is a TLS export."""
+        """Rebuild one export, not yet linked (fenced if a live move froze it); returns whether it
+        is a TLS export."""
         if not activated and not self.zfs.device_ready(vol.dataset):
             self.zfs.set_props(vol.dataset, {"volmode": "dev"})
-        return self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
+        tls = self.exports.export(vol.id, vol.dataset, vol.hosts, link=False)
+        if self._frozen_for_a_move(vol):
+            self.exports.fence_unlinked(vol.id, tls)
+        return tls
+
+    def _frozen_for_a_move(self, vol: VolumeRec) -> bool:
+        """A live move out of here got past its fence (the zvol is frozen read-only) and has not
+        ended: its hosts must keep holding their I/O until the move commits or aborts."""
+        move = self.index.move(vol.id)
+        if move is None or move.state != "moving":
+            return False
+        return (self.zfs.get_props(vol.dataset, ("readonly",)) or {}).get("readonly") == "on"
 
     def _activate(self, published: list[VolumeRec]) -> set[str]:
         """volmode=dev on every published zvol whose device node is missing, a batch per `zfs set`

@@ -5,6 +5,7 @@ kernel's half (hosts holding I/O, the second path) is in tests/lab/test_live_mov
 from __future__ import annotations
 
 import json
+import shutil
 from typing import Any
 
 import grpc
@@ -220,3 +221,28 @@ def test_a_new_ana_group_is_set_optimized_and_cntlid_ranges_change_in_a_safe_ord
     assert sub.cntlid_range() == (nvmet.CNTLID_HALF, nvmet.CNTLID_MAX)
     with pytest.raises(nvmet.NvmetError):
         sub.set_cntlid_range(5, 4)
+
+
+@pytest.mark.parametrize("then", ["retry", "abort"])
+def test_a_reboot_after_the_fence_brings_the_source_back_fenced(pair: tuple[Side, Side], then: str) -> None:  # noqa: F811
+    a, b = pair
+    vid = published(a)
+    a.client.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node="storage-b", live=True))
+    a.client.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node="storage-b", final=True, live=True))
+    # The node goes down: configfs (the ANA group with it) is gone, ZFS and the index are not.
+    shutil.rmtree(a.node.root.path)
+    a.restart()
+    sub = sub_of(a, vid)
+    group = sub.namespace(1).ana_group
+    # Back fenced, before any host could reconnect to a path that would fail its writes.
+    assert group != 1 and port_of(a).ana_state(group) == nvmet.ANA_INACCESSIBLE and port_of(a).links(sub.nqn)
+    assert a.node.zfs.ds[a.node.volumes.layout.volume(vid)].props["readonly"] == "on"
+    if then == "retry":
+        orchestrator.move(a.client, b.client, vid, live=Switch(a, b, vid))
+        held = b.client.call("GetVolume", pb.GetVolumeRequest(volume_id=vid))
+        assert held.placement == pb.PLACEMENT_HELD and sub_of(b, vid).namespace(1).enabled
+        assert not sub_of(a, vid).exists() and port_of(a).ana_groups() == []
+    else:
+        orchestrator.abort(a.client, b.client, vid)
+        assert sub_of(a, vid).namespace(1).ana_group == 1 and port_of(a).ana_groups() == []
+        assert a.node.zfs.ds[a.node.volumes.layout.volume(vid)].props["readonly"] == "off"
