@@ -134,8 +134,9 @@ class SysfsNvmeHost:
     """The real host: nvme-cli for actions, sysfs (under a configurable root) for state."""
 
     def __init__(self, sysfs_root: str = "/sys", runner: Runner = subprocess_runner, timeout: float = 60.0,
-                 keyring: Keyring | None = None, fabrics: str = "/dev/nvme-fabrics") -> None:
+                 keyring: Keyring | None = None, fabrics: str = "/dev/nvme-fabrics", dev_root: str = "/dev") -> None:
         self.sys = Path(sysfs_root)
+        self.dev = Path(dev_root)
         self.run = runner
         self.timeout = timeout
         self.keyring = keyring  # TLS PSKs (zvolt/keyring.py); None: TLS connects are refused
@@ -175,13 +176,19 @@ class SysfsNvmeHost:
                     continue
                 heads = sorted(n for n in os.listdir(subsys / entry) if _HEAD_NS.fullmatch(n))
                 if heads:
-                    return f"/dev/{heads[0]}"
+                    return self._node(heads[0])
         # Without multipath the namespace hangs directly under its controller.
         for ctl in self.controllers(nqn):
             names = sorted(n for n in os.listdir(self.sys / "class" / "nvme" / ctl.name) if _HEAD_NS.fullmatch(n))
             if names:
-                return f"/dev/{names[0]}"
+                return self._node(names[0])
         return None
+
+    def _node(self, name: str) -> str | None:
+        """The device node, once it exists: sysfs shows a new namespace a moment before devtmpfs
+        has its node (seen under TCG: open() of the name just found failed with ENOENT)."""
+        path = self.dev / name
+        return str(path) if path.exists() else None
 
     def connect(self, spec: ConnectSpec) -> None:
         if spec.tls_psk:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,9 +27,10 @@ import pytest
 from csi import moves
 from csi.agents import AgentClient, AgentEndpoint
 from csi.pathrelay import RelayedPaths
-from lab import cluster
+from lab import cluster, control
 from lab.guest import POOL, SOCKETS, STORAGE_NS, unit_name
 from lab.guest import agent_argv as lab_agent_argv
+from lab.paths import Cache
 from tests.lab.test_multinode_lab import booted_cluster
 from zvolt.errors import ZvoltError
 from zvolt.pb import agent_pb2 as pb
@@ -44,11 +46,15 @@ WRITER_BLOCKS = 4096  # the writer's 16 MiB, round and round
 NVME_PORT, MOVE_PORT = "4420", 7011
 STOP, OUT = "/run/zvolt-livewriter.stop", "/run/zvolt-livewriter.json"
 WRITER = "livewriter"
-# ZVOLT_LIVE_WEAKEN=nofence: the source agent with its fence patched out (the hosts go on writing
-# to the source through the cutover), to show the writer's checks catch it: the test must fail.
-WEAKEN = os.environ.get("ZVOLT_LIVE_WEAKEN") == "nofence"
-NOFENCE_AGENT = ("import sys\nfrom agent import exports\nexports.Exports.fence = lambda self, volume_id: None\n"
-                 "from agent.main import main\nsys.exit(main(sys.argv[1:]))")
+# ZVOLT_LIVE_WEAKEN, to show the writer's checks catch what each guard prevents (the test must fail):
+# nofence: the source agent of a move (guest 0) with its fence patched out, so the hosts go on
+# writing to the source through the cutover; noresetfence: guest 1's agent without the start-up
+# fence of a frozen move (the reset test moves off guest 1), so hosts reconnect to a read-only zvol.
+WEAKEN = os.environ.get("ZVOLT_LIVE_WEAKEN", "")
+WEAKENED = {"nofence": (0, "from agent import exports\nexports.Exports.fence = lambda self, volume_id: None\n"),
+            "noresetfence": (1, "from agent import recovery\n"
+                                "recovery.Recovery._frozen_for_a_move = lambda self, vol: False\n")}
+AGENT_MAIN = "from agent.main import main\nsys.exit(main(sys.argv[1:]))"
 
 
 def agent_args(members: list[cluster.Member], m: cluster.Member) -> list[str]:
@@ -60,9 +66,10 @@ def agent_args(members: list[cluster.Member], m: cluster.Member) -> list[str]:
 
 def start(members: list[cluster.Member], m: cluster.Member) -> None:
     m.lab.run(["systemctl", "stop", unit_name("agent")], timeout=T, check=False)
-    if WEAKEN and m is members[0]:
+    if WEAKEN in WEAKENED and m is members[WEAKENED[WEAKEN][0]]:
         argv = lab_agent_argv(m.node)
-        m.lab.start_service("agent", [argv[0], "-c", NOFENCE_AGENT, *argv[3:], *agent_args(members, m)],
+        script = "import sys\n" + WEAKENED[WEAKEN][1] + AGENT_MAIN
+        m.lab.start_service("agent", [argv[0], "-c", script, *argv[3:], *agent_args(members, m)],
                             netns=STORAGE_NS)
         m.lab.wait_socket("agent", SOCKETS["agent"])
     else:
@@ -99,8 +106,9 @@ class Timed:
     returned, and the orchestrator sees the call fail."""
 
     def __init__(self, agent: AgentClient, log: list[dict[str, Any]], member: cluster.Member,
-                 kill_after: str = "") -> None:
+                 kill_after: str = "", reboot: bool = False) -> None:
         self.agent, self.log, self.name, self.member, self.kill_after = agent, log, agent.name, member, kill_after
+        self.reboot = reboot  # a hard reset of the whole guest (sysrq b) instead of a kill -9 of the agent
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         start = time.monotonic()
@@ -110,9 +118,14 @@ class Timed:
                          "final": final, "bytes": int(getattr(got, "bytes", 0))})
         if self.kill_after and self.kill_after == method + ("-final" if final else ""):
             self.kill_after = ""
-            self.member.lab.stop_service("agent", kill=True)
-            self.log.append({"node": self.name, "method": f"SIGKILL after {method}", "seconds": 0.0,
-                             "final": False, "bytes": 0})
+            if self.reboot:
+                t0 = time.monotonic()
+                control.reboot(Cache.from_env(), self.member.instance, sys.stderr)
+                print(f"{self.name} hard reset after {method}, back in {time.monotonic() - t0:.1f} s", flush=True)
+            else:
+                self.member.lab.stop_service("agent", kill=True)
+            self.log.append({"node": self.name, "method": f"{'reset' if self.reboot else 'SIGKILL'} after {method}",
+                             "seconds": 0.0, "final": False, "bytes": 0})
             raise Killed(f"agent {self.name} killed after {method}")
         return got
 
@@ -175,10 +188,20 @@ def test_an_agent_killed_mid_cutover_and_a_retry_lose_no_write(members: list[clu
     live_move(members, kill=where)
 
 
+@pytest.mark.faults
+def test_a_source_reset_after_its_fence_comes_back_fenced_and_a_retry_loses_no_write(
+        members: list[cluster.Member]) -> None:
+    """A hard reset of the source guest right after the fence: configfs (the ANA group) is gone, the
+    zvol is frozen. The agent brings the export back fenced, so the host, which reconnects to it,
+    holds its I/O; the same call again converges. The volume moves from guest 1 to guest 0, so the
+    host (guest 0) lives through the reset."""
+    live_move(members, kill="reboot")
+
+
 def live_move(members: list[cluster.Member], kill: str = "") -> None:
-    src, dst = members[0], members[1]
+    src, dst = (members[1], members[0]) if kill == "reboot" else (members[0], members[1])
     a, b = client(src), client(dst)
-    host = src.lab
+    host = members[0].lab
     ips = cluster.storage_ips(members)
     vol = a.call("CreateVolume", pb.CreateVolumeRequest(name=f"live-{int(time.time())}", size_bytes=SIZE)).volume
     vid = vol.id
@@ -207,7 +230,7 @@ for i in range({PREFILL_MIB}):
 os.fsync(fd); os.close(fd)
 print(json.dumps(dev))
 """)
-    print(f"\nvolume {vid} on {src.node}, head device {device} in guest {src.instance}", flush=True)
+    print(f"\nvolume {vid} on {src.node}, head device {device} in guest {members[0].instance}", flush=True)
     host.run(["rm", "-f", STOP, OUT])
     host.start_service(WRITER, [host.python, "/src/tests/lab/livewriter.py", device, str(WRITER_BLOCKS), STOP, OUT])
     time.sleep(10)  # the writer is well under way before the move starts
@@ -215,17 +238,17 @@ print(json.dumps(dev))
     log: list[dict[str, Any]] = []
     relay = GuestRelay(host)
     paths = RelayedPaths(f"{src.node}/{vid}", vol.name, [host_nqn], {}, None, relay)
-    source = Timed(a, log, src, "SendMove-final" if kill == "source" else "")
+    source = Timed(a, log, src, "SendMove-final" if kill in ("source", "reboot") else "", reboot=kill == "reboot")
     target = Timed(b, log, dst, "PrepareMove" if kill == "target" else "")
     try:
         try:
             result = moves.move(source, target, vid, stream_timeout=T, live=paths)
             assert not kill, "the agent was to be killed mid-move"
         except Killed:
-            killed = src if kill == "source" else dst
+            killed = dst if kill == "target" else src
             t0 = time.monotonic()
             start(members, killed)
-            wait_ready(a if kill == "source" else b)
+            wait_ready(b if kill == "target" else a)
             print(f"{killed.node} killed and back in {time.monotonic() - t0:.1f} s; the same move again", flush=True)
             result = moves.move(source, target, vid, stream_timeout=T, live=paths)
         time.sleep(5)  # the writer keeps going on the new path

@@ -86,11 +86,14 @@ def _sysfs(root: Path, multipath: bool) -> None:
 @pytest.mark.parametrize("multipath", [True, False])
 def test_sysfs_lookup_by_subsystem_nqn(tmp_path: Path, multipath: bool) -> None:
     _sysfs(tmp_path, multipath)
-    host = SysfsNvmeHost(str(tmp_path), runner=Recorder())
+    host = SysfsNvmeHost(str(tmp_path), runner=Recorder(), dev_root=str(tmp_path / "dev"))
     ctrls = host.controllers(NQN)
     assert [c.name for c in ctrls] == ["nvme1", "nvme2"]
     assert [(c.name, c.state) for c in ours(ctrls, HOST)] == [("nvme1", "connecting")]
-    assert host.namespace_device(NQN) == "/dev/nvme1n1"
+    assert host.namespace_device(NQN) is None  # in sysfs, but no device node yet: not there for a user
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvme1n1").touch()
+    assert host.namespace_device(NQN) == str(tmp_path / "dev" / "nvme1n1")
     assert host.namespace_device("nqn.2026-11.io.zvolt:storage-0:vnone") is None
     assert host.device_size("/dev/nvme1n1") == 1 << 30
 

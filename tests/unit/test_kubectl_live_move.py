@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import io
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,6 @@ import grpc
 import pytest
 
 import csi.main
-from agent.dhchap import AuthConfig, HostKeys
-from agent.fakes import FakeNode, make_node
-from agent.keystore import KeyStore
-from agent.metrics import Metrics
-from agent.moves import SendServer
-from agent.server import AgentServicer, make_server
 from agent.volumes import VolumeSpec
 from csi import dhchap, livepath
 from csi.agents import AgentClient, AgentEndpoint
@@ -35,6 +27,7 @@ from csi.host_identity import HostIdentity
 from csi.node import NodeService
 from kubectl_zvolt import cli
 from tests.unit.kubectlfakes import FakeKube, InProcessSession
+from tests.unit.test_kubectl_move import Cluster, two_agents
 from zvolt import names
 from zvolt.pb import agent_pb2 as pb
 
@@ -45,33 +38,10 @@ ADDRESS = {"storage-a": "10.42.0.1", "storage-b": "10.42.0.2"}
 PV = "pvc-db"
 
 
-@dataclass
-class Cluster:
-    nodes: dict[str, FakeNode]
-    agents: str
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes: dict[str, FakeNode] = {}
-    stops: list[Callable[[], None]] = []
-    agents: list[str] = []
-    for name, pool in (("storage-a", "tanka"), ("storage-b", "tankb")):
-        node = make_node(str(tmp_path / name), str(tmp_path / f"{name}-c"), node=name, pool=pool,
-                         nvme_address=ADDRESS[name], keystore=KeyStore(str(tmp_path / f"{name}-k"), os.urandom(32)))
-        node.volumes.exports.auth = HostKeys(str(tmp_path / f"{name}-auth"), AuthConfig(bidirectional=False))
-        send = SendServer(node.moves, "127.0.0.1:0")
-        send.start()
-        metrics = Metrics()
-        server = make_server(AgentServicer(node.volumes, node.readiness, metrics, moves=node.moves), metrics, workers=4)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        nodes[name] = node
-        agents.append(f"{name}=127.0.0.1:{port}")
-        stops += [send.close, functools.partial(server.stop, None)]
-    yield Cluster(nodes, ",".join(agents))
-    for stop in stops:
-        stop()
+    with two_agents(tmp_path, ADDRESS, auth=True) as found:
+        yield found
 
 
 class LiveKube(FakeKube):

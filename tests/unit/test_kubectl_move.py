@@ -5,15 +5,16 @@ over a real localhost stream."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
+from agent.dhchap import AuthConfig, HostKeys
 from agent.fakes import FakeNode, make_node
 from agent.keystore import KeyStore
 from agent.metrics import Metrics
@@ -35,31 +36,37 @@ class Cluster:
     agents: str  # --agents of the controller
 
 
-def _stopper(server: grpc.Server) -> Callable[[], None]:
-    return lambda: server.stop(None)
+@contextlib.contextmanager
+def two_agents(tmp_path: Path, addresses: dict[str, str] | None = None, auth: bool = False) -> Iterator[Cluster]:
+    """storage-a and storage-b: agent servicers on 127.0.0.1 over their own fake ZFS and configfs,
+    each with a move port; `addresses`: their NVMe addresses; `auth`: they keep hosts' keys."""
+    nodes: dict[str, FakeNode] = {}
+    agents: list[str] = []
+    with contextlib.ExitStack() as stops:
+        for name, pool in (("storage-a", "tanka"), ("storage-b", "tankb")):
+            store = KeyStore(str(tmp_path / name / "keys"), os.urandom(32))
+            node = make_node(str(tmp_path / name), str(tmp_path / f"{name}-c"), node=name, pool=pool, keystore=store,
+                             nvme_address=(addresses or {}).get(name, "10.42.0.1"))
+            if auth:
+                node.volumes.exports.auth = HostKeys(str(tmp_path / f"{name}-auth"), AuthConfig(bidirectional=False))
+            send = SendServer(node.moves, "127.0.0.1:0")
+            send.start()
+            stops.callback(send.close)
+            metrics = Metrics()
+            server = make_server(AgentServicer(node.volumes, node.readiness, metrics, moves=node.moves), metrics,
+                                 workers=4)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            stops.callback(server.stop, None)
+            nodes[name] = node
+            agents.append(f"{name}=127.0.0.1:{port}")
+        yield Cluster(nodes, ",".join(agents))
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    nodes: dict[str, FakeNode] = {}
-    stops: list[Callable[[], None]] = []
-    agents: list[str] = []
-    for name, pool in (("storage-a", "tanka"), ("storage-b", "tankb")):
-        store = KeyStore(str(tmp_path / name), os.urandom(32))
-        node = make_node(str(tmp_path / name), str(tmp_path / f"{name}-c"), node=name, pool=pool, keystore=store)
-        send = SendServer(node.moves, "127.0.0.1:0")
-        send.start()
-        metrics = Metrics()
-        server = make_server(AgentServicer(node.volumes, node.readiness, metrics, moves=node.moves), metrics,
-                             workers=4)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        nodes[name] = node
-        agents.append(f"{name}=127.0.0.1:{port}")
-        stops += [send.close, _stopper(server)]
-    yield Cluster(nodes, ",".join(agents))
-    for stop in stops:
-        stop()
+    with two_agents(tmp_path) as found:
+        yield found
 
 
 def run(kube: FakeKube, pvc: str, to: str) -> tuple[int, str]:
