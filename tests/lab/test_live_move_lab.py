@@ -46,14 +46,11 @@ WRITER_BLOCKS = 4096  # the writer's 16 MiB, round and round
 NVME_PORT, MOVE_PORT = "4420", 7011
 STOP, OUT = "/run/zvolt-livewriter.stop", "/run/zvolt-livewriter.json"
 WRITER = "livewriter"
-# ZVOLT_LIVE_WEAKEN, to show the writer's checks catch what each guard prevents (the test must fail):
-# nofence: the source agent of a move (guest 0) with its fence patched out, so the hosts go on
-# writing to the source through the cutover; noresetfence: guest 1's agent without the start-up
-# fence of a frozen move (the reset test moves off guest 1), so hosts reconnect to a read-only zvol.
+# ZVOLT_LIVE_WEAKEN=nofence: the source agent of a move (guest 0) with its fence patched out, so the
+# hosts go on writing to the source through the cutover, to show the writer's checks catch it: the
+# test must fail. (The start-up fence after a reset is shown by unit tests only: see the reset test.)
 WEAKEN = os.environ.get("ZVOLT_LIVE_WEAKEN", "")
-WEAKENED = {"nofence": (0, "from agent import exports\nexports.Exports.fence = lambda self, volume_id: None\n"),
-            "noresetfence": (1, "from agent import recovery\n"
-                                "recovery.Recovery._frozen_for_a_move = lambda self, vol: False\n")}
+WEAKENED = {"nofence": (0, "from agent import exports\nexports.Exports.fence = lambda self, volume_id: None\n")}
 AGENT_MAIN = "from agent.main import main\nsys.exit(main(sys.argv[1:]))"
 
 
@@ -191,10 +188,12 @@ def test_an_agent_killed_mid_cutover_and_a_retry_lose_no_write(members: list[clu
 @pytest.mark.faults
 def test_a_source_reset_after_its_fence_comes_back_fenced_and_a_retry_loses_no_write(
         members: list[cluster.Member]) -> None:
-    """A hard reset of the source guest right after the fence: configfs (the ANA group) is gone, the
-    zvol is frozen. The agent brings the export back fenced, so the host, which reconnects to it,
-    holds its I/O; the same call again converges. The volume moves from guest 1 to guest 0, so the
-    host (guest 0) lives through the reset."""
+    """A hard reset of the source guest right after the fence (configfs and its ANA group gone, the
+    zvol frozen): the host (guest 0; the volume moves from guest 1 to it) holds its I/O through the
+    reset, and the same call again converges with no write lost. What this lab cannot show: the
+    agent's start-up fence of that export (tests/unit/test_live_move.py). The host's reconnects
+    dial from guest 0's initial network namespace, which has no route to the storage network, so
+    no host reaches the rebooted source: a run with that fence patched out also passed (0 errors)."""
     live_move(members, kill="reboot")
 
 
