@@ -30,6 +30,32 @@ class Attachment:
     host_nqn: str
 
 
+# Where kubelet takes an env var's value from, for the fieldRefs the chart uses.
+_FIELDS = {"spec.nodeName": ("spec", "nodeName"), "status.podIP": ("status", "podIP"),
+           "metadata.name": ("metadata", "name"), "metadata.namespace": ("metadata", "namespace")}
+
+
+def container_args(pod: Obj, container: Obj) -> list[str]:
+    """A container's args as its process got them: kubelet expands $(VAR) from the container's
+    env (`--node-id=$(NODE_NAME)`), and an exec'd command gets no such expansion."""
+    env: dict[str, str] = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            env[str(e["name"])] = str(e["value"])
+            continue
+        where = _FIELDS.get(((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", ""))
+        value = (pod.get(where[0]) or {}).get(where[1]) if where else None
+        if value is not None:
+            env[str(e["name"])] = str(value)
+
+    def expand(arg: str) -> str:
+        for name, value in env.items():
+            arg = arg.replace(f"$({name})", value)
+        return arg
+
+    return [expand(str(a)) for a in container.get("args") or []]
+
+
 def controller(pods: Sequence[Obj]) -> tuple[str, list[str]]:
     """(pod name, zvolt-controller args) of a running controller pod."""
     for pod in pods:
@@ -37,7 +63,7 @@ def controller(pods: Sequence[Obj]) -> tuple[str, list[str]]:
             continue
         for c in (pod.get("spec") or {}).get("containers") or []:
             if c.get("name") == CONTAINER:
-                return str(pod["metadata"]["name"]), [str(a) for a in c.get("args") or []]
+                return str(pod["metadata"]["name"]), container_args(pod, c)
     raise PluginError(f"no running pod with a {CONTAINER} container in this namespace "
                       "(give -n with the namespace zvolt is installed in)")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csi.pathrelay import RELAY_PREFIX
-from kubectl_zvolt.attachments import CONTAINER, controller, one_shot
+from kubectl_zvolt.attachments import CONTAINER, container_args, controller, one_shot
 from kubectl_zvolt.errors import PluginError
 from kubectl_zvolt.kube import ExecInput, Kube, Obj, Session
 from zvolt.errors import ZvoltError
@@ -84,7 +84,7 @@ class Relay:
                 for c in spec.get("containers") or []:
                     if c.get("name") == NODE_CONTAINER:
                         self._nodes[node_of[spec["nodeName"]]] = (str(pod["metadata"]["name"]),
-                                                                  [str(a) for a in c.get("args") or []])
+                                                                  container_args(pod, c))
         return self._nodes
 
     def stage_secrets(self) -> dict[str, str]:

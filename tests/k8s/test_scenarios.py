@@ -510,6 +510,55 @@ def test_kubectl_zvolt_against_the_api_server(zvolt: Zvolt, ns: str) -> None:
     z.say(f"k8s scenario kubectl zvolt snapshot/restore/branch/ls/tree/delete: {time.monotonic() - t0:.1f} s")
 
 
+def test_a_live_moves_host_step_reaches_the_node_plugin_with_its_stage_secret(zvolt: Zvolt, ns: str) -> None:
+    """`kubectl zvolt move` of a volume in use relays each host step to that host's node plugin
+    (kubectl_zvolt/move.py Relay). On the real API server, with the chart's own objects: the host
+    NQN leads to its node by CSINode, the node plugin DaemonSet's pod there gets the step with
+    the chart's args as its process has them (kubelet's $(NODE_NAME) expanded), and the PV's
+    node-stage Secret on stdin. The exec is recorded (stand-in kubelets run no container); the
+    step itself runs on the real kernel in tests/lab/test_live_move_lab.py."""
+    import csi.main
+    from kubectl_zvolt.kube import Kube
+    from kubectl_zvolt.move import NODE_CONTAINER, Relay
+
+    z, t0 = zvolt, time.monotonic()
+    z.core.create_namespaced_persistent_volume_claim(ns, pvc("live"))
+    pv = bound_pv(z, ns, "live")
+    fullname = z.chart.controller.removesuffix("-controller")
+    node_pod = wait_for("the node plugin DaemonSet's pod on the worker",
+                        lambda: _agent_pod(z.cp, z.chart.namespace, f"{fullname}-node", WORKER), 120)
+    z.kubelets.mark_running(z.chart.namespace, node_pod, "127.0.0.1")
+    calls: list[tuple[str, str, str, list[str], dict[str, Any]]] = []
+
+    def execute(namespace: str, pod: str, container: str, argv: Any, stdin: str | None = None) -> tuple[int, str]:
+        calls.append((namespace, pod, container, list(argv), json.loads(stdin or "{}")))
+        return 0, json.dumps({"ok": True, "connected": True, "seconds": 0.1})
+
+    kube = Kube(z.cp.api, z.chart.namespace)
+    plain = kube.get_pv(pv.metadata.name)
+    assert plain is not None
+    handle = pv.spec.csi.volume_handle
+    ctx = {"nqn": names.subsystem_nqn(*names.split_volume_id(handle)), "transport": "tcp", "address": "10.45.0.2",
+           "port": "4420", **(pv.spec.csi.volume_attributes or {})}
+    gone = f"nqn.2026-11.io.zvolt:host:{GONE_WORKER}:{uuid.uuid4()}"
+    answer = Relay(kube, execute, "csi.zvolt.io", plain).answer(
+        {"op": "add", "volume_id": handle, "nodes": {z.storage.node_id: ctx, gone: ctx}})
+    assert answer["ok"] is False and list(answer["failed"]) == [gone], answer
+    assert "no running zvolt-node pod" in answer["failed"][gone]
+    [(namespace, pod, container, argv, stdin)] = calls
+    assert (namespace, pod, container) == (z.chart.namespace, node_pod, NODE_CONTAINER)
+    args = csi.main.parser().parse_args(argv[1:])
+    assert args.mode == "live-path" and args.node_id == WORKER, argv
+    assert not any("DHHC-1" in a for a in argv)
+    ref = pv.spec.csi.node_stage_secret_ref
+    secret = z.core.read_namespaced_secret(ref.name, ref.namespace)
+    assert stdin["secrets"] == {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    assert stdin["secrets"]["dhchapKey"].startswith("DHHC-1:")
+    assert stdin["publish_context"] == ctx and stdin["volume_id"] == handle and stdin["op"] == "add"
+    z.core.delete_namespaced_persistent_volume_claim("live", ns)
+    z.say(f"k8s scenario live-move relay to the node plugin: {time.monotonic() - t0:.1f} s")
+
+
 GONE_WORKER = "worker-gone"
 
 

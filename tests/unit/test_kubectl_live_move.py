@@ -71,9 +71,14 @@ class LiveKube(FakeKube):
         pods = super().list_pods()
         pods[0]["spec"]["containers"][0]["args"].append(f"--dhchap-secret-dir={self.key_dir}")
         if self.node_pods:
-            args = ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=worker-0", "--ctrl-loss-tmo=30"]
-            pods.append({"metadata": {"name": "node-w0"}, "status": {"phase": "Running"},
-                         "spec": {"nodeName": "worker-0", "containers": [{"name": "zvolt-node", "args": args}]}})
+            # As the chart's: kubelet expands $(NODE_NAME) for the plugin's own process, not for an exec.
+            args = ["--mode=node", "--endpoint=unix:///csi/csi.sock", "--node-id=$(NODE_NAME)",
+                    "--metrics-listen=$(POD_IP):9103", "--ctrl-loss-tmo=30"]
+            env = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                   {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+            pods.append({"metadata": {"name": "node-w0"}, "status": {"phase": "Running", "podIP": "10.0.0.7"},
+                         "spec": {"nodeName": "worker-0",
+                                  "containers": [{"name": "zvolt-node", "args": args, "env": env}]}})
         return pods
 
 
