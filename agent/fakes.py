@@ -295,6 +295,11 @@ class FakeZfs:
         with self._lock:
             return sorted(n for n in self.ds if n.startswith(name + "@"))
 
+    def with_snapshots(self, name: str, props: Sequence[str]) -> dict[str, dict[str, str]]:
+        with self._lock:
+            names = [n for n in (name, *self.snapshots_of(name)) if n in self.ds]
+            return {n: self.get_props(n, props) or {} for n in names}
+
     def clones_of(self, snapshot: str) -> list[str]:
         return sorted(n for n, d in self.ds.items() if d.origin == snapshot)
 

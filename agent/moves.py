@@ -37,7 +37,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from agent.dhchap import HostSecrets
@@ -45,7 +45,7 @@ from agent.index import MoveRec, VolumeRec
 from agent.nvmet import NvmetError
 from agent.records import HELD, HOME, INCOMING, MOVE_FROM, MOVED_TO, MOVING_TO, STATE, refresh
 from agent.volumes import Volumes
-from agent.zfs import Streams, ZfsError, retry_busy
+from agent.zfs import Streams, ZfsError, get_props_many, retry_busy
 from zvolt import names
 from zvolt.errors import ZvoltError, internal, not_found, precondition, unavailable
 from zvolt.storagenet import MOVE_PORT
@@ -92,6 +92,29 @@ class LivePath:
     nqn: str
     host_nqn: str  # as allowed on the target (a per-volume NQN when the host authenticates)
     tls: bool
+
+
+@dataclass(frozen=True)
+class MoveCheck:
+    """Whether a volume could start a move now (Moves.check)."""
+
+    volume_id: str
+    moving_to: str = ""  # a move under way carries on to this node
+    blocked: str = ""  # what keeps it from moving, in words a user can act on
+    missing: bool = False  # not held here
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A volume's dataset as a move step finds it (Moves._state)."""
+
+    props: dict[str, str] | None  # None: no such dataset
+    snapshots: list[str]  # all of them, full names, in name order
+    finals: frozenset[str]  # the move snapshots taken frozen
+
+    @property
+    def moves(self) -> list[str]:
+        return [s for s in self.snapshots if is_move_snapshot(s)]
 
 
 @dataclass(frozen=True)
@@ -151,11 +174,16 @@ class Moves:
     def _dataset(self, vid: str) -> str:
         return self.v.layout.volume(names.check_id(vid))
 
-    def _move_snaps(self, ds: str) -> list[str]:
-        return sorted(s for s in self.zfs.snapshots_of(ds) if is_move_snapshot(s))
-
-    def _is_final(self, snapshot: str) -> bool:
-        return (self.zfs.get_props(snapshot, (FINAL,)) or {}).get(FINAL) == "1"
+    def _state(self, ds: str, props: tuple[str, ...] = ()) -> OnDisk:
+        """The dataset's `props` and its snapshots, which of them are FINAL: one read (none when
+        the dataset does not exist: a target's first look at an incoming volume, an ioctl)."""
+        if not self.zfs.exists(ds):
+            return OnDisk(None, [], frozenset())
+        found = self.zfs.with_snapshots(ds, (FINAL, *props))
+        head = found.pop(ds, None)
+        snaps = sorted(found)
+        return OnDisk(None if head is None else {p: head.get(p, "-") for p in props}, snaps,
+                      frozenset(s for s in snaps if found[s].get(FINAL) == "1"))
 
     # -- where a volume is --------------------------------------------------------------------
 
@@ -168,47 +196,69 @@ class Moves:
             home = vol.home or self.node
             return Placement("moving", home, move.peer) if move is not None else Placement("held", home)
         ds = self._dataset(vid)
-        props = self.zfs.get_props(ds, (STATE, HOME, MOVE_FROM))
+        state = self._state(ds, (STATE, HOME, MOVE_FROM))
+        props = state.props
         if props is not None and props.get(STATE) == INCOMING:
-            snaps = self._move_snaps(ds)
+            snaps = state.moves
             last = snaps[-1] if snaps else ""
             return Placement("incoming", props.get(HOME, ""), props.get(MOVE_FROM, ""),
-                             last.partition("@")[2], bool(last) and self._is_final(last))
+                             last.partition("@")[2], last in state.finals)
         if move is not None and move.state == "moved":
             return Placement("moved", peer=move.peer)
         raise not_found(f"volume {vid} does not exist on storage node {self.node}")
 
     # -- source -------------------------------------------------------------------------------
 
-    def _check_movable(self, vol: VolumeRec, live: bool = False) -> None:
+    def _check_movable(self, vol: VolumeRec, state: OnDisk, live: bool = False) -> None:
         """Refuse what this round cannot move, naming exactly what blocks it."""
         if vol.hosts and not live:
             raise precondition(f"volume {vol.id} is published to {', '.join(vol.hosts)}: an offline move needs it "
                                "unpublished (stop the pods using it), or move it live")
+        why = self._blockers(vol, (state.props or {}).get("encryption", "off"))
+        if why:
+            raise precondition(why)
+
+    def _blockers(self, vol: VolumeRec, encryption: str) -> str:
+        """What keeps `vol` from moving at all (its family, its encryption), or ""."""
         blockers = []
         if vol.origin:
             blockers.append(f"it is a clone of {vol.origin.rpartition('/')[2]}")
         clones = self.index.clones_of(vol.dataset)
         if clones:
             blockers.append(f"clones of its snapshots exist: {', '.join(c.rpartition('/')[2] for c in clones)}")
-        props = self.zfs.get_props(vol.dataset, ("encryption",)) or {}
-        if props.get("encryption", "off") not in ("off", "-", ""):
+        if encryption not in ("off", "-", ""):
             blockers.append("it is encrypted (moving encrypted volumes is not supported yet)")
-        if blockers:
-            raise precondition(f"volume {vol.id} cannot move: {'; '.join(blockers)}. Branch families move as a "
-                               "unit in a later release: delete or move the dependents first")
+        if not blockers:
+            return ""
+        return (f"volume {vol.id} cannot move: {'; '.join(blockers)}. Branch families move as a unit in a later "
+                "release: delete or move the dependents first")
 
-    def check(self, vid: str) -> str:
-        """Whether `send` would start a move of this volume now (a drain's plan asks first).
-        Raises what blocks it; a volume already moving passes (its move carries on): returns
-        that move's target, else ""."""
-        names.check_id(vid)
-        with self.v.locks.hold([vid]):
-            vol, move = self._outgoing(vid)
-            if move is None:
-                self._check_movable(vol)
-                return ""
-            return move.peer
+    def check(self, vids: Sequence[str]) -> list[MoveCheck]:
+        """Whether `send` would start a move of each volume now (a drain's plan asks, a page at
+        a time): what blocks it, or the target of its move under way (which carries on). Read
+        only and unlocked: `send` checks again under the volume's lock. One `zfs get` for all."""
+        for vid in vids:
+            names.check_id(vid)
+        found: dict[str, tuple[VolumeRec, MoveRec | None]] = {}
+        out: dict[str, MoveCheck] = {}
+        for vid in vids:
+            move = self.index.move(vid)
+            vol = self.index.volume(vid)
+            if vol is None:
+                out[vid] = MoveCheck(vid, missing=True)
+            elif move is not None:
+                out[vid] = MoveCheck(vid, moving_to=move.peer)
+            elif vol.hosts:
+                out[vid] = MoveCheck(vid, blocked=f"volume {vid} is published to {', '.join(vol.hosts)}: an offline "
+                                     "move needs it unpublished (stop the pods using it), or move it live")
+            else:
+                found[vid] = (vol, move)
+        crypt = get_props_many(self.zfs, [vol.dataset for vol, _ in found.values()], ("encryption",))
+        for vid, (vol, _) in found.items():
+            # A dataset gone since the index row was read is deleted: its listing says so next time.
+            encryption = crypt.get(vol.dataset, {}).get("encryption", "off")
+            out[vid] = MoveCheck(vid, blocked=self._blockers(vol, encryption))
+        return [out[vid] for vid in vids]
 
     def _outgoing(self, vid: str) -> tuple[VolumeRec, MoveRec | None]:
         """The volume a move from here would send, and its move under way (under its lock)."""
@@ -233,24 +283,28 @@ class Moves:
             vol, move = self._outgoing(vid)
             if move is not None and move.peer != target:
                 raise precondition(f"volume {vid} is being moved to {move.peer}: abort that move first")
+            state = self._state(vol.dataset, ("encryption",))
+            frozen = False
             if move is None:
-                self._check_movable(vol, live)
-                self._start(vol, target)
+                self._check_movable(vol, state, live)
+                # Offline and final at once (nothing writes to it): the start and the freeze are one `zfs set`.
+                frozen = self._start(vol, target, freeze=final and not vol.hosts)
             elif vol.hosts:
-                self._check_movable(vol, live)  # published during the move is refused; say so if it happened
+                self._check_movable(vol, state, live)  # published during the move is refused; say so if it happened
             if vol.hosts:
                 self._isolate(vol)  # also on a repeat: a reboot since loses configfs state
-            snaps = self._move_snaps(vol.dataset)
+            snaps = state.moves
             if base and f"{vol.dataset}@{base}" not in snaps:
                 raise precondition(f"the target holds move snapshot {base} of volume {vid}, which the source does "
                                    "not have: abort the move and start again")
-            finals = [s for s in snaps if self._is_final(s)]
+            finals = [s for s in snaps if s in state.finals]
             if finals:
                 snap = finals[-1]  # frozen already: nothing can have changed since
             elif final:
                 if vol.hosts:
                     self._fence(vol)  # before the freeze: no host may see a write fail
-                self._freeze(vol)
+                if not frozen:
+                    self._freeze(vol)
                 snap = self._snapshot(vol, snaps, final=True)
             else:
                 snap = self._snapshot(vol, snaps, final=False)
@@ -272,16 +326,19 @@ class Moves:
             raise internal(f"fencing the path of volume {vol.id} for its live move: {exc}") from exc
         _log.info("live move fenced", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
-    def _start(self, vol: VolumeRec, target: str) -> None:
+    def _start(self, vol: VolumeRec, target: str, freeze: bool = False) -> bool:
+        """Record the move (intent, property, index row); `freeze`: readonly in the same `zfs set`
+        (a crash after it reads back as a move frozen already). Returns whether it froze."""
         seq = self.index.begin("move-start", [vol.dataset])
         try:
-            self.zfs.set_props(vol.dataset, {MOVING_TO: target})
+            self.zfs.set_props(vol.dataset, {MOVING_TO: target, **({"readonly": "on"} if freeze else {})})
         except ZfsError as exc:
             self.v._settle(seq, [vol.dataset])
             raise internal(f"starting the move of volume {vol.id}: {exc}") from exc
         with self.index.tx() as tx:
             tx.put_move(MoveRec(vol.id, "moving", target))
             tx.done(seq)
+        return freeze
 
     def _freeze(self, vol: VolumeRec) -> None:
         try:
@@ -310,9 +367,9 @@ class Moves:
                 raise precondition(f"volume {vid} is not being moved from storage node {self.node}")
             if move.peer != target:
                 raise precondition(f"volume {vid} is being moved to {move.peer}, not {target}")
+            state = self._state(ds)
             if move.state == "moving":
-                snaps = self._move_snaps(ds)
-                if not any(self._is_final(s) for s in snaps):
+                if not state.finals:
                     raise precondition(f"volume {vid} was never frozen for its move: the target cannot have "
                                        "committed it")
                 vol = self.index.volume(vid)
@@ -332,7 +389,8 @@ class Moves:
                     tx.del_volume(vid)
                     tx.put_move(MoveRec(vid, "moved", target))
                     tx.done(seq)
-            self._destroy(ds)
+            if state.props is not None:
+                self._destroy(ds, state.snapshots)
 
     def _unexport(self, vid: str, hosts: list[str]) -> None:
         try:
@@ -343,12 +401,14 @@ class Moves:
             for h in hosts:
                 self.v.exports.auth.forget(h)
 
-    def _destroy(self, ds: str) -> None:
-        """Nothing depends on a moved volume (clones refuse the move): its data goes at once."""
-        if not self.zfs.exists(ds):
-            return
-        try:
+    def _destroy(self, ds: str, snaps: list[str] | None = None) -> None:
+        """Nothing depends on a moved volume (clones refuse the move): its data goes at once.
+        snaps: its snapshots, when the caller read them already (under the volume's lock)."""
+        if snaps is None:
+            if not self.zfs.exists(ds):
+                return
             snaps = self.zfs.snapshots_of(ds)
+        try:
             if snaps:
                 self.zfs.destroy_snapshots(snaps, defer=True)
             retry_busy(lambda: self.zfs.destroy(ds), self.zfs)
@@ -376,7 +436,7 @@ class Moves:
         ds = self._dataset(vid)
         seq = self.index.begin("move-abort", [ds])
         try:
-            snaps = self._move_snaps(ds)
+            snaps = self._state(ds).moves
             if snaps:
                 self.zfs.destroy_snapshots(snaps, defer=True)
             self.zfs.set_props(ds, {"readonly": "off", MOVING_TO: "-"})
@@ -427,14 +487,15 @@ class Moves:
             if self.index.volume(vid) is not None:
                 raise precondition(f"volume {vid} is held by storage node {self.node} already")
             ds = self._dataset(vid)
-            props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
+            state = self._state(ds, (STATE, MOVE_FROM))
+            props = state.props
             have = ""
             if props is None and (refused := self.v.cordon.refusal()):
                 raise precondition(refused)  # a move in places a volume; one under way may finish
             if props is not None:
                 if props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
                     raise precondition(f"dataset {ds} exists and is not an incoming move from {source}")
-                snaps = self._move_snaps(ds)
+                snaps = state.moves
                 have = snaps[-1].partition("@")[2] if snaps else ""
             if have == snapshot:
                 return 0  # a repeat: this stream arrived already
@@ -544,16 +605,17 @@ class Moves:
             if held is not None:
                 # A repeat, maybe after a crash right after the commit: its move snapshots may be left.
                 self._serve(held)
-                self._drop_move_snaps(ds)
+                self._drop_move_snaps(ds, None)
                 return held
-            props = self.zfs.get_props(ds, (STATE, MOVE_FROM))
+            state = self._state(ds, (STATE, MOVE_FROM))
+            props = state.props
             if props is None:
                 raise not_found(f"nothing of volume {vid} was received on storage node {self.node}")
             if props.get(STATE) != INCOMING or props.get(MOVE_FROM) != source:
                 raise precondition(f"dataset {ds} is not an incoming move from {source}")
-            snaps = self.zfs.snapshots_of(ds)
-            moves = sorted(s for s in snaps if is_move_snapshot(s))
-            if not moves or not self._is_final(moves[-1]):
+            snaps = state.snapshots
+            moves = state.moves
+            if not moves or moves[-1] not in state.finals:
                 raise precondition(f"the final stream of volume {vid} (taken after the source froze it) has not "
                                    "arrived: commit refused, the source is still the one true copy")
             seq = self.index.begin("move-commit", [ds, *[s for s in snaps if not is_move_snapshot(s)]])
@@ -573,7 +635,7 @@ class Moves:
                 raise internal(f"volume {vid} was committed but its properties do not make a volume")
             self.v.exports.set_home(vid, rec.home)
             self._serve(rec)
-            self._drop_move_snaps(ds)
+            self._drop_move_snaps(ds, moves)
             _log.info("move committed", extra={"fields": {"volume": vid, "from": source}})
             return rec
 
@@ -598,9 +660,11 @@ class Moves:
                            "commit") from exc
         _log.info("live move served", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
-    def _drop_move_snaps(self, ds: str) -> None:
+    def _drop_move_snaps(self, ds: str, moves: list[str] | None) -> None:
+        """moves: the move snapshots, when the caller read them already (under the volume's lock)."""
         with contextlib.suppress(ZfsError):  # hidden and harmless if left; a repeat or a delete takes them
-            moves = self._move_snaps(ds)
+            if moves is None:
+                moves = self._state(ds).moves
             if moves:
                 self.zfs.destroy_snapshots(moves, defer=True)
 

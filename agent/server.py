@@ -28,6 +28,8 @@ from zvolt.pb import agent_pb2 as pb
 from zvolt.pb import agent_pb2_grpc as pb_grpc
 from zvolt.rpc import InFlight, RpcInterceptor
 
+MAX_CHECKS = 1000  # volumes per CheckMoves: one `zfs get` of them stays well inside a call's deadline
+
 VERSION = "0.1.0"
 _PLACEMENTS = {"held": pb.PLACEMENT_HELD, "moving": pb.PLACEMENT_MOVING, "moved": pb.PLACEMENT_MOVED,
                "incoming": pb.PLACEMENT_INCOMING}
@@ -170,13 +172,18 @@ class AgentServicer(pb_grpc.AgentServicer):  # type: ignore[misc]
         return self._moves
 
     def SendMove(self, request: Any, context: Any) -> Any:
-        if request.check_only:
-            return pb.SendMoveResponse(moving_to=self._mover().check(request.volume_id))
         plan = self._mover().send(request.volume_id, request.target_node, request.base_snapshot, request.final,
                                   live=request.live)
         return pb.SendMoveResponse(token=plan.token, address=plan.address, snapshot=plan.snapshot,
                                    base_snapshot=plan.base, home_node=plan.home, cntlid_min=plan.cntlid[0],
                                    cntlid_max=plan.cntlid[1])
+
+    def CheckMoves(self, request: Any, context: Any) -> Any:
+        if len(request.volume_ids) > MAX_CHECKS:
+            raise invalid(f"CheckMoves takes at most {MAX_CHECKS} volumes at once, got {len(request.volume_ids)}")
+        checks = self._mover().check(list(request.volume_ids))
+        return pb.CheckMovesResponse(checks=[pb.MoveCheck(volume_id=c.volume_id, moving_to=c.moving_to,
+                                                          blocked=c.blocked, missing=c.missing) for c in checks])
 
     def PrepareMove(self, request: Any, context: Any) -> Any:
         hosts = [(pub.host_nqn, _publish_keys(pub)) for pub in request.hosts]

@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-import grpc
-
 from csi import moves, placement, rebalance
 from csi.placement import Candidate, ZoneRequirement
 from csi.volmove import Narrated
@@ -133,26 +131,26 @@ def plan_drain(volumes: Sequence[Volume], blocked: Sequence[Blocked], zone: str,
 
 
 def inventory(agent: Agent) -> tuple[list[Volume], list[Blocked]]:
-    """Every volume the node holds, movable or blocked (with the agent's own reason). One page
-    listing per PAGE volumes, and one check per unpublished volume (index, one property read)."""
+    """Every volume the node holds, movable or blocked (with the agent's own reason). Per PAGE
+    volumes: one listing and one CheckMoves (the agent reads their properties in one go)."""
     found: list[Volume] = []
     blocked: list[Blocked] = []
     token = ""
     while True:
         page = agent.call("ListVolumes", pb.ListVolumesRequest(max_entries=PAGE, starting_token=token))
+        unpublished = [vol.id for vol in page.volumes if not vol.published_hosts]
+        checks = agent.call("CheckMoves", pb.CheckMovesRequest(volume_ids=unpublished)).checks if unpublished else []
+        verdict = {c.volume_id: c for c in checks}
         for vol in page.volumes:
             vid = f"{vol.home_node or agent.name}/{vol.id}"
             if vol.published_hosts:
                 blocked.append(Blocked(vid, f"attached (published to {', '.join(vol.published_hosts)}): {ATTACHED}"))
                 continue
-            try:
-                check = agent.call("SendMove", pb.SendMoveRequest(volume_id=vol.id, check_only=True))
-            except ZvoltError as err:
-                if err.code == grpc.StatusCode.NOT_FOUND:
-                    continue  # deleted (or moved) since the page was read
-                if err.code != grpc.StatusCode.FAILED_PRECONDITION:
-                    raise
-                blocked.append(Blocked(vid, err.message))
+            check = verdict[vol.id]
+            if check.missing:
+                continue  # deleted (or moved) since the page was read
+            if check.blocked:
+                blocked.append(Blocked(vid, check.blocked))
                 continue
             found.append(Volume(vid, vol.id, agent.name, vol.size_bytes, vol.thick, check.moving_to))
         token = page.next_token

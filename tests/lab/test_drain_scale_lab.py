@@ -4,7 +4,7 @@ the time per volume and in all, with every volume on the other node at the end.
 N thin 64 MiB volumes, never attached and never written (a fleet's idle databases cost their
 metadata, not their data), are created on storage-0; `drain` (what `kubectl zvolt
 drain-storage` runs) cordons it and moves them all to storage-1, two at a time. N comes from
-ZVOLT_DRAIN_VOLUMES (default 20; the figure in csi/README.md is from 1,000).
+ZVOLT_DRAIN_VOLUMES (default 20), how many at once from ZVOLT_DRAIN_PARALLEL (default 2).
 
 Run: ZVOLT_LAB_NAME=live ZVOLT_DRAIN_VOLUMES=1000 pytest tests/lab/test_drain_scale_lab.py -s
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import statistics
 import time
 
 import pytest
@@ -31,6 +33,17 @@ SIZE = 64 << 20
 T = 300.0
 SOURCE, TARGET = "storage-0", "storage-1"
 EVERY = 25.0  # seconds between progress lines while creating
+PARALLEL = int(os.environ.get("ZVOLT_DRAIN_PARALLEL", "2"))
+STEP = re.compile(r"^  \S+: (\S+): (.+) \((\d+\.\d)s")
+
+
+def step_medians(lines: list[str]) -> str:
+    """Where a move's time goes: the median of each step's progress-line time, per node role."""
+    times: dict[str, list[float]] = {}
+    for line in lines:
+        if m := STEP.match(line):
+            times.setdefault(m.group(2), []).append(float(m.group(3)))
+    return "; ".join(f"{what} {statistics.median(t):.1f}s" for what, t in times.items())
 
 
 def listed(agent: object) -> set[str]:
@@ -63,10 +76,13 @@ def test_drain_of_many_idle_volumes_moves_them_all(members: list[cluster.Member]
 
         lines: list[str] = []
         moved = [0]
+        planned: list[float] = []
         shown = [time.monotonic()]
 
         def say(line: str) -> None:
             lines.append(line)
+            if ": moving (" in line and not planned:
+                planned.append(time.monotonic())
             if ": moved to " in line:
                 moved[0] += 1
             if not line.startswith((f"{SOURCE}/", "  ")):
@@ -76,10 +92,11 @@ def test_drain_of_many_idle_volumes_moves_them_all(members: list[cluster.Member]
                 print(f"drain: {moved[0]}/{N} moved ({shown[0] - t0:.0f} s)", flush=True)
 
         t0 = time.monotonic()
-        code = drain.drain(pool, SOURCE, parallel=2, say=say)
+        code = drain.drain(pool, SOURCE, parallel=PARALLEL, say=say)
         took = time.monotonic() - t0
         print(f"drain of {N} idle volumes: exit {code}, {took:.1f} s in all, {took / N:.2f} s per volume, "
-              f"{moved[0]} moved", flush=True)
+              f"{moved[0]} moved, {PARALLEL} at once", flush=True)
+        print(f"planned in {planned[0] - t0:.1f} s; each step's median: {step_medians(lines)}", flush=True)
         assert code == 0, "\n".join(lines[-20:])
         assert set(made) <= listed(target), "every volume is on the target"
         assert not set(made) & listed(source), "none is left on the source"

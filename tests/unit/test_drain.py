@@ -9,7 +9,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,19 +176,21 @@ def test_an_empty_node_drains_to_exit_0_and_a_dry_run_changes_nothing(cluster: C
     assert not drain.capacities(c.pool)["storage-a"].cordoned
     assert all(holder(c, v) == ["storage-a"] for v in vids)
     assert not [m for agent in c.pool.all() for m, _ in agent.calls if m == "SetCordon"], "dry run: no cordon"
-    sends = _send_requests(c)
-    assert len(sends) == 2 and all(r.check_only for r in sends), "dry run: SendMove only checks"
+    asked = _requests(c)
+    assert [m for m, _ in asked] == ["CheckMoves"], "dry run: one check of the page, no SendMove"
+    assert sorted(asked[0][1].volume_ids) == sorted(vids)
     c.lines.clear()
     assert drain.drain(c.pool, "storage-a", say=c.say) == 0
     assert c.lines[-1] == "storage node storage-a holds no volumes; it stays cordoned"
 
 
-def _send_requests(c: Cluster) -> list[Any]:
-    seen: list[Any] = []
+def _requests(c: Cluster) -> list[tuple[str, Any]]:
+    """What a dry run asks of the agents besides reading listings and capacity."""
+    seen: list[tuple[str, Any]] = []
 
     def hook(node: str, method: str, request: Any) -> None:
-        if method == "SendMove":
-            seen.append(request)
+        if not method.endswith(":done") and method not in ("ListVolumes", "GetCapacity"):
+            seen.append((method, request))
 
     c.agents(hook)
     drain.drain(c.pool, "storage-a", dry_run=True, say=lambda _: None)
@@ -313,15 +315,37 @@ def test_the_cordon_is_kept_in_zfs_through_a_restart_and_an_index_rebuild(cluste
     assert v.create_volume(VolumeSpec(name="pvc-new", size=16 * MiB))
 
 
-def test_check_only_changes_nothing_and_reports_a_move_under_way(cluster: Cluster) -> None:
+def test_check_moves_reads_a_page_in_one_get_changes_nothing_and_says_what_blocks_each(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     a = cluster.nodes["storage-a"]
     agent = Agent(a)
-    vid = a.volumes.create_volume(VolumeSpec(name="pvc-x", size=16 * MiB)).id
+    s = populate(a)
+    gets: list[int] = []
+
+    def get_props_many(names: Sequence[str], props: Sequence[str]) -> dict[str, dict[str, str]]:
+        gets.append(len(names))  # batched as LibZfs does: one `zfs get` per call
+        found = {n: a.zfs.get_props(n, props) for n in names}
+        return {n: got for n, got in found.items() if got is not None}
+
+    monkeypatch.setattr(a.zfs, "get_props_many", get_props_many, raising=False)
+    agent.call("SendMove", pb.SendMoveRequest(volume_id=s.idle[0], target_node="storage-b"))
     before = dict(a.zfs.ds)
-    assert agent.call("SendMove", pb.SendMoveRequest(volume_id=vid, check_only=True)).moving_to == ""
-    assert dict(a.zfs.ds).keys() == before.keys() and a.index.move(vid) is None
-    agent.call("SendMove", pb.SendMoveRequest(volume_id=vid, target_node="storage-b"))
-    assert agent.call("SendMove", pb.SendMoveRequest(volume_id=vid, check_only=True)).moving_to == "storage-b"
+    asked = [*s.idle, s.published, s.clone_source, s.clone, s.encrypted, "pvc-gone"]
+    got = agent.call("CheckMoves", pb.CheckMovesRequest(volume_ids=asked)).checks
+    assert [c.volume_id for c in got] == asked, "one answer per volume, in the order asked"
+    by = {c.volume_id: c for c in got}
+    assert by[s.idle[0]].moving_to == "storage-b" and not by[s.idle[0]].blocked, "a move under way carries on"
+    assert all(not by[v].blocked and not by[v].moving_to and not by[v].missing for v in s.idle[1:])
+    assert f"published to {HOST}" in by[s.published].blocked
+    assert f"clones of its snapshots exist: {s.clone}" in by[s.clone_source].blocked
+    assert f"it is a clone of {s.clone_source}@" in by[s.clone].blocked
+    assert "it is encrypted" in by[s.encrypted].blocked
+    assert by["pvc-gone"].missing
+    assert gets == [5], "the unpublished volumes not moving: one read of them all"
+    assert dict(a.zfs.ds).keys() == before.keys() and a.index.move(s.idle[1]) is None, "nothing changes"
+    with pytest.raises(ZvoltError) as err:
+        agent.call("CheckMoves", pb.CheckMovesRequest(volume_ids=["v"] * 1001))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1000" in err.value.message
 
 
 def test_the_receive_pump_keeps_to_its_rate() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from agent.fakes import Crash, FakeNode, make_node
 from agent.moves import SendServer, tls_contexts
+from agent.records import MOVED_TO, MOVING_TO
 from agent.volumes import VolumeSpec
 from csi import moves as orchestrator
 from tests.unit.directagent import Direct
@@ -92,9 +93,13 @@ def assert_moved(a: Side, b: Side, vid: str, snaps: list[str]) -> None:
 def test_move_carries_the_volume_its_snapshots_and_its_nqn(pair: tuple[Side, Side]) -> None:
     a, b = pair
     vid, snaps = volume_with_snapshots(a)
+    ds = a.node.volumes.layout.volume(vid)
     result = orchestrator.move(a.client, b.client, vid)
     assert result.home == "storage-a" and result.streams == 1 and result.bytes > 0  # frozen at once: offline
     assert_moved(a, b, vid, snaps)
+    # Offline, the start of the move and the freeze are one `zfs set` (one sync task, one process).
+    assert [c for c in a.node.zfs.calls if c.startswith(f"set {ds} ")] == [
+        f"set {ds} readonly,{MOVING_TO}", f"set {ds} {MOVED_TO}"]
     # Served by the target under the NQN the source gave it; the repeat of a finished move is a no-op.
     assert b.node.volumes.publish(vid, HOST) == names.subsystem_nqn("storage-a", vid)
     again = orchestrator.move(a.client, b.client, vid)

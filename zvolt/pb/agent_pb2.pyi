@@ -504,29 +504,50 @@ class RotateKeyResponse(_message.Message):
     def __init__(self, encryption_root: _Optional[str] = ...) -> None: ...
 
 class SendMoveRequest(_message.Message):
-    __slots__ = ("volume_id", "target_node", "base_snapshot", "final", "check_only", "live")
+    __slots__ = ("volume_id", "target_node", "base_snapshot", "final", "live")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
-    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     target_node: str
     base_snapshot: str
     final: bool
-    check_only: bool
     live: bool
-    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ..., check_only: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
+    def __init__(self, volume_id: _Optional[str] = ..., target_node: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., final: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
+
+class CheckMovesRequest(_message.Message):
+    __slots__ = ("volume_ids",)
+    VOLUME_IDS_FIELD_NUMBER: _ClassVar[int]
+    volume_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, volume_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MoveCheck(_message.Message):
+    __slots__ = ("volume_id", "moving_to", "blocked", "missing")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    moving_to: str
+    blocked: str
+    missing: bool
+    def __init__(self, volume_id: _Optional[str] = ..., moving_to: _Optional[str] = ..., blocked: _Optional[str] = ..., missing: _Optional[bool] = ...) -> None: ...
+
+class CheckMovesResponse(_message.Message):
+    __slots__ = ("checks",)
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    checks: _containers.RepeatedCompositeFieldContainer[MoveCheck]
+    def __init__(self, checks: _Optional[_Iterable[_Union[MoveCheck, _Mapping]]] = ...) -> None: ...
 
 class SendMoveResponse(_message.Message):
-    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node", "moving_to", "cntlid_min", "cntlid_max")
+    __slots__ = ("token", "address", "snapshot", "base_snapshot", "home_node", "cntlid_min", "cntlid_max")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     BASE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     HOME_NODE_FIELD_NUMBER: _ClassVar[int]
-    MOVING_TO_FIELD_NUMBER: _ClassVar[int]
     CNTLID_MIN_FIELD_NUMBER: _ClassVar[int]
     CNTLID_MAX_FIELD_NUMBER: _ClassVar[int]
     token: str
@@ -534,10 +555,9 @@ class SendMoveResponse(_message.Message):
     snapshot: str
     base_snapshot: str
     home_node: str
-    moving_to: str
     cntlid_min: int
     cntlid_max: int
-    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ..., moving_to: _Optional[str] = ..., cntlid_min: _Optional[int] = ..., cntlid_max: _Optional[int] = ...) -> None: ...
+    def __init__(self, token: _Optional[str] = ..., address: _Optional[str] = ..., snapshot: _Optional[str] = ..., base_snapshot: _Optional[str] = ..., home_node: _Optional[str] = ..., cntlid_min: _Optional[int] = ..., cntlid_max: _Optional[int] = ...) -> None: ...
 
 class PrepareMoveRequest(_message.Message):
     __slots__ = ("volume_id", "source_node", "hosts", "source_cntlid_min")

@@ -129,6 +129,11 @@ class AgentStub:
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.SerializeToString,
                 response_deserializer=zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.FromString,
                 _registered_method=True)
+        self.CheckMoves = channel.unary_unary(
+                '/zvolt.agent.v1.Agent/CheckMoves',
+                request_serializer=zvolt_dot_pb_dot_agent__pb2.CheckMovesRequest.SerializeToString,
+                response_deserializer=zvolt_dot_pb_dot_agent__pb2.CheckMovesResponse.FromString,
+                _registered_method=True)
         self.ReceiveMove = channel.unary_unary(
                 '/zvolt.agent.v1.Agent/ReceiveMove',
                 request_serializer=zvolt_dot_pb_dot_agent__pb2.ReceiveMoveRequest.SerializeToString,
@@ -296,6 +301,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckMoves(self, request, context):
+        """Source, read only: whether each of many volumes could start a move now, or what blocks it
+        (a drain's plan asks once per page, not once per volume). Nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReceiveMove(self, request, context):
         """Target: dial the source's move port with the token and receive the stream (not servable yet).
         """
@@ -441,6 +454,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.SendMove,
                     request_deserializer=zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.FromString,
                     response_serializer=zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.SerializeToString,
+            ),
+            'CheckMoves': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckMoves,
+                    request_deserializer=zvolt_dot_pb_dot_agent__pb2.CheckMovesRequest.FromString,
+                    response_serializer=zvolt_dot_pb_dot_agent__pb2.CheckMovesResponse.SerializeToString,
             ),
             'ReceiveMove': grpc.unary_unary_rpc_method_handler(
                     servicer.ReceiveMove,
@@ -986,6 +1004,33 @@ class Agent:
             '/zvolt.agent.v1.Agent/SendMove',
             zvolt_dot_pb_dot_agent__pb2.SendMoveRequest.SerializeToString,
             zvolt_dot_pb_dot_agent__pb2.SendMoveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckMoves(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zvolt.agent.v1.Agent/CheckMoves',
+            zvolt_dot_pb_dot_agent__pb2.CheckMovesRequest.SerializeToString,
+            zvolt_dot_pb_dot_agent__pb2.CheckMovesResponse.FromString,
             options,
             channel_credentials,
             insecure,
