@@ -9,7 +9,9 @@ onto one node nor passes a StorageClass commitment limit on figures taken before
 placed while a refresh is in flight may be missing from the view until the next refresh: the
 same "figures a moment old" the class limit always had.)
 
-Only the first create, and the first after a refusal, wait for the agents; otherwise a view older
+The controller takes the first view as it starts (`prime`), so that the first create does not
+ask every node either (bench cluster, 100 agents: that one create set the p95). Only a create
+that comes before that first view, and the first after a refusal, wait for the agents; a view older
 than the ttl is served as it is while a background refresh takes a new one, so a silent node
 costs a refresh its deadline and no create anything. A node silent in the last refresh is asked
 again with a short deadline.
@@ -63,6 +65,17 @@ class CapacityView:
             with self._lock:
                 self._store(found, silent)
                 return list(self._candidates.values())
+
+    def prime(self, fetch: Fetch) -> None:
+        """Take the first view off the request path (at start). A create that comes sooner waits
+        for this same fetch; a failed one leaves the view empty, and the first create fetches."""
+        def first() -> None:
+            try:
+                self.get(fetch)
+            except Exception as err:
+                _log.warning("first capacity view failed", extra={"fields": {"error": str(err)}})
+
+        self._spawn(first)
 
     def _refresh(self, fetch: Fetch) -> None:
         try:

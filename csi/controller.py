@@ -297,6 +297,10 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):  # type: ignore[misc]
         if self.records is not None and pvc is not None:
             self.records.put(*pvc, name, node)
 
+    def warm(self) -> None:
+        """At start: placement's first view of the nodes' capacity, taken in the background."""
+        self.capacity.prime(self._ask_capacity)
+
     def _candidates(self) -> list[placement.Candidate]:
         return self._ask_capacity(frozenset())[0]
 

@@ -203,6 +203,8 @@ def _controller(args: argparse.Namespace) -> Services:
     records = KubernetesRecords() if args.agents_from_kubernetes else None
     services = controller_services(_pool(args), alpha_capabilities(args.alpha_capabilities), records,
                                    _volume_keys(args))
+    assert services.controller is not None
+    services.controller.warm()
     if args.sign_agent_certificates:
         signer = agent_signer(args)
         threading.Thread(target=signer.run, args=(threading.Event(),), name="agent-signer", daemon=True).start()

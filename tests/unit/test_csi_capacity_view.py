@@ -4,6 +4,8 @@ is asked again with a short deadline."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -136,3 +138,62 @@ def test_a_failed_background_refresh_keeps_the_old_view() -> None:
     view.get(broken)
     spawned[0]()
     assert view.get(broken) == [Candidate("a", "z", 1, 0)] and len(spawned) == 2  # and it tries again
+
+
+def test_the_view_primed_at_start_serves_the_first_create_and_one_sooner_waits_for_that_fetch() -> None:
+    spawned: list[Callable[[], None]] = []
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def fetch(silent: frozenset[str]) -> tuple[list[Candidate], frozenset[str]]:
+        seen.append(1)
+        gate.wait(5)
+        return [Candidate("a", "z", 1, 0)], frozenset()
+
+    view = CapacityView(ttl=60.0, spawn=spawned.append)
+    view.prime(fetch)
+    assert len(spawned) == 1 and not seen, "primed off the caller's thread"
+    first = threading.Thread(target=spawned[0])
+    first.start()
+    while not seen:
+        time.sleep(0.01)
+    early: list[list[Candidate]] = []
+    create = threading.Thread(target=lambda: early.append(view.get(fetch)))
+    create.start()
+    time.sleep(0.2)
+    assert not early, "a create sooner than the first view waits for it"
+    gate.set()
+    first.join(5)
+    create.join(5)
+    assert early == [[Candidate("a", "z", 1, 0)]] and len(seen) == 1, "one fetch, not one each"
+    assert view.get(fetch) == [Candidate("a", "z", 1, 0)] and len(seen) == 1
+
+
+def test_a_failed_prime_leaves_the_first_create_to_fetch() -> None:
+    spawned: list[Callable[[], None]] = []
+    calls: list[int] = []
+
+    def broken(silent: frozenset[str]) -> tuple[list[Candidate], frozenset[str]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZvoltError(grpc.StatusCode.UNAVAILABLE, "down")
+        return [Candidate("a", "z", 1, 0)], frozenset()
+
+    view = CapacityView(ttl=60.0, spawn=spawned.append)
+    view.prime(broken)
+    spawned[0]()  # logs, does not raise
+    assert view.get(broken) == [Candidate("a", "z", 1, 0)] and len(calls) == 2
+
+
+def test_the_controller_primes_its_view_when_it_starts(
+        cluster: tuple[dict[str, CountingAgent], ControllerService]) -> None:
+    agents, ctrl = cluster
+    ctrl.capacity = CapacityView(ttl=3600)
+    ctrl.warm()
+    deadline = time.monotonic() + 10
+    while capacity_calls(agents) < len(NODES) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    asked = capacity_calls(agents)
+    ctrl.CreateVolume(request("pvc-first"), None)
+    assert asked == len(NODES) and capacity_calls(agents) == asked, "the first create asked no node"
