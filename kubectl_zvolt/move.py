@@ -132,17 +132,9 @@ def _last_json(out: str) -> dict[str, Any]:
     return {}
 
 
-def move(kube: Kube, session: Session, execute: ExecInput, driver: str, namespace: str, pvc: str, to: str,
-         say: Callable[[str], None]) -> MoveRun:
-    try:
-        check_node(to)
-    except ZvoltError as err:
-        raise PluginError(err.message) from None
-    pv = pv_of(kube, driver, namespace, pvc)
-    csi = pv["spec"]["csi"]
-    volume_id = str(csi["volumeHandle"])
-    pod, args = controller(kube.list_pods())
-    relay = Relay(kube, execute, driver, pv)
+def relaying(relay: Relay, say: Callable[[str], None]) -> Callable[[str], str | None]:
+    """A Session's on_line for the controller's move: a request line gets the relay's answer,
+    any other line is a progress line for the user."""
 
     def on_line(line: str) -> str | None:
         if line.startswith(RELAY_PREFIX):
@@ -157,6 +149,21 @@ def move(kube: Kube, session: Session, execute: ExecInput, driver: str, namespac
         say(line)
         return None
 
+    return on_line
+
+
+def move(kube: Kube, session: Session, execute: ExecInput, driver: str, namespace: str, pvc: str, to: str,
+         say: Callable[[str], None]) -> MoveRun:
+    try:
+        check_node(to)
+    except ZvoltError as err:
+        raise PluginError(err.message) from None
+    pv = pv_of(kube, driver, namespace, pvc)
+    csi = pv["spec"]["csi"]
+    volume_id = str(csi["volumeHandle"])
+    pod, args = controller(kube.list_pods())
+    relay = Relay(kube, execute, driver, pv)
+
     first = json.dumps({"volume_context": csi.get("volumeAttributes") or {}})
-    code, out = session(kube.namespace, pod, CONTAINER, argv(args, volume_id, to), first, on_line)
+    code, out = session(kube.namespace, pod, CONTAINER, argv(args, volume_id, to), first, relaying(relay, say))
     return MoveRun(f"{namespace}/{pvc}", volume_id, code, out, relay.log)
