@@ -37,7 +37,7 @@ from agent.moves import DEFAULT_MOVE_PORT, Moves, SendServer, tls_contexts
 from agent.recovery import Readiness, Recovery
 from agent.server import AgentServicer, make_server
 from agent.shutdown import drain
-from agent.usage import Usage
+from agent.usage import MIN_CYCLE, Usage
 from agent.volumes import AgentConfig, Volumes
 from agent.zfs import LibZfs, Streams, Zfs
 from agent.zpool import Zpool
@@ -77,6 +77,8 @@ _OPTIONS: dict[str, tuple[str | None, str]] = {
     "configfs-root": (nvmet.DEFAULT_ROOT, "nvmet configfs root"),
     "device-timeout": ("60", "seconds to wait for a zvol device node"),
     "gc-interval": ("60", "seconds between sweeps of deleted volumes"),
+    "usage-cycle": (str(int(MIN_CYCLE)), "at least this many seconds for one pass of the usage sweep over every "
+                    "volume (the per-namespace sums: at most that old, and idle volumes cost no CPU between)"),
     "log-level": ("info", "log level"),
     "shutdown-grace": ("20", "seconds running calls get to finish after SIGTERM (below the pod's grace period)"),
     "commitment-ratio": (str(commitment.DEFAULT_RATIO), "new volumes and growths are refused once the sum of "
@@ -124,6 +126,7 @@ class Settings:
     growth_reserve: float = 0.05
     # Per-volume usage series (zvolt_agent_volume_*_bytes): one series per volume, so off by default.
     usage_volume_metrics: bool = False
+    usage_cycle: float = MIN_CYCLE
     key_wrapping_file: str = ""  # agent/keystore.py; "" = no encrypted volumes on this node
     move_listen: str = ""  # agent/moves.py; "" = NVMe/TCP address:DEFAULT_MOVE_PORT, "off" = no moves
     # --tls-request: the serving certificate comes from the Kubernetes API (agent/certrequest.py),
@@ -253,6 +256,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict[str, str] | None
         storage_network=storage_network, guard=bool(storage_network) and not _truthy(get("no-guard")),
         commitment_ratio=ratio, growth_reserve=reserve,
         guard_interval=guard_interval, usage_volume_metrics=_truthy(get("usage-volume-metrics")),
+        usage_cycle=_seconds(ap, "usage-cycle", get("usage-cycle")),
         key_wrapping_file=str(get("key-wrapping-file") or ""), move_listen=str(get("move-listen") or ""),
         tls_request_seconds=tls_request_seconds, nvme_tls_port=tls_port,
     )
@@ -368,7 +372,8 @@ def build(settings: Settings, zfs: Zfs, root: nvmet.Root, index: Index) -> Agent
     volumes = Volumes(cfg, zfs, index, exports, VolumeLocks(), keys=Keys(zfs, store))
     readiness = Readiness()
     metrics = Metrics()
-    usage = Usage(volumes, Zpool(), metrics, per_volume=settings.usage_volume_metrics)
+    usage = Usage(volumes, Zpool(), metrics, per_volume=settings.usage_volume_metrics,
+                  min_cycle=settings.usage_cycle)
     moves, send_server = _moves(settings, zfs, volumes)
     servicer = AgentServicer(volumes, readiness, metrics, usage, moves)
     inflight = InFlight()

@@ -107,7 +107,7 @@ def wait_ready(stub: pb_grpc.AgentStub, timeout: float = 300) -> None:
 @pytest.fixture(scope="module")
 def services(lab: Any) -> Iterator[Any]:
     # This module's code: (re)start all three from /src, with metrics on, the agent sweeping often.
-    lab.start_agent("--gc-interval", "2")
+    lab.start_agent("--gc-interval", "2", "--usage-cycle", "0")
     lab.start_controller("--metrics-listen", SCRAPES["controller"][1])
     lab.start_node("--metrics-listen", SCRAPES["node"][1])
     yield lab

@@ -139,7 +139,7 @@ def test_only_the_controller_may_read_usage() -> None:
 
 def test_namespace_sums_follow_a_rolling_sweep_and_forget_deleted_volumes(node: FakeNode) -> None:
     metrics = Metrics()
-    usage = Usage(node.volumes, Pool(12), metrics, sweep_page=2)
+    usage = Usage(node.volumes, Pool(12), metrics, sweep_page=2, min_cycle=0.0)  # unpaced: a page per tick
     a1 = create(node, "pvc-a1", "team-a", referenced=10, used=7)
     create(node, "pvc-a2", "team-a", size=2 * GiB, referenced=20, used=5)
     create(node, "pvc-b", "team-b", referenced=1, used=1)
@@ -171,6 +171,24 @@ def test_namespace_sums_follow_a_rolling_sweep_and_forget_deleted_volumes(node: 
     assert val("zvolt_agent_namespace_volumes", "team-a") == 1
     assert val("zvolt_agent_namespace_unique_bytes", "team-a") == 5
     assert val("zvolt_agent_namespace_unique_bytes", "team-b") == 5
+
+
+def test_the_sweep_is_paced_so_a_cycle_takes_at_least_min_cycle(node: FakeNode) -> None:
+    now = [0.0]
+    usage = Usage(node.volumes, None, None, sweep_page=2, min_cycle=300.0, clock=lambda: now[0])
+    for i in range(4):
+        create(node, f"pvc-{i}", "team-a")
+    assert isinstance(node.zfs, CountingZfs)
+    read_at: list[float] = []
+    for t in range(0, 700, 15):  # the agent's main loop ticks every 15 s
+        now[0] = float(t)
+        before = len(node.zfs.batches)
+        usage.tick()
+        if len(node.zfs.batches) > before:
+            read_at.append(now[0])
+    # A page of 2 of the 4 volumes waits half of the 300 s: two pages per cycle, one cycle per 300 s.
+    assert read_at == [0.0, 150.0, 300.0, 450.0, 600.0], read_at
+    assert usage.totals()["team-a"].volumes == 4
 
 
 def test_per_volume_series_only_when_asked(node: FakeNode) -> None:
