@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -167,4 +169,71 @@ def test_old_ids_follow_a_moved_volume_also_after_its_source_is_removed(members:
         for left in made:
             with contextlib.suppress(Exception):
                 ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=left), None)
+        pool.close()
+
+
+RAW_PORT = 7098  # the raw baseline's socat listener on the target's storage-network address
+
+
+def test_an_idle_move_between_two_guests_against_a_raw_send_receive(members: list[cluster.Member]) -> None:
+    """Issue 17's bar: an offline move of written data at >= 0.8x the throughput of a raw
+    `zfs send -R | zfs receive` of the same snapshot between the same two guests, over the same
+    storage network (socat in the agents' network namespace; no token, no TLS, no steps). Both are
+    timed on the host around their commands, so each carries its ssh or gRPC round trips."""
+    from csi import moves
+    from zvolt.pb import agent_pb2 as pb
+
+    by_node = {m.node: m for m in members}
+    src, dst = by_node["storage-0"], by_node["storage-1"]
+    ips = cluster.storage_ips(members)
+    pool = AgentPool(lambda: parse_static(spec(members)), tls=None, timeout=T)
+    source, target = pool.get(src.node), pool.get(dst.node)
+    vid = source.call("CreateVolume", pb.CreateVolumeRequest(name=f"pvc-thr-{int(time.time())}",
+                                                             size_bytes=4 * DATA_MIB * MiB), timeout=T).volume.id
+    ds = f"{POOL}/zvolt/v/{vid}"
+    raw_copy = f"{POOL}/rawcopy"
+    try:
+        written = zvol_io(src, vid, write=True)
+        src.lab.run(["zfs", "snapshot", f"{ds}@raw"], timeout=T)
+        receiving: dict[str, float] = {}
+
+        def receive() -> None:
+            dst.lab.run(["sh", "-c", f"socat -u TCP-LISTEN:{RAW_PORT},bind={ips[dst.node]},reuseaddr - "
+                         f"| zfs receive {raw_copy}"], netns="storage", timeout=900)
+            receiving["done"] = time.monotonic()
+
+        listener = threading.Thread(target=receive, daemon=True)
+        listener.start()
+        for _ in range(100):
+            ss = dst.lab.run(["ss", "-ltn", f"sport = :{RAW_PORT}"], netns="storage", timeout=T).stdout
+            if f":{RAW_PORT}" in ss:
+                break
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        src.lab.run(["sh", "-c", f"zfs send -R {ds}@raw | socat -u - TCP:{ips[dst.node]}:{RAW_PORT}"],
+                    netns="storage", timeout=900)
+        listener.join(900)
+        raw = receiving["done"] - t0
+        sent = int(src.lab.run(["zfs", "get", "-Hp", "-o", "value", "referenced", f"{ds}@raw"], timeout=T).stdout)
+        dst.lab.run(["zfs", "destroy", "-r", raw_copy], timeout=T)
+        src.lab.run(["zfs", "destroy", f"{ds}@raw"], timeout=T)
+
+        t0 = time.monotonic()
+        result = moves.move(source, target, vid)
+        took = time.monotonic() - t0
+        assert zvol_io(dst, vid, write=False) == written
+        lines = [ln for ln in dst.lab.service_log("agent", 120).splitlines()
+                 if "move stream received" in ln and vid in ln]
+        stream = max(json.loads(ln[ln.index("{"):])["seconds"] for ln in lines)
+        print(f"\nIDLE MOVE between two guests: {sent / MiB:.0f} MiB referenced; raw send|receive {raw:.2f} s "
+              f"({sent / MiB / raw:.2f} MiB/s); move {took:.2f} s for {result.bytes / MiB:.0f} MiB in "
+              f"{result.streams} stream(s), its stream {stream:.2f} s; throughput vs raw: whole move "
+              f"{raw / took:.2f}x, stream {raw / stream:.2f}x (bar >= 0.8x)", flush=True)
+        assert raw / took >= 0.8, "an idle move is slower than 0.8x a raw send|receive of the same data"
+    finally:
+        with contextlib.suppress(Exception):
+            dst.lab.run(["zfs", "destroy", "-r", raw_copy], timeout=T, check=False)
+        for agent in (target, source):
+            with contextlib.suppress(Exception):
+                agent.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=vid), timeout=T)
         pool.close()
