@@ -291,6 +291,23 @@ def _api_error(e: ApiException, doing: str) -> PluginError:
     return PluginError(f"{doing}: API error {e.status} {reason}{': ' + detail if detail else ''}")
 
 
+TIMED_OUT = 124  # as timeout(1) says it
+
+
+def finished(resp: Any, timeout: float, said: str) -> tuple[int, str]:
+    """(exit status, output) of an exec stream whose reading loop ended. Still open: the command
+    outlived `timeout` (a real kubelet lab found the client's status read raises then). Closed
+    without a status: 1, saying so."""
+    if resp.is_open():
+        resp.close()
+        return TIMED_OUT, said + f"\n(the command did not finish within {timeout:.0f}s)"
+    try:
+        code = resp.returncode
+    except (TypeError, KeyError, AttributeError):
+        return 1, said + "\n(the exec stream ended without an exit status)"
+    return (code if code is not None else 1), said
+
+
 def stream_exec(kube: Kube, timeout: float = 120.0, echo: Callable[[str], None] | None = None) -> ExecInput:
     """Exec through the API server (the client's websocket stream), like `kubectl exec`; its
     output is read for at most `timeout` seconds, and handed to `echo` as it comes (long runs)."""
@@ -312,9 +329,7 @@ def stream_exec(kube: Kube, timeout: float = 120.0, echo: Callable[[str], None] 
                     out.append(read())
                     if echo is not None:
                         echo(out[-1])
-        resp.close()
-        code = resp.returncode
-        return (code if code is not None else 1), "".join(out)
+        return finished(resp, timeout, "".join(out))
 
     return run
 
@@ -344,8 +359,6 @@ def stream_session(kube: Kube, timeout: float = 3600.0) -> Session:
                         resp.write_stdin(answer.rstrip("\n") + "\n")
         if pending:
             on_line(pending)
-        resp.close()
-        code = resp.returncode
-        return (code if code is not None else 1), "".join(said)
+        return finished(resp, timeout, "".join(said))
 
     return run

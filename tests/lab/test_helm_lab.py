@@ -612,6 +612,72 @@ def test_online_expansion_seen_by_the_pod(writer: Writer, release: Release, say:
         f"{t_fs:.1f} s after the PVC patch, PVC status.capacity 2Gi after {t_cap:.1f} s, no restart")
 
 
+# In the controller container: what `zvolt-csi --mode move --live-relay` does at a host step, and
+# nothing else. It reads the first line the plugin sends, prints one request line, waits for the
+# answer on stdin (so the line must cross the exec stream while the process runs) and says it on
+# stderr; exit 0 only when every node answered ok.
+RELAY_STEP = """
+import json, sys
+first = json.loads(sys.stdin.readline())
+print(PREFIX + json.dumps(REQUEST), flush=True)
+answer = json.loads(sys.stdin.readline())
+print("answer " + json.dumps(answer), file=sys.stderr, flush=True)
+sys.exit(0 if answer.get("ok") and "volume_context" in first else 3)
+"""
+
+
+def test_a_live_moves_relay_runs_both_exec_legs_through_the_real_kubelet(
+        writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
+    """The Kubernetes side of `kubectl zvolt move` for a volume in use (kubectl_zvolt/move.py),
+    through the API server's exec streams into containers the real kubelet runs: the controller
+    leg (a line out, the answer back in, while the process runs) and the node leg (`zvolt-csi
+    --mode live-path` in the node plugin pod that the real CSINode names, the PV's node-stage
+    secret on stdin). This lab has one storage node, so nothing can move: each host step names
+    the writer's own path, which makes `add` a repeat (already connected) and `drop` keep it. The
+    writer must see neither."""
+    from csi.pathrelay import RELAY_PREFIX
+    from kubectl_zvolt.attachments import CONTAINER as CONTROLLER_CONTAINER
+    from kubectl_zvolt.attachments import controller
+    from kubectl_zvolt.kube import stream_session
+    from kubectl_zvolt.model import DRIVER
+    from kubectl_zvolt.move import Relay, relaying
+
+    kn = release.node
+    kube = Kube(kn.cluster.api, SYSTEM_NS)
+    pv = kube.get_pv(writer.pv)
+    assert pv is not None
+    handle = pv["spec"]["csi"]["volumeHandle"]
+    ctx = dict(attachments_of(release, writer.pv)[0].status.attachment_metadata or {})
+    csinode = release.storage.read_csi_node(kubenode.NODE_NAME)
+    host = next(d.node_id for d in csinode.spec.drivers if d.name == DRIVER)
+    before = container_state(kn, writer.pod)
+    paths = connected_nqns(kn.lab).count(writer.nqn)
+    assert paths == 1, connected_nqns(kn.lab)
+    relay = Relay(kube, stream_exec(kube), DRIVER, pv)
+    lines: list[str] = []
+    timings = []
+    for op in ("add", "drop"):
+        request = {"op": op, "volume_id": handle, "nodes": {host: ctx}}
+        script = RELAY_STEP.replace("PREFIX", repr(RELAY_PREFIX)).replace("REQUEST", repr(request))
+        pod, _ = controller(kube.list_pods())
+        t0 = time.monotonic()
+        first = json.dumps({"volume_context": pv["spec"]["csi"].get("volumeAttributes") or {}})
+        code, err = stream_session(kube, timeout=300)(
+            SYSTEM_NS, pod, CONTROLLER_CONTAINER, ["python3", "-c", script], first, relaying(relay, lines.append))
+        timings.append(time.monotonic() - t0)
+        assert code == 0, f"{op}: exit {code}; stderr: {err}; relayed: {relay.log}"
+        assert '"ok": true' in err, err
+    said = [json.loads(entry.split(": ", 1)[1]) for entry in relay.log]
+    assert [s.get("connected") for s in said[:1]] == [False], relay.log  # add: that path is there already
+    assert said[1].get("dropped") == [], relay.log  # drop: the path named is kept, nothing else was there
+    assert not lines, lines
+    assert connected_nqns(kn.lab).count(writer.nqn) == 1
+    assert container_state(kn, writer.pod) == before
+    beats_grow(kn.lab, writer, "after both host steps")
+    say(f"helm lab: live-move relay through kubelet: add {timings[0]:.1f} s, drop {timings[1]:.1f} s "
+        f"(controller exec + node plugin exec each); node said {relay.log}")
+
+
 def test_kubelet_restart_keeps_volumes_mounted(writer: Writer, release: Release, say: Say) -> None:  # noqa: F811
     kn = release.node
     lab = kn.lab
