@@ -62,6 +62,11 @@ DEFAULT_MOVE_PORT = MOVE_PORT
 SOURCE, TARGET = "source", "target"
 
 
+def _published(vol: VolumeRec) -> str:
+    return (f"volume {vol.id} is published to {', '.join(vol.hosts)}: an offline move needs it unpublished "
+            "(stop the pods using it), or move it live")
+
+
 def is_move_snapshot(snapshot: str) -> bool:
     return snapshot.partition("@")[2].startswith(MOVE_SNAP)
 
@@ -212,8 +217,7 @@ class Moves:
     def _check_movable(self, vol: VolumeRec, state: OnDisk, live: bool = False) -> None:
         """Refuse what this round cannot move, naming exactly what blocks it."""
         if vol.hosts and not live:
-            raise precondition(f"volume {vol.id} is published to {', '.join(vol.hosts)}: an offline move needs it "
-                               "unpublished (stop the pods using it), or move it live")
+            raise precondition(_published(vol))
         why = self._blockers(vol, (state.props or {}).get("encryption", "off"))
         if why:
             raise precondition(why)
@@ -239,7 +243,7 @@ class Moves:
         only and unlocked: `send` checks again under the volume's lock. One `zfs get` for all."""
         for vid in vids:
             names.check_id(vid)
-        found: dict[str, tuple[VolumeRec, MoveRec | None]] = {}
+        found: dict[str, VolumeRec] = {}
         out: dict[str, MoveCheck] = {}
         for vid in vids:
             move = self.index.move(vid)
@@ -249,12 +253,11 @@ class Moves:
             elif move is not None:
                 out[vid] = MoveCheck(vid, moving_to=move.peer)
             elif vol.hosts:
-                out[vid] = MoveCheck(vid, blocked=f"volume {vid} is published to {', '.join(vol.hosts)}: an offline "
-                                     "move needs it unpublished (stop the pods using it), or move it live")
+                out[vid] = MoveCheck(vid, blocked=_published(vol))
             else:
-                found[vid] = (vol, move)
-        crypt = get_props_many(self.zfs, [vol.dataset for vol, _ in found.values()], ("encryption",))
-        for vid, (vol, _) in found.items():
+                found[vid] = vol
+        crypt = get_props_many(self.zfs, [vol.dataset for vol in found.values()], ("encryption",))
+        for vid, vol in found.items():
             # A dataset gone since the index row was read is deleted: its listing says so next time.
             encryption = crypt.get(vol.dataset, {}).get("encryption", "off")
             out[vid] = MoveCheck(vid, blocked=self._blockers(vol, encryption))
@@ -284,11 +287,11 @@ class Moves:
             if move is not None and move.peer != target:
                 raise precondition(f"volume {vid} is being moved to {move.peer}: abort that move first")
             state = self._state(vol.dataset, ("encryption",))
-            frozen = False
+            # Offline and final at once (nothing writes to it): the start and the freeze are one `zfs set`.
+            frozen = move is None and final and not vol.hosts
             if move is None:
                 self._check_movable(vol, state, live)
-                # Offline and final at once (nothing writes to it): the start and the freeze are one `zfs set`.
-                frozen = self._start(vol, target, freeze=final and not vol.hosts)
+                self._start(vol, target, freeze=frozen)
             elif vol.hosts:
                 self._check_movable(vol, state, live)  # published during the move is refused; say so if it happened
             if vol.hosts:
@@ -326,9 +329,9 @@ class Moves:
             raise internal(f"fencing the path of volume {vol.id} for its live move: {exc}") from exc
         _log.info("live move fenced", extra={"fields": {"volume": vol.id, "hosts": len(vol.hosts)}})
 
-    def _start(self, vol: VolumeRec, target: str, freeze: bool = False) -> bool:
+    def _start(self, vol: VolumeRec, target: str, freeze: bool = False) -> None:
         """Record the move (intent, property, index row); `freeze`: readonly in the same `zfs set`
-        (a crash after it reads back as a move frozen already). Returns whether it froze."""
+        (a crash after it reads back as a move frozen already)."""
         seq = self.index.begin("move-start", [vol.dataset])
         try:
             self.zfs.set_props(vol.dataset, {MOVING_TO: target, **({"readonly": "on"} if freeze else {})})
@@ -338,7 +341,6 @@ class Moves:
         with self.index.tx() as tx:
             tx.put_move(MoveRec(vol.id, "moving", target))
             tx.done(seq)
-        return freeze
 
     def _freeze(self, vol: VolumeRec) -> None:
         try:
