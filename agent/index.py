@@ -486,6 +486,10 @@ class Index:
             e = self._db.execute("SELECT count(*) FROM volumes WHERE hosts != ''").fetchone()[0]
         return int(v), int(s), int(e)
 
+    def volume_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM volumes").fetchone()[0])
+
     def committed_bytes(self) -> int:
         """The pool's commitment (zvolt/commitment.py): every volume's size, a clone's included,
         plus each snapshot's charge (its volume's size when the charge is not known). One row,

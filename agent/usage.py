@@ -176,7 +176,7 @@ class Usage:
         if now < self._next_step:
             return
         rows, next_token = self.page(self.sweep_page, self._cursor)
-        total = max(self.v.index.counts()[0], 1)
+        total = max(self.v.index.volume_count(), 1)
         self._next_step = now + self.min_cycle * len(rows) / total
         with self._mu:
             for u in rows:
