@@ -319,7 +319,10 @@ def stream_exec(kube: Kube, timeout: float = 120.0, echo: Callable[[str], None] 
                       command=list(argv), stderr=True, stdin=stdin is not None, stdout=True, tty=False,
                       _preload_content=False)
         if stdin is not None:
-            resp.write_stdin(stdin)  # one line: the command reads a line, not to EOF
+            # One line, ended: the command reads a line (readline) and the stream never sends EOF,
+            # so a request without its newline left the command waiting until the deadline (found
+            # by the live-move relay on a real kubelet).
+            resp.write_stdin(stdin.rstrip("\n") + "\n")
         out: list[str] = []
         deadline = time.monotonic() + timeout
         while resp.is_open() and time.monotonic() < deadline:

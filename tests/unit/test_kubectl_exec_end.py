@@ -1,11 +1,17 @@
-"""How an exec stream's end becomes an exit status (kubectl_zvolt/kube.py finished): a real
-kubelet lab run found the client raising TypeError when the command outlived the read loop."""
+"""How an exec stream's end becomes an exit status (kubectl_zvolt/kube.py finished), and what
+goes in on stdin. A real kubelet lab run found both: the client raised TypeError when the command
+outlived the read loop, and the command outlived it because its one request line had no newline
+(it reads a line, and an exec stream never sends EOF)."""
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
-from kubectl_zvolt.kube import TIMED_OUT, finished
+import pytest
+
+from kubectl_zvolt.kube import TIMED_OUT, finished, stream_exec
 
 
 class Stream:
@@ -36,3 +42,46 @@ def test_an_ended_stream_gives_its_status_and_one_without_a_status_fails() -> No
     assert finished(Stream(False, 3), 120, "no") == (3, "no")
     code, out = finished(Stream(False, TypeError("'NoneType' object is not subscriptable")), 120, "")
     assert code == 1 and "without an exit status" in out
+
+
+class LineCommand:
+    """An exec'd command that reads one line from stdin, as `zvolt-csi --mode live-path` does, on
+    a stream that never ends stdin: it answers once a newline came, and otherwise runs on."""
+
+    def __init__(self) -> None:
+        self.stdin, self.out = "", ""
+
+    def write_stdin(self, data: str) -> None:
+        self.stdin += data
+        if "\n" in self.stdin:
+            self.out = "answered " + self.stdin.split("\n", 1)[0]
+
+    def is_open(self) -> bool:
+        return not self.out
+
+    def update(self, timeout: float = 0) -> None:
+        pass
+
+    def peek_stdout(self) -> bool:
+        return False
+
+    def peek_stderr(self) -> bool:
+        return False
+
+    @property
+    def returncode(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.out = self.out or "closed"
+
+
+def test_a_request_on_stdin_goes_as_one_ended_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    cmd = LineCommand()
+    fake = types.ModuleType("kubernetes.stream")
+    fake.stream = lambda *a, **kw: cmd  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "kubernetes.stream", fake)
+    kube = types.SimpleNamespace(core=types.SimpleNamespace(connect_get_namespaced_pod_exec=None))
+    run = stream_exec(kube, timeout=0.2)  # type: ignore[arg-type]
+    assert run("ns", "pod", "c", ["cmd"], stdin='{"op": "add"}') == (0, "")
+    assert cmd.stdin == '{"op": "add"}\n' and cmd.out == 'answered {"op": "add"}'
