@@ -114,7 +114,7 @@ def rotate_key(kube: Kube, execute: ExecInput, driver: str, storage_class: str, 
     if volumes:
         pod, args = controller(kube.list_pods())
         request = json.dumps({"volumes": volumes, "old_key": old_key, "new_key": new_key})
-        code, text = execute(kube.namespace, pod, CONTAINER, argv(args), stdin=request + "\n")
+        code, text = execute(kube.namespace, pod, CONTAINER, argv(args), stdin=request)
         out.rotated, out.failed = parse(text)
         if code not in (0, 1):  # 1: some volumes failed, which the result says
             raise PluginError(f"zvolt-csi --mode rotate-key in pod {pod} exited {code}: {text.strip()[-500:]}")
