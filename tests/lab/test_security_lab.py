@@ -64,9 +64,10 @@ def key_rejected(env: Env, attempt: Callable[[], subprocess.CompletedProcess[str
     kernel log must name the failed authentication (and not, say, an unreachable port)."""
     before = len(kernel_log(env))
     said = refused(attempt())
-    logged = [line for line in kernel_log(env)[before:] if "authentication failed" in line]
+    since = kernel_log(env)[before:]
+    logged = [line for line in since if "authentication failed" in line]
     print(f"wrong key: {said.strip()!r}; kernel: {logged}", flush=True)
-    assert "Key was rejected" in said or logged, f"{said}\nkernel log: {kernel_log(env)[before:]}"
+    assert "Key was rejected" in said or logged, f"{said}\nkernel log: {since}"
 
 
 def test_allow_list_is_enforced_and_repaired_on_restart(env: Env) -> None:
